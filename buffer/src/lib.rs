@@ -1,0 +1,762 @@
+//! # ferry-buffer: the crash-safe reading buffer
+//!
+//! Every reading ferry acknowledges lives here until every enabled uplink has confirmed it.
+//! The buffer is one redb file, `data_dir/buffer.redb`, written by one thread.
+//!
+//! ## Invariants
+//! These must always hold; the tests in this crate and in `tests/` check them.
+//!
+//! 1. **Sequence numbers only grow.** Segment ids and newly assigned reading ids are taken
+//!    from counters stored in the same transaction as the data, so they never repeat, even
+//!    across crashes. (A requeued dead letter keeps its original reading id, so that upstream
+//!    consumers can de-duplicate by `ferry-id`.)
+//! 2. **A reading is acknowledged only after its commit.** [`Buffer::append`] resolves only
+//!    after the redb transaction that holds the readings has returned from `commit()` with
+//!    [`redb::Durability::Immediate`], i.e. after fsync.
+//! 3. **A reading is deleted only after its upstream ack** — by every enabled consumer
+//!    ([`BufferOptions::consumers`]) — or by an explicit, counted drop: the byte cap in
+//!    `drop_oldest` mode, or the TTL. Both are reported in [`BufferStats`] and in
+//!    `ferry_readings_dropped_total{reason}`.
+//! 4. **The byte cap is enforced before the commit.** A commit never takes the buffer above
+//!    `max_bytes`: it evicts first (`drop_oldest`) or refuses the appends that do not fit
+//!    (`reject`), handing the readings back in [`AppendError::Full`].
+//! 5. **A failed commit stores nothing and loses nothing acknowledged.** Every waiter of a
+//!    failed commit gets [`AppendError::Storage`] with its readings back.
+//!
+//! ## Group commit
+//! The writer thread takes the first request, then keeps gathering requests for up to
+//! `flush_interval`, or until `max_batch_readings` / `max_batch_bytes` are reached. The
+//! batch's readings are numbered, encoded into one or more segments (gzip-compressed, see
+//! [`segment`]), and written with any pending acks, dead letters and evictions in **one** redb
+//! write transaction. Then every waiter is woken. Many concurrent appenders share one fsync.
+//! An append is atomic: all its readings are in one transaction.
+//!
+//! ## Tables (redb)
+//! | table           | key                  | value                                                        |
+//! |-----------------|----------------------|--------------------------------------------------------------|
+//! | `meta`          | `&str`               | `u64`: `format_version`, `created_ms`, `next_reading_id`, `next_segment_id`, `readings`, `segments`, `stored_bytes`, `dead_count`, `dead_bytes` |
+//! | `segments`      | `u64` segment id     | encoded segment ([`segment`])                                |
+//! | `segment_index` | `u64` segment id     | `(first_id u64, count u32, stored_bytes u64, oldest_ms u64, newest_ms u64)` |
+//! | `cursors`       | `&str` consumer name | `u64`: last segment id the consumer acked                    |
+//! | `dead_letters`  | `u64` reading id     | `dead_at_ms u64, consumer str, reason str, reading record`   |
+//!
+//! The counters in `meta` are updated in every transaction, so opening reads O(1) rows
+//! whatever the backlog. `max_bytes` counts the stored segment values plus dead letters; the
+//! file itself is larger by redb's page overhead (see BENCHMARKS.md for the measured ratio).
+//!
+//! ## Recovery
+//! - After a crash, redb restores the last committed transaction; with `quick_repair` (the
+//!   default) it does so without walking the file, so opening takes the same time and memory
+//!   whatever the backlog. Our counters come from that same transaction.
+//! - A file redb cannot open as a database (bad magic, failed checksums, a panic inside
+//!   redb, an unexpected table layout) is **moved to `data_dir/quarantine/buffer-<ms>.redb`**,
+//!   logged at error level, and a fresh buffer starts. [`BufferStats::quarantined`] lists
+//!   every quarantined file, so the flag survives restarts until an operator removes them.
+//! - A file with a newer `format_version` is refused ([`OpenError::UnsupportedFormat`]), not
+//!   quarantined: it is not corrupt, just newer.
+//! - A write error (including a full disk) fails the pending appends with
+//!   [`AppendError::Storage`]; redb then refuses the handle (`PreviousIo`), so the writer drops
+//!   it and reopens the file on the next request, at most every 200 ms. When space is freed,
+//!   appends succeed again with no restart.
+//! - A segment that fails its CRC when read is skipped, logged and counted
+//!   (`ferry_buffer_corrupt_segments_total`); it cannot be forwarded.
+
+mod error;
+mod reader;
+mod reading;
+pub mod segment;
+mod store;
+mod writer;
+
+pub use error::{
+    AckError, AppendError, OpenError, ReadError, StorageFailure, StorageFailureKind,
+};
+pub use reader::{Reader, Segment};
+pub use reading::{Reading, Source, now_ms};
+pub use segment::Compression;
+pub use store::{BackendFactory, FILE_NAME, FORMAT_VERSION, QUARANTINE_DIR};
+
+use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::Duration;
+use store::{CURSORS, DEAD, INDEX, Location, META, Meta, SEGMENTS, SegMeta};
+use tokio::sync::{oneshot, watch};
+use writer::Cmd;
+
+pub(crate) fn sf(e: impl Into<redb::Error>) -> StorageFailure {
+    StorageFailure::from_redb(e)
+}
+
+/// What to do when a commit would take the buffer above `max_bytes`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum WhenFull {
+    /// Evict whole oldest segments, counting their readings as dropped.
+    DropOldest,
+    /// Refuse the new readings with [`AppendError::Full`].
+    Reject,
+}
+
+/// How the buffer behaves. The gateway builds this from `[buffer]` in the config.
+#[derive(Debug, Clone)]
+pub struct BufferOptions {
+    /// Cap on stored segment bytes plus dead-letter bytes.
+    pub max_bytes: u64,
+    /// What happens at the cap.
+    pub when_full: WhenFull,
+    /// How long the writer gathers appends before committing.
+    pub flush_interval: Duration,
+    /// A commit closes once it holds this many readings.
+    pub max_batch_readings: usize,
+    /// A commit closes once it holds this many raw bytes; also the segment size limit.
+    pub max_batch_bytes: u64,
+    /// Segment compression.
+    pub compression: Compression,
+    /// Readings older than this are dropped (counted as `ttl`). `None` keeps them.
+    pub max_age: Option<Duration>,
+    /// redb page cache size.
+    pub cache_bytes: usize,
+    /// The enabled uplinks. A segment is deleted once every one of them has acked it.
+    pub consumers: Vec<String>,
+    /// Save redb's allocator state at each commit, so recovery after a crash does not walk
+    /// the file.
+    pub quick_repair: bool,
+}
+
+impl Default for BufferOptions {
+    fn default() -> Self {
+        BufferOptions {
+            max_bytes: 512 << 20,
+            when_full: WhenFull::DropOldest,
+            flush_interval: Duration::from_millis(5),
+            max_batch_readings: 10_000,
+            max_batch_bytes: 1 << 20,
+            compression: Compression::Gzip { level: 3 },
+            max_age: None,
+            cache_bytes: 8 << 20,
+            consumers: Vec::new(),
+            quick_repair: true,
+        }
+    }
+}
+
+/// What a successful append returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AppendReceipt {
+    /// Id of the first reading.
+    pub first_id: u64,
+    /// Id of the last reading.
+    pub last_id: u64,
+    /// Number of readings.
+    pub count: usize,
+    /// Id of the newest segment of the commit.
+    pub segment: u64,
+}
+
+/// A reading in the dead-letter table.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    /// The reading, with its original id.
+    pub reading: Reading,
+    /// Why the uplink gave up on it.
+    pub reason: String,
+    /// Which uplink dead-lettered it.
+    pub consumer: String,
+    /// When, in ms since the epoch.
+    pub dead_at_ms: u64,
+}
+
+pub(crate) fn decode_dead_letter(_id: u64, v: &[u8]) -> Result<DeadLetter, segment::DecodeError> {
+    let (dead_at_ms, consumer, reason, reading) = writer::decode_dead(v)?;
+    Ok(DeadLetter {
+        reading,
+        reason,
+        consumer,
+        dead_at_ms,
+    })
+}
+
+/// A snapshot of the buffer's state and counters. Counters are since the process started.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct BufferStats {
+    /// Readings in the buffer (not yet acked by every consumer).
+    pub readings: u64,
+    /// Stored (compressed) segment bytes.
+    pub stored_bytes: u64,
+    /// Segments in the buffer.
+    pub segments: u64,
+    /// The cap.
+    pub max_bytes: u64,
+    /// When the oldest buffered reading was received.
+    pub oldest_received_ms: Option<u64>,
+    /// Readings in the dead-letter table.
+    pub dead_letters: u64,
+    /// Bytes in the dead-letter table.
+    pub dead_letter_bytes: u64,
+    /// Id the next reading will get.
+    pub next_reading_id: u64,
+    /// Id of the newest committed segment.
+    pub newest_segment: u64,
+    /// Each consumer's last acked segment.
+    pub cursors: BTreeMap<String, u64>,
+    /// Readings appended.
+    pub appended_total: u64,
+    /// Readings deleted after every consumer acked them.
+    pub acked_total: u64,
+    /// Readings evicted by the byte cap (`drop_oldest`).
+    pub dropped_full_total: u64,
+    /// Readings dropped by the TTL.
+    pub dropped_ttl_total: u64,
+    /// Dead letters evicted to make room.
+    pub dropped_dead_letter_total: u64,
+    /// Readings refused because the buffer was full (`reject`).
+    pub rejected_full_total: u64,
+    /// Readings refused because the disk failed.
+    pub rejected_storage_total: u64,
+    /// Segments skipped because they failed their checksum.
+    pub corrupt_segments_total: u64,
+    /// Successful commits.
+    pub commits_total: u64,
+    /// Failed commits.
+    pub commit_errors_total: u64,
+    /// Raw (encoded, uncompressed) bytes appended.
+    pub raw_bytes_total: u64,
+    /// Stored (compressed) bytes written for them.
+    pub stored_bytes_total: u64,
+    /// Median commit latency over the last 1024 commits, in microseconds.
+    pub commit_p50_us: u64,
+    /// 99th percentile commit latency over the last 1024 commits, in microseconds.
+    pub commit_p99_us: u64,
+    /// Mean readings per commit over the last 1024 commits.
+    pub readings_per_commit: f64,
+    /// Corrupt buffer files moved aside, now and in earlier runs.
+    pub quarantined: Vec<PathBuf>,
+    /// The last storage error, if the buffer is currently failing.
+    pub last_error: Option<String>,
+    /// Size of the buffer file, if it is a file.
+    pub file_bytes: Option<u64>,
+}
+
+impl BufferStats {
+    /// Whether the last commit succeeded.
+    pub fn writable(&self) -> bool {
+        self.last_error.is_none()
+    }
+
+    /// Bytes counted against the cap.
+    pub fn used_bytes(&self) -> u64 {
+        self.stored_bytes + self.dead_letter_bytes
+    }
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct StatsInner {
+    pub(crate) s: BufferStats,
+    ring: Vec<(u32, u32)>,
+    ring_pos: usize,
+}
+
+impl std::ops::Deref for StatsInner {
+    type Target = BufferStats;
+    fn deref(&self) -> &BufferStats {
+        &self.s
+    }
+}
+impl std::ops::DerefMut for StatsInner {
+    fn deref_mut(&mut self) -> &mut BufferStats {
+        &mut self.s
+    }
+}
+
+impl StatsInner {
+    pub(crate) fn record_commit(&mut self, took: Duration, readings: u64) {
+        let entry = (
+            took.as_micros().min(u32::MAX as u128) as u32,
+            readings.min(u32::MAX as u64) as u32,
+        );
+        if self.ring.len() < 1024 {
+            self.ring.push(entry);
+        } else {
+            self.ring[self.ring_pos] = entry;
+        }
+        self.ring_pos = (self.ring_pos + 1) % 1024;
+    }
+
+    fn snapshot(&self) -> BufferStats {
+        let mut s = self.s.clone();
+        if !self.ring.is_empty() {
+            let mut lat: Vec<u32> = self.ring.iter().map(|e| e.0).collect();
+            lat.sort_unstable();
+            let pick = |q: f64| lat[((lat.len() - 1) as f64 * q).round() as usize] as u64;
+            s.commit_p50_us = pick(0.50);
+            s.commit_p99_us = pick(0.99);
+            s.readings_per_commit = self.ring.iter().map(|e| e.1 as f64).sum::<f64>()
+                / self.ring.len() as f64;
+        }
+        s
+    }
+}
+
+/// State shared by the handle, readers and the writer thread.
+pub(crate) struct Shared {
+    pub(crate) opts: BufferOptions,
+    pub(crate) loc: Location,
+    pub(crate) db: RwLock<Option<Arc<redb::Database>>>,
+    pub(crate) committed: watch::Sender<u64>,
+    pub(crate) closed: AtomicBool,
+    stats: Mutex<StatsInner>,
+    tx: Mutex<Option<std::sync::mpsc::Sender<Cmd>>>,
+    done: Mutex<Option<oneshot::Receiver<()>>>,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared").field("loc", &self.loc).finish_non_exhaustive()
+    }
+}
+
+impl Shared {
+    pub(crate) fn stats_mut(&self) -> MutexGuard<'_, StatsInner> {
+        self.stats.lock().unwrap_or_else(|p| p.into_inner())
+    }
+    pub(crate) fn stats_lock(&self) -> MutexGuard<'_, StatsInner> {
+        self.stats_mut()
+    }
+}
+
+/// A handle to an open buffer. Cheap to clone; all clones share one writer thread.
+#[derive(Debug, Clone)]
+pub struct Buffer {
+    shared: Arc<Shared>,
+}
+
+impl Buffer {
+    /// Opens (or creates) `data_dir/buffer.redb`, quarantining it if it is corrupt, and starts
+    /// the writer thread.
+    pub fn open(data_dir: impl Into<PathBuf>, opts: BufferOptions) -> Result<Buffer, OpenError> {
+        Self::open_at(
+            Location::File {
+                data_dir: data_dir.into(),
+            },
+            opts,
+        )
+    }
+
+    /// Opens a buffer on storage made by `factory`, which is called again to reopen after an
+    /// I/O error. For tests that inject faults.
+    pub fn open_with_backend(factory: BackendFactory, opts: BufferOptions) -> Result<Buffer, OpenError> {
+        Self::open_at(Location::Backend(factory), opts)
+    }
+
+    fn open_at(loc: Location, opts: BufferOptions) -> Result<Buffer, OpenError> {
+        if opts.max_batch_readings == 0 || opts.max_batch_bytes == 0 || opts.max_bytes == 0 {
+            return Err(OpenError::Options(
+                "max_bytes, max_batch_readings and max_batch_bytes must be positive".into(),
+            ));
+        }
+        let (db, quarantined) = store::open(&loc, opts.cache_bytes)?;
+        let db = Arc::new(db);
+        let mut stats = StatsInner::default();
+        stats.max_bytes = opts.max_bytes;
+        stats.quarantined = store::quarantined_files(&loc);
+        if let Some(q) = quarantined {
+            if !stats.quarantined.contains(&q) {
+                stats.quarantined.push(q);
+            }
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (done_tx, done_rx) = oneshot::channel();
+        let shared = Arc::new(Shared {
+            opts,
+            loc: loc.clone(),
+            db: RwLock::new(Some(db.clone())),
+            committed: watch::channel(0).0,
+            closed: AtomicBool::new(false),
+            stats: Mutex::new(stats),
+            tx: Mutex::new(Some(tx)),
+            done: Mutex::new(Some(done_rx)),
+        });
+        let w = writer::Writer::new(shared.clone(), rx, db).map_err(|source| {
+            OpenError::Storage {
+                path: loc.path(),
+                source,
+            }
+        })?;
+        std::thread::Builder::new()
+            .name("ferry-buffer-writer".into())
+            .spawn(move || {
+                w.run();
+                let _ = done_tx.send(());
+            })
+            .map_err(|source| OpenError::DataDir {
+                path: loc.path(),
+                source,
+            })?;
+        Ok(Buffer { shared })
+    }
+
+    pub(crate) fn send(&self, cmd: Cmd) {
+        let tx = self.shared.tx.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        match tx {
+            Some(tx) => {
+                if let Err(e) = tx.send(cmd) {
+                    writer::reply_closed(e.0);
+                }
+            }
+            None => writer::reply_closed(cmd),
+        }
+    }
+
+    /// Appends readings atomically and returns once they are durably committed. Ids are
+    /// assigned here; any id the caller set is replaced.
+    pub async fn append(&self, readings: Vec<Reading>) -> Result<AppendReceipt, AppendError> {
+        if readings.is_empty() {
+            let next = self.stats().next_reading_id;
+            return Ok(AppendReceipt {
+                first_id: next,
+                last_id: next.saturating_sub(1),
+                count: 0,
+                segment: self.stats().newest_segment,
+            });
+        }
+        let (reply, rx) = oneshot::channel();
+        self.send(Cmd::Append { readings, reply });
+        match rx.await {
+            Ok(r) => {
+                if let Err(AppendError::Full { readings, .. }) = &r {
+                    metrics::counter!("ferry_readings_rejected_total", "reason" => "buffer_full")
+                        .increment(readings.len() as u64);
+                }
+                r
+            }
+            // The writer only drops a reply after answering it; this means it died.
+            Err(_) => Err(AppendError::Closed {
+                readings: Vec::new(),
+            }),
+        }
+    }
+
+    /// A reader for one of the enabled consumers, starting after its last acked segment.
+    pub fn reader(&self, consumer: &str) -> Result<Reader, ReadError> {
+        Reader::new(consumer, self.clone())
+    }
+
+    /// A snapshot of the state and counters.
+    pub fn stats(&self) -> BufferStats {
+        let mut s = self.shared.stats_lock().snapshot();
+        if let Location::File { data_dir } = &self.shared.loc {
+            s.file_bytes = std::fs::metadata(data_dir.join(FILE_NAME)).ok().map(|m| m.len());
+        }
+        s
+    }
+
+    /// A receiver that changes whenever a commit lands; its value is the newest segment id.
+    pub fn commits(&self) -> watch::Receiver<u64> {
+        self.shared.committed.subscribe()
+    }
+
+    /// Readings and bytes that `consumer` has not acked yet, and the oldest such reading.
+    pub async fn lag(&self, consumer: &str) -> Result<Lag, ReadError> {
+        let after = *self
+            .shared
+            .stats_lock()
+            .cursors
+            .get(consumer)
+            .ok_or_else(|| ReadError::UnknownConsumer(consumer.to_string()))?;
+        let db = self.shared.db()?;
+        tokio::task::spawn_blocking(move || lag_after(&*db, after))
+            .await
+            .map_err(|e| {
+                ReadError::Storage(StorageFailure {
+                    kind: StorageFailureKind::Other,
+                    message: e.to_string(),
+                })
+            })?
+    }
+
+    /// Lists up to `limit` dead letters with reading id greater than `after`.
+    pub async fn dead_letters(&self, after: u64, limit: usize) -> Result<Vec<DeadLetter>, ReadError> {
+        let db = self.shared.db()?;
+        tokio::task::spawn_blocking(move || list_dead(&*db, after, limit))
+            .await
+            .map_err(|e| {
+                ReadError::Storage(StorageFailure {
+                    kind: StorageFailureKind::Other,
+                    message: e.to_string(),
+                })
+            })?
+    }
+
+    /// Moves dead letters (all of them, or those ids) back into the stream, keeping their ids.
+    /// Returns how many were requeued.
+    pub async fn requeue(&self, ids: Option<Vec<u64>>) -> Result<usize, AckError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Cmd::Requeue { ids, reply });
+        rx.await.map_err(|_| AckError::Closed)?
+    }
+
+    /// Commits everything already handed to the writer, stops it, and closes the file.
+    /// Appends after this fail with [`AppendError::Closed`].
+    pub async fn close(&self) {
+        let tx = self.shared.tx.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(tx) = tx {
+            let _ = tx.send(Cmd::Shutdown);
+        }
+        let done = self.shared.done.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(done) = done {
+            let _ = done.await;
+        }
+    }
+
+    /// Whether [`Buffer::close`] has completed.
+    pub fn is_closed(&self) -> bool {
+        self.shared.closed.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// What a consumer still has to send.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Lag {
+    /// Readings in segments after the consumer's cursor.
+    pub readings: u64,
+    /// Their stored bytes.
+    pub bytes: u64,
+    /// Segments after the cursor.
+    pub segments: u64,
+    /// When the oldest of them was received.
+    pub oldest_received_ms: Option<u64>,
+}
+
+fn lag_after(db: &dyn store::Readable, after: u64) -> Result<Lag, ReadError> {
+    let txn = db.begin().map_err(sf)?;
+    let index = txn.open_table(INDEX).map_err(sf)?;
+    let mut lag = Lag::default();
+    for e in index.range(after + 1..).map_err(sf)? {
+        let (_, v) = e.map_err(sf)?;
+        let m = SegMeta::from_tuple(v.value());
+        lag.readings += m.count as u64;
+        lag.bytes += m.stored_bytes;
+        lag.segments += 1;
+        lag.oldest_received_ms = Some(lag.oldest_received_ms.map_or(m.oldest_ms, |o| o.min(m.oldest_ms)));
+    }
+    Ok(lag)
+}
+
+fn list_dead(db: &dyn store::Readable, after: u64, limit: usize) -> Result<Vec<DeadLetter>, ReadError> {
+    let txn = db.begin().map_err(sf)?;
+    let dead = txn.open_table(DEAD).map_err(sf)?;
+    let mut out = Vec::new();
+    for e in dead.range(after.saturating_add(1)..).map_err(sf)?.take(limit) {
+        let (k, v) = e.map_err(sf)?;
+        match decode_dead_letter(k.value(), v.value()) {
+            Ok(d) => out.push(d),
+            Err(e) => tracing::error!(reading = k.value(), error = %e, "A dead letter is unreadable and is skipped."),
+        }
+    }
+    Ok(out)
+}
+
+/// Read-only access to a buffer file, for `ferry buffer stats|verify|dead-letter list`. Works
+/// while a gateway has the file open.
+pub struct Inspector {
+    db: redb::ReadOnlyDatabase,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for Inspector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inspector").field("path", &self.path).finish_non_exhaustive()
+    }
+}
+
+/// What `verify` found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VerifyReport {
+    /// Segments read.
+    pub segments: u64,
+    /// Readings decoded.
+    pub readings: u64,
+    /// Problems found, one line each. Empty means the file is sound.
+    pub problems: Vec<String>,
+}
+
+/// Stored state as read from the file by an [`Inspector`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StoredStats {
+    /// Format version in the file.
+    pub format_version: u64,
+    /// Readings in the buffer.
+    pub readings: u64,
+    /// Segments.
+    pub segments: u64,
+    /// Stored segment bytes.
+    pub stored_bytes: u64,
+    /// Dead letters.
+    pub dead_letters: u64,
+    /// Dead-letter bytes.
+    pub dead_letter_bytes: u64,
+    /// Next reading id.
+    pub next_reading_id: u64,
+    /// Newest segment id.
+    pub newest_segment: u64,
+    /// Each consumer's last acked segment.
+    pub cursors: BTreeMap<String, u64>,
+    /// Oldest buffered reading's receive time.
+    pub oldest_received_ms: Option<u64>,
+    /// File size.
+    pub file_bytes: u64,
+    /// Quarantined files.
+    pub quarantined: Vec<PathBuf>,
+}
+
+impl Inspector {
+    /// Opens `data_dir/buffer.redb` read-only.
+    pub fn open(data_dir: &Path) -> Result<Inspector, OpenError> {
+        let db = store::open_read_only(data_dir, 4 << 20)?;
+        Ok(Inspector {
+            db,
+            path: data_dir.to_path_buf(),
+        })
+    }
+
+    fn meta(&self) -> Result<(Meta, u64, BTreeMap<String, u64>, Option<u64>), ReadError> {
+            let txn = self.db.begin_read().map_err(sf)?;
+        let meta_t = txn.open_table(META).map_err(sf)?;
+        let meta = Meta::read(&meta_t).map_err(sf)?;
+        let version = meta_t.get("format_version").map_err(sf)?.map_or(0, |g| g.value());
+        let cursors_t = txn.open_table(CURSORS).map_err(sf)?;
+        let mut cursors = BTreeMap::new();
+        for e in cursors_t.iter().map_err(sf)? {
+            let (k, v) = e.map_err(sf)?;
+            cursors.insert(k.value().to_string(), v.value());
+        }
+        let index = txn.open_table(INDEX).map_err(sf)?;
+        let oldest = index
+            .first()
+            .map_err(sf)?
+            .map(|(_, v)| SegMeta::from_tuple(v.value()).oldest_ms);
+        Ok((meta, version, cursors, oldest))
+    }
+
+    /// The stored counters and cursors.
+    pub fn stats(&self) -> Result<StoredStats, ReadError> {
+        let (m, format_version, cursors, oldest) = self.meta()?;
+        Ok(StoredStats {
+            format_version,
+            readings: m.readings,
+            segments: m.segments,
+            stored_bytes: m.stored_bytes,
+            dead_letters: m.dead_count,
+            dead_letter_bytes: m.dead_bytes,
+            next_reading_id: m.next_reading_id,
+            newest_segment: m.next_segment_id - 1,
+            cursors,
+            oldest_received_ms: oldest,
+            file_bytes: std::fs::metadata(self.path.join(FILE_NAME)).map_or(0, |m| m.len()),
+            quarantined: store::quarantined_files(&Location::File {
+                data_dir: self.path.clone(),
+            }),
+        })
+    }
+
+    /// Lag of one consumer, by its stored cursor.
+    pub fn lag(&self, consumer: &str) -> Result<Lag, ReadError> {
+        let (_, _, cursors, _) = self.meta()?;
+        let after = *cursors
+            .get(consumer)
+            .ok_or_else(|| ReadError::UnknownConsumer(consumer.to_string()))?;
+        lag_after(&self.db, after)
+    }
+
+    /// Lists dead letters.
+    pub fn dead_letters(&self, after: u64, limit: usize) -> Result<Vec<DeadLetter>, ReadError> {
+        list_dead(&self.db, after, limit)
+    }
+
+    /// Decodes every segment and dead letter, checks CRCs, the index and the counters.
+    /// Streams segment by segment; memory stays bounded by one segment.
+    pub fn verify(&self) -> Result<VerifyReport, ReadError> {
+            let (meta, _, _, _) = self.meta()?;
+        let txn = self.db.begin_read().map_err(sf)?;
+        let segs = txn.open_table(SEGMENTS).map_err(sf)?;
+        let index = txn.open_table(INDEX).map_err(sf)?;
+        let mut rep = VerifyReport::default();
+        let mut bytes = 0u64;
+        let mut last_seen_id = 0u64;
+        for e in segs.iter().map_err(sf)? {
+            let (k, v) = e.map_err(sf)?;
+            let id = k.value();
+            rep.segments += 1;
+            bytes += v.value().len() as u64;
+            let idx = index.get(id).map_err(sf)?.map(|g| SegMeta::from_tuple(g.value()));
+            match segment::decode_segment(v.value()) {
+                Ok(readings) => {
+                    rep.readings += readings.len() as u64;
+                    match idx {
+                        None => rep.problems.push(format!("segment {id}: missing from the index")),
+                        Some(m) if m.count as usize != readings.len()
+                            || m.stored_bytes != v.value().len() as u64 =>
+                        {
+                            rep.problems.push(format!("segment {id}: index disagrees with the segment"))
+                        }
+                        _ => {}
+                    }
+                    for r in &readings {
+                        if r.id >= meta.next_reading_id {
+                            rep.problems.push(format!(
+                                "segment {id}: reading id {} is not below next_reading_id {}",
+                                r.id, meta.next_reading_id
+                            ));
+                        }
+                    }
+                    if let Some(first) = readings.first() {
+                        if first.id <= last_seen_id && readings.iter().all(|r| r.source != Source::Requeue) {
+                            rep.problems.push(format!(
+                                "segment {id}: reading ids do not grow ({} after {last_seen_id})",
+                                first.id
+                            ));
+                        }
+                        last_seen_id = last_seen_id.max(readings.iter().map(|r| r.id).max().unwrap_or(0));
+                    }
+                }
+                Err(e) => rep.problems.push(format!("segment {id}: {e}")),
+            }
+            if id >= meta.next_segment_id {
+                rep.problems.push(format!("segment {id}: id is not below next_segment_id"));
+            }
+        }
+        if index.len().map_err(sf)? != rep.segments {
+            rep.problems.push(format!(
+                "index has {} rows for {} segments",
+                index.len().map_err(sf)?,
+                rep.segments
+            ));
+        }
+        if rep.segments != meta.segments || rep.readings != meta.readings || bytes != meta.stored_bytes {
+            rep.problems.push(format!(
+                "counters say {} segments / {} readings / {} bytes, the file holds {} / {} / {}",
+                meta.segments, meta.readings, meta.stored_bytes, rep.segments, rep.readings, bytes
+            ));
+        }
+        let dead = txn.open_table(DEAD).map_err(sf)?;
+        let (mut dn, mut db_) = (0u64, 0u64);
+        for e in dead.iter().map_err(sf)? {
+            let (k, v) = e.map_err(sf)?;
+            dn += 1;
+            db_ += v.value().len() as u64;
+            if let Err(e) = decode_dead_letter(k.value(), v.value()) {
+                rep.problems.push(format!("dead letter {}: {e}", k.value()));
+            }
+        }
+        if dn != meta.dead_count || db_ != meta.dead_bytes {
+            rep.problems.push(format!(
+                "dead-letter counters say {} / {} bytes, the table holds {dn} / {db_}",
+                meta.dead_count, meta.dead_bytes
+            ));
+        }
+        Ok(rep)
+    }
+}

@@ -1,0 +1,421 @@
+//! Opening the redb file: tables, format version, quarantine of corrupt files, reopen.
+
+use crate::error::{OpenError, StorageFailure, StorageFailureKind};
+use crate::reading::now_ms;
+use redb::{
+    ConcurrencyMode, Database, DatabaseError, ReadableDatabase, ReadableTable, StorageBackend,
+    TableDefinition,
+};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// The buffer's own format version, stored in the `meta` table.
+pub const FORMAT_VERSION: u64 = 1;
+/// File name of the buffer inside `data_dir`.
+pub const FILE_NAME: &str = "buffer.redb";
+/// Folder inside `data_dir` that corrupt files are moved to.
+pub const QUARANTINE_DIR: &str = "quarantine";
+
+/// Counters and next ids, one u64 per key.
+pub(crate) const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// Segment id -> encoded segment (see [`crate::segment`]).
+pub(crate) const SEGMENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("segments");
+/// Segment id -> (first reading id, reading count, stored bytes, oldest ms, newest ms).
+pub(crate) const INDEX: TableDefinition<u64, (u64, u32, u64, u64, u64)> =
+    TableDefinition::new("segment_index");
+/// Consumer name -> id of the last segment it acked.
+pub(crate) const CURSORS: TableDefinition<&str, u64> = TableDefinition::new("cursors");
+/// Reading id -> encoded dead letter.
+pub(crate) const DEAD: TableDefinition<u64, &[u8]> = TableDefinition::new("dead_letters");
+
+/// One row of the segment index.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct SegMeta {
+    pub first_id: u64,
+    pub count: u32,
+    pub stored_bytes: u64,
+    pub oldest_ms: u64,
+    pub newest_ms: u64,
+}
+
+impl SegMeta {
+    pub(crate) fn from_tuple(t: (u64, u32, u64, u64, u64)) -> Self {
+        SegMeta {
+            first_id: t.0,
+            count: t.1,
+            stored_bytes: t.2,
+            oldest_ms: t.3,
+            newest_ms: t.4,
+        }
+    }
+    pub(crate) fn tuple(&self) -> (u64, u32, u64, u64, u64) {
+        (
+            self.first_id,
+            self.count,
+            self.stored_bytes,
+            self.oldest_ms,
+            self.newest_ms,
+        )
+    }
+}
+
+/// Running totals kept in the `meta` table and updated in every commit, so that opening is
+/// O(1) whatever the backlog.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Meta {
+    pub next_reading_id: u64,
+    pub next_segment_id: u64,
+    pub readings: u64,
+    pub segments: u64,
+    pub stored_bytes: u64,
+    pub dead_count: u64,
+    pub dead_bytes: u64,
+}
+
+const META_KEYS: [&str; 7] = [
+    "next_reading_id",
+    "next_segment_id",
+    "readings",
+    "segments",
+    "stored_bytes",
+    "dead_count",
+    "dead_bytes",
+];
+
+impl Meta {
+    fn fields(&self) -> [u64; 7] {
+        [
+            self.next_reading_id,
+            self.next_segment_id,
+            self.readings,
+            self.segments,
+            self.stored_bytes,
+            self.dead_count,
+            self.dead_bytes,
+        ]
+    }
+
+    pub(crate) fn read(table: &impl ReadableTable<&'static str, u64>) -> Result<Self, redb::Error> {
+        let mut v = [0u64; 7];
+        for (slot, key) in v.iter_mut().zip(META_KEYS) {
+            *slot = table.get(key)?.map(|g| g.value()).unwrap_or(0);
+        }
+        Ok(Meta {
+            next_reading_id: v[0].max(1),
+            next_segment_id: v[1].max(1),
+            readings: v[2],
+            segments: v[3],
+            stored_bytes: v[4],
+            dead_count: v[5],
+            dead_bytes: v[6],
+        })
+    }
+
+    pub(crate) fn write(&self, table: &mut redb::Table<&'static str, u64>) -> Result<(), redb::Error> {
+        for (key, value) in META_KEYS.iter().zip(self.fields()) {
+            table.insert(*key, value)?;
+        }
+        Ok(())
+    }
+
+    /// Bytes counted against `max_bytes`.
+    pub(crate) fn used_bytes(&self) -> u64 {
+        self.stored_bytes + self.dead_bytes
+    }
+}
+
+/// Builds a fresh storage backend; used by tests to inject faults, and to reopen after errors.
+pub type BackendFactory =
+    Arc<dyn Fn() -> std::io::Result<Box<dyn StorageBackend>> + Send + Sync + 'static>;
+
+/// Where the buffer lives.
+#[derive(Clone)]
+pub(crate) enum Location {
+    File { data_dir: PathBuf },
+    Backend(BackendFactory),
+}
+
+impl std::fmt::Debug for Location {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Location::File { data_dir } => write!(f, "{}", data_dir.join(FILE_NAME).display()),
+            Location::Backend(_) => f.write_str("<custom storage backend>"),
+        }
+    }
+}
+
+impl Location {
+    pub(crate) fn path(&self) -> PathBuf {
+        match self {
+            Location::File { data_dir } => data_dir.join(FILE_NAME),
+            Location::Backend(_) => PathBuf::from("<custom storage backend>"),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct DynBackend(Box<dyn StorageBackend>);
+
+impl StorageBackend for DynBackend {
+    fn len(&self) -> std::io::Result<u64> {
+        self.0.len()
+    }
+    fn read(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
+        self.0.read(offset, out)
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.0.set_len(len)
+    }
+    fn sync_data(&self) -> std::io::Result<()> {
+        self.0.sync_data()
+    }
+    fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        self.0.write(offset, data)
+    }
+    fn close(&self) -> std::io::Result<()> {
+        self.0.close()
+    }
+}
+
+/// What went wrong on an attempt to open.
+enum Attempt {
+    Corrupt(String),
+    Fatal(OpenError),
+}
+
+fn builder(cache_bytes: usize, file: bool) -> redb::Builder {
+    let mut b = Database::builder();
+    b.set_cache_size(cache_bytes);
+    if file {
+        // Lets `ferry buffer stats` open the file read-only while the gateway runs.
+        b.set_concurrency_mode(ConcurrencyMode::SingleWriter);
+    }
+    b
+}
+
+/// Creates `dir` (and parents) with mode 0700 on Unix.
+pub(crate) fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    let mut b = std::fs::DirBuilder::new();
+    b.recursive(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        b.mode(0o700);
+    }
+    b.create(dir)
+}
+
+fn try_open(loc: &Location, cache_bytes: usize) -> Result<Database, Attempt> {
+    let path = loc.path();
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match loc {
+        Location::File { .. } => builder(cache_bytes, true).create(&path),
+        Location::Backend(factory) => match factory() {
+            Ok(b) => builder(cache_bytes, false).create_with_backend(DynBackend(b)),
+            Err(e) => Err(DatabaseError::Storage(redb::StorageError::Io(e))),
+        },
+    }));
+    let db = match result {
+        Err(_) => return Err(Attempt::Corrupt("redb panicked while opening the file".into())),
+        Ok(Ok(db)) => db,
+        Ok(Err(e)) => return Err(classify_open_error(e, &path)),
+    };
+    // Check (or write) our format version and create every table, in one transaction.
+    let check = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| init_tables(&db, &path)));
+    match check {
+        Err(_) => Err(Attempt::Corrupt("redb panicked while reading the tables".into())),
+        Ok(Err(a)) => Err(a),
+        Ok(Ok(())) => Ok(db),
+    }
+}
+
+fn classify_open_error(e: DatabaseError, path: &Path) -> Attempt {
+    use std::io::ErrorKind;
+    match e {
+        DatabaseError::DatabaseAlreadyOpen | DatabaseError::LockProtocolMismatch => {
+            Attempt::Fatal(OpenError::InUse {
+                path: path.to_path_buf(),
+            })
+        }
+        DatabaseError::RepairAborted => Attempt::Corrupt("redb's repair was aborted".into()),
+        DatabaseError::Storage(redb::StorageError::Corrupted(m)) => Attempt::Corrupt(m),
+        DatabaseError::Storage(redb::StorageError::Io(io))
+            if matches!(io.kind(), ErrorKind::InvalidData | ErrorKind::UnexpectedEof) =>
+        {
+            Attempt::Corrupt(io.to_string())
+        }
+        DatabaseError::Storage(redb::StorageError::Io(io)) => Attempt::Fatal(OpenError::Storage {
+            path: path.to_path_buf(),
+            source: StorageFailure::io(&io),
+        }),
+        other => Attempt::Fatal(OpenError::Storage {
+            path: path.to_path_buf(),
+            source: StorageFailure::from_redb(other),
+        }),
+    }
+}
+
+fn init_tables(db: &Database, path: &Path) -> Result<(), Attempt> {
+    let corrupt_or_fatal = |e: redb::Error| match &e {
+        redb::Error::Corrupted(m) => Attempt::Corrupt(m.clone()),
+        redb::Error::TableTypeMismatch { .. } | redb::Error::TableIsMultimap(_) => {
+            Attempt::Corrupt(format!("unexpected table layout: {e}"))
+        }
+        _ => Attempt::Fatal(OpenError::Storage {
+            path: path.to_path_buf(),
+            source: StorageFailure::from_redb(e),
+        }),
+    };
+    let txn = db
+        .begin_write()
+        .map_err(|e| corrupt_or_fatal(e.into()))?;
+    {
+        let mut meta = txn.open_table(META).map_err(|e| corrupt_or_fatal(e.into()))?;
+        let version = meta
+            .get("format_version")
+            .map_err(|e| corrupt_or_fatal(e.into()))?
+            .map(|g| g.value());
+        match version {
+            None => {
+                let mut seeds = vec![("format_version", FORMAT_VERSION), ("created_ms", now_ms())];
+                seeds.extend(META_KEYS.iter().map(|k| (*k, 0)));
+                for (k, v) in seeds {
+                    meta.insert(k, v).map_err(|e| corrupt_or_fatal(e.into()))?;
+                }
+            }
+            Some(v) if v > FORMAT_VERSION => {
+                return Err(Attempt::Fatal(OpenError::UnsupportedFormat {
+                    path: path.to_path_buf(),
+                    found: v,
+                    supported: FORMAT_VERSION,
+                }));
+            }
+            Some(_) => {}
+        }
+        txn.open_table(SEGMENTS).map_err(|e| corrupt_or_fatal(e.into()))?;
+        txn.open_table(INDEX).map_err(|e| corrupt_or_fatal(e.into()))?;
+        txn.open_table(CURSORS).map_err(|e| corrupt_or_fatal(e.into()))?;
+        txn.open_table(DEAD).map_err(|e| corrupt_or_fatal(e.into()))?;
+    }
+    txn.commit().map_err(|e| corrupt_or_fatal(e.into()))
+}
+
+/// Opens the database, quarantining a corrupt file once. Returns the database and the path the
+/// corrupt file was moved to, if any.
+pub(crate) fn open(
+    loc: &Location,
+    cache_bytes: usize,
+) -> Result<(Database, Option<PathBuf>), OpenError> {
+    if let Location::File { data_dir } = loc {
+        create_private_dir(data_dir).map_err(|source| OpenError::DataDir {
+            path: data_dir.clone(),
+            source,
+        })?;
+    }
+    match try_open(loc, cache_bytes) {
+        Ok(db) => Ok((db, None)),
+        Err(Attempt::Fatal(e)) => Err(e),
+        Err(Attempt::Corrupt(reason)) => {
+            let Location::File { data_dir } = loc else {
+                return Err(OpenError::Storage {
+                    path: loc.path(),
+                    source: StorageFailure {
+                        kind: StorageFailureKind::Corrupted,
+                        message: reason,
+                    },
+                });
+            };
+            let moved = quarantine(data_dir, &reason)?;
+            match try_open(loc, cache_bytes) {
+                Ok(db) => Ok((db, Some(moved))),
+                Err(Attempt::Fatal(e)) => Err(e),
+                Err(Attempt::Corrupt(reason)) => Err(OpenError::Storage {
+                    path: loc.path(),
+                    source: StorageFailure {
+                        kind: StorageFailureKind::Corrupted,
+                        message: format!("a fresh buffer is corrupt too: {reason}"),
+                    },
+                }),
+            }
+        }
+    }
+}
+
+fn quarantine(data_dir: &Path, reason: &str) -> Result<PathBuf, OpenError> {
+    let from = data_dir.join(FILE_NAME);
+    let qdir = data_dir.join(QUARANTINE_DIR);
+    let to = qdir.join(format!("buffer-{}.redb", now_ms()));
+    let err = |source| OpenError::Quarantine {
+        path: from.clone(),
+        reason: reason.to_string(),
+        source,
+    };
+    create_private_dir(&qdir).map_err(err)?;
+    std::fs::rename(&from, &to).map_err(err)?;
+    tracing::error!(
+        file = %from.display(),
+        moved_to = %to.display(),
+        reason,
+        "The buffer file is corrupt. It was moved aside and ferry starts with an empty buffer; \
+         readings in the old file were not forwarded."
+    );
+    metrics::counter!("ferry_buffer_quarantined_total").increment(1);
+    Ok(to)
+}
+
+/// Files previously moved to `data_dir/quarantine`, oldest first.
+pub(crate) fn quarantined_files(loc: &Location) -> Vec<PathBuf> {
+    let Location::File { data_dir } = loc else {
+        return Vec::new();
+    };
+    let mut files: Vec<PathBuf> = std::fs::read_dir(data_dir.join(QUARANTINE_DIR))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    files.sort();
+    files
+}
+
+/// Opens the buffer file read-only, for inspection while a gateway may be running.
+pub(crate) fn open_read_only(
+    data_dir: &Path,
+    cache_bytes: usize,
+) -> Result<redb::ReadOnlyDatabase, OpenError> {
+    let path = data_dir.join(FILE_NAME);
+    if !path.exists() {
+        return Err(OpenError::DataDir {
+            path: path.clone(),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no buffer file here"),
+        });
+    }
+    builder(cache_bytes, true)
+        .open_read_only(&path)
+        .map_err(|e| match classify_open_error(e, &path) {
+            Attempt::Fatal(e) => e,
+            Attempt::Corrupt(m) => OpenError::Storage {
+                path: path.clone(),
+                source: StorageFailure {
+                    kind: StorageFailureKind::Corrupted,
+                    message: m,
+                },
+            },
+        })
+}
+
+/// Any handle we can begin a read transaction on.
+pub(crate) trait Readable {
+    fn begin(&self) -> Result<redb::ReadTransaction, redb::Error>;
+}
+
+impl Readable for Database {
+    fn begin(&self) -> Result<redb::ReadTransaction, redb::Error> {
+        Ok(self.begin_read()?)
+    }
+}
+
+impl Readable for redb::ReadOnlyDatabase {
+    fn begin(&self) -> Result<redb::ReadTransaction, redb::Error> {
+        Ok(self.begin_read()?)
+    }
+}

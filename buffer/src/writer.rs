@@ -1,0 +1,845 @@
+//! The single writer thread: gathers commands for one flush window, commits them in one redb
+//! transaction with `Durability::Immediate`, then answers every waiter.
+
+use crate::error::{AckError, AppendError, StorageFailure};
+use crate::reading::{Reading, now_ms};
+use crate::segment::{self, Cursor, encode_reading};
+use crate::store::{self, CURSORS, DEAD, INDEX, META, Meta, SEGMENTS, SegMeta};
+use crate::{AppendReceipt, Shared, WhenFull};
+use redb::{Database, Durability, ReadableDatabase, ReadableTable};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
+
+pub(crate) type Reply<T> = oneshot::Sender<T>;
+
+/// A request to the writer thread.
+pub(crate) enum Cmd {
+    Append {
+        readings: Vec<Reading>,
+        reply: Reply<Result<AppendReceipt, AppendError>>,
+    },
+    Ack {
+        consumer: String,
+        segment: u64,
+        reply: Reply<Result<(), AckError>>,
+    },
+    DeadLetter {
+        consumer: String,
+        items: Vec<(Reading, String)>,
+        reply: Reply<Result<(), AckError>>,
+    },
+    Requeue {
+        ids: Option<Vec<u64>>,
+        reply: Reply<Result<usize, AckError>>,
+    },
+    Shutdown,
+}
+
+#[derive(Default)]
+struct Batch {
+    appends: Vec<(Vec<Reading>, Reply<Result<AppendReceipt, AppendError>>)>,
+    acks: Vec<(String, u64, Reply<Result<(), AckError>>)>,
+    deads: Vec<(String, Vec<(Reading, String)>, Reply<Result<(), AckError>>)>,
+    requeues: Vec<(Option<Vec<u64>>, Reply<Result<usize, AckError>>)>,
+    readings: usize,
+    raw_bytes: usize,
+}
+
+impl Batch {
+    fn push(&mut self, cmd: Cmd) -> bool {
+        match cmd {
+            Cmd::Append { readings, reply } => {
+                self.readings += readings.len();
+                self.raw_bytes += readings.iter().map(Reading::encoded_len).sum::<usize>();
+                self.appends.push((readings, reply));
+            }
+            Cmd::Ack {
+                consumer,
+                segment,
+                reply,
+            } => self.acks.push((consumer, segment, reply)),
+            Cmd::DeadLetter {
+                consumer,
+                items,
+                reply,
+            } => self.deads.push((consumer, items, reply)),
+            Cmd::Requeue { ids, reply } => self.requeues.push((ids, reply)),
+            Cmd::Shutdown => return true,
+        }
+        false
+    }
+
+    fn is_empty(&self) -> bool {
+        self.appends.is_empty()
+            && self.acks.is_empty()
+            && self.deads.is_empty()
+            && self.requeues.is_empty()
+    }
+}
+
+/// An encoded segment waiting for its commit.
+struct Encoded {
+    value: Vec<u8>,
+    meta: SegMeta,
+}
+
+/// What a commit changed, applied to memory only after redb returned Ok.
+#[derive(Default)]
+struct Outcome {
+    appended: u64,
+    raw_bytes: u64,
+    stored_new: u64,
+    acked_readings: u64,
+    dropped_full: u64,
+    dropped_ttl: u64,
+    dropped_dead: u64,
+    requeued: Vec<usize>,
+    segments_written: u64,
+}
+
+pub(crate) struct Writer {
+    shared: Arc<Shared>,
+    rx: Receiver<Cmd>,
+    db: Option<Arc<Database>>,
+    meta: Meta,
+    cursors: BTreeMap<String, u64>,
+    oldest: Option<SegMeta>,
+    last_reopen: Instant,
+}
+
+fn fail_storage(e: impl Into<redb::Error>) -> StorageFailure {
+    StorageFailure::from_redb(e)
+}
+
+impl Writer {
+    pub(crate) fn new(
+        shared: Arc<Shared>,
+        rx: Receiver<Cmd>,
+        db: Arc<Database>,
+    ) -> Result<Self, StorageFailure> {
+        let mut w = Writer {
+            shared,
+            rx,
+            db: Some(db),
+            meta: Meta::default(),
+            cursors: BTreeMap::new(),
+            oldest: None,
+            last_reopen: Instant::now(),
+        };
+        w.load_state()?;
+        Ok(w)
+    }
+
+    /// Reads the counters, cursors and oldest segment, and registers new consumers.
+    fn load_state(&mut self) -> Result<(), StorageFailure> {
+        let db = self.db.clone().ok_or_else(|| StorageFailure {
+            kind: crate::error::StorageFailureKind::Io,
+            message: "buffer is not open".into(),
+        })?;
+        let txn = db.begin_write().map_err(fail_storage)?;
+        {
+            let meta = txn.open_table(META).map_err(fail_storage)?;
+            self.meta = Meta::read(&meta).map_err(fail_storage)?;
+            let mut cursors = txn.open_table(CURSORS).map_err(fail_storage)?;
+            self.cursors.clear();
+            for name in &self.shared.opts.consumers {
+                let v = cursors
+                    .get(name.as_str())
+                    .map_err(fail_storage)?
+                    .map(|g| g.value());
+                let v = match v {
+                    Some(v) => v,
+                    None => {
+                        cursors.insert(name.as_str(), 0).map_err(fail_storage)?;
+                        0
+                    }
+                };
+                self.cursors.insert(name.clone(), v);
+            }
+            let index = txn.open_table(INDEX).map_err(fail_storage)?;
+            self.oldest = index
+                .first()
+                .map_err(fail_storage)?
+                .map(|(_, v)| SegMeta::from_tuple(v.value()));
+        }
+        txn.commit().map_err(fail_storage)?;
+        self.publish_stats(None);
+        let newest = self.meta.next_segment_id - 1;
+        self.shared.committed.send_replace(newest);
+        Ok(())
+    }
+
+    pub(crate) fn run(mut self) {
+        let opts = self.shared.opts.clone();
+        let tick = Duration::from_millis(1000);
+        let mut shutting_down = false;
+        while !shutting_down {
+            let first = match self.rx.recv_timeout(tick) {
+                Ok(c) => c,
+                Err(RecvTimeoutError::Timeout) => {
+                    self.housekeeping();
+                    continue;
+                }
+                Err(RecvTimeoutError::Disconnected) => break,
+            };
+            let mut batch = Batch::default();
+            shutting_down = batch.push(first);
+            let deadline = Instant::now() + opts.flush_interval;
+            while !shutting_down
+                && batch.readings < opts.max_batch_readings
+                && (batch.raw_bytes as u64) < opts.max_batch_bytes
+            {
+                let wait = deadline.saturating_duration_since(Instant::now());
+                let next = if wait.is_zero() {
+                    self.rx.try_recv().map_err(|_| ())
+                } else {
+                    self.rx.recv_timeout(wait).map_err(|_| ())
+                };
+                match next {
+                    Ok(cmd) => shutting_down = batch.push(cmd),
+                    Err(()) => break,
+                }
+            }
+            if !batch.is_empty() {
+                self.commit(batch);
+            }
+        }
+        // Anything queued behind the shutdown is answered as closed.
+        self.shared.closed.store(true, std::sync::atomic::Ordering::SeqCst);
+        while let Ok(cmd) = self.rx.try_recv() {
+            reply_closed(cmd);
+        }
+        *self.shared.db.write().unwrap_or_else(|p| p.into_inner()) = None;
+        self.db = None;
+        tracing::info!("The buffer writer stopped after committing everything it was given.");
+    }
+
+    fn housekeeping(&mut self) {
+        if self.db.is_none() {
+            let _ = self.ensure_open();
+            return;
+        }
+        let expired = match (self.shared.opts.max_age, self.oldest) {
+            (Some(max_age), Some(o)) => o.newest_ms + (max_age.as_millis() as u64) < now_ms(),
+            _ => false,
+        };
+        if expired {
+            self.commit(Batch::default());
+        }
+    }
+
+    /// Reopens the database after an I/O error (redb refuses further use with `PreviousIo`).
+    fn ensure_open(&mut self) -> Result<Arc<Database>, StorageFailure> {
+        if let Some(db) = &self.db {
+            return Ok(db.clone());
+        }
+        // At most one reopen attempt every 200 ms, so a dead disk is not hammered.
+        if self.last_reopen.elapsed() < Duration::from_millis(200) {
+            return Err(self.last_error().unwrap_or_else(|| StorageFailure {
+                kind: crate::error::StorageFailureKind::Io,
+                message: "buffer is reopening after a storage error".into(),
+            }));
+        }
+        self.last_reopen = Instant::now();
+        *self.shared.db.write().unwrap_or_else(|p| p.into_inner()) = None;
+        match store::open(&self.shared.loc, self.shared.opts.cache_bytes) {
+            Ok((db, quarantined)) => {
+                let db = Arc::new(db);
+                if let Some(q) = quarantined {
+                    self.shared.stats_mut().quarantined.push(q);
+                }
+                self.db = Some(db.clone());
+                *self.shared.db.write().unwrap_or_else(|p| p.into_inner()) = Some(db.clone());
+                self.load_state()?;
+                tracing::warn!("The buffer was reopened after a storage error and accepts readings again.");
+                self.shared.stats_mut().last_error = None;
+                Ok(db)
+            }
+            Err(e) => {
+                let f = StorageFailure {
+                    kind: crate::error::StorageFailureKind::Io,
+                    message: e.to_string(),
+                };
+                self.shared.stats_mut().last_error = Some(f.message.clone());
+                Err(f)
+            }
+        }
+    }
+
+    fn last_error(&self) -> Option<StorageFailure> {
+        self.shared
+            .stats_lock()
+            .last_error
+            .clone()
+            .map(|message| StorageFailure {
+                kind: crate::error::StorageFailureKind::Io,
+                message,
+            })
+    }
+
+    fn commit(&mut self, mut batch: Batch) {
+        let started = Instant::now();
+        let db = match self.ensure_open() {
+            Ok(db) => db,
+            Err(f) => return self.fail(batch, f),
+        };
+        // Ids are assigned in arrival order; they become real only if the commit succeeds.
+        let mut next_id = self.meta.next_reading_id;
+        for (readings, _) in &mut batch.appends {
+            for r in readings.iter_mut() {
+                r.id = next_id;
+                next_id += 1;
+            }
+        }
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.write_txn(&db, &mut batch)
+        }))
+        .unwrap_or_else(|_| {
+            Err(StorageFailure {
+                kind: crate::error::StorageFailureKind::Other,
+                message: "the storage layer panicked during a commit".into(),
+            })
+        });
+        match result {
+            Ok((meta, outcome, accepted, rejected)) => {
+                self.finish(meta, outcome, batch, accepted, rejected, started)
+            }
+            Err(f) => {
+                tracing::error!(error = %f, "A buffer commit failed; the pending readings were refused and nothing was stored.");
+                metrics::counter!("ferry_buffer_commit_errors_total").increment(1);
+                // redb poisons the handle after an I/O error: drop it and reopen on next use.
+                self.db = None;
+                *self.shared.db.write().unwrap_or_else(|p| p.into_inner()) = None;
+                self.shared.stats_mut().last_error = Some(f.message.clone());
+                self.shared.stats_mut().commit_errors_total += 1;
+                self.fail(batch, f);
+            }
+        }
+    }
+
+    fn encode(&self, readings: &[&Reading]) -> Vec<Encoded> {
+        let opts = &self.shared.opts;
+        let mut out = Vec::new();
+        let mut start = 0;
+        while start < readings.len() {
+            let mut end = start;
+            let mut bytes = 0u64;
+            while end < readings.len()
+                && (end == start
+                    || (end - start < opts.max_batch_readings
+                        && bytes + readings[end].encoded_len() as u64 <= opts.max_batch_bytes))
+            {
+                bytes += readings[end].encoded_len() as u64;
+                end += 1;
+            }
+            let chunk: Vec<Reading> = readings[start..end].iter().map(|r| (*r).clone()).collect();
+            let value = segment::encode_segment(&chunk, opts.compression);
+            let meta = SegMeta {
+                first_id: chunk[0].id,
+                count: chunk.len() as u32,
+                stored_bytes: value.len() as u64,
+                oldest_ms: chunk.iter().map(|r| r.received_at_ms).min().unwrap_or(0),
+                newest_ms: chunk.iter().map(|r| r.received_at_ms).max().unwrap_or(0),
+            };
+            out.push(Encoded { value, meta });
+            start = end;
+        }
+        out
+    }
+
+    /// Runs the whole batch in one write transaction. Returns the new meta, what changed, and
+    /// which appends (by index) were accepted or refused for space.
+    #[allow(clippy::type_complexity)]
+    fn write_txn(
+        &self,
+        db: &Database,
+        batch: &mut Batch,
+    ) -> Result<(Meta, Outcome, Vec<usize>, Vec<(usize, AppendError)>), StorageFailure> {
+        let opts = &self.shared.opts;
+        let mut meta = self.meta;
+        let mut out = Outcome::default();
+        let mut txn = db.begin_write().map_err(fail_storage)?;
+        txn.set_durability(Durability::Immediate)
+            .map_err(|e| StorageFailure {
+                kind: crate::error::StorageFailureKind::Other,
+                message: e.to_string(),
+            })?;
+        if opts.quick_repair {
+            txn.set_quick_repair(true);
+        }
+        let accepted: Vec<usize>;
+        let mut rejected: Vec<(usize, AppendError)> = Vec::new();
+        {
+            let mut segs = txn.open_table(SEGMENTS).map_err(fail_storage)?;
+            let mut index = txn.open_table(INDEX).map_err(fail_storage)?;
+            let mut cursors = txn.open_table(CURSORS).map_err(fail_storage)?;
+            let mut dead = txn.open_table(DEAD).map_err(fail_storage)?;
+
+            // 1. Acks: advance cursors, then delete what every consumer has acked.
+            let mut new_cursors = self.cursors.clone();
+            for (consumer, seg, _) in &batch.acks {
+                if let Some(c) = new_cursors.get_mut(consumer) {
+                    if *seg > *c && *seg < meta.next_segment_id {
+                        *c = *seg;
+                        cursors.insert(consumer.as_str(), *seg).map_err(fail_storage)?;
+                    }
+                }
+            }
+            if let Some(&floor) = new_cursors.values().min() {
+                let (n, b, s) = delete_through(&mut segs, &mut index, floor)?;
+                out.acked_readings += n;
+                meta.readings -= n;
+                meta.stored_bytes -= b;
+                meta.segments -= s;
+            }
+
+            // 2. TTL: drop segments whose newest reading is older than max_age.
+            if let Some(max_age) = opts.max_age {
+                let cutoff = now_ms().saturating_sub(max_age.as_millis() as u64);
+                loop {
+                    let first = index
+                        .first()
+                        .map_err(fail_storage)?
+                        .map(|(k, v)| (k.value(), SegMeta::from_tuple(v.value())));
+                    match first {
+                        Some((id, m)) if m.newest_ms < cutoff => {
+                            segs.remove(id).map_err(fail_storage)?;
+                            index.remove(id).map_err(fail_storage)?;
+                            out.dropped_ttl += m.count as u64;
+                            meta.readings -= m.count as u64;
+                            meta.stored_bytes -= m.stored_bytes;
+                            meta.segments -= 1;
+                        }
+                        _ => break,
+                    }
+                }
+            }
+
+            // 3. Dead letters.
+            for (consumer, items, _) in &batch.deads {
+                for (r, reason) in items {
+                    let mut v = Vec::with_capacity(r.encoded_len() + reason.len() + 32);
+                    v.extend_from_slice(&now_ms().to_le_bytes());
+                    v.extend_from_slice(&(consumer.len() as u32).to_le_bytes());
+                    v.extend_from_slice(consumer.as_bytes());
+                    v.extend_from_slice(&(reason.len() as u32).to_le_bytes());
+                    v.extend_from_slice(reason.as_bytes());
+                    encode_reading(&mut v, r);
+                    let old = dead
+                        .insert(r.id, v.as_slice())
+                        .map_err(fail_storage)?
+                        .map(|g| g.value().len() as u64);
+                    match old {
+                        Some(len) => meta.dead_bytes -= len,
+                        None => meta.dead_count += 1,
+                    }
+                    meta.dead_bytes += v.len() as u64;
+                }
+            }
+
+            // 4. Requeues: take dead letters out and append them again with their own ids.
+            let mut requeued: Vec<Reading> = Vec::new();
+            for (ids, _) in &batch.requeues {
+                let keys: Vec<u64> = match ids {
+                    Some(ids) => ids.clone(),
+                    None => dead
+                        .iter()
+                        .map_err(fail_storage)?
+                        .map(|e| e.map(|(k, _)| k.value()))
+                        .collect::<Result<_, _>>()
+                        .map_err(fail_storage)?,
+                };
+                let mut n = 0;
+                for k in keys {
+                    if let Some(g) = dead.remove(k).map_err(fail_storage)? {
+                        let v = g.value();
+                        meta.dead_bytes -= v.len() as u64;
+                        meta.dead_count -= 1;
+                        if let Ok(mut dl) = crate::decode_dead_letter(k, v) {
+                            dl.reading.source = crate::Source::Requeue;
+                            requeued.push(dl.reading);
+                            n += 1;
+                        }
+                    }
+                }
+                out.requeued.push(n);
+            }
+
+            // 5. Appends, within the byte cap.
+            let mut order: Vec<usize> = (0..batch.appends.len()).collect();
+            let mut encoded;
+            loop {
+                let refs: Vec<&Reading> = order
+                    .iter()
+                    .flat_map(|&i| batch.appends[i].0.iter())
+                    .chain(requeued.iter())
+                    .collect();
+                encoded = self.encode(&refs);
+                let new_bytes: u64 = encoded.iter().map(|e| e.meta.stored_bytes).sum();
+                if meta.used_bytes() + new_bytes <= opts.max_bytes {
+                    break;
+                }
+                if new_bytes > opts.max_bytes {
+                    // Cannot fit even in an empty buffer: refuse the largest requests first.
+                    if let Some((pos, _)) = order
+                        .iter()
+                        .enumerate()
+                        .max_by_key(|(_, i)| batch.appends[**i].0.len())
+                    {
+                        let i = order.remove(pos);
+                        let bytes = batch.appends[i].0.iter().map(|r| r.encoded_len() as u64).sum();
+                        rejected.push((
+                            i,
+                            AppendError::TooLarge {
+                                readings: Vec::new(),
+                                bytes,
+                                max: opts.max_bytes,
+                            },
+                        ));
+                        continue;
+                    }
+                    break;
+                }
+                match opts.when_full {
+                    WhenFull::DropOldest => {
+                        let need = meta.used_bytes() + new_bytes - opts.max_bytes;
+                        let (n, b, s) = evict_oldest(&mut segs, &mut index, need)?;
+                        out.dropped_full += n;
+                        meta.readings -= n;
+                        meta.stored_bytes -= b;
+                        meta.segments -= s;
+                        if meta.used_bytes() + new_bytes > opts.max_bytes {
+                            // Only dead letters are left to make room.
+                            let need = meta.used_bytes() + new_bytes - opts.max_bytes;
+                            let (n, b) = evict_dead(&mut dead, need)?;
+                            out.dropped_dead += n;
+                            meta.dead_count -= n;
+                            meta.dead_bytes -= b;
+                        }
+                        break;
+                    }
+                    WhenFull::Reject => {
+                        if order.is_empty() {
+                            break;
+                        }
+                        // Refuse from the newest request back, by an estimate of what fits,
+                        // then verify by encoding again.
+                        let free = opts.max_bytes.saturating_sub(meta.used_bytes());
+                        let ratio = new_bytes as f64
+                            / refs.iter().map(|r| r.encoded_len()).sum::<usize>().max(1) as f64;
+                        let mut keep = 0;
+                        let mut est = 0f64;
+                        for &i in &order {
+                            let raw: usize =
+                                batch.appends[i].0.iter().map(Reading::encoded_len).sum();
+                            est += raw as f64 * ratio;
+                            if est > free as f64 {
+                                break;
+                            }
+                            keep += 1;
+                        }
+                        let keep = keep.min(order.len() - 1);
+                        for i in order.drain(keep..) {
+                            rejected.push((
+                                i,
+                                AppendError::Full {
+                                    readings: Vec::new(),
+                                    used: meta.used_bytes(),
+                                    max: opts.max_bytes,
+                                },
+                            ));
+                        }
+                    }
+                }
+            }
+            // Refused requests give their ids back only if they were the newest; ids are
+            // renumbered so that the committed ones stay dense.
+            if !rejected.is_empty() {
+                let mut next = self.meta.next_reading_id;
+                for &i in &order {
+                    for r in batch.appends[i].0.iter_mut() {
+                        r.id = next;
+                        next += 1;
+                    }
+                }
+                let refs: Vec<&Reading> = order
+                    .iter()
+                    .flat_map(|&i| batch.appends[i].0.iter())
+                    .chain(requeued.iter())
+                    .collect();
+                encoded = self.encode(&refs);
+            }
+            for e in &encoded {
+                let id = meta.next_segment_id;
+                meta.next_segment_id += 1;
+                segs.insert(id, e.value.as_slice()).map_err(fail_storage)?;
+                index.insert(id, e.meta.tuple()).map_err(fail_storage)?;
+                meta.segments += 1;
+                meta.readings += e.meta.count as u64;
+                meta.stored_bytes += e.meta.stored_bytes;
+                out.stored_new += e.meta.stored_bytes;
+                out.segments_written += 1;
+            }
+            for &i in &order {
+                out.appended += batch.appends[i].0.len() as u64;
+                out.raw_bytes += batch.appends[i]
+                    .0
+                    .iter()
+                    .map(|r| r.encoded_len() as u64)
+                    .sum::<u64>();
+                meta.next_reading_id += batch.appends[i].0.len() as u64;
+            }
+            accepted = order;
+
+            let mut meta_t = txn.open_table(META).map_err(fail_storage)?;
+            meta.write(&mut meta_t).map_err(fail_storage)?;
+        }
+        txn.commit().map_err(fail_storage)?;
+        Ok((meta, out, accepted, rejected))
+    }
+
+    fn finish(
+        &mut self,
+        meta: Meta,
+        out: Outcome,
+        batch: Batch,
+        accepted: Vec<usize>,
+        rejected: Vec<(usize, AppendError)>,
+        started: Instant,
+    ) {
+        let elapsed = started.elapsed();
+        let newest_seg = meta.next_segment_id - 1;
+        for (consumer, seg, _) in &batch.acks {
+            if let Some(c) = self.cursors.get_mut(consumer) {
+                if *seg > *c && *seg <= newest_seg {
+                    *c = *seg;
+                }
+            }
+        }
+        self.meta = meta;
+        self.refresh_oldest();
+        self.shared.committed.send_replace(newest_seg);
+
+        // Stats and metrics first, so a caller that sees its ack also sees the counters.
+        {
+            let mut s = self.shared.stats_mut();
+            s.commits_total += 1;
+            s.appended_total += out.appended;
+            s.acked_total += out.acked_readings;
+            s.dropped_full_total += out.dropped_full;
+            s.dropped_ttl_total += out.dropped_ttl;
+            s.dropped_dead_letter_total += out.dropped_dead;
+            s.raw_bytes_total += out.raw_bytes;
+            s.stored_bytes_total += out.stored_new;
+            s.record_commit(elapsed, out.appended);
+            s.rejected_full_total += rejected
+                .iter()
+                .map(|(i, _)| batch.appends[*i].0.len() as u64)
+                .sum::<u64>();
+            s.last_error = None;
+        }
+        self.publish_stats(Some((elapsed, &out)));
+
+        let mut slots: Vec<Option<(Vec<Reading>, Reply<Result<AppendReceipt, AppendError>>)>> =
+            batch.appends.into_iter().map(Some).collect();
+        for (i, mut err) in rejected {
+            if let Some((readings, reply)) = slots[i].take() {
+                match &mut err {
+                    AppendError::Full { readings: r, .. } | AppendError::TooLarge { readings: r, .. } => {
+                        *r = readings
+                    }
+                    _ => {}
+                }
+                let _ = reply.send(Err(err));
+            }
+        }
+        for i in accepted {
+            if let Some((readings, reply)) = slots[i].take() {
+                let receipt = AppendReceipt {
+                    first_id: readings.first().map_or(0, |r| r.id),
+                    last_id: readings.last().map_or(0, |r| r.id),
+                    count: readings.len(),
+                    segment: newest_seg,
+                };
+                let _ = reply.send(Ok(receipt));
+            }
+        }
+        for (_, seg, reply) in batch.acks {
+            let _ = reply.send(if seg > newest_seg {
+                Err(AckError::Ahead {
+                    segment: seg,
+                    newest: newest_seg,
+                })
+            } else {
+                Ok(())
+            });
+        }
+        for (_, _, reply) in batch.deads {
+            let _ = reply.send(Ok(()));
+        }
+        for ((_, reply), n) in batch.requeues.into_iter().zip(out.requeued) {
+            let _ = reply.send(Ok(n));
+        }
+    }
+
+    fn refresh_oldest(&mut self) {
+        let Some(db) = &self.db else { return };
+        self.oldest = db.begin_read().ok().and_then(|t| {
+            let index = t.open_table(INDEX).ok()?;
+            let first = index.first().ok()??;
+            Some(SegMeta::from_tuple(first.1.value()))
+        });
+    }
+
+    fn publish_stats(&self, commit: Option<(Duration, &Outcome)>) {
+        let m = &self.meta;
+        metrics::gauge!("ferry_buffer_readings").set(m.readings as f64);
+        metrics::gauge!("ferry_buffer_bytes").set(m.used_bytes() as f64);
+        metrics::gauge!("ferry_buffer_segments").set(m.segments as f64);
+        metrics::gauge!("ferry_buffer_dead_letters").set(m.dead_count as f64);
+        metrics::gauge!("ferry_buffer_max_bytes").set(self.shared.opts.max_bytes as f64);
+        if let Some((elapsed, out)) = commit {
+            metrics::counter!("ferry_buffer_commits_total").increment(1);
+            metrics::histogram!("ferry_buffer_commit_duration_seconds").record(elapsed.as_secs_f64());
+            metrics::histogram!("ferry_buffer_readings_per_commit").record(out.appended as f64);
+            metrics::counter!("ferry_buffer_readings_appended_total").increment(out.appended);
+            metrics::counter!("ferry_buffer_readings_acked_total").increment(out.acked_readings);
+            metrics::counter!("ferry_buffer_raw_bytes_total").increment(out.raw_bytes);
+            metrics::counter!("ferry_buffer_stored_bytes_total").increment(out.stored_new);
+            for (reason, n) in [
+                ("buffer_full", out.dropped_full),
+                ("ttl", out.dropped_ttl),
+                ("dead_letter_evicted", out.dropped_dead),
+            ] {
+                if n > 0 {
+                    metrics::counter!("ferry_readings_dropped_total", "reason" => reason).increment(n);
+                }
+            }
+        }
+        let mut s = self.shared.stats_mut();
+        s.readings = m.readings;
+        s.stored_bytes = m.stored_bytes;
+        s.segments = m.segments;
+        s.dead_letters = m.dead_count;
+        s.dead_letter_bytes = m.dead_bytes;
+        s.oldest_received_ms = self.oldest.map(|o| o.oldest_ms);
+        s.next_reading_id = m.next_reading_id;
+        s.newest_segment = m.next_segment_id - 1;
+        s.cursors = self.cursors.clone();
+    }
+
+    fn fail(&mut self, batch: Batch, f: StorageFailure) {
+        let n: u64 = batch.appends.iter().map(|(r, _)| r.len() as u64).sum();
+        if n > 0 {
+            metrics::counter!("ferry_readings_rejected_total", "reason" => "storage").increment(n);
+            self.shared.stats_mut().rejected_storage_total += n;
+        }
+        for (readings, reply) in batch.appends {
+            let _ = reply.send(Err(AppendError::Storage {
+                readings,
+                source: f.clone(),
+            }));
+        }
+        for (_, _, reply) in batch.acks {
+            let _ = reply.send(Err(AckError::Storage(f.clone())));
+        }
+        for (_, _, reply) in batch.deads {
+            let _ = reply.send(Err(AckError::Storage(f.clone())));
+        }
+        for (_, reply) in batch.requeues {
+            let _ = reply.send(Err(AckError::Storage(f.clone())));
+        }
+    }
+}
+
+pub(crate) fn reply_closed(cmd: Cmd) {
+    match cmd {
+        Cmd::Append { readings, reply } => {
+            let _ = reply.send(Err(AppendError::Closed { readings }));
+        }
+        Cmd::Ack { reply, .. } | Cmd::DeadLetter { reply, .. } => {
+            let _ = reply.send(Err(AckError::Closed));
+        }
+        Cmd::Requeue { reply, .. } => {
+            let _ = reply.send(Err(AckError::Closed));
+        }
+        Cmd::Shutdown => {}
+    }
+}
+
+type Segs<'t> = redb::Table<'t, u64, &'static [u8]>;
+type Index<'t> = redb::Table<'t, u64, (u64, u32, u64, u64, u64)>;
+
+/// Deletes every segment with id <= `through`. Returns (readings, bytes, segments).
+fn delete_through(
+    segs: &mut Segs<'_>,
+    index: &mut Index<'_>,
+    through: u64,
+) -> Result<(u64, u64, u64), StorageFailure> {
+    let doomed: Vec<(u64, SegMeta)> = index
+        .range(..=through)
+        .map_err(fail_storage)?
+        .map(|e| e.map(|(k, v)| (k.value(), SegMeta::from_tuple(v.value()))))
+        .collect::<Result<_, _>>()
+        .map_err(fail_storage)?;
+    let mut totals = (0, 0, 0);
+    for (id, m) in doomed {
+        segs.remove(id).map_err(fail_storage)?;
+        index.remove(id).map_err(fail_storage)?;
+        totals.0 += m.count as u64;
+        totals.1 += m.stored_bytes;
+        totals.2 += 1;
+    }
+    Ok(totals)
+}
+
+/// Evicts the oldest segments until `need` bytes are freed or none are left.
+fn evict_oldest(
+    segs: &mut Segs<'_>,
+    index: &mut Index<'_>,
+    need: u64,
+) -> Result<(u64, u64, u64), StorageFailure> {
+    let mut totals = (0u64, 0u64, 0u64);
+    while totals.1 < need {
+        let first = index
+            .pop_first()
+            .map_err(fail_storage)?
+            .map(|(k, v)| (k.value(), SegMeta::from_tuple(v.value())));
+        let Some((id, m)) = first else { break };
+        segs.remove(id).map_err(fail_storage)?;
+        totals.0 += m.count as u64;
+        totals.1 += m.stored_bytes;
+        totals.2 += 1;
+    }
+    Ok(totals)
+}
+
+/// Evicts the oldest dead letters until `need` bytes are freed. Returns (count, bytes).
+fn evict_dead(
+    dead: &mut redb::Table<'_, u64, &'static [u8]>,
+    need: u64,
+) -> Result<(u64, u64), StorageFailure> {
+    let mut totals = (0u64, 0u64);
+    while totals.1 < need {
+        let Some((_, v)) = dead.pop_first().map_err(fail_storage)? else {
+            break;
+        };
+        totals.0 += 1;
+        totals.1 += v.value().len() as u64;
+    }
+    Ok(totals)
+}
+
+/// Decodes a dead-letter value (see the writer for the layout).
+pub(crate) fn decode_dead(value: &[u8]) -> Result<(u64, String, String, Reading), segment::DecodeError> {
+    let whole = bytes::Bytes::copy_from_slice(value);
+    let mut c = Cursor::new(&whole);
+    let at = c.u64("dead_at_ms")?;
+    let consumer = c.string("consumer")?;
+    let reason = c.string("reason")?;
+    let reading = c.reading(&whole)?;
+    Ok((at, consumer, reason, reading))
+}
