@@ -141,7 +141,9 @@ pub enum OpenError {
         source: std::io::Error,
     },
     /// Another process has the buffer open for writing.
-    #[error("buffer {path} is already open in another process (is another ferry running on this data_dir?)")]
+    #[error(
+        "buffer {path} is already open in another process (is another ferry running on this data_dir?)"
+    )]
     InUse {
         /// The buffer file.
         path: PathBuf,

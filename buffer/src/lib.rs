@@ -68,9 +68,7 @@ pub mod segment;
 mod store;
 mod writer;
 
-pub use error::{
-    AckError, AppendError, OpenError, ReadError, StorageFailure, StorageFailureKind,
-};
+pub use error::{AckError, AppendError, OpenError, ReadError, StorageFailure, StorageFailureKind};
 pub use reader::{Reader, Segment};
 pub use reading::{Reading, Source, now_ms};
 pub use segment::Compression;
@@ -293,8 +291,8 @@ impl StatsInner {
             let pick = |q: f64| lat[((lat.len() - 1) as f64 * q).round() as usize] as u64;
             s.commit_p50_us = pick(0.50);
             s.commit_p99_us = pick(0.99);
-            s.readings_per_commit = self.ring.iter().map(|e| e.1 as f64).sum::<f64>()
-                / self.ring.len() as f64;
+            s.readings_per_commit =
+                self.ring.iter().map(|e| e.1 as f64).sum::<f64>() / self.ring.len() as f64;
         }
         s
     }
@@ -314,7 +312,9 @@ pub(crate) struct Shared {
 
 impl std::fmt::Debug for Shared {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Shared").field("loc", &self.loc).finish_non_exhaustive()
+        f.debug_struct("Shared")
+            .field("loc", &self.loc)
+            .finish_non_exhaustive()
     }
 }
 
@@ -347,7 +347,10 @@ impl Buffer {
 
     /// Opens a buffer on storage made by `factory`, which is called again to reopen after an
     /// I/O error. For tests that inject faults.
-    pub fn open_with_backend(factory: BackendFactory, opts: BufferOptions) -> Result<Buffer, OpenError> {
+    pub fn open_with_backend(
+        factory: BackendFactory,
+        opts: BufferOptions,
+    ) -> Result<Buffer, OpenError> {
         Self::open_at(Location::Backend(factory), opts)
     }
 
@@ -359,13 +362,18 @@ impl Buffer {
         }
         let (db, quarantined) = store::open(&loc, opts.cache_bytes)?;
         let db = Arc::new(db);
-        let mut stats = StatsInner::default();
-        stats.max_bytes = opts.max_bytes;
-        stats.quarantined = store::quarantined_files(&loc);
-        if let Some(q) = quarantined {
-            if !stats.quarantined.contains(&q) {
-                stats.quarantined.push(q);
-            }
+        let mut stats = StatsInner {
+            s: BufferStats {
+                max_bytes: opts.max_bytes,
+                quarantined: store::quarantined_files(&loc),
+                ..BufferStats::default()
+            },
+            ..StatsInner::default()
+        };
+        if let Some(q) = quarantined
+            && !stats.quarantined.contains(&q)
+        {
+            stats.quarantined.push(q);
         }
         let (tx, rx) = std::sync::mpsc::channel();
         let (done_tx, done_rx) = oneshot::channel();
@@ -379,12 +387,11 @@ impl Buffer {
             tx: Mutex::new(Some(tx)),
             done: Mutex::new(Some(done_rx)),
         });
-        let w = writer::Writer::new(shared.clone(), rx, db).map_err(|source| {
-            OpenError::Storage {
+        let w =
+            writer::Writer::new(shared.clone(), rx, db).map_err(|source| OpenError::Storage {
                 path: loc.path(),
                 source,
-            }
-        })?;
+            })?;
         std::thread::Builder::new()
             .name("ferry-buffer-writer".into())
             .spawn(move || {
@@ -399,7 +406,12 @@ impl Buffer {
     }
 
     pub(crate) fn send(&self, cmd: Cmd) {
-        let tx = self.shared.tx.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let tx = self
+            .shared
+            .tx
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         match tx {
             Some(tx) => {
                 if let Err(e) = tx.send(cmd) {
@@ -448,7 +460,9 @@ impl Buffer {
     pub fn stats(&self) -> BufferStats {
         let mut s = self.shared.stats_lock().snapshot();
         if let Location::File { data_dir } = &self.shared.loc {
-            s.file_bytes = std::fs::metadata(data_dir.join(FILE_NAME)).ok().map(|m| m.len());
+            s.file_bytes = std::fs::metadata(data_dir.join(FILE_NAME))
+                .ok()
+                .map(|m| m.len());
         }
         s
     }
@@ -478,7 +492,11 @@ impl Buffer {
     }
 
     /// Lists up to `limit` dead letters with reading id greater than `after`.
-    pub async fn dead_letters(&self, after: u64, limit: usize) -> Result<Vec<DeadLetter>, ReadError> {
+    pub async fn dead_letters(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>, ReadError> {
         let db = self.shared.db()?;
         tokio::task::spawn_blocking(move || list_dead(&*db, after, limit))
             .await
@@ -501,11 +519,21 @@ impl Buffer {
     /// Commits everything already handed to the writer, stops it, and closes the file.
     /// Appends after this fail with [`AppendError::Closed`].
     pub async fn close(&self) {
-        let tx = self.shared.tx.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let tx = self
+            .shared
+            .tx
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
         if let Some(tx) = tx {
             let _ = tx.send(Cmd::Shutdown);
         }
-        let done = self.shared.done.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let done = self
+            .shared
+            .done
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
         if let Some(done) = done {
             let _ = done.await;
         }
@@ -540,20 +568,33 @@ fn lag_after(db: &dyn store::Readable, after: u64) -> Result<Lag, ReadError> {
         lag.readings += m.count as u64;
         lag.bytes += m.stored_bytes;
         lag.segments += 1;
-        lag.oldest_received_ms = Some(lag.oldest_received_ms.map_or(m.oldest_ms, |o| o.min(m.oldest_ms)));
+        lag.oldest_received_ms = Some(
+            lag.oldest_received_ms
+                .map_or(m.oldest_ms, |o| o.min(m.oldest_ms)),
+        );
     }
     Ok(lag)
 }
 
-fn list_dead(db: &dyn store::Readable, after: u64, limit: usize) -> Result<Vec<DeadLetter>, ReadError> {
+fn list_dead(
+    db: &dyn store::Readable,
+    after: u64,
+    limit: usize,
+) -> Result<Vec<DeadLetter>, ReadError> {
     let txn = db.begin().map_err(sf)?;
     let dead = txn.open_table(DEAD).map_err(sf)?;
     let mut out = Vec::new();
-    for e in dead.range(after.saturating_add(1)..).map_err(sf)?.take(limit) {
+    for e in dead
+        .range(after.saturating_add(1)..)
+        .map_err(sf)?
+        .take(limit)
+    {
         let (k, v) = e.map_err(sf)?;
         match decode_dead_letter(k.value(), v.value()) {
             Ok(d) => out.push(d),
-            Err(e) => tracing::error!(reading = k.value(), error = %e, "A dead letter is unreadable and is skipped."),
+            Err(e) => {
+                tracing::error!(reading = k.value(), error = %e, "A dead letter is unreadable and is skipped.")
+            }
         }
     }
     Ok(out)
@@ -568,7 +609,9 @@ pub struct Inspector {
 
 impl std::fmt::Debug for Inspector {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Inspector").field("path", &self.path).finish_non_exhaustive()
+        f.debug_struct("Inspector")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
     }
 }
 
@@ -622,11 +665,15 @@ impl Inspector {
         })
     }
 
+    #[allow(clippy::type_complexity)]
     fn meta(&self) -> Result<(Meta, u64, BTreeMap<String, u64>, Option<u64>), ReadError> {
-            let txn = self.db.begin_read().map_err(sf)?;
+        let txn = self.db.begin_read().map_err(sf)?;
         let meta_t = txn.open_table(META).map_err(sf)?;
         let meta = Meta::read(&meta_t).map_err(sf)?;
-        let version = meta_t.get("format_version").map_err(sf)?.map_or(0, |g| g.value());
+        let version = meta_t
+            .get("format_version")
+            .map_err(sf)?
+            .map_or(0, |g| g.value());
         let cursors_t = txn.open_table(CURSORS).map_err(sf)?;
         let mut cursors = BTreeMap::new();
         for e in cursors_t.iter().map_err(sf)? {
@@ -679,7 +726,7 @@ impl Inspector {
     /// Decodes every segment and dead letter, checks CRCs, the index and the counters.
     /// Streams segment by segment; memory stays bounded by one segment.
     pub fn verify(&self) -> Result<VerifyReport, ReadError> {
-            let (meta, _, _, _) = self.meta()?;
+        let (meta, _, _, _) = self.meta()?;
         let txn = self.db.begin_read().map_err(sf)?;
         let segs = txn.open_table(SEGMENTS).map_err(sf)?;
         let index = txn.open_table(INDEX).map_err(sf)?;
@@ -691,16 +738,23 @@ impl Inspector {
             let id = k.value();
             rep.segments += 1;
             bytes += v.value().len() as u64;
-            let idx = index.get(id).map_err(sf)?.map(|g| SegMeta::from_tuple(g.value()));
+            let idx = index
+                .get(id)
+                .map_err(sf)?
+                .map(|g| SegMeta::from_tuple(g.value()));
             match segment::decode_segment(v.value()) {
                 Ok(readings) => {
                     rep.readings += readings.len() as u64;
                     match idx {
-                        None => rep.problems.push(format!("segment {id}: missing from the index")),
-                        Some(m) if m.count as usize != readings.len()
-                            || m.stored_bytes != v.value().len() as u64 =>
+                        None => rep
+                            .problems
+                            .push(format!("segment {id}: missing from the index")),
+                        Some(m)
+                            if m.count as usize != readings.len()
+                                || m.stored_bytes != v.value().len() as u64 =>
                         {
-                            rep.problems.push(format!("segment {id}: index disagrees with the segment"))
+                            rep.problems
+                                .push(format!("segment {id}: index disagrees with the segment"))
                         }
                         _ => {}
                     }
@@ -713,19 +767,23 @@ impl Inspector {
                         }
                     }
                     if let Some(first) = readings.first() {
-                        if first.id <= last_seen_id && readings.iter().all(|r| r.source != Source::Requeue) {
+                        if first.id <= last_seen_id
+                            && readings.iter().all(|r| r.source != Source::Requeue)
+                        {
                             rep.problems.push(format!(
                                 "segment {id}: reading ids do not grow ({} after {last_seen_id})",
                                 first.id
                             ));
                         }
-                        last_seen_id = last_seen_id.max(readings.iter().map(|r| r.id).max().unwrap_or(0));
+                        last_seen_id =
+                            last_seen_id.max(readings.iter().map(|r| r.id).max().unwrap_or(0));
                     }
                 }
                 Err(e) => rep.problems.push(format!("segment {id}: {e}")),
             }
             if id >= meta.next_segment_id {
-                rep.problems.push(format!("segment {id}: id is not below next_segment_id"));
+                rep.problems
+                    .push(format!("segment {id}: id is not below next_segment_id"));
             }
         }
         if index.len().map_err(sf)? != rep.segments {
@@ -735,7 +793,10 @@ impl Inspector {
                 rep.segments
             ));
         }
-        if rep.segments != meta.segments || rep.readings != meta.readings || bytes != meta.stored_bytes {
+        if rep.segments != meta.segments
+            || rep.readings != meta.readings
+            || bytes != meta.stored_bytes
+        {
             rep.problems.push(format!(
                 "counters say {} segments / {} readings / {} bytes, the file holds {} / {} / {}",
                 meta.segments, meta.readings, meta.stored_bytes, rep.segments, rep.readings, bytes

@@ -179,11 +179,15 @@ impl<'a> Cursor<'a> {
     }
 
     fn u32(&mut self, what: &'static str) -> Result<u32, DecodeError> {
-        Ok(u32::from_le_bytes(self.take(4, what)?.try_into().unwrap_or([0; 4])))
+        Ok(u32::from_le_bytes(
+            self.take(4, what)?.try_into().unwrap_or([0; 4]),
+        ))
     }
 
     pub(crate) fn u64(&mut self, what: &'static str) -> Result<u64, DecodeError> {
-        Ok(u64::from_le_bytes(self.take(8, what)?.try_into().unwrap_or([0; 8])))
+        Ok(u64::from_le_bytes(
+            self.take(8, what)?.try_into().unwrap_or([0; 8]),
+        ))
     }
 
     pub(crate) fn bytes(&mut self, what: &'static str) -> Result<&'a [u8], DecodeError> {
@@ -405,7 +409,10 @@ mod tests {
                 // A flip is either detected, or lands in a byte that carries no data (the
                 // gzip member's mtime/os fields): it must never yield different readings.
                 if let Ok(out) = decode_segment(&bad) {
-                    assert_eq!(out, rs, "flip at {i} ({c:?}) changed the readings unnoticed");
+                    assert_eq!(
+                        out, rs,
+                        "flip at {i} ({c:?}) changed the readings unnoticed"
+                    );
                 }
             }
             for cut in 0..v.len() {

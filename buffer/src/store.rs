@@ -111,7 +111,10 @@ impl Meta {
         })
     }
 
-    pub(crate) fn write(&self, table: &mut redb::Table<&'static str, u64>) -> Result<(), redb::Error> {
+    pub(crate) fn write(
+        &self,
+        table: &mut redb::Table<&'static str, u64>,
+    ) -> Result<(), redb::Error> {
         for (key, value) in META_KEYS.iter().zip(self.fields()) {
             table.insert(*key, value)?;
         }
@@ -215,14 +218,20 @@ fn try_open(loc: &Location, cache_bytes: usize) -> Result<Database, Attempt> {
         },
     }));
     let db = match result {
-        Err(_) => return Err(Attempt::Corrupt("redb panicked while opening the file".into())),
+        Err(_) => {
+            return Err(Attempt::Corrupt(
+                "redb panicked while opening the file".into(),
+            ));
+        }
         Ok(Ok(db)) => db,
         Ok(Err(e)) => return Err(classify_open_error(e, &path)),
     };
     // Check (or write) our format version and create every table, in one transaction.
     let check = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| init_tables(&db, &path)));
     match check {
-        Err(_) => Err(Attempt::Corrupt("redb panicked while reading the tables".into())),
+        Err(_) => Err(Attempt::Corrupt(
+            "redb panicked while reading the tables".into(),
+        )),
         Ok(Err(a)) => Err(a),
         Ok(Ok(())) => Ok(db),
     }
@@ -265,11 +274,11 @@ fn init_tables(db: &Database, path: &Path) -> Result<(), Attempt> {
             source: StorageFailure::from_redb(e),
         }),
     };
-    let txn = db
-        .begin_write()
-        .map_err(|e| corrupt_or_fatal(e.into()))?;
+    let txn = db.begin_write().map_err(|e| corrupt_or_fatal(e.into()))?;
     {
-        let mut meta = txn.open_table(META).map_err(|e| corrupt_or_fatal(e.into()))?;
+        let mut meta = txn
+            .open_table(META)
+            .map_err(|e| corrupt_or_fatal(e.into()))?;
         let version = meta
             .get("format_version")
             .map_err(|e| corrupt_or_fatal(e.into()))?
@@ -291,10 +300,14 @@ fn init_tables(db: &Database, path: &Path) -> Result<(), Attempt> {
             }
             Some(_) => {}
         }
-        txn.open_table(SEGMENTS).map_err(|e| corrupt_or_fatal(e.into()))?;
-        txn.open_table(INDEX).map_err(|e| corrupt_or_fatal(e.into()))?;
-        txn.open_table(CURSORS).map_err(|e| corrupt_or_fatal(e.into()))?;
-        txn.open_table(DEAD).map_err(|e| corrupt_or_fatal(e.into()))?;
+        txn.open_table(SEGMENTS)
+            .map_err(|e| corrupt_or_fatal(e.into()))?;
+        txn.open_table(INDEX)
+            .map_err(|e| corrupt_or_fatal(e.into()))?;
+        txn.open_table(CURSORS)
+            .map_err(|e| corrupt_or_fatal(e.into()))?;
+        txn.open_table(DEAD)
+            .map_err(|e| corrupt_or_fatal(e.into()))?;
     }
     txn.commit().map_err(|e| corrupt_or_fatal(e.into()))
 }

@@ -38,12 +38,17 @@ pub(crate) enum Cmd {
     Shutdown,
 }
 
+type AppendReq = (Vec<Reading>, Reply<Result<AppendReceipt, AppendError>>);
+type AckReq = (String, u64, Reply<Result<(), AckError>>);
+type DeadReq = (String, Vec<(Reading, String)>, Reply<Result<(), AckError>>);
+type RequeueReq = (Option<Vec<u64>>, Reply<Result<usize, AckError>>);
+
 #[derive(Default)]
 struct Batch {
-    appends: Vec<(Vec<Reading>, Reply<Result<AppendReceipt, AppendError>>)>,
-    acks: Vec<(String, u64, Reply<Result<(), AckError>>)>,
-    deads: Vec<(String, Vec<(Reading, String)>, Reply<Result<(), AckError>>)>,
-    requeues: Vec<(Option<Vec<u64>>, Reply<Result<usize, AckError>>)>,
+    appends: Vec<AppendReq>,
+    acks: Vec<AckReq>,
+    deads: Vec<DeadReq>,
+    requeues: Vec<RequeueReq>,
     readings: usize,
     raw_bytes: usize,
 }
@@ -108,6 +113,7 @@ pub(crate) struct Writer {
     cursors: BTreeMap<String, u64>,
     oldest: Option<SegMeta>,
     last_reopen: Instant,
+    last_failure: Option<StorageFailure>,
 }
 
 fn fail_storage(e: impl Into<redb::Error>) -> StorageFailure {
@@ -128,6 +134,7 @@ impl Writer {
             cursors: BTreeMap::new(),
             oldest: None,
             last_reopen: Instant::now(),
+            last_failure: None,
         };
         w.load_state()?;
         Ok(w)
@@ -208,7 +215,9 @@ impl Writer {
             }
         }
         // Anything queued behind the shutdown is answered as closed.
-        self.shared.closed.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.shared
+            .closed
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         while let Ok(cmd) = self.rx.try_recv() {
             reply_closed(cmd);
         }
@@ -238,7 +247,7 @@ impl Writer {
         }
         // At most one reopen attempt every 200 ms, so a dead disk is not hammered.
         if self.last_reopen.elapsed() < Duration::from_millis(200) {
-            return Err(self.last_error().unwrap_or_else(|| StorageFailure {
+            return Err(self.last_failure.clone().unwrap_or_else(|| StorageFailure {
                 kind: crate::error::StorageFailureKind::Io,
                 message: "buffer is reopening after a storage error".into(),
             }));
@@ -254,30 +263,26 @@ impl Writer {
                 self.db = Some(db.clone());
                 *self.shared.db.write().unwrap_or_else(|p| p.into_inner()) = Some(db.clone());
                 self.load_state()?;
-                tracing::warn!("The buffer was reopened after a storage error and accepts readings again.");
+                tracing::warn!(
+                    "The buffer was reopened after a storage error and accepts readings again."
+                );
                 self.shared.stats_mut().last_error = None;
+                self.last_failure = None;
                 Ok(db)
             }
             Err(e) => {
-                let f = StorageFailure {
-                    kind: crate::error::StorageFailureKind::Io,
-                    message: e.to_string(),
+                let f = match e {
+                    crate::OpenError::Storage { source, .. } => source,
+                    other => StorageFailure {
+                        kind: crate::error::StorageFailureKind::Io,
+                        message: other.to_string(),
+                    },
                 };
                 self.shared.stats_mut().last_error = Some(f.message.clone());
+                self.last_failure = Some(f.clone());
                 Err(f)
             }
         }
-    }
-
-    fn last_error(&self) -> Option<StorageFailure> {
-        self.shared
-            .stats_lock()
-            .last_error
-            .clone()
-            .map(|message| StorageFailure {
-                kind: crate::error::StorageFailureKind::Io,
-                message,
-            })
     }
 
     fn commit(&mut self, mut batch: Batch) {
@@ -315,6 +320,7 @@ impl Writer {
                 *self.shared.db.write().unwrap_or_else(|p| p.into_inner()) = None;
                 self.shared.stats_mut().last_error = Some(f.message.clone());
                 self.shared.stats_mut().commit_errors_total += 1;
+                self.last_failure = Some(f.clone());
                 self.fail(batch, f);
             }
         }
@@ -381,11 +387,14 @@ impl Writer {
             // 1. Acks: advance cursors, then delete what every consumer has acked.
             let mut new_cursors = self.cursors.clone();
             for (consumer, seg, _) in &batch.acks {
-                if let Some(c) = new_cursors.get_mut(consumer) {
-                    if *seg > *c && *seg < meta.next_segment_id {
-                        *c = *seg;
-                        cursors.insert(consumer.as_str(), *seg).map_err(fail_storage)?;
-                    }
+                if let Some(c) = new_cursors.get_mut(consumer)
+                    && *seg > *c
+                    && *seg < meta.next_segment_id
+                {
+                    *c = *seg;
+                    cursors
+                        .insert(consumer.as_str(), *seg)
+                        .map_err(fail_storage)?;
                 }
             }
             if let Some(&floor) = new_cursors.values().min() {
@@ -490,7 +499,11 @@ impl Writer {
                         .max_by_key(|(_, i)| batch.appends[**i].0.len())
                     {
                         let i = order.remove(pos);
-                        let bytes = batch.appends[i].0.iter().map(|r| r.encoded_len() as u64).sum();
+                        let bytes = batch.appends[i]
+                            .0
+                            .iter()
+                            .map(|r| r.encoded_len() as u64)
+                            .sum();
                         rejected.push((
                             i,
                             AppendError::TooLarge {
@@ -613,10 +626,11 @@ impl Writer {
         let elapsed = started.elapsed();
         let newest_seg = meta.next_segment_id - 1;
         for (consumer, seg, _) in &batch.acks {
-            if let Some(c) = self.cursors.get_mut(consumer) {
-                if *seg > *c && *seg <= newest_seg {
-                    *c = *seg;
-                }
+            if let Some(c) = self.cursors.get_mut(consumer)
+                && *seg > *c
+                && *seg <= newest_seg
+            {
+                *c = *seg;
             }
         }
         self.meta = meta;
@@ -643,14 +657,12 @@ impl Writer {
         }
         self.publish_stats(Some((elapsed, &out)));
 
-        let mut slots: Vec<Option<(Vec<Reading>, Reply<Result<AppendReceipt, AppendError>>)>> =
-            batch.appends.into_iter().map(Some).collect();
+        let mut slots: Vec<Option<AppendReq>> = batch.appends.into_iter().map(Some).collect();
         for (i, mut err) in rejected {
             if let Some((readings, reply)) = slots[i].take() {
                 match &mut err {
-                    AppendError::Full { readings: r, .. } | AppendError::TooLarge { readings: r, .. } => {
-                        *r = readings
-                    }
+                    AppendError::Full { readings: r, .. }
+                    | AppendError::TooLarge { readings: r, .. } => *r = readings,
                     _ => {}
                 }
                 let _ = reply.send(Err(err));
@@ -703,7 +715,8 @@ impl Writer {
         metrics::gauge!("ferry_buffer_max_bytes").set(self.shared.opts.max_bytes as f64);
         if let Some((elapsed, out)) = commit {
             metrics::counter!("ferry_buffer_commits_total").increment(1);
-            metrics::histogram!("ferry_buffer_commit_duration_seconds").record(elapsed.as_secs_f64());
+            metrics::histogram!("ferry_buffer_commit_duration_seconds")
+                .record(elapsed.as_secs_f64());
             metrics::histogram!("ferry_buffer_readings_per_commit").record(out.appended as f64);
             metrics::counter!("ferry_buffer_readings_appended_total").increment(out.appended);
             metrics::counter!("ferry_buffer_readings_acked_total").increment(out.acked_readings);
@@ -715,7 +728,8 @@ impl Writer {
                 ("dead_letter_evicted", out.dropped_dead),
             ] {
                 if n > 0 {
-                    metrics::counter!("ferry_readings_dropped_total", "reason" => reason).increment(n);
+                    metrics::counter!("ferry_readings_dropped_total", "reason" => reason)
+                        .increment(n);
                 }
             }
         }
@@ -834,7 +848,9 @@ fn evict_dead(
 }
 
 /// Decodes a dead-letter value (see the writer for the layout).
-pub(crate) fn decode_dead(value: &[u8]) -> Result<(u64, String, String, Reading), segment::DecodeError> {
+pub(crate) fn decode_dead(
+    value: &[u8],
+) -> Result<(u64, String, String, Reading), segment::DecodeError> {
     let whole = bytes::Bytes::copy_from_slice(value);
     let mut c = Cursor::new(&whole);
     let at = c.u64("dead_at_ms")?;

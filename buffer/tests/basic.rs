@@ -1,0 +1,347 @@
+//! Behaviour of the public buffer API on a real file.
+
+mod common;
+
+use common::{opts, reading};
+use ferry_buffer::{AppendError, Buffer, Compression, Inspector, WhenFull};
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+#[tokio::test]
+async fn append_read_ack_and_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let buf = Buffer::open(dir.path(), opts(&["kafka"])).unwrap();
+    let r1 = buf
+        .append((0..10).map(|i| reading(i, 80)).collect())
+        .await
+        .unwrap();
+    assert_eq!((r1.first_id, r1.last_id, r1.count), (1, 10, 10));
+    let r2 = buf.append(vec![reading(10, 80)]).await.unwrap();
+    assert_eq!(r2.first_id, 11);
+    assert!(r2.segment > r1.segment);
+
+    let mut rd = buf.reader("kafka").unwrap();
+    let segs = rd.next(10).await.unwrap();
+    let ids: Vec<u64> = segs
+        .iter()
+        .flat_map(|s| s.readings.iter().map(|r| r.id))
+        .collect();
+    assert_eq!(ids, (1..=11).collect::<Vec<_>>());
+    assert_eq!(segs[0].readings[3].payload, reading(3, 80).payload);
+    rd.ack(segs[0].id).await.unwrap();
+    let st = buf.stats();
+    assert_eq!((st.readings, st.segments, st.acked_total), (1, 1, 10));
+    buf.close().await;
+    assert!(matches!(
+        buf.append(vec![reading(0, 10)]).await,
+        Err(AppendError::Closed { readings }) if readings.len() == 1
+    ));
+
+    // Reopen: the acked segment is gone, the other one is read again, ids keep growing.
+    let buf = Buffer::open(dir.path(), opts(&["kafka"])).unwrap();
+    let mut rd = buf.reader("kafka").unwrap();
+    let segs = rd.next(10).await.unwrap();
+    assert_eq!(segs.len(), 1);
+    assert_eq!(segs[0].readings[0].id, 11);
+    let r3 = buf.append(vec![reading(1, 10)]).await.unwrap();
+    assert_eq!(r3.first_id, 12);
+    buf.close().await;
+
+    let ins = Inspector::open(dir.path()).unwrap();
+    let st = ins.stats().unwrap();
+    assert_eq!((st.readings, st.segments, st.next_reading_id), (2, 2, 13));
+    assert!(ins.verify().unwrap().problems.is_empty());
+}
+
+#[tokio::test]
+async fn a_segment_is_deleted_only_when_every_consumer_acked_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let buf = Buffer::open(dir.path(), opts(&["kafka", "mqtt"])).unwrap();
+    buf.append((0..5).map(|i| reading(i, 50)).collect())
+        .await
+        .unwrap();
+    let mut k = buf.reader("kafka").unwrap();
+    let mut m = buf.reader("mqtt").unwrap();
+    let seg = k.next(1).await.unwrap()[0].id;
+    k.ack(seg).await.unwrap();
+    assert_eq!(buf.stats().readings, 5, "mqtt has not acked yet");
+    assert_eq!(buf.lag("kafka").await.unwrap().readings, 0);
+    assert_eq!(buf.lag("mqtt").await.unwrap().readings, 5);
+    assert_eq!(m.next(1).await.unwrap()[0].id, seg);
+    m.ack(seg).await.unwrap();
+    assert_eq!(buf.stats().readings, 0);
+    assert!(buf.reader("nobody").is_err());
+}
+
+#[tokio::test]
+async fn rewind_reads_unacked_segments_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let buf = Buffer::open(dir.path(), opts(&["k"])).unwrap();
+    for i in 0..3 {
+        buf.append(vec![reading(i, 40)]).await.unwrap();
+    }
+    let mut rd = buf.reader("k").unwrap();
+    let a = rd.next(10).await.unwrap();
+    assert_eq!(a.len(), 3);
+    rd.ack(a[0].id).await.unwrap();
+    assert!(rd.try_next(10).await.unwrap().is_empty());
+    rd.rewind();
+    let b = rd.next(10).await.unwrap();
+    assert_eq!(
+        b.iter().map(|s| s.id).collect::<Vec<_>>(),
+        vec![a[1].id, a[2].id]
+    );
+}
+
+#[tokio::test]
+async fn concurrent_appenders_share_commits() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut o = opts(&["k"]);
+    o.flush_interval = Duration::from_millis(20);
+    let buf = Buffer::open(dir.path(), o).unwrap();
+    let mut tasks = Vec::new();
+    for t in 0..64 {
+        let buf = buf.clone();
+        tasks.push(tokio::spawn(async move {
+            buf.append(vec![reading(t, 100)]).await.unwrap()
+        }));
+    }
+    let mut ids = BTreeSet::new();
+    for t in tasks {
+        ids.insert(t.await.unwrap().first_id);
+    }
+    assert_eq!(ids.len(), 64, "every append got its own id");
+    let st = buf.stats();
+    assert_eq!(st.appended_total, 64);
+    assert!(
+        st.commits_total < 16,
+        "64 concurrent appends took {} commits; group commit is not grouping",
+        st.commits_total
+    );
+}
+
+#[tokio::test]
+async fn reject_mode_hands_readings_back_and_accepts_again_after_acks() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut o = opts(&["k"]);
+    o.max_bytes = 1 << 20;
+    o.max_batch_bytes = 64 << 10;
+    o.when_full = WhenFull::Reject;
+    let buf = Buffer::open(dir.path(), o).unwrap();
+    let mut accepted = 0u64;
+    let refused = loop {
+        match buf
+            .append((0..100).map(|i| reading(i, 1000)).collect())
+            .await
+        {
+            Ok(r) => accepted += r.count as u64,
+            Err(e) => break e,
+        }
+    };
+    let AppendError::Full {
+        readings,
+        used,
+        max,
+    } = refused
+    else {
+        panic!("expected Full, got {refused:?}")
+    };
+    assert_eq!(readings.len(), 100, "the refused readings come back");
+    assert!(used <= max);
+    let st = buf.stats();
+    assert_eq!(st.readings, accepted);
+    assert!(st.used_bytes() <= 1 << 20);
+    assert_eq!(st.rejected_full_total, 100);
+    assert_eq!(st.dropped_full_total, 0, "reject mode never drops");
+    // Ack everything: space frees and appends succeed again.
+    let mut rd = buf.reader("k").unwrap();
+    let mut last = 0;
+    loop {
+        let s = rd.try_next(1000).await.unwrap();
+        let Some(l) = s.last() else { break };
+        last = l.id;
+    }
+    rd.ack(last).await.unwrap();
+    buf.append(readings).await.unwrap();
+}
+
+#[tokio::test]
+async fn drop_oldest_evicts_whole_segments_and_counts_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut o = opts(&["k"]);
+    o.max_bytes = 1 << 20;
+    o.max_batch_bytes = 64 << 10;
+    let buf = Buffer::open(dir.path(), o).unwrap();
+    let mut total = 0u64;
+    for _ in 0..40 {
+        total += buf
+            .append((0..50).map(|i| reading(i, 1000)).collect())
+            .await
+            .unwrap()
+            .count as u64;
+    }
+    let st = buf.stats();
+    assert!(st.used_bytes() <= 1 << 20);
+    assert!(st.dropped_full_total > 0);
+    assert_eq!(
+        st.readings + st.dropped_full_total,
+        total,
+        "every reading is buffered or counted"
+    );
+    // What remains is the newest, contiguous by id.
+    let mut rd = buf.reader("k").unwrap();
+    let mut ids = Vec::new();
+    loop {
+        let s = rd.try_next(1000).await.unwrap();
+        if s.is_empty() {
+            break;
+        }
+        ids.extend(s.iter().flat_map(|s| s.readings.iter().map(|r| r.id)));
+    }
+    assert_eq!(*ids.last().unwrap(), total);
+    assert!(ids.windows(2).all(|w| w[1] == w[0] + 1));
+}
+
+#[tokio::test]
+async fn ttl_drops_old_readings_and_counts_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut o = opts(&["k"]);
+    o.max_age = Some(Duration::from_secs(60));
+    let buf = Buffer::open(dir.path(), o).unwrap();
+    let mut old = reading(1, 20);
+    old.received_at_ms -= 3_600_000;
+    buf.append(vec![old]).await.unwrap();
+    // The next commit sweeps the expired segment before writing its own.
+    buf.append(vec![reading(2, 20)]).await.unwrap();
+    let st = buf.stats();
+    assert_eq!(st.dropped_ttl_total, 1);
+    assert_eq!(st.readings, 1);
+}
+
+#[tokio::test]
+async fn dead_letters_can_be_listed_and_requeued_with_their_ids() {
+    let dir = tempfile::tempdir().unwrap();
+    let buf = Buffer::open(dir.path(), opts(&["k"])).unwrap();
+    buf.append((0..3).map(|i| reading(i, 30)).collect())
+        .await
+        .unwrap();
+    let mut rd = buf.reader("k").unwrap();
+    let seg = rd.next(1).await.unwrap().remove(0);
+    let bad = seg.readings[1].clone();
+    rd.dead_letter(vec![(bad.clone(), "MSG_SIZE_TOO_LARGE".into())])
+        .await
+        .unwrap();
+    rd.ack(seg.id).await.unwrap();
+    let st = buf.stats();
+    assert_eq!((st.readings, st.dead_letters), (0, 1));
+    let dl = buf.dead_letters(0, 10).await.unwrap();
+    assert_eq!(dl.len(), 1);
+    assert_eq!(dl[0].reason, "MSG_SIZE_TOO_LARGE");
+    assert_eq!(dl[0].consumer, "k");
+    assert_eq!(dl[0].reading.payload, bad.payload);
+    assert_eq!(buf.requeue(None).await.unwrap(), 1);
+    let again = rd.next(1).await.unwrap().remove(0);
+    assert_eq!(again.readings.len(), 1);
+    assert_eq!(
+        again.readings[0].id, bad.id,
+        "a requeued reading keeps its id"
+    );
+    assert_eq!(buf.stats().dead_letters, 0);
+}
+
+#[tokio::test]
+async fn gzip_segments_are_smaller_and_read_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut o = opts(&["k"]);
+    o.compression = Compression::Gzip { level: 3 };
+    let buf = Buffer::open(dir.path(), o).unwrap();
+    let rs: Vec<_> = (0..500).map(|i| reading(i, 100)).collect();
+    buf.append(rs.clone()).await.unwrap();
+    let st = buf.stats();
+    assert!(st.stored_bytes_total * 3 < st.raw_bytes_total, "{st:?}");
+    let got = buf.reader("k").unwrap().next(10).await.unwrap();
+    let payloads: Vec<_> = got
+        .iter()
+        .flat_map(|s| s.readings.iter().map(|r| r.payload.clone()))
+        .collect();
+    assert_eq!(
+        payloads,
+        rs.iter().map(|r| r.payload.clone()).collect::<Vec<_>>()
+    );
+}
+
+#[tokio::test]
+async fn a_corrupt_file_is_quarantined_and_a_fresh_buffer_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let buf = Buffer::open(dir.path(), opts(&["k"])).unwrap();
+        buf.append(vec![reading(1, 10)]).await.unwrap();
+        buf.close().await;
+    }
+    let path = dir.path().join(ferry_buffer::FILE_NAME);
+    let mut bytes = std::fs::read(&path).unwrap();
+    for b in bytes.iter_mut().take(4096) {
+        *b = 0xAB;
+    }
+    std::fs::write(&path, &bytes).unwrap();
+    let buf = Buffer::open(dir.path(), opts(&["k"])).unwrap();
+    let st = buf.stats();
+    assert_eq!(st.quarantined.len(), 1, "{st:?}");
+    assert!(st.quarantined[0].starts_with(dir.path().join("quarantine")));
+    assert_eq!(
+        std::fs::read(&st.quarantined[0]).unwrap(),
+        bytes,
+        "moved aside untouched"
+    );
+    assert_eq!(st.readings, 0);
+    buf.append(vec![reading(2, 10)]).await.unwrap();
+    buf.close().await;
+    // The flag survives a restart.
+    let buf = Buffer::open(dir.path(), opts(&["k"])).unwrap();
+    assert_eq!(buf.stats().quarantined.len(), 1);
+    assert_eq!(buf.stats().readings, 1);
+}
+
+#[tokio::test]
+async fn a_truncated_file_is_quarantined() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let buf = Buffer::open(dir.path(), opts(&["k"])).unwrap();
+        buf.append((0..100).map(|i| reading(i, 100)).collect())
+            .await
+            .unwrap();
+        buf.close().await;
+    }
+    let path = dir.path().join(ferry_buffer::FILE_NAME);
+    let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    f.set_len(100).unwrap();
+    drop(f);
+    let buf = Buffer::open(dir.path(), opts(&["k"])).unwrap();
+    assert_eq!(buf.stats().quarantined.len(), 1);
+}
+
+#[tokio::test]
+async fn a_second_writer_is_refused_but_inspection_works_while_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let buf = Buffer::open(dir.path(), opts(&["k"])).unwrap();
+    buf.append(vec![reading(1, 10)]).await.unwrap();
+    let err = Buffer::open(dir.path(), opts(&["k"])).unwrap_err();
+    assert!(
+        matches!(err, ferry_buffer::OpenError::InUse { .. }),
+        "{err}"
+    );
+    let ins = Inspector::open(dir.path()).unwrap();
+    assert_eq!(ins.stats().unwrap().readings, 1);
+    assert_eq!(ins.lag("k").unwrap().readings, 1);
+}
+
+#[cfg(unix)]
+#[tokio::test]
+async fn the_data_dir_is_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let _buf = Buffer::open(&data, opts(&["k"])).unwrap();
+    let mode = std::fs::metadata(&data).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o700);
+}

@@ -1,0 +1,97 @@
+//! Named default values of the configuration tree.
+
+use std::net::SocketAddr;
+
+/// One mebibyte.
+pub const MIB: u64 = 1024 * 1024;
+
+/// `gateway.id` when `/etc/hostname` is missing or not a valid id.
+pub const GATEWAY_ID: &str = "ferry";
+/// File the default `gateway.id` is read from.
+pub const HOSTNAME_FILE: &str = "/etc/hostname";
+/// `gateway.data_dir`.
+pub const DATA_DIR: &str = "./ferry-data";
+/// `gateway.shutdown_grace_ms`.
+pub const SHUTDOWN_GRACE_MS: u64 = 10_000;
+/// `gateway.log_level`.
+pub const LOG_LEVEL: &str = "info";
+
+/// `buffer.max_bytes`.
+pub const BUFFER_MAX_BYTES: u64 = 512 * MIB;
+/// Smallest allowed `buffer.max_bytes`.
+pub const BUFFER_MIN_MAX_BYTES: u64 = MIB;
+/// `buffer.flush_interval_ms`.
+pub const FLUSH_INTERVAL_MS: u64 = 5;
+/// `buffer.max_batch_readings` and `http.max_batch_readings`.
+pub const MAX_BATCH_READINGS: usize = 10_000;
+/// `buffer.max_batch_bytes`.
+pub const BUFFER_MAX_BATCH_BYTES: u64 = MIB;
+/// `buffer.compression_level`.
+pub const COMPRESSION_LEVEL: u32 = 3;
+/// `buffer.cache_bytes`.
+pub const BUFFER_CACHE_BYTES: u64 = 8 * MIB;
+
+/// `mqtt.listen`.
+pub const MQTT_LISTEN: &str = "0.0.0.0:1883";
+/// `mqtt.tls.listen`.
+pub const MQTT_TLS_LISTEN: &str = "0.0.0.0:8883";
+/// `mqtt.max_connections` and `http.max_connections`.
+pub const MAX_CONNECTIONS: usize = 1024;
+/// `mqtt.connect_timeout_ms`.
+pub const CONNECT_TIMEOUT_MS: u64 = 10_000;
+/// `mqtt.max_payload_bytes`.
+pub const MQTT_MAX_PAYLOAD_BYTES: usize = 262_144;
+/// `mqtt.max_inflight` and `uplink.mqtt.max_inflight`.
+pub const MAX_INFLIGHT: u16 = 64;
+/// `mqtt.full_ack_wait_ms`.
+pub const FULL_ACK_WAIT_MS: u64 = 30_000;
+
+/// `http.listen`.
+pub const HTTP_LISTEN: &str = "0.0.0.0:8080";
+/// `http.max_body_bytes`.
+pub const HTTP_MAX_BODY_BYTES: u64 = MIB;
+/// `http.max_decompressed_bytes`.
+pub const HTTP_MAX_DECOMPRESSED_BYTES: u64 = 8 * MIB;
+/// `http.header_timeout_ms`.
+pub const HEADER_TIMEOUT_MS: u64 = 10_000;
+/// `http.body_timeout_ms`.
+pub const BODY_TIMEOUT_MS: u64 = 30_000;
+/// `http.retry_after_secs`.
+pub const RETRY_AFTER_SECS: u64 = 5;
+
+/// `uplink.kafka.brokers`.
+pub const KAFKA_BROKERS: &str = "localhost:9092";
+/// `uplink.kafka.topic`.
+pub const KAFKA_TOPIC: &str = "ferry.readings";
+/// `uplink.kafka.message_timeout_ms`.
+pub const MESSAGE_TIMEOUT_MS: u64 = 30_000;
+/// `uplink.kafka.max_inflight_segments`.
+pub const MAX_INFLIGHT_SEGMENTS: usize = 8;
+/// `uplink.*.initial_backoff_ms`.
+pub const INITIAL_BACKOFF_MS: u64 = 500;
+/// `uplink.*.max_backoff_ms`.
+pub const MAX_BACKOFF_MS: u64 = 60_000;
+
+/// `uplink.mqtt.url`.
+pub const MQTT_UPLINK_URL: &str = "mqtt://localhost:1883";
+/// `uplink.mqtt.keep_alive_secs`.
+pub const KEEP_ALIVE_SECS: u64 = 30;
+
+/// `status.stalled_after_secs`.
+pub const STALLED_AFTER_SECS: u64 = 60;
+/// `status.max_devices`.
+pub const MAX_DEVICES: usize = 1000;
+
+/// The default `gateway.id`: the trimmed contents of `/etc/hostname` when that is a valid
+/// gateway id, else `"ferry"`.
+pub fn gateway_id() -> String {
+    std::fs::read_to_string(HOSTNAME_FILE)
+        .ok()
+        .map(|s| s.trim().to_owned())
+        .filter(|s| crate::validate::check_gateway_id(s).is_ok())
+        .unwrap_or_else(|| GATEWAY_ID.to_owned())
+}
+
+pub(crate) fn socket_addr(s: &str) -> SocketAddr {
+    s.parse().expect("default socket addresses are valid")
+}

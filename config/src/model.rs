@@ -1,0 +1,793 @@
+//! The typed configuration tree. The `///` comment on every field is the user documentation.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::defaults;
+
+/// A secret string (password, token). Its `Debug` output is `***`, so it never ends up in logs.
+///
+/// It deserializes from and serializes to a plain TOML string; use [`Secret::expose`] to read it.
+#[derive(Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret value.
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+
+    /// The secret value. Call this only where the value is really needed (authentication).
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+impl From<&str> for Secret {
+    fn from(value: &str) -> Self {
+        Secret(value.to_owned())
+    }
+}
+
+impl From<String> for Secret {
+    fn from(value: String) -> Self {
+        Secret(value)
+    }
+}
+
+/// The whole configuration of one ferry gateway.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Identity, storage location, shutdown and logging of this gateway.
+    pub gateway: GatewaySettings,
+    /// The crash-safe on-disk buffer between the listeners and the uplinks.
+    pub buffer: BufferSettings,
+    /// The MQTT listener devices publish to.
+    pub mqtt: MqttSettings,
+    /// The HTTP ingestion endpoint devices POST readings to.
+    pub http: HttpSettings,
+    /// Where buffered readings are forwarded to.
+    pub uplink: Uplinks,
+    /// The status and metrics endpoint.
+    pub status: StatusSettings,
+}
+
+impl Config {
+    /// The MQTT client id used by the MQTT uplink: `uplink.mqtt.client_id`, or
+    /// `ferry-<gateway.id>` when it is not set.
+    pub fn uplink_mqtt_client_id(&self) -> String {
+        match &self.uplink.mqtt.client_id {
+            Some(id) => id.clone(),
+            None => format!("ferry-{}", self.gateway.id),
+        }
+    }
+}
+
+/// `[gateway]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GatewaySettings {
+    /// Identifier of this gateway, attached to every forwarded reading. 1 to 64 characters of
+    /// `A-Z a-z 0-9 . _ -`. Default: the contents of `/etc/hostname` (if that is a valid id),
+    /// else `"ferry"`.
+    pub id: String,
+    /// Directory holding the buffer database. Created if missing. Default: `"./ferry-data"`.
+    pub data_dir: PathBuf,
+    /// On shutdown, how long listeners, in-flight acks, the buffer commit and the uplink flush
+    /// may take in total before the remaining tasks are aborted. Default: 10000.
+    pub shutdown_grace_ms: u64,
+    /// Log output format: `"text"` or `"json"`. Default: `"text"`.
+    pub log_format: LogFormat,
+    /// Log filter in `tracing` env-filter syntax, e.g. `"info"` or `"info,ferry_uplink=debug"`.
+    /// The `FERRY_LOG` environment variable takes precedence. Default: `"info"`.
+    pub log_level: String,
+}
+
+impl Default for GatewaySettings {
+    fn default() -> Self {
+        GatewaySettings {
+            id: defaults::gateway_id(),
+            data_dir: PathBuf::from(defaults::DATA_DIR),
+            shutdown_grace_ms: defaults::SHUTDOWN_GRACE_MS,
+            log_format: LogFormat::Text,
+            log_level: defaults::LOG_LEVEL.to_owned(),
+        }
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `[buffer]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BufferSettings {
+    /// Upper bound on the bytes of stored (compressed) readings. At least 1 MiB and at least
+    /// 4 × `max_batch_bytes`. Default: 536870912 (512 MiB).
+    pub max_bytes: u64,
+    /// What happens when new readings would exceed `max_bytes`: `"drop_oldest"` deletes the
+    /// oldest unforwarded readings, `"reject"` refuses the new readings (see
+    /// `mqtt.full_ack_wait_ms` and `http.retry_after_secs`). Default: `"drop_oldest"`.
+    pub when_full: WhenFull,
+    /// How long incoming readings are collected before one commit (group commit). 0 commits
+    /// every batch as it arrives. Default: 5.
+    pub flush_interval_ms: u64,
+    /// Maximum number of readings in one stored segment / one commit. At least 1. Default: 10000.
+    pub max_batch_readings: usize,
+    /// Maximum uncompressed bytes in one stored segment / one commit. Default: 1048576 (1 MiB).
+    pub max_batch_bytes: u64,
+    /// Compression of stored segments: `"gzip"` or `"none"`. Default: `"gzip"`.
+    pub compression: Compression,
+    /// Gzip level, 0 (fastest) to 9 (smallest). Default: 3.
+    pub compression_level: u32,
+    /// Readings older than this many seconds are dropped instead of forwarded. 0 keeps readings
+    /// until they are forwarded (no TTL). Default: 0.
+    pub max_age_secs: u64,
+    /// Size of the redb page cache in bytes. Default: 8388608 (8 MiB).
+    pub cache_bytes: u64,
+}
+
+impl Default for BufferSettings {
+    fn default() -> Self {
+        BufferSettings {
+            max_bytes: defaults::BUFFER_MAX_BYTES,
+            when_full: WhenFull::DropOldest,
+            flush_interval_ms: defaults::FLUSH_INTERVAL_MS,
+            max_batch_readings: defaults::MAX_BATCH_READINGS,
+            max_batch_bytes: defaults::BUFFER_MAX_BATCH_BYTES,
+            compression: Compression::Gzip,
+            compression_level: defaults::COMPRESSION_LEVEL,
+            max_age_secs: 0,
+            cache_bytes: defaults::BUFFER_CACHE_BYTES,
+        }
+    }
+}
+
+/// Behaviour of a full buffer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WhenFull {
+    /// Delete the oldest unforwarded readings to make room.
+    #[default]
+    DropOldest,
+    /// Refuse new readings until there is room.
+    Reject,
+}
+
+/// Compression of stored buffer segments.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Compression {
+    /// gzip at `buffer.compression_level`.
+    #[default]
+    Gzip,
+    /// Stored as is.
+    None,
+}
+
+/// `[mqtt]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MqttSettings {
+    /// Whether the MQTT listener runs. Default: true.
+    pub enabled: bool,
+    /// Address of the plain-TCP MQTT listener. Default: `"0.0.0.0:1883"`.
+    pub listen: SocketAddr,
+    /// Maximum number of simultaneous client connections (plain and TLS together). Default: 1024.
+    pub max_connections: usize,
+    /// Time a new connection has to send its CONNECT packet (and finish the TLS handshake).
+    /// Default: 10000.
+    pub connect_timeout_ms: u64,
+    /// Largest accepted PUBLISH payload; larger packets close the connection. Default: 262144.
+    pub max_payload_bytes: usize,
+    /// Maximum unacknowledged QoS 1 publishes per client, 1 to 65535. Sent to v5 clients as
+    /// Receive Maximum. Default: 64.
+    pub max_inflight: u16,
+    /// Whether clients may connect without a username. Must be true when `users` is empty.
+    /// Default: true.
+    pub allow_anonymous: bool,
+    /// 0-based level of the PUBLISH topic used as the device id (e.g. 1 for
+    /// `sensors/<device>/temp`). Not set: the MQTT client id is the device id. Default: not set.
+    pub device_from_topic_level: Option<usize>,
+    /// With `buffer.when_full = "reject"`, how long the PUBACK to a v3.1.1 client is withheld
+    /// while the buffer is full before the connection is closed. Default: 30000.
+    pub full_ack_wait_ms: u64,
+    /// Accounts allowed to connect (`[[mqtt.users]]`).
+    pub users: Vec<MqttUser>,
+    /// TLS listener (`[mqtt.tls]`). Not set: no TLS listener.
+    pub tls: Option<MqttTls>,
+}
+
+impl Default for MqttSettings {
+    fn default() -> Self {
+        MqttSettings {
+            enabled: true,
+            listen: defaults::socket_addr(defaults::MQTT_LISTEN),
+            max_connections: defaults::MAX_CONNECTIONS,
+            connect_timeout_ms: defaults::CONNECT_TIMEOUT_MS,
+            max_payload_bytes: defaults::MQTT_MAX_PAYLOAD_BYTES,
+            max_inflight: defaults::MAX_INFLIGHT,
+            allow_anonymous: true,
+            device_from_topic_level: None,
+            full_ack_wait_ms: defaults::FULL_ACK_WAIT_MS,
+            users: Vec::new(),
+            tls: None,
+        }
+    }
+}
+
+/// `[[mqtt.users]]`: one MQTT account. Set exactly one of `password` and `password_hash`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MqttUser {
+    /// The MQTT username. Required, unique.
+    pub username: String,
+    /// The password in clear text.
+    pub password: Option<Secret>,
+    /// The password as an argon2 PHC string (`"$argon2id$v=19$..."`).
+    pub password_hash: Option<String>,
+}
+
+/// `[mqtt.tls]`: the MQTT-over-TLS listener.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MqttTls {
+    /// Address of the TLS listener. Default: `"0.0.0.0:8883"`.
+    pub listen: SocketAddr,
+    /// PEM file with the server certificate chain. Required.
+    pub cert_path: PathBuf,
+    /// PEM file with the server private key. Required.
+    pub key_path: PathBuf,
+    /// PEM file with the CA certificates client certificates are verified against. Required
+    /// when `require_client_cert` or `device_from_cert_cn` is true.
+    pub client_ca_path: Option<PathBuf>,
+    /// Whether clients must present a certificate signed by `client_ca_path`. Default: false.
+    pub require_client_cert: bool,
+    /// Whether the client certificate's Common Name is used as the device id (takes precedence
+    /// over `mqtt.device_from_topic_level`). Default: false.
+    pub device_from_cert_cn: bool,
+}
+
+impl Default for MqttTls {
+    fn default() -> Self {
+        MqttTls {
+            listen: defaults::socket_addr(defaults::MQTT_TLS_LISTEN),
+            cert_path: PathBuf::new(),
+            key_path: PathBuf::new(),
+            client_ca_path: None,
+            require_client_cert: false,
+            device_from_cert_cn: false,
+        }
+    }
+}
+
+/// `[http]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpSettings {
+    /// Whether the HTTP listener runs. Default: true.
+    pub enabled: bool,
+    /// Address of the HTTP listener (HTTPS when `[http.tls]` is set). Default: `"0.0.0.0:8080"`.
+    pub listen: SocketAddr,
+    /// Largest accepted request body as sent on the wire (possibly compressed); larger requests
+    /// get 413. Default: 1048576 (1 MiB).
+    pub max_body_bytes: u64,
+    /// Largest request body after decompression (`Content-Encoding: gzip`); at least
+    /// `max_body_bytes`. Default: 8388608 (8 MiB).
+    pub max_decompressed_bytes: u64,
+    /// Largest number of readings in one request. At least 1. Default: 10000.
+    pub max_batch_readings: usize,
+    /// Maximum number of simultaneous connections. Default: 1024.
+    pub max_connections: usize,
+    /// Time a client has to send the request headers. Default: 10000.
+    pub header_timeout_ms: u64,
+    /// Time a client has to send the whole request body. Default: 30000.
+    pub body_timeout_ms: u64,
+    /// Value of the `Retry-After` header sent when a request is refused because the buffer is
+    /// full or the gateway is shutting down. Default: 5.
+    pub retry_after_secs: u64,
+    /// Bearer tokens accepted in `Authorization: Bearer <token>` (`[[http.tokens]]`). When empty,
+    /// requests need no token.
+    pub tokens: Vec<HttpToken>,
+    /// Serve HTTPS instead of HTTP (`[http.tls]`). Not set: plain HTTP.
+    pub tls: Option<HttpTls>,
+}
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        HttpSettings {
+            enabled: true,
+            listen: defaults::socket_addr(defaults::HTTP_LISTEN),
+            max_body_bytes: defaults::HTTP_MAX_BODY_BYTES,
+            max_decompressed_bytes: defaults::HTTP_MAX_DECOMPRESSED_BYTES,
+            max_batch_readings: defaults::MAX_BATCH_READINGS,
+            max_connections: defaults::MAX_CONNECTIONS,
+            header_timeout_ms: defaults::HEADER_TIMEOUT_MS,
+            body_timeout_ms: defaults::BODY_TIMEOUT_MS,
+            retry_after_secs: defaults::RETRY_AFTER_SECS,
+            tokens: Vec::new(),
+            tls: None,
+        }
+    }
+}
+
+/// `[[http.tokens]]`: one accepted bearer token.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpToken {
+    /// The token. Required, non-empty, unique.
+    pub token: Secret,
+    /// If set, the token may only submit readings for this device id.
+    pub device: Option<String>,
+    /// Label for this token in logs and metrics (the token itself is never logged).
+    pub name: Option<String>,
+}
+
+/// `[http.tls]`: serve HTTPS.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpTls {
+    /// PEM file with the server certificate chain. Required.
+    pub cert_path: PathBuf,
+    /// PEM file with the server private key. Required.
+    pub key_path: PathBuf,
+}
+
+/// `[uplink]`: where readings are forwarded.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Uplinks {
+    /// Forward to Kafka (`[uplink.kafka]`).
+    pub kafka: KafkaUplink,
+    /// Forward to an upstream MQTT broker (`[uplink.mqtt]`).
+    pub mqtt: MqttUplink,
+}
+
+/// `[uplink.kafka]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaUplink {
+    /// Whether readings are forwarded to Kafka. Default: true.
+    pub enabled: bool,
+    /// Comma-separated bootstrap brokers, each `host:port`. Default: `"localhost:9092"`.
+    pub brokers: String,
+    /// Topic for readings no route matches. Default: `"ferry.readings"`.
+    pub topic: String,
+    /// Producer compression: `"zstd"`, `"lz4"`, `"gzip"` or `"none"`. Default: `"zstd"`.
+    pub compression: KafkaCompression,
+    /// `"reading"`: one Kafka message per reading. `"segment"`: one message per stored segment
+    /// (a JSON array of readings). Default: `"reading"`.
+    pub delivery: Delivery,
+    /// Message key: `"device"` (device id), `"topic"` (source MQTT topic or HTTP path), `"none"`,
+    /// or `"level:N"` (0-based level N of the source topic). Default: `"device"`.
+    pub key: KeyRule,
+    /// How long the producer retries one message before the segment is retried from the buffer.
+    /// Default: 30000.
+    pub message_timeout_ms: u64,
+    /// Number of segments sent concurrently. At least 1. Default: 8.
+    pub max_inflight_segments: usize,
+    /// First delay after a failed delivery; doubles up to `max_backoff_ms`. Default: 500.
+    pub initial_backoff_ms: u64,
+    /// Longest delay between retries. Default: 60000.
+    pub max_backoff_ms: u64,
+    /// `"plaintext"`, `"ssl"`, `"sasl_plaintext"` or `"sasl_ssl"`. Default: `"plaintext"`.
+    pub security_protocol: SecurityProtocol,
+    /// `"PLAIN"`, `"SCRAM-SHA-256"` or `"SCRAM-SHA-512"`. Required with a `sasl_*` protocol.
+    pub sasl_mechanism: Option<SaslMechanism>,
+    /// SASL username. Required with a `sasl_*` protocol.
+    pub sasl_username: Option<String>,
+    /// SASL password. Required with a `sasl_*` protocol.
+    pub sasl_password: Option<Secret>,
+    /// PEM file with the CA certificates the brokers are verified against (`ssl`, `sasl_ssl`).
+    /// Not set: the system trust store.
+    pub ssl_ca_path: Option<PathBuf>,
+    /// Per-topic routing (`[[uplink.kafka.routes]]`); the first route whose filter matches the
+    /// reading's source topic wins.
+    pub routes: Vec<KafkaRoute>,
+    /// Extra librdkafka producer properties, passed through as is (e.g.
+    /// `"socket.keepalive.enable" = "true"`). They override the settings above.
+    pub librdkafka: BTreeMap<String, String>,
+}
+
+impl Default for KafkaUplink {
+    fn default() -> Self {
+        KafkaUplink {
+            enabled: true,
+            brokers: defaults::KAFKA_BROKERS.to_owned(),
+            topic: defaults::KAFKA_TOPIC.to_owned(),
+            compression: KafkaCompression::Zstd,
+            delivery: Delivery::Reading,
+            key: KeyRule::Device,
+            message_timeout_ms: defaults::MESSAGE_TIMEOUT_MS,
+            max_inflight_segments: defaults::MAX_INFLIGHT_SEGMENTS,
+            initial_backoff_ms: defaults::INITIAL_BACKOFF_MS,
+            max_backoff_ms: defaults::MAX_BACKOFF_MS,
+            security_protocol: SecurityProtocol::Plaintext,
+            sasl_mechanism: None,
+            sasl_username: None,
+            sasl_password: None,
+            ssl_ca_path: None,
+            routes: Vec::new(),
+            librdkafka: BTreeMap::new(),
+        }
+    }
+}
+
+/// `[[uplink.kafka.routes]]`: send readings whose source topic matches `filter` to `topic`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaRoute {
+    /// MQTT topic filter (`+` matches one level, `#` the rest) matched against the reading's
+    /// source topic. Required.
+    pub filter: String,
+    /// Kafka topic for matching readings. Required.
+    pub topic: String,
+    /// Message key for matching readings (same syntax as `uplink.kafka.key`). Not set:
+    /// `uplink.kafka.key`.
+    pub key: Option<KeyRule>,
+}
+
+/// Kafka producer compression codec.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KafkaCompression {
+    /// zstd.
+    #[default]
+    Zstd,
+    /// lz4.
+    Lz4,
+    /// gzip.
+    Gzip,
+    /// No compression.
+    None,
+}
+
+impl KafkaCompression {
+    /// The librdkafka `compression.codec` value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KafkaCompression::Zstd => "zstd",
+            KafkaCompression::Lz4 => "lz4",
+            KafkaCompression::Gzip => "gzip",
+            KafkaCompression::None => "none",
+        }
+    }
+}
+
+/// How readings map to Kafka messages.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Delivery {
+    /// One message per reading.
+    #[default]
+    Reading,
+    /// One message per stored segment.
+    Segment,
+}
+
+/// Kafka `security.protocol`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SecurityProtocol {
+    /// No TLS, no authentication.
+    #[default]
+    Plaintext,
+    /// TLS.
+    Ssl,
+    /// SASL authentication without TLS.
+    SaslPlaintext,
+    /// SASL authentication over TLS.
+    SaslSsl,
+}
+
+impl SecurityProtocol {
+    /// The librdkafka `security.protocol` value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SecurityProtocol::Plaintext => "plaintext",
+            SecurityProtocol::Ssl => "ssl",
+            SecurityProtocol::SaslPlaintext => "sasl_plaintext",
+            SecurityProtocol::SaslSsl => "sasl_ssl",
+        }
+    }
+
+    /// Whether this protocol authenticates with SASL.
+    pub fn is_sasl(self) -> bool {
+        matches!(
+            self,
+            SecurityProtocol::SaslPlaintext | SecurityProtocol::SaslSsl
+        )
+    }
+}
+
+/// Kafka `sasl.mechanism`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SaslMechanism {
+    /// `PLAIN`.
+    #[serde(rename = "PLAIN")]
+    Plain,
+    /// `SCRAM-SHA-256`.
+    #[serde(rename = "SCRAM-SHA-256")]
+    ScramSha256,
+    /// `SCRAM-SHA-512`.
+    #[serde(rename = "SCRAM-SHA-512")]
+    ScramSha512,
+}
+
+impl SaslMechanism {
+    /// The librdkafka `sasl.mechanism` value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SaslMechanism::Plain => "PLAIN",
+            SaslMechanism::ScramSha256 => "SCRAM-SHA-256",
+            SaslMechanism::ScramSha512 => "SCRAM-SHA-512",
+        }
+    }
+}
+
+/// How the Kafka message key is derived from a reading. Written as a string in the config:
+/// `"device"`, `"topic"`, `"none"` or `"level:N"`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum KeyRule {
+    /// The device id.
+    #[default]
+    Device,
+    /// The source topic (MQTT topic, or the HTTP path).
+    Topic,
+    /// No key (round-robin partitioning).
+    None,
+    /// 0-based level N of the source topic (the device id when the topic has fewer levels).
+    Level(usize),
+}
+
+impl fmt::Display for KeyRule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            KeyRule::Device => f.write_str("device"),
+            KeyRule::Topic => f.write_str("topic"),
+            KeyRule::None => f.write_str("none"),
+            KeyRule::Level(n) => write!(f, "level:{n}"),
+        }
+    }
+}
+
+impl FromStr for KeyRule {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "device" => Ok(KeyRule::Device),
+            "topic" => Ok(KeyRule::Topic),
+            "none" => Ok(KeyRule::None),
+            _ => s
+                .strip_prefix("level:")
+                .filter(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|n| n.parse().ok())
+                .map(KeyRule::Level)
+                .ok_or_else(|| {
+                    format!(
+                        "invalid key rule '{s}', expected 'device', 'topic', 'none' or 'level:N'"
+                    )
+                }),
+        }
+    }
+}
+
+impl TryFrom<String> for KeyRule {
+    type Error = String;
+
+    fn try_from(value: String) -> Result<Self, Self::Error> {
+        value.parse()
+    }
+}
+
+impl From<KeyRule> for String {
+    fn from(value: KeyRule) -> Self {
+        value.to_string()
+    }
+}
+
+/// `[uplink.mqtt]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MqttUplink {
+    /// Whether readings are forwarded to an upstream MQTT broker. Default: false.
+    pub enabled: bool,
+    /// Broker address, `mqtt://host[:port]` (default port 1883) or `mqtts://host[:port]`
+    /// (TLS, default port 8883). Default: `"mqtt://localhost:1883"`.
+    pub url: String,
+    /// MQTT protocol version: `"v311"` or `"v5"`. Default: `"v311"`.
+    pub protocol: MqttProtocol,
+    /// Client id. Not set: `"ferry-<gateway.id>"`.
+    pub client_id: Option<String>,
+    /// Username. Not set: connect without credentials.
+    pub username: Option<String>,
+    /// Password (requires `username`).
+    pub password: Option<Secret>,
+    /// MQTT keep-alive interval. Default: 30.
+    pub keep_alive_secs: u64,
+    /// QoS of forwarded publishes: 0 or 1. Default: 1.
+    pub qos: u8,
+    /// Prepended to every forwarded topic (e.g. `"site-7/"`). Not set: no prefix.
+    pub topic_prefix: Option<String>,
+    /// Topic rewrites (`[[uplink.mqtt.rewrites]]`); the first matching rule wins, topics no rule
+    /// matches are forwarded unchanged.
+    pub rewrites: Vec<TopicRewrite>,
+    /// Wrap each payload in a JSON envelope carrying the device id, gateway id and receive time
+    /// (metadata v3.1.1 has no user properties for). Default: false.
+    pub envelope: bool,
+    /// Maximum unacknowledged QoS 1 publishes. At least 1. Default: 64.
+    pub max_inflight: u16,
+    /// PEM file with CA certificates for `mqtts://`. Not set: the system trust store.
+    pub ca_path: Option<PathBuf>,
+    /// PEM client certificate for mutual TLS (requires `client_key_path`).
+    pub client_cert_path: Option<PathBuf>,
+    /// PEM client private key for mutual TLS (requires `client_cert_path`).
+    pub client_key_path: Option<PathBuf>,
+    /// First reconnect delay; doubles up to `max_backoff_ms`. Default: 500.
+    pub initial_backoff_ms: u64,
+    /// Longest reconnect delay. Default: 60000.
+    pub max_backoff_ms: u64,
+}
+
+impl Default for MqttUplink {
+    fn default() -> Self {
+        MqttUplink {
+            enabled: false,
+            url: defaults::MQTT_UPLINK_URL.to_owned(),
+            protocol: MqttProtocol::V311,
+            client_id: None,
+            username: None,
+            password: None,
+            keep_alive_secs: defaults::KEEP_ALIVE_SECS,
+            qos: 1,
+            topic_prefix: None,
+            rewrites: Vec::new(),
+            envelope: false,
+            max_inflight: defaults::MAX_INFLIGHT,
+            ca_path: None,
+            client_cert_path: None,
+            client_key_path: None,
+            initial_backoff_ms: defaults::INITIAL_BACKOFF_MS,
+            max_backoff_ms: defaults::MAX_BACKOFF_MS,
+        }
+    }
+}
+
+impl MqttUplink {
+    /// The parsed `url`. Fails only on a config that does not pass validation.
+    pub fn endpoint(&self) -> Result<MqttEndpoint, String> {
+        MqttEndpoint::parse(&self.url)
+    }
+}
+
+/// A parsed `uplink.mqtt.url`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MqttEndpoint {
+    /// `mqtts://`.
+    pub tls: bool,
+    /// Host name or IP address (without brackets for IPv6).
+    pub host: String,
+    /// Port.
+    pub port: u16,
+}
+
+impl MqttEndpoint {
+    /// Parses `mqtt://host[:port]` or `mqtts://host[:port]`.
+    pub fn parse(url: &str) -> Result<MqttEndpoint, String> {
+        let (tls, rest) = if let Some(rest) = url.strip_prefix("mqtt://") {
+            (false, rest)
+        } else if let Some(rest) = url.strip_prefix("mqtts://") {
+            (true, rest)
+        } else {
+            return Err("must start with 'mqtt://' or 'mqtts://'".into());
+        };
+        let rest = rest.strip_suffix('/').unwrap_or(rest);
+        if rest.contains(['/', '?', '#', '@', ' ']) {
+            return Err("must be scheme://host[:port], without path, query or credentials".into());
+        }
+        let default_port = if tls { 8883 } else { 1883 };
+        let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
+            let (host, after) = v6
+                .split_once(']')
+                .ok_or("unterminated '[' in IPv6 address")?;
+            match after {
+                "" => (host, None),
+                _ => match after.strip_prefix(':') {
+                    Some(p) => (host, Some(p)),
+                    None => return Err("unexpected characters after ']'".into()),
+                },
+            }
+        } else {
+            match rest.split_once(':') {
+                Some((h, p)) => (h, Some(p)),
+                None => (rest, None),
+            }
+        };
+        if host.is_empty() {
+            return Err("host is missing".into());
+        }
+        let port = match port {
+            None => default_port,
+            Some(p) => match p.parse::<u16>() {
+                Ok(p) if p > 0 => p,
+                _ => return Err(format!("invalid port '{p}'")),
+            },
+        };
+        Ok(MqttEndpoint {
+            tls,
+            host: host.to_owned(),
+            port,
+        })
+    }
+}
+
+/// MQTT protocol version of the upstream connection.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MqttProtocol {
+    /// MQTT 3.1.1.
+    #[default]
+    V311,
+    /// MQTT 5.
+    V5,
+}
+
+/// `[[uplink.mqtt.rewrites]]`: rewrite topics matching `filter` to `template`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TopicRewrite {
+    /// MQTT topic filter matched against the source topic. Required.
+    pub filter: String,
+    /// New topic; `{N}` is replaced by what the N-th (1-based) `+` of the filter matched, e.g.
+    /// filter `"sensors/+/+"` and template `"site-7/{2}/{1}"`. Required.
+    pub template: String,
+}
+
+/// `[status]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StatusSettings {
+    /// Separate address for `/status` and `/metrics`. Not set: served on the HTTP listener.
+    pub listen: Option<SocketAddr>,
+    /// Bearer token required for `/status` and `/metrics`. Not set: no token needed.
+    pub token: Option<Secret>,
+    /// A device that sent nothing for this long is reported as stalled. Default: 60.
+    pub stalled_after_secs: u64,
+    /// Maximum number of devices tracked in the status report; the least recently seen are
+    /// forgotten first. Default: 1000.
+    pub max_devices: usize,
+}
+
+impl Default for StatusSettings {
+    fn default() -> Self {
+        StatusSettings {
+            listen: None,
+            token: None,
+            stalled_after_secs: defaults::STALLED_AFTER_SECS,
+            max_devices: defaults::MAX_DEVICES,
+        }
+    }
+}

@@ -1,0 +1,494 @@
+//! `Config::validate`: every rule that types alone cannot express.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::Path;
+
+use crate::defaults::{BUFFER_MIN_MAX_BYTES, MIB};
+use crate::error::{ConfigError, ConfigErrorKind, ConfigErrors};
+use crate::model::*;
+
+/// Checks a gateway id: 1 to 64 characters of `A-Z a-z 0-9 . _ -`.
+pub fn check_gateway_id(id: &str) -> Result<(), String> {
+    if id.is_empty() || id.len() > 64 {
+        return Err(format!("must be 1 to 64 characters long, got {}", id.len()));
+    }
+    if let Some(c) = id
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Err(format!(
+            "invalid character {c:?}; allowed are A-Z, a-z, 0-9, '.', '_' and '-'"
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a Kafka topic name: 1 to 249 characters of `A-Z a-z 0-9 . _ -`, not `.` or `..`.
+pub fn check_kafka_topic(topic: &str) -> Result<(), String> {
+    if topic.is_empty() {
+        return Err("must not be empty".into());
+    }
+    if topic.len() > 249 {
+        return Err(format!(
+            "must be at most 249 characters long, got {}",
+            topic.len()
+        ));
+    }
+    if topic == "." || topic == ".." {
+        return Err(format!("'{topic}' is not a valid Kafka topic name"));
+    }
+    if let Some(c) = topic
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Err(format!(
+            "invalid character {c:?} in Kafka topic name; allowed are A-Z, a-z, 0-9, '.', '_' and '-'"
+        ));
+    }
+    Ok(())
+}
+
+/// Checks an MQTT topic filter: `+` and `#` stand alone in a level, `#` only as the last level.
+/// Returns the number of `+` wildcards.
+pub fn check_topic_filter(filter: &str) -> Result<usize, String> {
+    if filter.is_empty() {
+        return Err("must not be empty".into());
+    }
+    if filter.len() > 65_535 {
+        return Err("must be at most 65535 bytes long".into());
+    }
+    if filter.contains('\0') {
+        return Err("must not contain NUL".into());
+    }
+    let levels: Vec<&str> = filter.split('/').collect();
+    let mut plus = 0;
+    for (i, level) in levels.iter().enumerate() {
+        if level.contains('+') {
+            if *level != "+" {
+                return Err(format!(
+                    "'+' must stand alone in a level (level {i} is '{level}')"
+                ));
+            }
+            plus += 1;
+        }
+        if level.contains('#') {
+            if *level != "#" {
+                return Err(format!(
+                    "'#' must stand alone in a level (level {i} is '{level}')"
+                ));
+            }
+            if i + 1 != levels.len() {
+                return Err("'#' must be the last level".into());
+            }
+        }
+    }
+    Ok(plus)
+}
+
+/// The `{N}` placeholders of a rewrite template, in order.
+pub fn template_placeholders(template: &str) -> Vec<usize> {
+    let mut out = Vec::new();
+    let mut rest = template;
+    while let Some(start) = rest.find('{') {
+        let after = &rest[start + 1..];
+        match after.find('}') {
+            Some(end) if end > 0 && after[..end].bytes().all(|b| b.is_ascii_digit()) => {
+                if let Ok(n) = after[..end].parse() {
+                    out.push(n);
+                }
+                rest = &after[end + 1..];
+            }
+            _ => rest = after,
+        }
+    }
+    out
+}
+
+fn check_host_port(entry: &str) -> Result<(), String> {
+    let (host, port) = entry
+        .rsplit_once(':')
+        .ok_or_else(|| format!("'{entry}' is not host:port"))?;
+    if host.is_empty() || host.contains(char::is_whitespace) {
+        return Err(format!("'{entry}' has no valid host"));
+    }
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => Ok(()),
+        _ => Err(format!("'{entry}' has an invalid port '{port}'")),
+    }
+}
+
+struct Problems(Vec<ConfigError>);
+
+impl Problems {
+    fn invalid(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.0.push(ConfigError::new(
+            ConfigErrorKind::InvalidValue,
+            path,
+            message,
+        ));
+    }
+
+    fn check(&mut self, path: impl Into<String>, result: Result<impl Sized, String>) {
+        if let Err(message) = result {
+            self.invalid(path, message);
+        }
+    }
+
+    fn at_least(&mut self, path: &str, value: u64, min: u64) {
+        if value < min {
+            self.invalid(path, format!("must be at least {min}, got {value}"));
+        }
+    }
+
+    fn path_required(&mut self, path: &str, value: &Path) {
+        if value.as_os_str().is_empty() {
+            self.invalid(path, "is required");
+        }
+    }
+
+    fn non_empty_opt(&mut self, path: &str, value: Option<&str>) {
+        if value == Some("") {
+            self.invalid(path, "must not be empty when set");
+        }
+    }
+}
+
+impl Config {
+    /// Checks every rule of the configuration and returns all problems found.
+    pub fn validate(&self) -> Result<(), ConfigErrors> {
+        let mut p = Problems(Vec::new());
+        self.validate_gateway(&mut p);
+        self.validate_buffer(&mut p);
+        self.validate_mqtt(&mut p);
+        self.validate_http(&mut p);
+        self.validate_kafka(&mut p);
+        self.validate_mqtt_uplink(&mut p);
+        self.validate_status(&mut p);
+        self.validate_listeners(&mut p);
+        ConfigErrors(p.0).into_result()
+    }
+
+    fn validate_gateway(&self, p: &mut Problems) {
+        let g = &self.gateway;
+        p.check("gateway.id", check_gateway_id(&g.id));
+        p.path_required("gateway.data_dir", &g.data_dir);
+        if g.log_level.trim().is_empty() {
+            p.invalid("gateway.log_level", "must not be empty");
+        }
+    }
+
+    fn validate_buffer(&self, p: &mut Problems) {
+        let b = &self.buffer;
+        if b.max_bytes < BUFFER_MIN_MAX_BYTES {
+            p.invalid(
+                "buffer.max_bytes",
+                format!("must be at least 1 MiB ({MIB}), got {}", b.max_bytes),
+            );
+        }
+        p.at_least("buffer.max_batch_bytes", b.max_batch_bytes, 1);
+        if b.max_batch_bytes.saturating_mul(4) > b.max_bytes {
+            p.invalid(
+                "buffer.max_batch_bytes",
+                format!(
+                    "must be at most buffer.max_bytes / 4 ({}), got {}",
+                    b.max_bytes / 4,
+                    b.max_batch_bytes
+                ),
+            );
+        }
+        p.at_least("buffer.max_batch_readings", b.max_batch_readings as u64, 1);
+        if b.compression_level > 9 {
+            p.invalid(
+                "buffer.compression_level",
+                format!("must be between 0 and 9, got {}", b.compression_level),
+            );
+        }
+    }
+
+    fn validate_mqtt(&self, p: &mut Problems) {
+        let m = &self.mqtt;
+        p.at_least("mqtt.max_connections", m.max_connections as u64, 1);
+        p.at_least("mqtt.max_payload_bytes", m.max_payload_bytes as u64, 1);
+        p.at_least("mqtt.max_inflight", u64::from(m.max_inflight), 1);
+        if m.enabled && !m.allow_anonymous && m.users.is_empty() {
+            p.invalid(
+                "mqtt.allow_anonymous",
+                "is false but no [[mqtt.users]] are configured, so no client could connect",
+            );
+        }
+        let mut seen = HashSet::new();
+        for (i, user) in m.users.iter().enumerate() {
+            let base = format!("mqtt.users[{i}]");
+            if user.username.is_empty() {
+                p.invalid(format!("{base}.username"), "is required");
+            } else if !seen.insert(user.username.as_str()) {
+                p.invalid(
+                    format!("{base}.username"),
+                    format!("duplicate username '{}'", user.username),
+                );
+            }
+            match (&user.password, &user.password_hash) {
+                (Some(_), Some(_)) => p.invalid(
+                    base.clone(),
+                    "set either password or password_hash, not both",
+                ),
+                (None, None) => p.invalid(base.clone(), "set one of password or password_hash"),
+                (Some(pw), None) if pw.expose().is_empty() => {
+                    p.invalid(format!("{base}.password"), "must not be empty")
+                }
+                (None, Some(hash)) if !hash.starts_with("$argon2") => p.invalid(
+                    format!("{base}.password_hash"),
+                    "must be an argon2 PHC string starting with '$argon2' (e.g. '$argon2id$v=19$...')",
+                ),
+                _ => {}
+            }
+        }
+        if let Some(tls) = &m.tls {
+            p.path_required("mqtt.tls.cert_path", &tls.cert_path);
+            p.path_required("mqtt.tls.key_path", &tls.key_path);
+            if tls.client_ca_path.is_none() {
+                for (set, key) in [
+                    (tls.require_client_cert, "require_client_cert"),
+                    (tls.device_from_cert_cn, "device_from_cert_cn"),
+                ] {
+                    if set {
+                        p.invalid(
+                            format!("mqtt.tls.{key}"),
+                            "needs mqtt.tls.client_ca_path to verify client certificates",
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    fn validate_http(&self, p: &mut Problems) {
+        let h = &self.http;
+        p.at_least("http.max_body_bytes", h.max_body_bytes, 1);
+        if h.max_decompressed_bytes < h.max_body_bytes {
+            p.invalid(
+                "http.max_decompressed_bytes",
+                format!(
+                    "must be at least http.max_body_bytes ({}), got {}",
+                    h.max_body_bytes, h.max_decompressed_bytes
+                ),
+            );
+        }
+        p.at_least("http.max_batch_readings", h.max_batch_readings as u64, 1);
+        p.at_least("http.max_connections", h.max_connections as u64, 1);
+        let mut seen = HashSet::new();
+        for (i, t) in h.tokens.iter().enumerate() {
+            let base = format!("http.tokens[{i}]");
+            if t.token.expose().is_empty() {
+                p.invalid(format!("{base}.token"), "is required");
+            } else if !seen.insert(t.token.expose()) {
+                p.invalid(
+                    format!("{base}.token"),
+                    "duplicate token (each token must be unique)",
+                );
+            }
+            p.non_empty_opt(&format!("{base}.device"), t.device.as_deref());
+            p.non_empty_opt(&format!("{base}.name"), t.name.as_deref());
+        }
+        if let Some(tls) = &h.tls {
+            p.path_required("http.tls.cert_path", &tls.cert_path);
+            p.path_required("http.tls.key_path", &tls.key_path);
+        }
+    }
+
+    fn validate_kafka(&self, p: &mut Problems) {
+        let k = &self.uplink.kafka;
+        if k.brokers.trim().is_empty() {
+            p.invalid("uplink.kafka.brokers", "must not be empty");
+        } else {
+            for entry in k.brokers.split(',') {
+                p.check("uplink.kafka.brokers", check_host_port(entry.trim()));
+            }
+        }
+        p.check("uplink.kafka.topic", check_kafka_topic(&k.topic));
+        p.at_least(
+            "uplink.kafka.max_inflight_segments",
+            k.max_inflight_segments as u64,
+            1,
+        );
+        p.at_least("uplink.kafka.message_timeout_ms", k.message_timeout_ms, 1);
+        if k.initial_backoff_ms > k.max_backoff_ms {
+            p.invalid(
+                "uplink.kafka.initial_backoff_ms",
+                format!(
+                    "must be at most uplink.kafka.max_backoff_ms ({}), got {}",
+                    k.max_backoff_ms, k.initial_backoff_ms
+                ),
+            );
+        }
+        let proto = k.security_protocol.as_str();
+        if k.security_protocol.is_sasl() {
+            if k.sasl_mechanism.is_none() {
+                p.invalid(
+                    "uplink.kafka.sasl_mechanism",
+                    format!("is required with security_protocol = \"{proto}\""),
+                );
+            }
+            if k.sasl_username.as_deref().unwrap_or("").is_empty() {
+                p.invalid(
+                    "uplink.kafka.sasl_username",
+                    format!("is required with security_protocol = \"{proto}\""),
+                );
+            }
+            if k.sasl_password
+                .as_ref()
+                .is_none_or(|s| s.expose().is_empty())
+            {
+                p.invalid(
+                    "uplink.kafka.sasl_password",
+                    format!("is required with security_protocol = \"{proto}\""),
+                );
+            }
+        } else {
+            for (set, key) in [
+                (k.sasl_mechanism.is_some(), "sasl_mechanism"),
+                (k.sasl_username.is_some(), "sasl_username"),
+                (k.sasl_password.is_some(), "sasl_password"),
+            ] {
+                if set {
+                    p.invalid(
+                        format!("uplink.kafka.{key}"),
+                        format!(
+                            "is only used with security_protocol \"sasl_plaintext\" or \"sasl_ssl\", not \"{proto}\""
+                        ),
+                    );
+                }
+            }
+        }
+        for (i, route) in k.routes.iter().enumerate() {
+            let base = format!("uplink.kafka.routes[{i}]");
+            p.check(format!("{base}.filter"), check_topic_filter(&route.filter));
+            p.check(format!("{base}.topic"), check_kafka_topic(&route.topic));
+        }
+        for key in k.librdkafka.keys() {
+            if key.trim().is_empty() {
+                p.invalid(
+                    "uplink.kafka.librdkafka",
+                    "property names must not be empty",
+                );
+            }
+        }
+    }
+
+    fn validate_mqtt_uplink(&self, p: &mut Problems) {
+        let m = &self.uplink.mqtt;
+        p.check("uplink.mqtt.url", MqttEndpoint::parse(&m.url));
+        if m.qos > 1 {
+            p.invalid("uplink.mqtt.qos", format!("must be 0 or 1, got {}", m.qos));
+        }
+        p.at_least("uplink.mqtt.max_inflight", u64::from(m.max_inflight), 1);
+        p.non_empty_opt("uplink.mqtt.client_id", m.client_id.as_deref());
+        p.non_empty_opt("uplink.mqtt.username", m.username.as_deref());
+        if m.password.is_some() && m.username.is_none() {
+            p.invalid("uplink.mqtt.password", "needs uplink.mqtt.username");
+        }
+        if let Some(prefix) = &m.topic_prefix
+            && prefix.contains(['+', '#', '\0'])
+        {
+            p.invalid(
+                "uplink.mqtt.topic_prefix",
+                "must not contain '+', '#' or NUL",
+            );
+        }
+        match (&m.client_cert_path, &m.client_key_path) {
+            (Some(_), None) => p.invalid(
+                "uplink.mqtt.client_key_path",
+                "is required when client_cert_path is set",
+            ),
+            (None, Some(_)) => p.invalid(
+                "uplink.mqtt.client_cert_path",
+                "is required when client_key_path is set",
+            ),
+            _ => {}
+        }
+        if m.initial_backoff_ms > m.max_backoff_ms {
+            p.invalid(
+                "uplink.mqtt.initial_backoff_ms",
+                format!(
+                    "must be at most uplink.mqtt.max_backoff_ms ({}), got {}",
+                    m.max_backoff_ms, m.initial_backoff_ms
+                ),
+            );
+        }
+        for (i, rw) in m.rewrites.iter().enumerate() {
+            let base = format!("uplink.mqtt.rewrites[{i}]");
+            let plus = match check_topic_filter(&rw.filter) {
+                Ok(n) => Some(n),
+                Err(e) => {
+                    p.invalid(format!("{base}.filter"), e);
+                    None
+                }
+            };
+            if rw.template.is_empty() {
+                p.invalid(format!("{base}.template"), "is required");
+            } else if rw.template.contains(['+', '#', '\0']) {
+                p.invalid(
+                    format!("{base}.template"),
+                    "must not contain '+', '#' or NUL",
+                );
+            }
+            for n in template_placeholders(&rw.template) {
+                if n == 0 {
+                    p.invalid(
+                        format!("{base}.template"),
+                        "placeholders are 1-based: use {1} for the first '+'",
+                    );
+                } else if let Some(plus) = plus
+                    && n > plus
+                {
+                    p.invalid(
+                        format!("{base}.template"),
+                        format!("{{{n}}} refers to wildcard {n}, but the filter has {plus} '+'"),
+                    );
+                }
+            }
+        }
+    }
+
+    fn validate_status(&self, p: &mut Problems) {
+        let s = &self.status;
+        p.at_least("status.max_devices", s.max_devices as u64, 1);
+        p.at_least("status.stalled_after_secs", s.stalled_after_secs, 1);
+        if s.token.as_ref().is_some_and(|t| t.expose().is_empty()) {
+            p.invalid("status.token", "must not be empty when set");
+        }
+    }
+
+    /// Two enabled listeners on the same non-zero port (and overlapping addresses) would fail
+    /// to bind at startup.
+    fn validate_listeners(&self, p: &mut Problems) {
+        let mut listeners: Vec<(&str, SocketAddr)> = Vec::new();
+        if self.mqtt.enabled {
+            listeners.push(("mqtt.listen", self.mqtt.listen));
+            if let Some(tls) = &self.mqtt.tls {
+                listeners.push(("mqtt.tls.listen", tls.listen));
+            }
+        }
+        if self.http.enabled {
+            listeners.push(("http.listen", self.http.listen));
+        }
+        if let Some(addr) = self.status.listen {
+            listeners.push(("status.listen", addr));
+        }
+        for (i, (path, addr)) in listeners.iter().enumerate() {
+            if addr.port() == 0 {
+                continue;
+            }
+            let clash = listeners[..i].iter().find(|(_, other)| {
+                other.port() == addr.port()
+                    && (other.ip() == addr.ip()
+                        || other.ip().is_unspecified()
+                        || addr.ip().is_unspecified())
+            });
+            if let Some((other_path, _)) = clash {
+                p.invalid(*path, format!("{addr} clashes with {other_path}"));
+            }
+        }
+    }
+}
