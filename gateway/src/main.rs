@@ -1,1 +1,66 @@
-fn main() {}
+//! The `ferry` binary: parse the command line, load the config, run.
+
+use clap::Parser;
+use ferry_gateway::cli::{Cli, Command};
+use ferry_gateway::{app, buffer_cmd, telemetry};
+use std::process::ExitCode;
+
+/// Exit code for a configuration error (EX_CONFIG is 78, but 64 = EX_USAGE is what
+/// `ferry check-config` and operators' scripts expect).
+const EXIT_CONFIG: u8 = 64;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command.unwrap_or_default() {
+        Command::Run(args) => {
+            let config = match ferry_config::load_from_env(args.config.as_deref()) {
+                Ok(c) => c,
+                Err(errors) => {
+                    eprintln!(
+                        "ferry: the configuration has {} problem(s):\n{errors}",
+                        errors.len()
+                    );
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            telemetry::init(&config.gateway);
+            match run(config) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!(error = format!("{e:#}"), "ferry stopped with an error.");
+                    eprintln!("ferry: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::CheckConfig { file } => match ferry_config::load_from_env(Some(&file)) {
+            Ok(_) => {
+                println!("{}: ok", file.display());
+                ExitCode::SUCCESS
+            }
+            Err(errors) => {
+                eprintln!("{}: {} problem(s):\n{errors}", file.display(), errors.len());
+                ExitCode::from(EXIT_CONFIG)
+            }
+        },
+        Command::Buffer(cmd) => match buffer_cmd::run(cmd) {
+            Ok(code) => ExitCode::from(code),
+            Err(e) => {
+                eprintln!("ferry: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}
+
+fn run(config: ferry_config::Config) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("ferry")
+        .build()?;
+    rt.block_on(async {
+        let gateway = app::Gateway::start(config).await?;
+        gateway.run(app::shutdown_signal()).await?;
+        anyhow::Ok(())
+    })
+}

@@ -1,0 +1,172 @@
+//! `ferry buffer stats|verify|dead-letter list|requeue`.
+
+use crate::cli::{BufferCommand, DataDirArg, DeadLetterCommand};
+use ferry_buffer::{Buffer, BufferOptions, Inspector};
+use std::fmt::Write as _;
+
+/// Why a buffer command failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BufferCmdError {
+    /// Opening the buffer failed.
+    #[error(transparent)]
+    Open(#[from] ferry_buffer::OpenError),
+    /// Reading failed.
+    #[error(transparent)]
+    Read(#[from] ferry_buffer::ReadError),
+    /// Writing failed.
+    #[error(transparent)]
+    Write(#[from] ferry_buffer::AckError),
+    /// The async runtime could not start.
+    #[error("cannot start the runtime: {0}")]
+    Runtime(#[from] std::io::Error),
+}
+
+/// Runs a buffer command, printing to stdout. Returns the exit code.
+pub fn run(cmd: BufferCommand) -> Result<u8, BufferCmdError> {
+    match cmd {
+        BufferCommand::Stats(dir) => {
+            let ins = Inspector::open(&dir.data_dir)?;
+            let st = ins.stats()?;
+            let lags: Vec<(String, ferry_buffer::Lag)> = st
+                .cursors
+                .keys()
+                .map(|c| Ok((c.clone(), ins.lag(c)?)))
+                .collect::<Result<_, ferry_buffer::ReadError>>()?;
+            if dir.json {
+                let v = serde_json::json!({
+                    "format_version": st.format_version,
+                    "readings": st.readings,
+                    "segments": st.segments,
+                    "stored_bytes": st.stored_bytes,
+                    "dead_letters": st.dead_letters,
+                    "dead_letter_bytes": st.dead_letter_bytes,
+                    "next_reading_id": st.next_reading_id,
+                    "newest_segment": st.newest_segment,
+                    "oldest_received_ms": st.oldest_received_ms,
+                    "file_bytes": st.file_bytes,
+                    "quarantined": st.quarantined,
+                    "consumers": lags.iter().map(|(c, l)| (c.clone(), serde_json::json!({
+                        "acked_segment": st.cursors.get(c),
+                        "lag_readings": l.readings,
+                        "lag_bytes": l.bytes,
+                        "oldest_unsent_ms": l.oldest_received_ms,
+                    }))).collect::<serde_json::Map<_, _>>(),
+                });
+                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+            } else {
+                let mut out = String::new();
+                let _ = writeln!(
+                    out,
+                    "buffer          {}",
+                    dir.data_dir.join(ferry_buffer::FILE_NAME).display()
+                );
+                let _ = writeln!(out, "format version  {}", st.format_version);
+                let _ = writeln!(out, "readings        {}", st.readings);
+                let _ = writeln!(out, "segments        {}", st.segments);
+                let _ = writeln!(out, "stored bytes    {}", st.stored_bytes);
+                let _ = writeln!(out, "file bytes      {}", st.file_bytes);
+                let _ = writeln!(
+                    out,
+                    "dead letters    {} ({} bytes)",
+                    st.dead_letters, st.dead_letter_bytes
+                );
+                let _ = writeln!(out, "next reading id {}", st.next_reading_id);
+                if let Some(ms) = st.oldest_received_ms {
+                    let age = ferry_buffer::now_ms().saturating_sub(ms) / 1000;
+                    let _ = writeln!(out, "oldest reading  {age} s ago");
+                }
+                for (c, l) in &lags {
+                    let _ = writeln!(
+                        out,
+                        "consumer {c:<6} acked segment {}, {} readings ({} bytes) not yet sent",
+                        st.cursors.get(c).copied().unwrap_or(0),
+                        l.readings,
+                        l.bytes
+                    );
+                }
+                for q in &st.quarantined {
+                    let _ = writeln!(out, "QUARANTINED     {}", q.display());
+                }
+                print!("{out}");
+            }
+            Ok(0)
+        }
+        BufferCommand::Verify(dir) => {
+            let rep = Inspector::open(&dir.data_dir)?.verify()?;
+            if dir.json {
+                println!(
+                    "{}",
+                    serde_json::json!({"segments": rep.segments, "readings": rep.readings, "problems": rep.problems})
+                );
+            } else {
+                println!(
+                    "{} segments, {} readings checked",
+                    rep.segments, rep.readings
+                );
+                for p in &rep.problems {
+                    println!("PROBLEM: {p}");
+                }
+                if rep.problems.is_empty() {
+                    println!("ok");
+                }
+            }
+            Ok(if rep.problems.is_empty() { 0 } else { 1 })
+        }
+        BufferCommand::DeadLetter(DeadLetterCommand::List { dir, limit, after }) => {
+            let list = Inspector::open(&dir.data_dir)?.dead_letters(after, limit)?;
+            print_dead(&dir, &list);
+            Ok(0)
+        }
+        BufferCommand::DeadLetter(DeadLetterCommand::Requeue { dir, ids }) => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let n = rt.block_on(async {
+                // No consumers (so nothing is acked or deleted) and no cap (so nothing is
+                // evicted): requeue only moves dead letters back into the stream.
+                let opts = BufferOptions {
+                    max_bytes: u64::MAX,
+                    when_full: ferry_buffer::WhenFull::Reject,
+                    ..BufferOptions::default()
+                };
+                let buf = Buffer::open(&dir.data_dir, opts)?;
+                let n = buf.requeue((!ids.is_empty()).then_some(ids)).await;
+                buf.close().await;
+                Ok::<_, BufferCmdError>(n?)
+            })?;
+            println!("{n} dead letters requeued");
+            Ok(0)
+        }
+    }
+}
+
+fn print_dead(dir: &DataDirArg, list: &[ferry_buffer::DeadLetter]) {
+    if dir.json {
+        let v: Vec<_> = list
+            .iter()
+            .map(|d| {
+                serde_json::json!({
+                    "id": d.reading.id,
+                    "topic": d.reading.topic,
+                    "device": d.reading.device,
+                    "uplink": d.consumer,
+                    "reason": d.reason,
+                    "dead_at_ms": d.dead_at_ms,
+                    "payload_bytes": d.reading.payload.len(),
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        return;
+    }
+    if list.is_empty() {
+        println!("no dead letters");
+    }
+    for d in list {
+        println!(
+            "{:>10}  {:<6}  {:<24}  {}  ({})",
+            d.reading.id, d.consumer, d.reading.topic, d.reason, d.reading.device
+        );
+    }
+}

@@ -1,0 +1,92 @@
+//! The command line.
+
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+
+/// ferry: an edge IoT ingestion gateway. Devices publish over MQTT and HTTP; ferry keeps every
+/// acknowledged reading on disk until the upstream (Kafka, MQTT) has it.
+#[derive(Debug, Parser)]
+#[command(name = "ferry", version, about, long_about = None)]
+pub struct Cli {
+    /// What to do; `run` when omitted.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the gateway (the default).
+    Run(RunArgs),
+    /// Validate a config file: prints every problem with its key path and exits 64, or exits 0.
+    CheckConfig {
+        /// The TOML file to check (FERRY_* environment overrides apply too).
+        file: PathBuf,
+    },
+    /// Inspect or repair a buffer, stopped or running.
+    #[command(subcommand)]
+    Buffer(BufferCommand),
+}
+
+impl Default for Command {
+    fn default() -> Self {
+        Command::Run(RunArgs::default())
+    }
+}
+
+/// Arguments of `ferry run`.
+#[derive(Debug, Default, Args)]
+pub struct RunArgs {
+    /// Config file (TOML). Without one, ferry runs on its built-in defaults plus FERRY_*
+    /// environment overrides.
+    #[arg(long, short, env = "FERRY_CONFIG")]
+    pub config: Option<PathBuf>,
+}
+
+/// `ferry buffer …`
+#[derive(Debug, Subcommand)]
+pub enum BufferCommand {
+    /// Counters, cursors and backlog of a buffer (read-only; works while ferry runs).
+    Stats(DataDirArg),
+    /// Decode every segment and dead letter and check checksums and counters (read-only).
+    /// Exits 1 if a problem is found.
+    Verify(DataDirArg),
+    /// Dead-letter table.
+    #[command(subcommand)]
+    DeadLetter(DeadLetterCommand),
+}
+
+/// `ferry buffer dead-letter …`
+#[derive(Debug, Subcommand)]
+pub enum DeadLetterCommand {
+    /// List dead letters (read-only).
+    List {
+        #[command(flatten)]
+        dir: DataDirArg,
+        /// At most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// Only readings with an id above this.
+        #[arg(long, default_value_t = 0)]
+        after: u64,
+    },
+    /// Put dead letters back into the stream (all, or the given reading ids). The gateway must
+    /// be stopped: this opens the buffer for writing.
+    Requeue {
+        #[command(flatten)]
+        dir: DataDirArg,
+        /// Reading ids to requeue; all when none are given.
+        ids: Vec<u64>,
+    },
+}
+
+/// The data directory argument.
+#[derive(Debug, Args)]
+pub struct DataDirArg {
+    /// ferry's data directory (gateway.data_dir).
+    #[arg(long, default_value = "./ferry-data")]
+    pub data_dir: PathBuf,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
