@@ -28,6 +28,8 @@ pub type Task = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
 /// The shutdown future handed to each component's `run`.
 pub type Shutdown = WaitForCancellationFutureOwned;
 type Starter = Box<dyn FnOnce(Shutdown) -> Task + Send>;
+/// A component's live figures as JSON, for `/api/status` and the status page.
+pub type StatusSource = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
 
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]
@@ -89,6 +91,7 @@ pub struct Gateway {
     addrs: BTreeMap<&'static str, SocketAddr>,
     listeners: Vec<(&'static str, Starter)>,
     uplinks: Vec<(&'static str, Starter)>,
+    status_sources: Vec<(&'static str, StatusSource)>,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -131,6 +134,7 @@ impl Gateway {
             addrs: BTreeMap::new(),
             listeners: Vec::new(),
             uplinks: Vec::new(),
+            status_sources: Vec::new(),
         };
         Ok(gw)
     }
@@ -153,6 +157,24 @@ impl Gateway {
         start: impl FnOnce(Shutdown) -> Task + Send + 'static,
     ) {
         self.uplinks.push((name, Box::new(start)));
+    }
+
+    /// Registers a component's live figures for the status page.
+    pub fn add_status_source(&mut self, name: &'static str, source: StatusSource) {
+        self.status_sources.push((name, source));
+    }
+
+    /// The registered status sources.
+    pub fn status_sources(&self) -> &[(&'static str, StatusSource)] {
+        &self.status_sources
+    }
+
+    /// Binds and registers every enabled component from the config: the MQTT listener, the
+    /// HTTP listener (and with it the status page), and the uplinks.
+    pub async fn build(&mut self) -> Result<(), StartError> {
+        crate::mqtt::register(self).await?;
+        crate::http::register(self).await?;
+        Ok(())
     }
 
     /// The bound addresses, by listener name.

@@ -10,4 +10,6 @@
 pub mod app;
 pub mod buffer_cmd;
 pub mod cli;
+pub mod http;
+pub mod mqtt;
 pub mod telemetry;

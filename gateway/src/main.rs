@@ -59,7 +59,8 @@ fn run(config: ferry_config::Config) -> anyhow::Result<()> {
         .thread_name("ferry")
         .build()?;
     rt.block_on(async {
-        let gateway = app::Gateway::start(config).await?;
+        let mut gateway = app::Gateway::start(config).await?;
+        gateway.build().await?;
         gateway.run(app::shutdown_signal()).await?;
         anyhow::Ok(())
     })
