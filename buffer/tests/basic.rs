@@ -321,7 +321,7 @@ async fn a_truncated_file_is_quarantined() {
 }
 
 #[tokio::test]
-async fn a_second_writer_is_refused_but_inspection_works_while_open() {
+async fn a_second_opener_is_refused_clearly_while_the_buffer_is_open() {
     let dir = tempfile::tempdir().unwrap();
     let buf = Buffer::open(dir.path(), opts(&["k"])).unwrap();
     buf.append(vec![reading(1, 10)]).await.unwrap();
@@ -330,6 +330,12 @@ async fn a_second_writer_is_refused_but_inspection_works_while_open() {
         matches!(err, ferry_buffer::OpenError::InUse { .. }),
         "{err}"
     );
+    let err = Inspector::open(dir.path()).unwrap_err();
+    assert!(
+        matches!(err, ferry_buffer::OpenError::InUse { .. }),
+        "{err}"
+    );
+    buf.close().await;
     let ins = Inspector::open(dir.path()).unwrap();
     assert_eq!(ins.stats().unwrap().readings, 1);
     assert_eq!(ins.lag("k").unwrap().readings, 1);

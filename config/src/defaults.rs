@@ -21,7 +21,7 @@ pub const BUFFER_MAX_BYTES: u64 = 512 * MIB;
 /// Smallest allowed `buffer.max_bytes`.
 pub const BUFFER_MIN_MAX_BYTES: u64 = MIB;
 /// `buffer.flush_interval_ms`.
-pub const FLUSH_INTERVAL_MS: u64 = 5;
+pub const FLUSH_INTERVAL_MS: u64 = 1;
 /// `buffer.max_batch_readings` and `http.max_batch_readings`.
 pub const MAX_BATCH_READINGS: usize = 10_000;
 /// `buffer.max_batch_bytes`.

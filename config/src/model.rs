@@ -130,8 +130,9 @@ pub struct BufferSettings {
     /// oldest unforwarded readings, `"reject"` refuses the new readings (see
     /// `mqtt.full_ack_wait_ms` and `http.retry_after_secs`). Default: `"drop_oldest"`.
     pub when_full: WhenFull,
-    /// How long incoming readings are collected before one commit (group commit). 0 commits
-    /// every batch as it arrives. Default: 5.
+    /// How long incoming readings are collected before one commit (group commit). Readings
+    /// arriving while a commit is written always share the next one, so a short window is
+    /// enough. 0 commits every batch as it arrives. Default: 1.
     pub flush_interval_ms: u64,
     /// Maximum number of readings in one stored segment / one commit. At least 1. Default: 10000.
     pub max_batch_readings: usize,
