@@ -377,8 +377,9 @@ pub struct KafkaUplink {
     pub topic: String,
     /// Producer compression: `"zstd"`, `"lz4"`, `"gzip"` or `"none"`. Default: `"zstd"`.
     pub compression: KafkaCompression,
-    /// `"reading"`: one Kafka message per reading. `"segment"`: one message per stored segment
-    /// (a JSON array of readings). Default: `"reading"`.
+    /// `"reading"`: one Kafka message per reading. `"segment"`: one message per stored buffer
+    /// segment, its already-compressed bytes as the value (`content-encoding: gzip`; framing in
+    /// the `ferry_uplink::kafka` docs), for metered links. Default: `"reading"`.
     pub delivery: Delivery,
     /// Message key: `"device"` (device id), `"topic"` (source MQTT topic or HTTP path), `"none"`,
     /// or `"level:N"` (0-based level N of the source topic). Default: `"device"`.
@@ -407,7 +408,9 @@ pub struct KafkaUplink {
     /// reading's source topic wins.
     pub routes: Vec<KafkaRoute>,
     /// Extra librdkafka producer properties, passed through as is (e.g.
-    /// `"socket.keepalive.enable" = "true"`). They override the settings above.
+    /// `"socket.keepalive.enable" = "true"`). They override ferry's ordinary settings, except
+    /// its safety settings (`acks=all`, idempotence, in-flight ≤ 5, retries): a passthrough that
+    /// would weaken those is ignored with a warning.
     pub librdkafka: BTreeMap<String, String>,
 }
 

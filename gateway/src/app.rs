@@ -76,7 +76,7 @@ pub fn buffer_options(config: &Config) -> BufferOptions {
         max_age: (b.max_age_secs > 0).then(|| Duration::from_secs(b.max_age_secs)),
         cache_bytes: b.cache_bytes as usize,
         consumers,
-        quick_repair: true,
+        quick_repair: false,
     }
 }
 
@@ -174,6 +174,7 @@ impl Gateway {
     pub async fn build(&mut self) -> Result<(), StartError> {
         crate::mqtt::register(self).await?;
         crate::http::register(self).await?;
+        crate::uplinks::register(self).await?;
         Ok(())
     }
 

@@ -13,3 +13,4 @@ pub mod cli;
 pub mod http;
 pub mod mqtt;
 pub mod telemetry;
+pub mod uplinks;

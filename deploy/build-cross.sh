@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Cross-build an optimized, stripped ferry for a Raspberry Pi target from an x86-64 Debian
+# machine, and optionally package it as a .deb.
+#
+#   deploy/build-cross.sh aarch64-unknown-linux-gnu          # Pi 3/4/5, 64-bit
+#   deploy/build-cross.sh armv7-unknown-linux-gnueabihf      # Pi 2/3/Zero 2, 32-bit
+#   deploy/build-cross.sh x86_64-unknown-linux-gnu           # amd64 edge boxes (native)
+#   DEB=1 deploy/build-cross.sh aarch64-unknown-linux-gnu    # also build the .deb
+#
+# It installs Debian's cross gcc/g++, adds the Rust target, and sets the linker and C
+# compilers through the environment. librdkafka (bundled) and OpenSSL (vendored) are built
+# from source for the target by their -sys crates. Output: target/<triple>/release/ferry.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+target="${1:?usage: deploy/build-cross.sh TARGET}"
+case "$target" in
+    aarch64-unknown-linux-gnu)      gnu=aarch64-linux-gnu;   deb_arch=arm64 ;;
+    armv7-unknown-linux-gnueabihf)  gnu=arm-linux-gnueabihf; deb_arch=armhf ;;
+    x86_64-unknown-linux-gnu)       gnu="";                  deb_arch=amd64 ;;
+    *) echo "unsupported target: $target" >&2; exit 2 ;;
+esac
+
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+if [ -n "$gnu" ]; then
+    if ! command -v "$gnu-gcc" >/dev/null 2>&1 || ! command -v "$gnu-g++" >/dev/null 2>&1; then
+        $SUDO apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
+            "gcc-$gnu" "g++-$gnu" "libc6-dev-$deb_arch-cross" >/dev/null
+    fi
+    rustup target add "$target" >/dev/null
+    triple_env=$(echo "$target" | tr 'a-z-' 'A-Z_')
+    export "CARGO_TARGET_${triple_env}_LINKER=$gnu-gcc"
+    export "CC_${target//-/_}=$gnu-gcc"
+    export "CXX_${target//-/_}=$gnu-g++"
+    export "AR_${target//-/_}=$gnu-ar"
+    # librdkafka's own configure script (mklove) reads plain CC/CXX/AR; host build scripts
+    # keep the native compiler through HOST_CC/HOST_CXX.
+    export CC="$gnu-gcc" CXX="$gnu-g++" AR="$gnu-ar" HOST_CC=gcc HOST_CXX=g++
+fi
+
+start=$(date +%s)
+cargo build --release --locked --target "$target" --bin ferry
+end=$(date +%s)
+bin="target/$target/release/ferry"
+echo "built $bin: $(stat -c %s "$bin") bytes in $((end - start)) s"
+
+if [ "${DEB:-0}" = "1" ]; then
+    if ! command -v cargo-deb >/dev/null 2>&1; then
+        cargo install --locked cargo-deb --version "^3" >/dev/null
+    fi
+    cargo deb -p ferry-gateway --target "$target" --no-build --no-strip
+    ls -l target/"$target"/debian/*.deb
+fi

@@ -1,0 +1,66 @@
+//! The Kafka uplink (`[uplink.kafka]`).
+//!
+//! ## Flow
+//! [`KafkaSink::run`] reads segments of the buffer consumer `"kafka"` oldest first and keeps
+//! up to `max_inflight_segments` of them in flight in an idempotent producer
+//! (`enable.idempotence=true`, `acks=all`, see [`config`]). Segments are settled strictly in
+//! order: a segment is acked in the buffer only when every reading in it has a successful
+//! delivery report or was dead-lettered, and a later segment that finishes first waits.
+//!
+//! - **Transient failures** (timeouts, brokers down, not enough replicas, …): everything
+//!   librdkafka still holds is purged (its queue is never the storage), the state goes to
+//!   `backing_off` (`offline` after 3 failures in a row or when librdkafka reports every
+//!   broker down), the uplink waits with exponential backoff and full jitter (capped at
+//!   `max_backoff_ms`), rewinds to the last ack and sends again. Readings sent again are
+//!   counted (`resent_total`); each may be a duplicate upstream.
+//! - **Permanent failures of one reading** ([`ErrorClass::Permanent`]: message too large,
+//!   invalid record, topic authorization failed, …): the reading goes to the dead-letter table
+//!   with the reason, and the stream moves on.
+//! - **Fatal producer errors** (`fatal_error()`): the producer is rebuilt.
+//!
+//! ## Record layout, `delivery = "reading"` (default)
+//! One record per reading, on the topic chosen by [`routing`]; key by the key rule; value =
+//! payload bytes; headers `ferry-id` (`<gateway id>-<reading id>`), `ferry-topic`,
+//! `ferry-device`, `ferry-received-at` (ms since the epoch, decimal), `ferry-source` (`mqtt`,
+//! `mqtt-will`, `http`, `requeue`) and `content-type` when the device gave one.
+//!
+//! ## Record layout, `delivery = "segment"`
+//! One record per buffer segment, on `uplink.kafka.topic` (routes do not apply; a segment
+//! mixes topics), keyed by the gateway id so a gateway's segments stay in order in one
+//! partition. The value is the stored segment exactly as in the buffer, with headers
+//! `content-encoding` (`gzip`, or `identity` when the buffer stores uncompressed),
+//! `ferry-segment` (segment id, stable across re-sends: de-duplicate on it together with
+//! `ferry-gateway`), `ferry-first-id`, `ferry-count` and `ferry-gateway`.
+//!
+//! To unpack a value (framing from `ferry_buffer::segment`, all integers little-endian):
+//!
+//! ```text
+//! 0  4  magic "FRY1"
+//! 4  1  codec: 0 = none, 1 = gzip (one RFC 1952 member)
+//! 5  4  reading count (u32)
+//! 9  8  id of the first reading (u64)
+//! 17 4  body length before compression (u32)
+//! 21 4  CRC-32 (IEEE) of the uncompressed body (u32)
+//! 25 .. body, compressed with the codec
+//! ```
+//!
+//! Decompress the body (gunzip if the codec is 1), check its length and CRC-32, then read
+//! `count` records back to back, each
+//! `u64 id | u64 received_at_ms | u8 source (1 mqtt, 2 mqtt-will, 3 http, 4 requeue) |
+//! str device | str topic | u8 has_content_type [str content_type] |
+//! u32 n, n × (str key, str value) | bytes payload`, where `str`/`bytes` are a u32 length and
+//! that many bytes. [`decode_segment`] is the reference decoder (Rust consumers can use it
+//! directly); the tests decode what arrives in Kafka with it.
+//!
+//! Readings larger than the topic's `max.message.bytes` are dead-lettered; in segment mode
+//! that is the whole segment, so keep `buffer.max_batch_bytes` below the topic limit.
+
+pub mod config;
+pub mod routing;
+mod sink;
+
+#[cfg(test)]
+mod tests;
+
+pub use ferry_buffer::segment::decode_segment;
+pub use sink::{CONSUMER, DEFAULT_SHUTDOWN_GRACE, ErrorClass, KafkaSink, KafkaSinkError, classify};

@@ -1,0 +1,153 @@
+//! Which Kafka topic and key a reading goes to.
+//!
+//! `[[uplink.kafka.routes]]` are MQTT topic filters matched against the reading's source
+//! topic, in order; the first match wins, and `uplink.kafka.topic` catches the rest. `+`
+//! matches exactly one level, `#` (last) matches the parent level and everything below it,
+//! as in MQTT. Wildcards at the first level do not match topics starting with `$`.
+
+use ferry_buffer::Reading;
+use ferry_config::{KafkaUplink, KeyRule};
+
+/// The routing table of one Kafka uplink.
+#[derive(Debug, Clone)]
+pub struct Router {
+    routes: Vec<(String, String, KeyRule)>,
+    default_topic: String,
+    default_key: KeyRule,
+}
+
+impl Router {
+    /// Builds the table from the config (already validated).
+    pub fn new(cfg: &KafkaUplink) -> Self {
+        Router {
+            routes: cfg
+                .routes
+                .iter()
+                .map(|r| (r.filter.clone(), r.topic.clone(), r.key.unwrap_or(cfg.key)))
+                .collect(),
+            default_topic: cfg.topic.clone(),
+            default_key: cfg.key,
+        }
+    }
+
+    /// The Kafka topic and key rule for a reading with this source topic.
+    pub fn route(&self, source_topic: &str) -> (&str, KeyRule) {
+        self.routes
+            .iter()
+            .find(|(f, _, _)| topic_matches(f, source_topic))
+            .map_or(
+                (self.default_topic.as_str(), self.default_key),
+                |(_, t, k)| (t.as_str(), *k),
+            )
+    }
+
+    /// The topic segment records go to (`delivery = "segment"`): the default topic.
+    pub fn default_topic(&self) -> &str {
+        &self.default_topic
+    }
+}
+
+/// Whether the MQTT filter `filter` matches `topic`.
+pub fn topic_matches(filter: &str, topic: &str) -> bool {
+    let mut f = filter.split('/');
+    let mut t = topic.split('/');
+    let mut first = true;
+    loop {
+        match (f.next(), t.next()) {
+            (Some("#"), _) => return !(first && topic.starts_with('$')),
+            (Some("+"), Some(level)) => {
+                if first && level.starts_with('$') {
+                    return false;
+                }
+            }
+            (Some(a), Some(b)) if a == b => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+        first = false;
+    }
+}
+
+/// The message key for `reading` under `rule`; `None` means no key.
+pub fn key_for(rule: KeyRule, reading: &Reading) -> Option<&str> {
+    match rule {
+        KeyRule::Device => Some(&reading.device),
+        KeyRule::Topic => Some(&reading.topic),
+        KeyRule::None => None,
+        KeyRule::Level(n) => Some(reading.topic.split('/').nth(n).unwrap_or(&reading.device)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_buffer::Source;
+    use ferry_config::KafkaRoute;
+
+    #[test]
+    fn filters() {
+        let cases = [
+            ("sensors/+/temp", "sensors/a/temp", true),
+            ("sensors/+/temp", "sensors/a/b/temp", false),
+            ("sensors/+/temp", "sensors/a/hum", false),
+            ("sensors/#", "sensors", true),
+            ("sensors/#", "sensors/a/b", true),
+            ("sensors/#", "sensorsx/a", false),
+            ("#", "anything/at/all", true),
+            ("#", "$SYS/x", false),
+            ("+/x", "$SYS/x", false),
+            ("$SYS/#", "$SYS/x", true),
+            ("a/b", "a/b", true),
+            ("a/b", "a/b/", false),
+            ("a/+", "a/", true),
+            ("+", "a", true),
+            ("+", "a/b", false),
+            ("a/b/c", "a/b", false),
+        ];
+        for (f, t, want) in cases {
+            assert_eq!(topic_matches(f, t), want, "{f} vs {t}");
+        }
+    }
+
+    #[test]
+    fn first_match_wins_and_default_catches_the_rest() {
+        let cfg = KafkaUplink {
+            topic: "default".into(),
+            key: KeyRule::Device,
+            routes: vec![
+                KafkaRoute {
+                    filter: "sensors/+/temp".into(),
+                    topic: "temps".into(),
+                    key: Some(KeyRule::Level(1)),
+                },
+                KafkaRoute {
+                    filter: "sensors/#".into(),
+                    topic: "sensors".into(),
+                    key: None,
+                },
+                KafkaRoute {
+                    filter: "sensors/x/temp".into(),
+                    topic: "never".into(),
+                    key: None,
+                },
+            ],
+            ..KafkaUplink::default()
+        };
+        let r = Router::new(&cfg);
+        assert_eq!(r.route("sensors/x/temp"), ("temps", KeyRule::Level(1)));
+        assert_eq!(r.route("sensors/x/hum"), ("sensors", KeyRule::Device));
+        assert_eq!(r.route("other"), ("default", KeyRule::Device));
+        assert_eq!(r.default_topic(), "default");
+    }
+
+    #[test]
+    fn keys() {
+        let reading = Reading::new(Source::Mqtt, "dev-1", "site/7/temp", &b"1"[..]);
+        assert_eq!(key_for(KeyRule::Device, &reading), Some("dev-1"));
+        assert_eq!(key_for(KeyRule::Topic, &reading), Some("site/7/temp"));
+        assert_eq!(key_for(KeyRule::None, &reading), None);
+        assert_eq!(key_for(KeyRule::Level(0), &reading), Some("site"));
+        assert_eq!(key_for(KeyRule::Level(1), &reading), Some("7"));
+        assert_eq!(key_for(KeyRule::Level(3), &reading), Some("dev-1"));
+    }
+}

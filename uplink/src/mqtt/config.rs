@@ -1,0 +1,245 @@
+//! Builds the rumqttc client options and the rustls configuration from `[uplink.mqtt]`.
+//!
+//! - **Session**: `clean_session = false` (v3.1.1), or clean start off with a session expiry
+//!   of [`SESSION_EXPIRY_SECS`] (v5), so the broker keeps the session across reconnects. ferry
+//!   does not rely on it for delivery: after a reconnect it re-sends every unacknowledged
+//!   reading from the buffer with a fresh client state (see the module docs).
+//! - **In flight**: rumqttc's own window (`inflight`, v5 outgoing upper limit) is set to
+//!   `max_inflight`, the same bound ferry keeps, so rumqttc never holds more than ferry tracks.
+//! - **Keep-alive**: `keep_alive_secs` (0 disables it in v3.1.1; rumqttc's v5 client needs at
+//!   least 5 s, so v5 uses `max(5, keep_alive_secs)`).
+//! - **TLS** (`mqtts://`): rustls on the `ring` provider (the workspace's one crypto backend),
+//!   TLS 1.2 and 1.3. Server certificates are checked against `ca_path` (PEM, every certificate
+//!   in it), or the system trust store when it is not set. `client_cert_path` +
+//!   `client_key_path` (PEM; PKCS#8, PKCS#1 or SEC1 key) add a client certificate, as AWS IoT
+//!   Core requires. The server name checked is the host of `uplink.mqtt.url`.
+
+use ferry_config::{MqttEndpoint, MqttUplink};
+use rustls::RootCertStore;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Session expiry requested from a v5 broker, in seconds (one day).
+pub const SESSION_EXPIRY_SECS: u32 = 86_400;
+
+/// The largest MQTT packet (the protocol's limit), used as rumqttc's outgoing packet limit so
+/// the client library never refuses a reading on its own (its default is 10 KiB).
+pub const MAX_PACKET_BYTES: usize = 268_435_455;
+
+/// Why the TLS configuration could not be built.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TlsSetupError {
+    /// A PEM file could not be read or holds nothing usable.
+    #[error("cannot read {what} from {}: {message}", path.display())]
+    File {
+        /// Which file (`uplink.mqtt.ca_path`, …).
+        what: &'static str,
+        /// Its path.
+        path: PathBuf,
+        /// What went wrong.
+        message: String,
+    },
+    /// rustls refused the certificates or key.
+    #[error("the TLS configuration is invalid: {0}")]
+    Rustls(#[from] rustls::Error),
+    /// Only one of `client_cert_path` and `client_key_path` is set.
+    #[error("uplink.mqtt.client_cert_path and uplink.mqtt.client_key_path must be set together")]
+    HalfClientAuth,
+}
+
+fn file_err(what: &'static str, path: &Path, message: impl ToString) -> TlsSetupError {
+    TlsSetupError::File {
+        what,
+        path: path.to_path_buf(),
+        message: message.to_string(),
+    }
+}
+
+fn read_certs(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsSetupError> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| file_err(what, path, e))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| file_err(what, path, e))?;
+    if certs.is_empty() {
+        return Err(file_err(what, path, "no PEM certificate found"));
+    }
+    Ok(certs)
+}
+
+/// The rustls client configuration for `cfg` (used when the URL is `mqtts://`).
+pub fn tls_config(cfg: &MqttUplink) -> Result<rustls::ClientConfig, TlsSetupError> {
+    let mut roots = RootCertStore::empty();
+    match &cfg.ca_path {
+        Some(path) => {
+            for cert in read_certs("the CA certificates (uplink.mqtt.ca_path)", path)? {
+                roots.add(cert)?;
+            }
+        }
+        None => {
+            let native = rustls_native_certs::load_native_certs();
+            for e in &native.errors {
+                tracing::warn!(error = %e, "A system trust store certificate could not be loaded.");
+            }
+            let (added, _ignored) = roots.add_parsable_certificates(native.certs);
+            if added == 0 {
+                tracing::warn!(
+                    "The system trust store is empty; set uplink.mqtt.ca_path to verify the broker."
+                );
+            }
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots);
+    let config = match (&cfg.client_cert_path, &cfg.client_key_path) {
+        (Some(cert), Some(key)) => {
+            let chain = read_certs("the client certificate (uplink.mqtt.client_cert_path)", cert)?;
+            let key = PrivateKeyDer::from_pem_file(key).map_err(|e| {
+                file_err("the client key (uplink.mqtt.client_key_path)", key, e)
+            })?;
+            builder.with_client_auth_cert(chain, key)?
+        }
+        (None, None) => builder.with_no_client_auth(),
+        _ => return Err(TlsSetupError::HalfClientAuth),
+    };
+    Ok(config)
+}
+
+/// Everything needed to open one connection, built once.
+#[derive(Clone)]
+pub struct ConnectSettings {
+    /// Where to connect.
+    pub endpoint: MqttEndpoint,
+    /// The client id.
+    pub client_id: String,
+    /// The uplink config.
+    pub cfg: MqttUplink,
+    /// The rustls config, for `mqtts://`.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+}
+
+impl std::fmt::Debug for ConnectSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnectSettings")
+            .field("endpoint", &self.endpoint)
+            .field("client_id", &self.client_id)
+            .field("tls", &self.tls.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl ConnectSettings {
+    fn inflight(&self) -> u16 {
+        self.cfg.max_inflight.max(1)
+    }
+
+    fn transport(&self) -> rumqttc::Transport {
+        match &self.tls {
+            Some(c) => rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(
+                c.clone(),
+            )),
+            None => rumqttc::Transport::tcp(),
+        }
+    }
+
+    /// rumqttc v3.1.1 options.
+    pub fn v4_options(&self) -> rumqttc::MqttOptions {
+        let mut o = rumqttc::MqttOptions::new(
+            &self.client_id,
+            &self.endpoint.host,
+            self.endpoint.port,
+        );
+        o.set_keep_alive(Duration::from_secs(self.cfg.keep_alive_secs))
+            .set_clean_session(false)
+            .set_inflight(self.inflight())
+            .set_max_packet_size(64 * 1024, MAX_PACKET_BYTES)
+            .set_transport(self.transport());
+        if let Some(user) = &self.cfg.username {
+            let pass = self.cfg.password.as_ref().map_or("", |p| p.expose());
+            o.set_credentials(user, pass);
+        }
+        o
+    }
+
+    /// rumqttc v5 options.
+    pub fn v5_options(&self) -> rumqttc::v5::MqttOptions {
+        let mut o = rumqttc::v5::MqttOptions::new(
+            &self.client_id,
+            &self.endpoint.host,
+            self.endpoint.port,
+        );
+        o.set_keep_alive(Duration::from_secs(self.cfg.keep_alive_secs.max(5)))
+            .set_clean_start(false)
+            .set_session_expiry_interval(Some(SESSION_EXPIRY_SECS))
+            .set_outgoing_inflight_upper_limit(self.inflight())
+            .set_transport(self.transport());
+        if let Some(user) = &self.cfg.username {
+            let pass = self.cfg.password.as_ref().map_or("", |p| p.expose());
+            o.set_credentials(user, pass);
+        }
+        o
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(cfg: MqttUplink) -> ConnectSettings {
+        ConnectSettings {
+            endpoint: cfg.endpoint().unwrap(),
+            client_id: "ferry-gw1".into(),
+            cfg,
+            tls: None,
+        }
+    }
+
+    #[test]
+    fn v4_and_v5_options() {
+        let s = settings(MqttUplink {
+            url: "mqtt://broker.example:1884".into(),
+            username: Some("u".into()),
+            password: Some("p".into()),
+            keep_alive_secs: 2,
+            max_inflight: 7,
+            ..MqttUplink::default()
+        });
+        let o = s.v4_options();
+        assert_eq!(o.broker_address(), ("broker.example".to_string(), 1884));
+        assert_eq!(o.client_id(), "ferry-gw1");
+        assert!(!o.clean_session());
+        assert_eq!(o.inflight(), 7);
+        assert_eq!(o.keep_alive(), Duration::from_secs(2));
+        let login = o.credentials().unwrap();
+        assert_eq!((login.username.as_str(), login.password.as_str()), ("u", "p"));
+        let o = s.v5_options();
+        assert!(!o.clean_start());
+        assert_eq!(o.session_expiry_interval(), Some(SESSION_EXPIRY_SECS));
+        assert_eq!(o.keep_alive(), Duration::from_secs(5), "v5 keep-alive floor");
+        assert_eq!(o.get_outgoing_inflight_upper_limit(), Some(7));
+    }
+
+    #[test]
+    fn tls_errors_name_the_file() {
+        let cfg = MqttUplink {
+            ca_path: Some("/nonexistent/ca.pem".into()),
+            ..MqttUplink::default()
+        };
+        let e = tls_config(&cfg).unwrap_err().to_string();
+        assert!(e.contains("/nonexistent/ca.pem") && e.contains("uplink.mqtt.ca_path"), "{e}");
+        let dir = tempfile::tempdir().unwrap();
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "not pem").unwrap();
+        let cfg = MqttUplink {
+            ca_path: Some(empty),
+            ..MqttUplink::default()
+        };
+        let e = tls_config(&cfg).unwrap_err().to_string();
+        assert!(e.contains("no PEM certificate"), "{e}");
+    }
+}

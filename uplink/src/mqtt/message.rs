@@ -1,0 +1,177 @@
+//! What one reading looks like upstream: v5 properties, or the v3.1.1 JSON envelope.
+
+use base64::Engine as _;
+use ferry_buffer::Reading;
+
+/// The stable id of a reading across re-sends: `<gateway id>-<reading id>`.
+pub fn ferry_id(gateway_id: &str, r: &Reading) -> String {
+    format!("{gateway_id}-{}", r.id)
+}
+
+/// MQTT v5 user properties for `r`: the device's own user properties first (in the order it
+/// sent them), then `ferry-id`, `ferry-device`, `ferry-topic` (the source topic),
+/// `ferry-received-at` (ms since the epoch, decimal) and `ferry-source`. The content type
+/// travels as the v5 content-type property, not as a user property.
+pub fn user_properties(gateway_id: &str, r: &Reading) -> Vec<(String, String)> {
+    let mut p = Vec::with_capacity(r.properties.len() + 5);
+    p.extend(r.properties.iter().cloned());
+    p.push(("ferry-id".into(), ferry_id(gateway_id, r)));
+    p.push(("ferry-device".into(), r.device.clone()));
+    p.push(("ferry-topic".into(), r.topic.clone()));
+    p.push(("ferry-received-at".into(), r.received_at_ms.to_string()));
+    p.push(("ferry-source".into(), r.source.as_str().into()));
+    p
+}
+
+/// How the payload is carried in the envelope.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PayloadEncoding {
+    /// The payload is a JSON document and is embedded as is (byte for byte).
+    Json,
+    /// The payload is UTF-8 text (not JSON) and is embedded as a JSON string.
+    Text,
+    /// Anything else, embedded as a standard base64 string (with padding).
+    Base64,
+}
+
+impl PayloadEncoding {
+    /// The value of the envelope's `payload_encoding` field.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PayloadEncoding::Json => "json",
+            PayloadEncoding::Text => "text",
+            PayloadEncoding::Base64 => "base64",
+        }
+    }
+
+    /// How `payload` is embedded.
+    pub fn of(payload: &[u8]) -> Self {
+        if serde_json::from_slice::<serde::de::IgnoredAny>(payload).is_ok() {
+            PayloadEncoding::Json
+        } else if std::str::from_utf8(payload).is_ok() {
+            PayloadEncoding::Text
+        } else {
+            PayloadEncoding::Base64
+        }
+    }
+}
+
+fn json_str(s: &str) -> String {
+    serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into())
+}
+
+/// The JSON envelope for `r` (`uplink.mqtt.envelope = true`):
+///
+/// ```json
+/// {"ferry_id":"gw1-42","gateway":"gw1","device":"dev-1","topic":"sensors/dev-1/temp",
+///  "received_at_ms":1700000000000,"source":"mqtt","content_type":"application/json",
+///  "properties":[["k","v"]],"payload_encoding":"json","payload":{"t":21.5}}
+/// ```
+///
+/// `content_type` is `null` when the device gave none; `properties` are the device's own v5
+/// user properties. `payload` depends on `payload_encoding` ([`PayloadEncoding`]): a JSON
+/// payload is embedded verbatim (so numbers and key order stay exactly as the device sent
+/// them), UTF-8 text becomes a JSON string, and anything else a base64 string.
+pub fn envelope(gateway_id: &str, r: &Reading) -> Vec<u8> {
+    let enc = PayloadEncoding::of(&r.payload);
+    let props = serde_json::to_string(&r.properties).unwrap_or_else(|_| "[]".into());
+    let mut out = format!(
+        "{{\"ferry_id\":{},\"gateway\":{},\"device\":{},\"topic\":{},\"received_at_ms\":{},\"source\":{},\"content_type\":{},\"properties\":{},\"payload_encoding\":\"{}\",\"payload\":",
+        json_str(&ferry_id(gateway_id, r)),
+        json_str(gateway_id),
+        json_str(&r.device),
+        json_str(&r.topic),
+        r.received_at_ms,
+        json_str(r.source.as_str()),
+        r.content_type
+            .as_deref()
+            .map_or_else(|| "null".to_string(), json_str),
+        props,
+        enc.as_str(),
+    )
+    .into_bytes();
+    match enc {
+        PayloadEncoding::Json => out.extend_from_slice(&r.payload),
+        PayloadEncoding::Text => out.extend_from_slice(
+            json_str(std::str::from_utf8(&r.payload).unwrap_or_default()).as_bytes(),
+        ),
+        PayloadEncoding::Base64 => {
+            out.push(b'"');
+            out.extend_from_slice(
+                base64::engine::general_purpose::STANDARD
+                    .encode(&r.payload)
+                    .as_bytes(),
+            );
+            out.push(b'"');
+        }
+    }
+    out.push(b'}');
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_buffer::Source;
+    use serde_json::Value;
+
+    fn reading(payload: &[u8]) -> Reading {
+        let mut r = Reading::new(Source::Mqtt, "dev \"1\"", "sensors/dev/temp", payload.to_vec());
+        r.id = 42;
+        r.received_at_ms = 1_700_000_000_123;
+        r
+    }
+
+    #[test]
+    fn envelope_embeds_json_verbatim() {
+        let mut r = reading(br#" {"t": 21.50, "big": 12345678901234567890123} "#)
+            .with_content_type("application/json");
+        r.properties = vec![("unit".into(), "C".into())];
+        let env = envelope("gw1", &r);
+        let text = String::from_utf8(env.clone()).unwrap();
+        assert!(text.contains(r#""payload": {"t": 21.50, "big": 12345678901234567890123} }"#));
+        let v: Value = serde_json::from_slice(&env).unwrap();
+        assert_eq!(v["ferry_id"], "gw1-42");
+        assert_eq!(v["gateway"], "gw1");
+        assert_eq!(v["device"], "dev \"1\"");
+        assert_eq!(v["topic"], "sensors/dev/temp");
+        assert_eq!(v["received_at_ms"], 1_700_000_000_123u64);
+        assert_eq!(v["source"], "mqtt");
+        assert_eq!(v["content_type"], "application/json");
+        assert_eq!(v["properties"][0][1], "C");
+        assert_eq!(v["payload_encoding"], "json");
+    }
+
+    #[test]
+    fn envelope_text_and_binary() {
+        let v: Value = serde_json::from_slice(&envelope("gw", &reading(b"21.5 C\n\"q\""))).unwrap();
+        assert_eq!(v["payload_encoding"], "text");
+        assert_eq!(v["payload"], "21.5 C\n\"q\"");
+        assert_eq!(v["content_type"], Value::Null);
+        let bin = [0xff, 0x00, 0xfe, 0x10];
+        let v: Value = serde_json::from_slice(&envelope("gw", &reading(&bin))).unwrap();
+        assert_eq!(v["payload_encoding"], "base64");
+        let back = base64::engine::general_purpose::STANDARD
+            .decode(v["payload"].as_str().unwrap())
+            .unwrap();
+        assert_eq!(back, bin);
+        // An empty payload is not JSON; it is empty text.
+        let v: Value = serde_json::from_slice(&envelope("gw", &reading(b""))).unwrap();
+        assert_eq!(v["payload_encoding"], "text");
+        assert_eq!(v["payload"], "");
+    }
+
+    #[test]
+    fn v5_properties() {
+        let mut r = reading(b"1");
+        r.properties = vec![("unit".into(), "C".into())];
+        let p = user_properties("gw1", &r);
+        let get = |k: &str| p.iter().find(|(a, _)| a == k).map(|(_, v)| v.as_str());
+        assert_eq!(p[0], ("unit".to_string(), "C".to_string()));
+        assert_eq!(get("ferry-id"), Some("gw1-42"));
+        assert_eq!(get("ferry-device"), Some("dev \"1\""));
+        assert_eq!(get("ferry-topic"), Some("sensors/dev/temp"));
+        assert_eq!(get("ferry-received-at"), Some("1700000000123"));
+        assert_eq!(get("ferry-source"), Some("mqtt"));
+    }
+}
