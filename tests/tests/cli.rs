@@ -1,0 +1,173 @@
+//! The `ferry` command line: `--version`, `check-config`, and `buffer …` on a real buffer.
+
+use ferry_buffer::{Buffer, BufferOptions, Reading, Source};
+use ferry_tests::Ferry;
+
+#[test]
+fn version_prints_the_crate_version() {
+    let (code, out, _) = Ferry::cli(&["--version"]);
+    assert_eq!(code, 0);
+    assert_eq!(out.trim(), format!("ferry {}", env!("CARGO_PKG_VERSION")));
+}
+
+#[test]
+fn check_config_accepts_the_example_and_lists_every_error_with_exit_64() {
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../config/ferry.example.toml");
+    let (code, out, err) = Ferry::cli(&["check-config", example]);
+    assert_eq!(code, 0, "{out}{err}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "[buffer]\nmax_byte = 10\nwhen_full = \"sometimes\"\n\n[mqtt]\nmax_inflight = \"lots\"\n\n\
+         [uplink.kafka]\ntopic = \"bad topic!\"\n\n[[uplink.kafka.routes]]\nfilter = \"a/#/b\"\ntopic = \"t\"\n",
+    )
+    .unwrap();
+    let (code, _, err) = Ferry::cli(&["check-config", bad.to_str().unwrap()]);
+    assert_eq!(code, 64, "{err}");
+    for needle in [
+        "buffer.max_byte",
+        "did you mean 'max_bytes'",
+        "buffer.when_full",
+        "mqtt.max_inflight",
+        "uplink.kafka.topic",
+        "uplink.kafka.routes[0].filter",
+    ] {
+        assert!(err.contains(needle), "missing '{needle}' in:\n{err}");
+    }
+}
+
+#[test]
+fn run_refuses_a_bad_config_with_exit_64_before_binding() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[gateway]\nshutdown_grace = 5\n").unwrap();
+    let (code, _, err) = Ferry::cli(&["run", "--config", bad.to_str().unwrap()]);
+    assert_eq!(code, 64, "{err}");
+    assert!(err.contains("gateway.shutdown_grace"), "{err}");
+}
+
+#[test]
+fn buffer_commands_inspect_verify_and_requeue() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let opts = BufferOptions {
+            consumers: vec!["kafka".into()],
+            ..Default::default()
+        };
+        let buf = Buffer::open(dir.path(), opts).unwrap();
+        let rs = (0..5)
+            .map(|i| Reading::new(Source::Http, "d1", "a/b", format!("{i}")))
+            .collect();
+        buf.append(rs).await.unwrap();
+        let mut rd = buf.reader("kafka").unwrap();
+        let seg = rd.next(1).await.unwrap().remove(0);
+        rd.dead_letter(vec![(seg.readings[2].clone(), "MSG_SIZE_TOO_LARGE".into())])
+            .await
+            .unwrap();
+        buf.append(vec![Reading::new(Source::Http, "d1", "a/b", "x")])
+            .await
+            .unwrap();
+        buf.close().await;
+    });
+    let d = dir.path().to_str().unwrap();
+
+    let (code, out, err) = Ferry::cli(&["buffer", "stats", "--data-dir", d, "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["readings"], 6);
+    assert_eq!(v["dead_letters"], 1);
+    assert_eq!(v["consumers"]["kafka"]["lag_readings"], 6);
+
+    let (code, out, _) = Ferry::cli(&["buffer", "stats", "--data-dir", d]);
+    assert_eq!(code, 0);
+    assert!(out.contains("readings        6"), "{out}");
+
+    let (code, out, _) = Ferry::cli(&["buffer", "verify", "--data-dir", d]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("6 readings checked"), "{out}");
+
+    let (code, out, _) = Ferry::cli(&["buffer", "dead-letter", "list", "--data-dir", d]);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("MSG_SIZE_TOO_LARGE") && out.contains("a/b"),
+        "{out}"
+    );
+
+    let (code, out, err) = Ferry::cli(&["buffer", "dead-letter", "requeue", "--data-dir", d]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("1 dead letters requeued"), "{out}");
+    let (_, out, _) = Ferry::cli(&["buffer", "stats", "--data-dir", d, "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["dead_letters"], 0);
+    assert_eq!(
+        v["readings"], 7,
+        "the requeued reading is back in the stream"
+    );
+}
+
+#[test]
+fn verify_reports_a_damaged_segment_and_exits_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let opts = BufferOptions {
+            compression: ferry_buffer::Compression::None,
+            consumers: vec!["kafka".into()],
+            ..Default::default()
+        };
+        let buf = Buffer::open(dir.path(), opts).unwrap();
+        let payload = "PAYLOAD-MARKER-".repeat(20);
+        buf.append(vec![Reading::new(Source::Http, "d", "t", payload)])
+            .await
+            .unwrap();
+        buf.close().await;
+    });
+    // Flip a byte inside the stored payload: redb's page is intact, our CRC is not.
+    let path = dir.path().join(ferry_buffer::FILE_NAME);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let at = bytes
+        .windows(15)
+        .position(|w| w == b"PAYLOAD-MARKER-")
+        .expect("payload is stored uncompressed");
+    bytes[at + 3] ^= 0x20;
+    std::fs::write(&path, bytes).unwrap();
+    let (code, out, _) = Ferry::cli(&[
+        "buffer",
+        "verify",
+        "--data-dir",
+        dir.path().to_str().unwrap(),
+    ]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("checksum mismatch"), "{out}");
+}
+
+#[test]
+fn a_second_gateway_on_the_same_data_dir_is_refused_clearly() {
+    let a = Ferry::start("");
+    let (code, _, err) = {
+        let cfg = a.config_path.to_str().unwrap().to_string();
+        let out = std::process::Command::new(ferry_tests::bin_path("ferry"))
+            .args(["run", "--config", &cfg])
+            .env("FERRY_GATEWAY_DATA_DIR", &a.data_dir)
+            .env("FERRY_MQTT_LISTEN", "127.0.0.1:0")
+            .env("FERRY_HTTP_LISTEN", "127.0.0.1:0")
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::new(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("already open in another process"), "{err}");
+}
