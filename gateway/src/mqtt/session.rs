@@ -1,0 +1,1102 @@
+//! One MQTT connection, from CONNECT to close.
+//!
+//! The socket is split: this task reads and frames packets (rumqttd's codecs) and runs the
+//! state machine; a writer task encodes what it is handed and flushes when it runs out of work.
+//! Publishes framed from one read go to the buffer as one append; the append futures of a
+//! connection sit in a `FuturesOrdered`, so acks go out in publish order while the connection
+//! keeps reading (up to `max_inflight` unacknowledged QoS 1/2 publishes).
+
+use super::auth::{Auth, AuthConfigError, AuthOutcome};
+use super::stats::{MqttStats, reason};
+use bytes::{Buf, BytesMut};
+use ferry_buffer::{AppendError, Buffer, Reading, Source, now_ms};
+use ferry_config::MqttSettings;
+use futures_util::StreamExt;
+use futures_util::future::BoxFuture;
+use futures_util::stream::FuturesOrdered;
+use rumqttd::protocol::{
+    ConnAck, ConnAckProperties, Connect, ConnectReturnCode, Disconnect, DisconnectProperties,
+    DisconnectReasonCode, Error as CodecError, LastWill, LastWillProperties, Login, Packet,
+    PingResp, PubAck, PubAckProperties, PubAckReason, PubComp, PubCompReason, PubRec,
+    PubRecProperties, PubRecReason, Publish, PublishProperties, SubAck, SubscribeReasonCode,
+    UnsubAck, UnsubAckReason,
+};
+use rumqttd::protocol::{Protocol, v4, v5};
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// Room for the topic, packet id and v5 properties on top of `max_payload_bytes`: a PUBLISH
+/// whose remaining length exceeds `max_payload_bytes + FRAME_HEADROOM` is refused from its
+/// fixed header, before its body is buffered.
+pub const FRAME_HEADROOM: usize = 16 * 1024;
+/// Largest CONNECT accepted (it may carry a will as large as a publish).
+const MIN_CONNECT_LIMIT: usize = 64 * 1024;
+/// Publishes gathered into one append at most (also bounded by `BATCH_BYTES`).
+const BATCH_READINGS: usize = 1024;
+const BATCH_BYTES: usize = 1 << 20;
+/// Retry period while a v3.1.1 ack is withheld because the buffer is full.
+const FULL_RETRY: Duration = Duration::from_millis(200);
+
+/// State shared by every MQTT connection (plain and TLS).
+#[derive(Debug)]
+pub struct Ctx {
+    /// `[mqtt]`.
+    pub settings: MqttSettings,
+    /// Where readings go.
+    pub buffer: Buffer,
+    /// `[[mqtt.users]]`.
+    pub auth: Auth,
+    /// Status-page figures.
+    pub stats: MqttStats,
+    /// `buffer.when_full = "reject"`.
+    pub reject_when_full: bool,
+    /// Largest remaining length of a packet after CONNECT.
+    pub frame_limit: usize,
+    /// `max_connections` slots, shared by the plain and TLS listeners.
+    pub slots: Arc<tokio::sync::Semaphore>,
+    sessions: Mutex<HashMap<String, (u64, CancellationToken)>>,
+    next_id: AtomicU64,
+}
+
+impl Ctx {
+    /// Builds the shared state.
+    pub fn new(
+        settings: MqttSettings,
+        buffer: Buffer,
+        reject_when_full: bool,
+    ) -> Result<Ctx, AuthConfigError> {
+        Ok(Ctx {
+            auth: Auth::new(&settings)?,
+            frame_limit: settings.max_payload_bytes.saturating_add(FRAME_HEADROOM),
+            slots: Arc::new(tokio::sync::Semaphore::new(settings.max_connections.max(1))),
+            settings,
+            buffer,
+            stats: MqttStats::default(),
+            reject_when_full,
+            sessions: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+        })
+    }
+
+    fn next_conn_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Registers a session; an older one with the same client id is told to go.
+    fn take_over(&self, client_id: &str, conn: u64, token: CancellationToken) -> bool {
+        let old = self
+            .sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(client_id.to_owned(), (conn, token));
+        match old {
+            Some((_, t)) => {
+                t.cancel();
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn deregister(&self, client_id: &str, conn: u64) {
+        let mut m = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        if m.get(client_id).is_some_and(|(c, _)| *c == conn) {
+            m.remove(client_id);
+        }
+    }
+}
+
+/// The codec of one connection, chosen from the CONNECT's protocol level.
+#[derive(Debug, Clone)]
+enum Codec {
+    V4(v4::V4),
+    V5(v5::V5),
+}
+
+impl Codec {
+    fn is_v5(&self) -> bool {
+        matches!(self, Codec::V5(_))
+    }
+
+    fn read(&mut self, buf: &mut BytesMut, max: usize) -> Result<Packet, CodecError> {
+        // rumqttd's decoders have had `unreachable!()` arms for unexpected packet types; the
+        // caller filters those, and this keeps any other panic to one closed connection.
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match self {
+            Codec::V4(c) => c.read_mut(buf, max),
+            Codec::V5(c) => c.read_mut(buf, max),
+        }))
+        .unwrap_or(Err(CodecError::MalformedPacket))
+    }
+
+    fn write(&self, p: Packet, out: &mut BytesMut) -> Result<usize, CodecError> {
+        match self {
+            Codec::V4(c) => c.write(p, out),
+            Codec::V5(c) => c.write(p, out),
+        }
+    }
+}
+
+/// Why a connection closes, and what that implies.
+#[derive(Debug)]
+struct Close {
+    /// For the log and `ferry_mqtt_rejected_total` (None: an ordinary close).
+    reason: Option<&'static str>,
+    /// What the log says.
+    message: String,
+    /// v5 DISCONNECT reason code to send, if any.
+    v5: Option<DisconnectReasonCode>,
+    /// Whether the last will is ingested.
+    will: bool,
+}
+
+impl Close {
+    fn lost(message: impl Into<String>) -> Close {
+        Close {
+            reason: None,
+            message: message.into(),
+            v5: None,
+            will: true,
+        }
+    }
+    fn error(reason: &'static str, v5: DisconnectReasonCode, message: impl Into<String>) -> Close {
+        Close {
+            reason: Some(reason),
+            message: message.into(),
+            v5: Some(v5),
+            will: true,
+        }
+    }
+}
+
+/// Where a PUBLISH's QoS, DUP flag and packet id live in its frame. rumqttd parses them but
+/// keeps the fields crate-private, so they are read from the frame before decoding.
+fn publish_meta(frame: &[u8], fixed_header_len: usize) -> (u8, bool, u16) {
+    let byte1 = frame[0];
+    let qos = (byte1 >> 1) & 0b11;
+    let dup = byte1 & 0b1000 != 0;
+    let mut pkid = 0;
+    if qos > 0 {
+        let at = fixed_header_len;
+        if let Some(t) = frame.get(at..at + 2) {
+            let tlen = u16::from_be_bytes([t[0], t[1]]) as usize;
+            if let Some(p) = frame.get(at + 2 + tlen..at + 4 + tlen) {
+                pkid = u16::from_be_bytes([p[0], p[1]]);
+            }
+        }
+    }
+    (qos, dup, pkid)
+}
+
+/// Whether a PUBLISH topic is acceptable: UTF-8, non-empty, no wildcard, no NUL.
+pub fn valid_topic(topic: &[u8]) -> Option<&str> {
+    let t = std::str::from_utf8(topic).ok()?;
+    (!t.is_empty() && !t.contains(['+', '#', '\0'])).then_some(t)
+}
+
+/// The device id of a reading: the certificate CN, else the topic level, else the client id.
+pub fn device_id<'a>(
+    cert_cn: Option<&'a str>,
+    level: Option<usize>,
+    topic: &'a str,
+    client_id: &'a str,
+) -> &'a str {
+    if let Some(cn) = cert_cn {
+        return cn;
+    }
+    if let Some(l) = level.and_then(|n| topic.split('/').nth(n).filter(|l| !l.is_empty())) {
+        return l;
+    }
+    client_id
+}
+
+/// Client id rule: an empty id gets an assigned one with clean session, and is refused
+/// without it. Returns the id to use and whether it was assigned.
+pub fn client_id_rule(id: &str, clean: bool, conn: u64) -> Option<(String, bool)> {
+    if !id.is_empty() {
+        return Some((id.to_owned(), false));
+    }
+    clean.then(|| (format!("ferry-auto-{:x}-{conn:x}", now_ms()), true))
+}
+
+/// A finished entry of the ordered ack queue.
+enum Done {
+    /// An append completed (or failed) for these publishes.
+    Appended {
+        acks: Vec<(u16, u8)>,
+        by_qos: [u64; 3],
+        started: Instant,
+        result: Result<(), AppendError>,
+    },
+    /// Answers that must keep their place in the order (rejections, DUP re-sends).
+    Reply(Vec<Packet>),
+    /// A QoS 2 DUP re-send: PUBREC again if the original was stored.
+    Dup(u16),
+}
+
+#[derive(Default)]
+struct Batch {
+    readings: Vec<Reading>,
+    acks: Vec<(u16, u8)>,
+    by_qos: [u64; 3],
+    bytes: usize,
+    started: Option<Instant>,
+}
+
+struct Session {
+    ctx: Arc<Ctx>,
+    codec: Codec,
+    client_id: String,
+    cert_cn: Option<String>,
+    tx: mpsc::Sender<Packet>,
+    pending: FuturesOrdered<BoxFuture<'static, Done>>,
+    inflight: usize,
+    qos2: HashSet<u16>,
+    batch: Batch,
+}
+
+/// Serves one accepted connection until it closes. `cert_cn` is the TLS client certificate's
+/// CN when `device_from_cert_cn` is on; `Some("")` means the certificate has none.
+pub async fn serve<IO>(
+    ctx: Arc<Ctx>,
+    mut io: IO,
+    peer: SocketAddr,
+    cert_cn: Option<String>,
+    deadline: Instant,
+    stop: CancellationToken,
+) where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let mut buf = BytesMut::with_capacity(4096);
+    let connect_limit = ctx.frame_limit.max(MIN_CONNECT_LIMIT);
+    // CONNECT, within the connect timeout.
+    let first = tokio::select! {
+        r = tokio::time::timeout_at(deadline, read_connect(&mut io, &mut buf, connect_limit)) => r,
+        _ = stop.cancelled() => return,
+    };
+    let (codec, packet) = match first {
+        Err(_) => {
+            ctx.stats.rejected(reason::CONNECT_TIMEOUT, 1);
+            tracing::info!(peer = %peer, "A client sent no CONNECT within connect_timeout_ms; the connection is closed.");
+            return;
+        }
+        Ok(Err(ConnectError::Io(e))) => {
+            tracing::debug!(peer = %peer, error = %e, "A client closed the connection before CONNECT.");
+            return;
+        }
+        Ok(Err(ConnectError::Version(level))) => {
+            ctx.stats.rejected(reason::PROTOCOL_VERSION, 1);
+            tracing::info!(peer = %peer, level, "A client asked for an unsupported MQTT protocol level; CONNACK 0x01 is sent.");
+            let mut out = BytesMut::new();
+            let _ = v4::V4.write(
+                Packet::ConnAck(
+                    ConnAck {
+                        session_present: false,
+                        code: ConnectReturnCode::RefusedProtocolVersion,
+                    },
+                    None,
+                ),
+                &mut out,
+            );
+            let _ = io.write_all(&out).await;
+            let _ = io.shutdown().await;
+            return;
+        }
+        Ok(Err(ConnectError::Malformed(why))) => {
+            ctx.stats.rejected(reason::PROTOCOL, 1);
+            tracing::info!(peer = %peer, error = %why, "A client's first packet is not a valid CONNECT; the connection is closed.");
+            return;
+        }
+        Ok(Ok(x)) => x,
+    };
+    let Packet::Connect(connect, connect_props, will, will_props, login) = packet else {
+        return;
+    };
+    let _ = connect_props;
+    let conn = ctx.next_conn_id();
+    let v5 = codec.is_v5();
+
+    // Admission: client id, credentials, TLS identity.
+    let refuse = |code_v4: ConnectReturnCode, code_v5: ConnectReturnCode| {
+        if v5 { code_v5 } else { code_v4 }
+    };
+    let mut refusal = None;
+    let id = client_id_rule(&connect.client_id, connect.clean_session, conn);
+    if id.is_none() {
+        refusal = Some((
+            reason::CLIENT_ID,
+            refuse(
+                ConnectReturnCode::ClientIdentifierNotValid,
+                ConnectReturnCode::ClientIdentifierNotValid,
+            ),
+            "an empty client id needs clean session".to_string(),
+        ));
+    }
+    if refusal.is_none() {
+        let creds = login
+            .as_ref()
+            .map(|l: &Login| (l.username.as_str(), l.password.as_str()));
+        match ctx.auth.check(creds).await {
+            AuthOutcome::Allowed => {}
+            AuthOutcome::BadCredentials => {
+                refusal = Some((
+                    reason::BAD_CREDENTIALS,
+                    refuse(
+                        ConnectReturnCode::BadUserNamePassword,
+                        ConnectReturnCode::BadUserNamePassword,
+                    ),
+                    format!(
+                        "bad username or password for user '{}'",
+                        creds.map(|c| c.0).unwrap_or("")
+                    ),
+                ))
+            }
+            AuthOutcome::NotAuthorized => {
+                refusal = Some((
+                    reason::NOT_AUTHORIZED,
+                    refuse(
+                        ConnectReturnCode::NotAuthorized,
+                        ConnectReturnCode::NotAuthorized,
+                    ),
+                    "anonymous clients are not allowed".to_string(),
+                ))
+            }
+        }
+    }
+    if refusal.is_none() && cert_cn.as_deref() == Some("") {
+        refusal = Some((
+            reason::NOT_AUTHORIZED,
+            refuse(
+                ConnectReturnCode::NotAuthorized,
+                ConnectReturnCode::NotAuthorized,
+            ),
+            "device_from_cert_cn is on and the client certificate has no Common Name".to_string(),
+        ));
+    }
+    let mut out = BytesMut::new();
+    if let Some((why, code, message)) = refusal {
+        ctx.stats.rejected(why, 1);
+        tracing::info!(peer = %peer, client_id = %connect.client_id, reason = why, "A CONNECT was refused: {message}.");
+        let _ = codec.write(
+            Packet::ConnAck(
+                ConnAck {
+                    session_present: false,
+                    code,
+                },
+                None,
+            ),
+            &mut out,
+        );
+        let _ = io.write_all(&out).await;
+        let _ = io.shutdown().await;
+        return;
+    }
+    let (client_id, assigned) = id.unwrap_or_default();
+    let props = v5.then(|| ConnAckProperties {
+        receive_max: Some(ctx.settings.max_inflight.max(1)),
+        max_packet_size: Some((ctx.frame_limit + 5).min(u32::MAX as usize) as u32),
+        assigned_client_identifier: assigned.then(|| client_id.clone()),
+        retain_available: Some(0),
+        wildcard_subscription_available: Some(0),
+        subscription_identifiers_available: Some(0),
+        shared_subscription_available: Some(0),
+        ..Default::default()
+    });
+    let _ = codec.write(
+        Packet::ConnAck(
+            ConnAck {
+                session_present: false,
+                code: ConnectReturnCode::Success,
+            },
+            props,
+        ),
+        &mut out,
+    );
+    if io.write_all(&out).await.is_err() {
+        return;
+    }
+    let takeover = CancellationToken::new();
+    if ctx.take_over(&client_id, conn, takeover.clone()) {
+        tracing::info!(client_id = %client_id, peer = %peer, "A new connection took over the session of client id {client_id}.");
+    }
+    ctx.stats.connected();
+    tracing::debug!(client_id = %client_id, peer = %peer, v5, keep_alive = connect.keep_alive, "An MQTT client connected.");
+
+    let will = will.and_then(|w| will_reading(&ctx, &client_id, cert_cn.as_deref(), w, will_props));
+    let (rd, wr) = tokio::io::split(io);
+    let (tx, rx) = mpsc::channel(256);
+    let writer = tokio::spawn(write_loop(wr, codec.clone(), rx));
+    let mut s = Session {
+        ctx: ctx.clone(),
+        codec,
+        client_id: client_id.clone(),
+        cert_cn: cert_cn.filter(|c| !c.is_empty()),
+        tx,
+        pending: FuturesOrdered::new(),
+        inflight: 0,
+        qos2: HashSet::new(),
+        batch: Batch::default(),
+    };
+    let close = s.run(rd, buf, &connect, stop, takeover).await;
+    // Finish what is owed: every append already went to the buffer; send the acks that
+    // can still be delivered, in order.
+    while let Some(done) = s.pending.next().await {
+        if s.on_done(done).await.is_err() {
+            break;
+        }
+    }
+    if let (true, Some(code)) = (v5, close.v5) {
+        // Always with properties: rumqttd 0.20's v5 DISCONNECT writer miscounts the remaining
+        // length of a non-zero reason code without properties.
+        let props = DisconnectProperties {
+            session_expiry_interval: None,
+            reason_string: Some(close.message.clone()),
+            user_properties: Vec::new(),
+            server_reference: None,
+        };
+        s.send(Packet::Disconnect(
+            Disconnect { reason_code: code },
+            Some(props),
+        ))
+        .await;
+    }
+    match close.reason {
+        Some(r) => {
+            ctx.stats.rejected(r, 1);
+            tracing::info!(client_id = %client_id, peer = %peer, reason = r, "The MQTT connection is closed: {}.", close.message);
+        }
+        None => {
+            tracing::debug!(client_id = %client_id, peer = %peer, "The MQTT connection is closed: {}.", close.message)
+        }
+    }
+    drop(s);
+    let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
+    ctx.deregister(&client_id, conn);
+    ctx.stats.disconnected();
+    if let (true, Some(w)) = (close.will, will) {
+        let topic = w.topic.clone();
+        match ctx.buffer.append(vec![w]).await {
+            Ok(_) => {
+                ctx.stats.will();
+                tracing::info!(client_id = %client_id, topic = %topic, "The client's last will was stored as a reading.");
+            }
+            Err(e) => {
+                tracing::warn!(client_id = %client_id, error = %e, "The client's last will could not be stored.")
+            }
+        }
+    }
+}
+
+fn will_reading(
+    ctx: &Ctx,
+    client_id: &str,
+    cert_cn: Option<&str>,
+    w: LastWill,
+    props: Option<LastWillProperties>,
+) -> Option<Reading> {
+    let topic = valid_topic(&w.topic)?;
+    let device = device_id(
+        cert_cn.filter(|c| !c.is_empty()),
+        ctx.settings.device_from_topic_level,
+        topic,
+        client_id,
+    );
+    let mut r = Reading::new(Source::MqttWill, device, topic, w.message);
+    if let Some(p) = props {
+        r.content_type = p.content_type;
+        r.properties = p.user_properties;
+    }
+    Some(r)
+}
+
+#[derive(Debug)]
+enum ConnectError {
+    Io(std::io::Error),
+    Version(u8),
+    Malformed(String),
+}
+
+/// Reads the CONNECT: frames it, peeks the protocol level, and decodes it with V4 or V5.
+async fn read_connect<IO: AsyncRead + Unpin>(
+    io: &mut IO,
+    buf: &mut BytesMut,
+    limit: usize,
+) -> Result<(Codec, Packet), ConnectError> {
+    loop {
+        match v4::check(buf.iter(), limit) {
+            Ok(fh) => {
+                if fh.byte1 >> 4 != 1 {
+                    return Err(ConnectError::Malformed(format!(
+                        "packet type {} before CONNECT",
+                        fh.byte1 >> 4
+                    )));
+                }
+                // Variable header: protocol name (u16 length + bytes), then the level.
+                let at = fh.fixed_header_len;
+                let name_len = buf
+                    .get(at..at + 2)
+                    .map(|b| u16::from_be_bytes([b[0], b[1]]) as usize)
+                    .ok_or_else(|| ConnectError::Malformed("short CONNECT".into()))?;
+                let level = *buf
+                    .get(at + 2 + name_len)
+                    .ok_or_else(|| ConnectError::Malformed("short CONNECT".into()))?;
+                let mut codec = match level {
+                    4 => Codec::V4(v4::V4),
+                    5 => Codec::V5(v5::V5),
+                    3 => return Err(ConnectError::Version(level)),
+                    l => return Err(ConnectError::Version(l)),
+                };
+                let p = codec
+                    .read(buf, limit)
+                    .map_err(|e| ConnectError::Malformed(e.to_string()))?;
+                return Ok((codec, p));
+            }
+            Err(CodecError::InsufficientBytes(_)) => {}
+            Err(e) => return Err(ConnectError::Malformed(e.to_string())),
+        }
+        buf.reserve(4096);
+        match io.read_buf(buf).await {
+            Ok(0) => {
+                return Err(ConnectError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+            }
+            Ok(_) => {}
+            Err(e) => return Err(ConnectError::Io(e)),
+        }
+    }
+}
+
+async fn write_loop<W: AsyncWrite + Unpin>(mut w: W, codec: Codec, mut rx: mpsc::Receiver<Packet>) {
+    let mut out = BytesMut::with_capacity(4096);
+    while let Some(p) = rx.recv().await {
+        let _ = codec.write(p, &mut out);
+        while out.len() < 64 * 1024 {
+            match rx.try_recv() {
+                Ok(p) => {
+                    let _ = codec.write(p, &mut out);
+                }
+                Err(_) => break,
+            }
+        }
+        if w.write_all(&out).await.is_err() || w.flush().await.is_err() {
+            return;
+        }
+        out.clear();
+    }
+    let _ = w.shutdown().await;
+}
+
+impl Session {
+    fn v5(&self) -> bool {
+        self.codec.is_v5()
+    }
+
+    async fn send(&mut self, p: Packet) {
+        let _ = self.tx.send(p).await;
+    }
+
+    fn can_take_more(&self) -> bool {
+        self.inflight < self.ctx.settings.max_inflight.max(1) as usize
+            && self.pending.len() < self.ctx.settings.max_inflight.max(1) as usize * 2
+    }
+
+    async fn run<R: AsyncRead + Unpin>(
+        &mut self,
+        mut rd: R,
+        mut buf: BytesMut,
+        connect: &Connect,
+        stop: CancellationToken,
+        takeover: CancellationToken,
+    ) -> Close {
+        let ka = Duration::from_millis(connect.keep_alive as u64 * 1500);
+        let mut last_rx = Instant::now();
+        loop {
+            // Frame and handle what is buffered, as far as the inflight window allows.
+            while self.can_take_more() {
+                match self.next_packet(&mut buf).await {
+                    Ok(true) => {}
+                    Ok(false) => break,
+                    Err(c) => {
+                        self.flush_batch();
+                        return c;
+                    }
+                }
+            }
+            self.flush_batch();
+            let reading = self.can_take_more();
+            let ka_on = connect.keep_alive > 0 && self.pending.is_empty();
+            tokio::select! {
+                _ = stop.cancelled() => {
+                    return Close { reason: None, message: "ferry is shutting down".into(), v5: Some(DisconnectReasonCode::ServerShuttingDown), will: false };
+                }
+                _ = takeover.cancelled() => {
+                    return Close { reason: None, message: "another connection took over the client id".into(), v5: Some(DisconnectReasonCode::SessionTakenOver), will: false };
+                }
+                Some(done) = self.pending.next(), if !self.pending.is_empty() => {
+                    if let Err(c) = self.on_done(done).await {
+                        return c;
+                    }
+                }
+                r = read_some(&mut rd, &mut buf), if reading => {
+                    match r {
+                        Ok(0) => return Close::lost("the client closed the connection without DISCONNECT"),
+                        Ok(_) => last_rx = Instant::now(),
+                        Err(e) => return Close::lost(format!("read error: {e}")),
+                    }
+                }
+                _ = tokio::time::sleep_until(last_rx + ka), if ka_on => {
+                    return Close::error(reason::KEEP_ALIVE, DisconnectReasonCode::KeepAliveTimeout,
+                        format!("no packet for 1.5 x the keep-alive of {} s", connect.keep_alive));
+                }
+            }
+        }
+    }
+
+    /// Frames and handles one packet. `Ok(false)`: more bytes are needed.
+    async fn next_packet(&mut self, buf: &mut BytesMut) -> Result<bool, Close> {
+        let limit = self.ctx.frame_limit;
+        let fh = match v4::check(buf.iter(), limit) {
+            Ok(fh) => fh,
+            Err(CodecError::InsufficientBytes(_)) => return Ok(false),
+            Err(CodecError::PayloadSizeLimitExceeded(n)) => {
+                return Err(Close::error(
+                    reason::TOO_LARGE,
+                    DisconnectReasonCode::PacketTooLarge,
+                    format!(
+                        "a packet of {n} bytes exceeds max_payload_bytes ({}) plus headroom",
+                        self.ctx.settings.max_payload_bytes
+                    ),
+                ));
+            }
+            Err(e) => {
+                return Err(Close::error(
+                    reason::PROTOCOL,
+                    DisconnectReasonCode::MalformedPacket,
+                    format!("malformed packet: {e}"),
+                ));
+            }
+        };
+        let ptype = fh.byte1 >> 4;
+        // Types a client never sends; rumqttd's v5 decoder would panic on some of them.
+        if matches!(ptype, 0 | 1 | 2 | 9 | 11 | 13 | 15) {
+            return Err(Close::error(
+                reason::PROTOCOL,
+                DisconnectReasonCode::ProtocolError,
+                format!("unexpected packet type {ptype} from a client"),
+            ));
+        }
+        let meta =
+            (ptype == 3).then(|| publish_meta(&buf[..fh.frame_length()], fh.fixed_header_len));
+        let packet = self.codec.read(buf, limit).map_err(|e| {
+            Close::error(
+                reason::PROTOCOL,
+                DisconnectReasonCode::MalformedPacket,
+                format!("malformed packet: {e}"),
+            )
+        })?;
+        match packet {
+            Packet::Publish(p, props) => {
+                let (qos, dup, pkid) = meta.unwrap_or_default();
+                self.on_publish(p, props, qos, dup, pkid).await?;
+            }
+            Packet::PubRel(rel, _) => {
+                let known = self.qos2.remove(&rel.pkid);
+                let reason = if known || !self.v5() {
+                    PubCompReason::Success
+                } else {
+                    PubCompReason::PacketIdentifierNotFound
+                };
+                self.send(Packet::PubComp(
+                    PubComp {
+                        pkid: rel.pkid,
+                        reason,
+                    },
+                    None,
+                ))
+                .await;
+            }
+            Packet::PingReq(_) => self.send(Packet::PingResp(PingResp)).await,
+            Packet::Subscribe(sub, _) => {
+                self.ctx.stats.rejected(reason::SUBSCRIBE, 1);
+                tracing::info!(client_id = %self.client_id, "A SUBSCRIBE was refused: ferry is ingest-only.");
+                let code = if self.v5() {
+                    SubscribeReasonCode::NotAuthorized
+                } else {
+                    SubscribeReasonCode::Failure
+                };
+                let return_codes = vec![code; sub.filters.len().max(1)];
+                self.reply(vec![Packet::SubAck(
+                    SubAck {
+                        pkid: sub.pkid,
+                        return_codes,
+                    },
+                    None,
+                )]);
+            }
+            Packet::Unsubscribe(unsub, _) => {
+                let reasons = if self.v5() {
+                    vec![UnsubAckReason::NotAuthorized; unsub.filters.len().max(1)]
+                } else {
+                    Vec::new()
+                };
+                self.reply(vec![Packet::UnsubAck(
+                    UnsubAck {
+                        pkid: unsub.pkid,
+                        reasons,
+                    },
+                    None,
+                )]);
+            }
+            Packet::Disconnect(d, _) => {
+                let with_will = d.reason_code == DisconnectReasonCode::DisconnectWithWillMessage;
+                return Err(Close {
+                    reason: None,
+                    message: "the client sent DISCONNECT".into(),
+                    v5: None,
+                    will: with_will,
+                });
+            }
+            // ferry sends no PUBLISH, so client PUBACK/PUBREC/PUBCOMP have nothing to match.
+            Packet::PubAck(..) | Packet::PubRec(..) | Packet::PubComp(..) => {}
+            other => {
+                return Err(Close::error(
+                    reason::PROTOCOL,
+                    DisconnectReasonCode::ProtocolError,
+                    format!("unexpected {:?} packet", std::mem::discriminant(&other)),
+                ));
+            }
+        }
+        Ok(true)
+    }
+
+    /// Queues answers that must keep their place in the ack order.
+    fn reply(&mut self, packets: Vec<Packet>) {
+        self.flush_batch();
+        self.pending
+            .push_back(Box::pin(std::future::ready(Done::Reply(packets))));
+    }
+
+    fn reject_publish(
+        &mut self,
+        qos: u8,
+        pkid: u16,
+        why: &'static str,
+        code_v5: PubAckReason,
+        message: String,
+    ) -> Result<(), Close> {
+        if self.v5() && qos > 0 {
+            self.ctx.stats.rejected(why, 1);
+            tracing::info!(client_id = %self.client_id, reason = why, "A PUBLISH was refused: {message}.");
+            let props = Some(message);
+            let p = if qos == 1 {
+                Packet::PubAck(
+                    PubAck {
+                        pkid,
+                        reason: code_v5,
+                    },
+                    props.map(|m| PubAckProperties {
+                        reason_string: Some(m),
+                        user_properties: vec![],
+                    }),
+                )
+            } else {
+                Packet::PubRec(
+                    PubRec {
+                        pkid,
+                        reason: pubrec_reason(code_v5),
+                    },
+                    props.map(|m| PubRecProperties {
+                        reason_string: Some(m),
+                        user_properties: vec![],
+                    }),
+                )
+            };
+            self.reply(vec![p]);
+            return Ok(());
+        }
+        let v5 = match why {
+            reason::TOO_LARGE => DisconnectReasonCode::PacketTooLarge,
+            _ => DisconnectReasonCode::TopicNameInvalid,
+        };
+        Err(Close::error(why, v5, message))
+    }
+
+    async fn on_publish(
+        &mut self,
+        p: Publish,
+        props: Option<PublishProperties>,
+        qos: u8,
+        dup: bool,
+        pkid: u16,
+    ) -> Result<(), Close> {
+        let Some(topic) = valid_topic(&p.topic) else {
+            return self.reject_publish(
+                qos,
+                pkid,
+                reason::TOPIC_INVALID,
+                PubAckReason::TopicNameInvalid,
+                format!(
+                    "topic {:?} is not a valid topic name (empty, not UTF-8, or with a wildcard)",
+                    String::from_utf8_lossy(&p.topic)
+                ),
+            );
+        };
+        if p.payload.len() > self.ctx.settings.max_payload_bytes {
+            return self.reject_publish(
+                qos,
+                pkid,
+                reason::TOO_LARGE,
+                PubAckReason::QuotaExceeded,
+                format!(
+                    "a payload of {} bytes exceeds max_payload_bytes ({})",
+                    p.payload.len(),
+                    self.ctx.settings.max_payload_bytes
+                ),
+            );
+        }
+        if qos == 2 && !self.qos2.insert(pkid) {
+            // A re-send of a QoS 2 publish already stored (or being stored): do not store it
+            // twice, answer PUBREC again in order.
+            let _ = dup;
+            self.flush_batch();
+            self.pending
+                .push_back(Box::pin(std::future::ready(Done::Dup(pkid))));
+            return Ok(());
+        }
+        let device = device_id(
+            self.cert_cn.as_deref(),
+            self.ctx.settings.device_from_topic_level,
+            topic,
+            &self.client_id,
+        )
+        .to_owned();
+        let mut r = Reading::new(Source::Mqtt, device, topic, p.payload);
+        if let Some(pp) = props {
+            r.content_type = pp.content_type;
+            r.properties = pp.user_properties;
+        }
+        let b = &mut self.batch;
+        b.started.get_or_insert_with(Instant::now);
+        b.bytes += r.payload.len() + r.topic.len();
+        b.readings.push(r);
+        b.by_qos[qos.min(2) as usize] += 1;
+        if qos > 0 {
+            b.acks.push((pkid, qos));
+            self.inflight += 1;
+        }
+        if b.readings.len() >= BATCH_READINGS || b.bytes >= BATCH_BYTES {
+            self.flush_batch();
+        }
+        Ok(())
+    }
+
+    /// Hands the gathered publishes to the buffer as one append.
+    fn flush_batch(&mut self) {
+        if self.batch.readings.is_empty() {
+            return;
+        }
+        let b = std::mem::take(&mut self.batch);
+        let buffer = self.ctx.buffer.clone();
+        let retry_full = !self.v5() && self.ctx.reject_when_full;
+        let wait = Duration::from_millis(self.ctx.settings.full_ack_wait_ms);
+        let client_id = self.client_id.clone();
+        let started = b.started.unwrap_or_else(Instant::now);
+        // Spawned, so the append reaches the buffer's writer now, whatever this loop does next.
+        let task =
+            tokio::spawn(
+                async move { append(&buffer, b.readings, retry_full, wait, &client_id).await },
+            );
+        self.pending.push_back(Box::pin(async move {
+            let result = task.await.unwrap_or(Err(AppendError::Closed {
+                readings: Vec::new(),
+            }));
+            Done::Appended {
+                acks: b.acks,
+                by_qos: b.by_qos,
+                started,
+                result,
+            }
+        }));
+    }
+
+    /// Sends what a finished queue entry owes, in order.
+    async fn on_done(&mut self, done: Done) -> Result<(), Close> {
+        match done {
+            Done::Reply(ps) => {
+                for p in ps {
+                    self.send(p).await;
+                }
+            }
+            Done::Dup(pkid) => {
+                if self.qos2.contains(&pkid) {
+                    self.send(Packet::PubRec(
+                        PubRec {
+                            pkid,
+                            reason: PubRecReason::Success,
+                        },
+                        None,
+                    ))
+                    .await;
+                }
+            }
+            Done::Appended {
+                acks,
+                by_qos,
+                started,
+                result,
+            } => {
+                self.inflight -= acks.len();
+                match result {
+                    Ok(()) => {
+                        for (pkid, qos) in &acks {
+                            self.send(ack(*qos, *pkid, PubAckReason::Success, None))
+                                .await;
+                        }
+                        self.ctx
+                            .stats
+                            .committed(by_qos, (!acks.is_empty()).then(|| started.elapsed()));
+                    }
+                    Err(e) => {
+                        let n = e.readings().len() as u64;
+                        for (pkid, qos) in &acks {
+                            if *qos == 2 {
+                                self.qos2.remove(pkid);
+                            }
+                        }
+                        let (why, code) = match &e {
+                            AppendError::Full { .. } | AppendError::TooLarge { .. } => {
+                                (reason::BUFFER_FULL, PubAckReason::QuotaExceeded)
+                            }
+                            _ => (reason::STORAGE, PubAckReason::UnspecifiedError),
+                        };
+                        self.ctx.stats.rejected(why, n);
+                        if !self.v5() {
+                            // v3.1.1 has no negative ack: withhold it and close, so the
+                            // device keeps the message and sends it again later.
+                            return Err(Close::error(
+                                why,
+                                DisconnectReasonCode::UnspecifiedError,
+                                format!("{n} readings were not stored and not acknowledged ({e})"),
+                            ));
+                        }
+                        tracing::warn!(client_id = %self.client_id, error = %e, readings = n, "Publishes were refused with a negative acknowledgement.");
+                        let msg = e.to_string();
+                        for (pkid, qos) in &acks {
+                            self.send(ack(*qos, *pkid, code, Some(msg.clone()))).await;
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+async fn read_some<R: AsyncRead + Unpin>(rd: &mut R, buf: &mut BytesMut) -> std::io::Result<usize> {
+    if buf.capacity() - buf.len() < 4096 {
+        buf.reserve(8192);
+    }
+    rd.read_buf(buf).await
+}
+
+/// Appends; with `retry_full` (v3.1.1 in reject mode) a full buffer is retried until `wait`
+/// has passed, so the ack is withheld rather than lost.
+async fn append(
+    buffer: &Buffer,
+    mut readings: Vec<Reading>,
+    retry_full: bool,
+    wait: Duration,
+    client_id: &str,
+) -> Result<(), AppendError> {
+    let until = Instant::now() + wait;
+    let mut logged = false;
+    loop {
+        match buffer.append(readings).await {
+            Ok(_) => return Ok(()),
+            Err(AppendError::Full {
+                readings: back,
+                used,
+                max,
+            }) if retry_full && Instant::now() < until => {
+                if !logged {
+                    tracing::warn!(client_id = %client_id, used, max, wait_ms = wait.as_millis() as u64,
+                        "The buffer is full: the acknowledgement to this MQTT 3.1.1 client is withheld until space frees or full_ack_wait_ms passes.");
+                    logged = true;
+                }
+                readings = back;
+                tokio::time::sleep(FULL_RETRY).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn pubrec_reason(r: PubAckReason) -> PubRecReason {
+    match r {
+        PubAckReason::Success => PubRecReason::Success,
+        PubAckReason::TopicNameInvalid => PubRecReason::TopicNameInvalid,
+        PubAckReason::QuotaExceeded => PubRecReason::QuotaExceeded,
+        PubAckReason::NotAuthorized => PubRecReason::NotAuthorized,
+        PubAckReason::PayloadFormatInvalid => PubRecReason::PayloadFormatInvalid,
+        PubAckReason::ImplementationSpecificError => PubRecReason::ImplementationSpecificError,
+        _ => PubRecReason::UnspecifiedError,
+    }
+}
+
+/// PUBACK (QoS 1) or PUBREC (QoS 2).
+fn ack(qos: u8, pkid: u16, reason: PubAckReason, message: Option<String>) -> Packet {
+    if qos == 1 {
+        Packet::PubAck(
+            PubAck { pkid, reason },
+            message.map(|m| PubAckProperties {
+                reason_string: Some(m),
+                user_properties: vec![],
+            }),
+        )
+    } else {
+        Packet::PubRec(
+            PubRec {
+                pkid,
+                reason: pubrec_reason(reason),
+            },
+            message.map(|m| PubRecProperties {
+                reason_string: Some(m),
+                user_properties: vec![],
+            }),
+        )
+    }
+}
+
+/// Answers a connection beyond `max_connections`: CONNACK "server unavailable" (v3.1.1 0x03,
+/// v5 0x97 quota exceeded) if it sends CONNECT within `wait`, then closes.
+pub async fn refuse_busy<IO: AsyncRead + AsyncWrite + Unpin>(mut io: IO, wait: Duration) {
+    let mut buf = BytesMut::with_capacity(512);
+    if let Ok(Ok((codec, _))) =
+        tokio::time::timeout(wait, read_connect(&mut io, &mut buf, MIN_CONNECT_LIMIT)).await
+    {
+        let code = if codec.is_v5() {
+            ConnectReturnCode::QuotaExceeded
+        } else {
+            ConnectReturnCode::ServiceUnavailable
+        };
+        let mut out = BytesMut::new();
+        let _ = codec.write(
+            Packet::ConnAck(
+                ConnAck {
+                    session_present: false,
+                    code,
+                },
+                None,
+            ),
+            &mut out,
+        );
+        let _ = io.write_all(&out).await;
+    }
+    let _ = io.shutdown().await;
+    let _ = buf.remaining();
+}
