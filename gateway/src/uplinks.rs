@@ -35,5 +35,31 @@ pub async fn register(gw: &mut Gateway) -> Result<(), StartError> {
         });
         tracing::info!(brokers = %config.uplink.kafka.brokers, topic = %config.uplink.kafka.topic, "The Kafka uplink is enabled.");
     }
+    if config.uplink.mqtt.enabled {
+        let sink = ferry_uplink::mqtt::MqttSink::new(
+            &config.uplink.mqtt,
+            &config.gateway.id,
+            &config.uplink_mqtt_client_id(),
+            gw.buffer.clone(),
+        )
+        .map_err(|e| StartError::Component {
+            component: "uplink.mqtt",
+            message: e.to_string(),
+        })?
+        .shutdown_grace(grace);
+        let status = sink.status();
+        gw.add_status_source(
+            "uplink.mqtt",
+            Arc::new(move || serde_json::to_value(status.snapshot()).unwrap_or_default()),
+        );
+        gw.add_uplink("mqtt", move |shutdown| {
+            Box::pin(async move {
+                if let Err(e) = sink.run(shutdown).await {
+                    tracing::error!(error = %e, "The MQTT uplink stopped with an error; readings stay in the buffer.");
+                }
+            })
+        });
+        tracing::info!(url = %config.uplink.mqtt.url, protocol = ?config.uplink.mqtt.protocol, "The MQTT uplink is enabled.");
+    }
     Ok(())
 }

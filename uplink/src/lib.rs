@@ -8,6 +8,7 @@
 //! stable id (`ferry-id` = `<gateway id>-<reading id>`) for upstream de-duplication.
 //!
 //! - [`kafka`]: the Kafka uplink ([`kafka::KafkaSink`]).
+//! - [`mqtt`]: the MQTT bridge to an upstream broker ([`mqtt::MqttSink`]).
 //! - [`backoff`]: exponential backoff with full jitter, shared by every uplink.
 //! - [`status`]: the [`status::UplinkStatus`] handle the status page reads.
 //!
@@ -15,6 +16,7 @@
 
 pub mod backoff;
 pub mod kafka;
+pub mod mqtt;
 pub mod status;
 
 pub use backoff::Backoff;

@@ -59,7 +59,10 @@ fn file_err(what: &'static str, path: &Path, message: impl ToString) -> TlsSetup
     }
 }
 
-fn read_certs(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsSetupError> {
+fn read_certs(
+    what: &'static str,
+    path: &Path,
+) -> Result<Vec<CertificateDer<'static>>, TlsSetupError> {
     let certs = CertificateDer::pem_file_iter(path)
         .map_err(|e| file_err(what, path, e))?
         .collect::<Result<Vec<_>, _>>()
@@ -98,10 +101,12 @@ pub fn tls_config(cfg: &MqttUplink) -> Result<rustls::ClientConfig, TlsSetupErro
         .with_root_certificates(roots);
     let config = match (&cfg.client_cert_path, &cfg.client_key_path) {
         (Some(cert), Some(key)) => {
-            let chain = read_certs("the client certificate (uplink.mqtt.client_cert_path)", cert)?;
-            let key = PrivateKeyDer::from_pem_file(key).map_err(|e| {
-                file_err("the client key (uplink.mqtt.client_key_path)", key, e)
-            })?;
+            let chain = read_certs(
+                "the client certificate (uplink.mqtt.client_cert_path)",
+                cert,
+            )?;
+            let key = PrivateKeyDer::from_pem_file(key)
+                .map_err(|e| file_err("the client key (uplink.mqtt.client_key_path)", key, e))?;
             builder.with_client_auth_cert(chain, key)?
         }
         (None, None) => builder.with_no_client_auth(),
@@ -140,20 +145,17 @@ impl ConnectSettings {
 
     fn transport(&self) -> rumqttc::Transport {
         match &self.tls {
-            Some(c) => rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(
-                c.clone(),
-            )),
+            Some(c) => {
+                rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(c.clone()))
+            }
             None => rumqttc::Transport::tcp(),
         }
     }
 
     /// rumqttc v3.1.1 options.
     pub fn v4_options(&self) -> rumqttc::MqttOptions {
-        let mut o = rumqttc::MqttOptions::new(
-            &self.client_id,
-            &self.endpoint.host,
-            self.endpoint.port,
-        );
+        let mut o =
+            rumqttc::MqttOptions::new(&self.client_id, &self.endpoint.host, self.endpoint.port);
         o.set_keep_alive(Duration::from_secs(self.cfg.keep_alive_secs))
             .set_clean_session(false)
             .set_inflight(self.inflight())
@@ -168,11 +170,8 @@ impl ConnectSettings {
 
     /// rumqttc v5 options.
     pub fn v5_options(&self) -> rumqttc::v5::MqttOptions {
-        let mut o = rumqttc::v5::MqttOptions::new(
-            &self.client_id,
-            &self.endpoint.host,
-            self.endpoint.port,
-        );
+        let mut o =
+            rumqttc::v5::MqttOptions::new(&self.client_id, &self.endpoint.host, self.endpoint.port);
         o.set_keep_alive(Duration::from_secs(self.cfg.keep_alive_secs.max(5)))
             .set_clean_start(false)
             .set_session_expiry_interval(Some(SESSION_EXPIRY_SECS))
@@ -216,11 +215,18 @@ mod tests {
         assert_eq!(o.inflight(), 7);
         assert_eq!(o.keep_alive(), Duration::from_secs(2));
         let login = o.credentials().unwrap();
-        assert_eq!((login.username.as_str(), login.password.as_str()), ("u", "p"));
+        assert_eq!(
+            (login.username.as_str(), login.password.as_str()),
+            ("u", "p")
+        );
         let o = s.v5_options();
         assert!(!o.clean_start());
         assert_eq!(o.session_expiry_interval(), Some(SESSION_EXPIRY_SECS));
-        assert_eq!(o.keep_alive(), Duration::from_secs(5), "v5 keep-alive floor");
+        assert_eq!(
+            o.keep_alive(),
+            Duration::from_secs(5),
+            "v5 keep-alive floor"
+        );
         assert_eq!(o.get_outgoing_inflight_upper_limit(), Some(7));
     }
 
@@ -231,7 +237,10 @@ mod tests {
             ..MqttUplink::default()
         };
         let e = tls_config(&cfg).unwrap_err().to_string();
-        assert!(e.contains("/nonexistent/ca.pem") && e.contains("uplink.mqtt.ca_path"), "{e}");
+        assert!(
+            e.contains("/nonexistent/ca.pem") && e.contains("uplink.mqtt.ca_path"),
+            "{e}"
+        );
         let dir = tempfile::tempdir().unwrap();
         let empty = dir.path().join("empty.pem");
         std::fs::write(&empty, "not pem").unwrap();

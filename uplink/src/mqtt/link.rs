@@ -8,9 +8,7 @@
 
 use super::config::ConnectSettings;
 use ferry_config::MqttProtocol;
-use rumqttc::v5::mqttbytes::v5::{
-    ConnectReturnCode as V5Code, PubAckReason, PublishProperties,
-};
+use rumqttc::v5::mqttbytes::v5::{ConnectReturnCode as V5Code, PubAckReason, PublishProperties};
 use rumqttc::{ConnectReturnCode as V4Code, Outgoing, QoS};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -93,7 +91,9 @@ pub fn v4_refusal(code: V4Code) -> &'static str {
         V4Code::BadClientId => "client identifier rejected",
         V4Code::ServiceUnavailable => "server unavailable",
         V4Code::BadUserNamePassword => "bad user name or password",
-        V4Code::NotAuthorized => "not authorized",
+        V4Code::NotAuthorized => {
+            "not authorized (wrong username or password, or not allowed by the broker)"
+        }
     }
 }
 
@@ -101,7 +101,9 @@ pub fn v4_refusal(code: V4Code) -> &'static str {
 pub fn v5_refusal(code: V5Code) -> String {
     match code {
         V5Code::BadUserNamePassword => "bad user name or password".into(),
-        V5Code::NotAuthorized => "not authorized".into(),
+        V5Code::NotAuthorized => {
+            "not authorized (wrong username or password, or not allowed by the broker)".into()
+        }
         V5Code::BadClientId | V5Code::ClientIdentifierNotValid => {
             "client identifier rejected".into()
         }
@@ -300,12 +302,19 @@ mod tests {
             v4_refusal(V4Code::BadUserNamePassword),
             "bad user name or password"
         );
-        assert_eq!(v5_refusal(V5Code::NotAuthorized), "not authorized");
+        assert!(v5_refusal(V5Code::NotAuthorized).starts_with("not authorized"));
         let r = v5_puback_refusal(PubAckReason::NotAuthorized, Some("acl".into())).unwrap();
         assert!(r.permanent);
         assert!(r.reason.contains("NotAuthorized") && r.reason.contains("acl"));
-        assert!(!v5_puback_refusal(PubAckReason::QuotaExceeded, None).unwrap().permanent);
-        assert_eq!(v5_puback_refusal(PubAckReason::NoMatchingSubscribers, None), None);
+        assert!(
+            !v5_puback_refusal(PubAckReason::QuotaExceeded, None)
+                .unwrap()
+                .permanent
+        );
+        assert_eq!(
+            v5_puback_refusal(PubAckReason::NoMatchingSubscribers, None),
+            None
+        );
         let e = rumqttc::ConnectionError::ConnectionRefused(V4Code::BadUserNamePassword);
         assert_eq!(
             describe_v4(&e, "h:1"),

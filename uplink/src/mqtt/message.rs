@@ -116,7 +116,12 @@ mod tests {
     use serde_json::Value;
 
     fn reading(payload: &[u8]) -> Reading {
-        let mut r = Reading::new(Source::Mqtt, "dev \"1\"", "sensors/dev/temp", payload.to_vec());
+        let mut r = Reading::new(
+            Source::Mqtt,
+            "dev \"1\"",
+            "sensors/dev/temp",
+            payload.to_vec(),
+        );
         r.id = 42;
         r.received_at_ms = 1_700_000_000_123;
         r

@@ -74,10 +74,7 @@ impl Composer {
             r.payload.clone()
         };
         let (user_properties, content_type) = if self.v5 {
-            (
-                user_properties(&self.gateway_id, r),
-                r.content_type.clone(),
-            )
+            (user_properties(&self.gateway_id, r), r.content_type.clone())
         } else {
             (Vec::new(), None)
         };
@@ -634,7 +631,10 @@ mod tests {
         w.on_ack(1, None).unwrap();
         let s = w.take_settled().unwrap();
         assert_eq!((s.ack_to, s.delivered), (1, 2));
-        assert!(w.take_settled().is_none(), "segment 2 is not fully published");
+        assert!(
+            w.take_settled().is_none(),
+            "segment 2 is not fully published"
+        );
         assert_eq!(fake_pump(&mut w), 1);
         w.on_sent(1).unwrap();
         assert!(w.wants_segment());
@@ -679,7 +679,14 @@ mod tests {
         for pkid in [1, 2, 3] {
             w.on_sent(pkid).unwrap();
         }
-        w.on_ack(2, Some(Refusal { reason: "acl".into(), permanent: true })).unwrap();
+        w.on_ack(
+            2,
+            Some(Refusal {
+                reason: "acl".into(),
+                permanent: true,
+            }),
+        )
+        .unwrap();
         w.on_ack(1, None).unwrap();
         w.on_ack(3, None).unwrap();
         let s = w.take_settled().unwrap();
@@ -720,12 +727,24 @@ mod tests {
             v5: true,
         };
         let r = Reading::new(Source::Mqtt, "d", "bad/a", vec![0u8; 100]);
-        assert!(c.compose(&r, None).unwrap_err().contains("not a valid MQTT topic"));
+        assert!(
+            c.compose(&r, None)
+                .unwrap_err()
+                .contains("not a valid MQTT topic")
+        );
         let r = Reading::new(Source::Mqtt, "d", "ok/a", vec![0u8; 100]);
         let m = c.compose(&r, None).unwrap();
         assert_eq!(m.topic, "ok/a");
-        assert!(m.user_properties.iter().any(|(k, v)| k == "ferry-id" && v == "gw-0"));
-        assert!(c.compose(&r, Some(120)).unwrap_err().contains("maximum packet size"));
+        assert!(
+            m.user_properties
+                .iter()
+                .any(|(k, v)| k == "ferry-id" && v == "gw-0")
+        );
+        assert!(
+            c.compose(&r, Some(120))
+                .unwrap_err()
+                .contains("maximum packet size")
+        );
         assert!(c.compose(&r, Some(1000)).is_ok());
     }
 }
