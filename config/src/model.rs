@@ -776,9 +776,11 @@ pub struct TopicRewrite {
 pub struct StatusSettings {
     /// Separate address for `/status` and `/metrics`. Not set: served on the HTTP listener.
     pub listen: Option<SocketAddr>,
-    /// Bearer token required for `/status` and `/metrics`. Not set: no token needed.
+    /// Bearer token required for the status endpoints (`/api/status`, `/metrics`). Not set:
+    /// no token needed.
     pub token: Option<Secret>,
-    /// A device that sent nothing for this long is reported as stalled. Default: 60.
+    /// An uplink that is connected but has acked nothing for this long while readings wait
+    /// is reported as stalled. Default: 60.
     pub stalled_after_secs: u64,
     /// Maximum number of devices tracked in the status report; the least recently seen are
     /// forgotten first. Default: 1000.

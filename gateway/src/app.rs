@@ -91,7 +91,8 @@ pub struct Gateway {
     addrs: BTreeMap<&'static str, SocketAddr>,
     listeners: Vec<(&'static str, Starter)>,
     uplinks: Vec<(&'static str, Starter)>,
-    status_sources: Vec<(&'static str, StatusSource)>,
+    /// What the status page reads: components' figures, uplink handles, listeners, devices.
+    pub status: crate::status::Hub,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -105,6 +106,9 @@ impl std::fmt::Debug for Gateway {
 impl Gateway {
     /// Opens the buffer and binds every enabled listener. Fails before anything runs.
     pub async fn start(config: Config) -> Result<Gateway, StartError> {
+        // First, so the figures the buffer and uplinks emit from the start are recorded.
+        crate::status::metrics::install();
+        let started = Instant::now();
         let config = Arc::new(config);
         let data_dir = config.gateway.data_dir.clone();
         let opts = buffer_options(&config);
@@ -128,13 +132,13 @@ impl Gateway {
             "The buffer is open."
         );
         let gw = Gateway {
+            status: crate::status::Hub::new(config.status.max_devices, started),
             config,
             buffer,
-            started: Instant::now(),
+            started,
             addrs: BTreeMap::new(),
             listeners: Vec::new(),
             uplinks: Vec::new(),
-            status_sources: Vec::new(),
         };
         Ok(gw)
     }
@@ -147,6 +151,17 @@ impl Gateway {
         start: impl FnOnce(Shutdown) -> Task + Send + 'static,
     ) {
         self.addrs.insert(name, addr);
+        self.status.listener_bound(name, addr);
+        self.listeners.push((name, Box::new(start)));
+    }
+
+    /// Registers a background task with no address (e.g. the status sampler); it starts and
+    /// stops with the listeners.
+    pub fn add_task(
+        &mut self,
+        name: &'static str,
+        start: impl FnOnce(Shutdown) -> Task + Send + 'static,
+    ) {
         self.listeners.push((name, Box::new(start)));
     }
 
@@ -161,20 +176,33 @@ impl Gateway {
 
     /// Registers a component's live figures for the status page.
     pub fn add_status_source(&mut self, name: &'static str, source: StatusSource) {
-        self.status_sources.push((name, source));
+        self.status.add_source(name, source);
+    }
+
+    /// Registers an uplink's status handle (state, acks, errors) for the status page; its
+    /// buffer lag is read per request.
+    pub fn add_uplink_status(&mut self, status: ferry_uplink::status::UplinkStatus) {
+        self.status.add_uplink(status);
     }
 
     /// The registered status sources.
-    pub fn status_sources(&self) -> &[(&'static str, StatusSource)] {
-        &self.status_sources
+    pub fn status_sources(&self) -> Vec<(&'static str, StatusSource)> {
+        self.status.sources()
     }
 
     /// Binds and registers every enabled component from the config: the MQTT listener, the
-    /// HTTP listener (and with it the status page), and the uplinks.
+    /// HTTP listener (and with it the status page), the uplinks, and the status sampler (and
+    /// the status listener, with `status.listen`).
     pub async fn build(&mut self) -> Result<(), StartError> {
         crate::mqtt::register(self).await?;
         crate::http::register(self).await?;
         crate::uplinks::register(self).await?;
+        crate::status::register(self).await?;
+        if let Some(wd) = crate::systemd::Watchdog::from_env(self.buffer.clone()) {
+            self.add_task("systemd-watchdog", move |shutdown| {
+                Box::pin(wd.run(shutdown))
+            });
+        }
         Ok(())
     }
 
@@ -204,6 +232,9 @@ impl Gateway {
                 name
             });
         }
+        // Every listener is bound and its task spawned: /readyz may say so (before the line
+        // below, so whoever reads it finds ferry ready).
+        self.status.set_ready(true);
         // One machine-readable line on stdout once everything is bound: tests and scripts
         // read the real ports from it (listen addresses may use port 0).
         let ready: BTreeMap<&str, String> = self
@@ -216,8 +247,11 @@ impl Gateway {
             serde_json::to_string(&ready).unwrap_or_else(|_| "{}".into())
         );
         tracing::info!(addresses = ?ready, version = env!("CARGO_PKG_VERSION"), "ferry is ready.");
+        crate::systemd::notify_ready();
 
         shutdown.await;
+        self.status.set_ready(false);
+        crate::systemd::notify_stopping();
         let deadline = Instant::now() + grace;
         tracing::info!(
             grace_ms = grace.as_millis() as u64,

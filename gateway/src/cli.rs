@@ -26,6 +26,48 @@ pub enum Command {
     /// Inspect or repair a buffer, stopped or running.
     #[command(subcommand)]
     Buffer(BufferCommand),
+    /// Ask a running ferry how it is doing (GET /api/status) and print a short table. Exits 1
+    /// if it cannot be reached, 2 if data is not getting out.
+    Status(StatusArgs),
+    /// Try ferry in one command: a temporary buffer, an in-process Kafka mock as the upstream,
+    /// and simulated sensors over MQTT and HTTP. Open the printed URL; press Enter to simulate
+    /// an upstream outage.
+    Demo(DemoArgs),
+}
+
+/// Arguments of `ferry status`.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Base URL of the status endpoints: the HTTP listener, or `status.listen`.
+    #[arg(
+        long,
+        env = "FERRY_STATUS_URL",
+        default_value = "http://127.0.0.1:8080"
+    )]
+    pub url: String,
+    /// Bearer token (`status.token`), if one is configured.
+    #[arg(long, env = "FERRY_STATUS_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Print the raw JSON report instead of the table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Arguments of `ferry demo`.
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Simulate an upstream outage (15 s) every this many seconds, as well as on Enter.
+    #[arg(long, value_name = "SECS")]
+    pub outage_every: Option<u64>,
+    /// How long each simulated outage lasts, in seconds.
+    #[arg(long, default_value_t = 15, value_name = "SECS")]
+    pub outage_secs: u64,
+    /// Number of simulated sensors (about two thirds publish over MQTT, the rest over HTTP).
+    #[arg(long, default_value_t = 6)]
+    pub sensors: usize,
+    /// Stop after this many seconds (default: run until Ctrl-C).
+    #[arg(long, value_name = "SECS")]
+    pub duration: Option<u64>,
 }
 
 impl Default for Command {

@@ -2,7 +2,7 @@
 
 use clap::Parser;
 use ferry_gateway::cli::{Cli, Command};
-use ferry_gateway::{app, buffer_cmd, telemetry};
+use ferry_gateway::{app, buffer_cmd, demo, status, telemetry};
 use std::process::ExitCode;
 
 /// Exit code for a configuration error (EX_CONFIG is 78, but 64 = EX_USAGE is what
@@ -50,7 +50,47 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Status(args) => match status(args) {
+            Ok(code) => ExitCode::from(code),
+            Err(e) => {
+                eprintln!("ferry status: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Demo(args) => match demo(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("ferry demo: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
     }
+}
+
+fn status(args: ferry_gateway::cli::StatusArgs) -> anyhow::Result<u8> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let report = rt.block_on(status::client::fetch(&args.url, args.token.as_deref()))?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", status::client::render(&report));
+    }
+    Ok(if report.summary.level == status::api::Level::Down {
+        2
+    } else {
+        0
+    })
+}
+
+fn demo(args: ferry_gateway::cli::DemoArgs) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("ferry")
+        .build()?;
+    rt.block_on(demo::run(args))?;
+    Ok(())
 }
 
 fn run(config: ferry_config::Config) -> anyhow::Result<()> {

@@ -1,7 +1,6 @@
-//! Starts the enabled uplinks and registers their status.
+//! Starts the enabled uplinks and registers their status handles for the status page.
 
 use crate::app::{Gateway, StartError};
-use std::sync::Arc;
 use std::time::Duration;
 
 /// Builds every enabled uplink and registers it with the gateway. An uplink that cannot be
@@ -21,11 +20,7 @@ pub async fn register(gw: &mut Gateway) -> Result<(), StartError> {
             message: e.to_string(),
         })?
         .shutdown_grace(grace);
-        let status = sink.status();
-        gw.add_status_source(
-            "uplink.kafka",
-            Arc::new(move || serde_json::to_value(status.snapshot()).unwrap_or_default()),
-        );
+        gw.add_uplink_status(sink.status());
         gw.add_uplink("kafka", move |shutdown| {
             Box::pin(async move {
                 if let Err(e) = sink.run(shutdown).await {
@@ -47,11 +42,7 @@ pub async fn register(gw: &mut Gateway) -> Result<(), StartError> {
             message: e.to_string(),
         })?
         .shutdown_grace(grace);
-        let status = sink.status();
-        gw.add_status_source(
-            "uplink.mqtt",
-            Arc::new(move || serde_json::to_value(status.snapshot()).unwrap_or_default()),
-        );
+        gw.add_uplink_status(sink.status());
         gw.add_uplink("mqtt", move |shutdown| {
             Box::pin(async move {
                 if let Err(e) = sink.run(shutdown).await {

@@ -11,6 +11,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+/// (topic, payload, v5 user properties) of a message the upstream subscriber got.
+type Received = (String, Vec<u8>, Vec<(String, String)>);
+
 struct Mosquitto {
     child: Child,
     port: u16,
@@ -76,7 +79,7 @@ fn kafka_down_mqtt_uplink_keeps_flowing() {
         .build()
         .unwrap();
     // Upstream subscriber first, so nothing is missed.
-    let got: Arc<Mutex<Vec<(String, Vec<u8>, Vec<(String, String)>)>>> = Arc::default();
+    let got: Arc<Mutex<Vec<Received>>> = Arc::default();
     let (sub_client, mut sub_el) = rumqttc::v5::AsyncClient::new(
         rumqttc::v5::MqttOptions::new("e2e-sub", "127.0.0.1", broker.port),
         100,

@@ -60,14 +60,14 @@ pub async fn register(gw: &mut Gateway) -> Result<(), StartError> {
         component: "mqtt",
         message,
     };
-    let ctx = Arc::new(
-        Ctx::new(
-            settings.clone(),
-            gw.buffer.clone(),
-            matches!(config.buffer.when_full, ferry_config::WhenFull::Reject),
-        )
-        .map_err(|e| err(e.to_string()))?,
-    );
+    let mut ctx = Ctx::new(
+        settings.clone(),
+        gw.buffer.clone(),
+        matches!(config.buffer.when_full, ferry_config::WhenFull::Reject),
+    )
+    .map_err(|e| err(e.to_string()))?;
+    ctx.devices = gw.status.devices.clone();
+    let ctx = Arc::new(ctx);
     let grace = std::time::Duration::from_millis(config.gateway.shutdown_grace_ms);
 
     let tcp = MqttListener::bind("mqtt", settings.listen, None, ctx.clone(), grace)

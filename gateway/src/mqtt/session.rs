@@ -61,6 +61,8 @@ pub struct Ctx {
     pub frame_limit: usize,
     /// `max_connections` slots, shared by the plain and TLS listeners.
     pub slots: Arc<tokio::sync::Semaphore>,
+    /// The status page's device table, fed once per committed batch.
+    pub devices: crate::status::DeviceTable,
     sessions: Mutex<HashMap<String, (u64, CancellationToken)>>,
     next_id: AtomicU64,
 }
@@ -79,6 +81,7 @@ impl Ctx {
             settings,
             buffer,
             stats: MqttStats::default(),
+            devices: crate::status::DeviceTable::default(),
             reject_when_full,
             sessions: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
@@ -481,9 +484,11 @@ pub async fn serve<IO>(
     ctx.stats.disconnected();
     if let (true, Some(w)) = (close.will, will) {
         let topic = w.topic.clone();
+        let seen = crate::status::DeviceBatch::of(std::slice::from_ref(&w));
         match ctx.buffer.append(vec![w]).await {
             Ok(_) => {
                 ctx.stats.will();
+                ctx.devices.record(&seen);
                 tracing::info!(client_id = %client_id, topic = %topic, "The client's last will was stored as a reading.");
             }
             Err(e) => {
@@ -906,11 +911,18 @@ impl Session {
         let wait = Duration::from_millis(self.ctx.settings.full_ack_wait_ms);
         let client_id = self.client_id.clone();
         let started = b.started.unwrap_or_else(Instant::now);
+        let (devices, seen) = (
+            self.ctx.devices.clone(),
+            crate::status::DeviceBatch::of(&b.readings),
+        );
         // Spawned, so the append reaches the buffer's writer now, whatever this loop does next.
-        let task =
-            tokio::spawn(
-                async move { append(&buffer, b.readings, retry_full, wait, &client_id).await },
-            );
+        let task = tokio::spawn(async move {
+            let result = append(&buffer, b.readings, retry_full, wait, &client_id).await;
+            if result.is_ok() {
+                devices.record(&seen);
+            }
+            result
+        });
         self.pending.push_back(Box::pin(async move {
             let result = task.await.unwrap_or(Err(AppendError::Closed {
                 readings: Vec::new(),

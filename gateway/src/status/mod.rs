@@ -1,0 +1,365 @@
+//! # The status page, `/api/status`, `/metrics` and the health endpoints
+//!
+//! Operators open this to learn one thing fast: **is data getting out, and if not, since when
+//! and how much waits**. The page must tell the truth: an uplink that is connected while
+//! nothing is acknowledged and data waits is reported *stalled*.
+//!
+//! ## Endpoints
+//! Served on the HTTP listener (merged onto [`crate::http::router`]'s routes), or on their own
+//! listener, registered as `"status"`, when `status.listen` is set.
+//!
+//! | endpoint | token | answer |
+//! |---|---|---|
+//! | `GET /` | no (the page holds no data) | [`page`]: one self-contained HTML page |
+//! | `GET /api/status` | yes | [`api::StatusReport`] as JSON (in the OpenAPI document) |
+//! | `GET /metrics` | yes | Prometheus text, see [`metrics`] |
+//! | `GET /healthz` | no | 200 `ok` while the process runs |
+//! | `GET /readyz` | no | 200, or 503 with the reasons ([`health`]) |
+//!
+//! Everything is read-only. With `status.token` set, the endpoints marked "yes" need
+//! `Authorization: Bearer <token>` (compared in constant time; 401 otherwise).
+//!
+//! ## Where the figures come from
+//! - [`Hub`]: what the gateway registers while it is built, shared with the handlers: the
+//!   components' JSON status sources (MQTT and HTTP listener counters), the uplinks'
+//!   [`ferry_uplink::status::UplinkStatus`] handles, the bound listeners, the ready flag, and
+//!   the [`DeviceTable`] that the MQTT and HTTP ingest paths feed once per committed batch.
+//! - [`history::Sampler`]: a background task that reads the ingest and forwarded counters every
+//!   second into a ring of 10-second buckets over 15 minutes (the chart) and runs the
+//!   Prometheus recorder's upkeep.
+//! - The buffer's [`ferry_buffer::BufferStats`] and per-uplink `Buffer::lag`, read per request.
+//!
+//! ## Files
+//! [`api`] (report and schema), [`page`] + `page.html`, [`metrics`], [`health`], [`devices`],
+//! [`history`], [`client`] (`ferry status`), `tests`.
+
+pub mod api;
+pub mod client;
+pub mod devices;
+pub mod health;
+pub mod history;
+pub mod metrics;
+pub mod page;
+#[cfg(test)]
+mod tests;
+
+use crate::app::{Gateway, StartError, StatusSource};
+use axum::Router;
+use axum::extract::{Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use ferry_buffer::{Buffer, now_ms};
+use ferry_config::Config;
+use ferry_uplink::status::UplinkStatus;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::Duration;
+use subtle::ConstantTimeEq;
+use tokio::time::Instant;
+
+pub use devices::{DeviceBatch, DeviceTable};
+
+struct HubInner {
+    started: Instant,
+    started_ms: u64,
+    sources: RwLock<Vec<(&'static str, StatusSource)>>,
+    uplinks: RwLock<Vec<UplinkStatus>>,
+    listeners: RwLock<BTreeMap<&'static str, SocketAddr>>,
+    ready: AtomicBool,
+    history: Mutex<history::History>,
+}
+
+/// What the status endpoints read, registered by the gateway's components. Cheap to clone.
+#[derive(Clone)]
+pub struct Hub {
+    inner: Arc<HubInner>,
+    /// The device table and ingest counters, fed by the listeners.
+    pub devices: DeviceTable,
+}
+
+impl std::fmt::Debug for Hub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hub")
+            .field("devices", &self.devices.len())
+            .finish_non_exhaustive()
+    }
+}
+
+fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(|p| p.into_inner())
+}
+fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Hub {
+    /// A hub for a gateway that started `started`, tracking at most `max_devices` devices.
+    pub fn new(max_devices: usize, started: Instant) -> Hub {
+        let since = Instant::now().saturating_duration_since(started);
+        Hub {
+            inner: Arc::new(HubInner {
+                started,
+                started_ms: now_ms().saturating_sub(since.as_millis() as u64),
+                sources: RwLock::new(Vec::new()),
+                uplinks: RwLock::new(Vec::new()),
+                listeners: RwLock::new(BTreeMap::new()),
+                ready: AtomicBool::new(false),
+                history: Mutex::new(history::History::default()),
+            }),
+            devices: DeviceTable::new(max_devices),
+        }
+    }
+
+    /// Registers a component's JSON figures.
+    pub fn add_source(&self, name: &'static str, source: StatusSource) {
+        write(&self.inner.sources).push((name, source));
+    }
+
+    /// The registered JSON sources.
+    pub fn sources(&self) -> Vec<(&'static str, StatusSource)> {
+        read(&self.inner.sources).clone()
+    }
+
+    /// Registers an uplink's status handle.
+    pub fn add_uplink(&self, status: UplinkStatus) {
+        write(&self.inner.uplinks).push(status);
+    }
+
+    /// The uplinks' status handles.
+    pub fn uplinks(&self) -> Vec<UplinkStatus> {
+        read(&self.inner.uplinks).clone()
+    }
+
+    /// Records a bound listener.
+    pub fn listener_bound(&self, name: &'static str, addr: SocketAddr) {
+        write(&self.inner.listeners).insert(name, addr);
+    }
+
+    /// The bound listeners.
+    pub fn listeners(&self) -> BTreeMap<&'static str, SocketAddr> {
+        read(&self.inner.listeners).clone()
+    }
+
+    /// Set when every listener runs; cleared when shutdown starts.
+    pub fn set_ready(&self, ready: bool) {
+        self.inner.ready.store(ready, Ordering::SeqCst);
+    }
+
+    /// See [`Hub::set_ready`].
+    pub fn is_ready(&self) -> bool {
+        self.inner.ready.load(Ordering::SeqCst)
+    }
+
+    /// When the gateway started, ms since the epoch.
+    pub fn started_ms(&self) -> u64 {
+        self.inner.started_ms
+    }
+
+    /// Time since the gateway started.
+    pub fn uptime(&self) -> Duration {
+        Instant::now().saturating_duration_since(self.inner.started)
+    }
+
+    pub(crate) fn history(&self) -> MutexGuard<'_, history::History> {
+        self.inner.history.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// What the status handlers share. Cheap to clone.
+#[derive(Clone)]
+pub struct StatusState {
+    /// The registered figures.
+    pub hub: Hub,
+    /// The buffer.
+    pub buffer: Buffer,
+    /// The config (for `[status]`, `[buffer]` and `gateway.data_dir`; never serialized).
+    pub config: Arc<Config>,
+    token: Option<Arc<[u8]>>,
+}
+
+impl std::fmt::Debug for StatusState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StatusState")
+            .field("hub", &self.hub)
+            .field("token", &self.token.as_ref().map(|_| "***"))
+            .finish_non_exhaustive()
+    }
+}
+
+impl StatusState {
+    /// State for the handlers.
+    pub fn new(hub: Hub, buffer: Buffer, config: Arc<Config>) -> StatusState {
+        let token = config
+            .status
+            .token
+            .as_ref()
+            .map(|t| Arc::from(t.expose().as_bytes()));
+        StatusState {
+            hub,
+            buffer,
+            config,
+            token,
+        }
+    }
+
+    /// State for `gw`'s handlers.
+    pub fn of(gw: &Gateway) -> StatusState {
+        StatusState::new(gw.status.clone(), gw.buffer.clone(), gw.config.clone())
+    }
+}
+
+/// Whether `req` carries the status token (always true when none is configured).
+fn authorized(st: &StatusState, req: &Request) -> bool {
+    let Some(token) = &st.token else {
+        return true;
+    };
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .map(str::trim);
+    // Constant-time in the contents; the length of the configured token is not a secret
+    // worth hiding from someone who can already reach the port.
+    given.is_some_and(|g| bool::from(g.as_bytes().ct_eq(token)))
+}
+
+async fn require_token(State(st): State<StatusState>, req: Request, next: Next) -> Response {
+    if authorized(&st, &req) {
+        return next.run(req).await;
+    }
+    (
+        StatusCode::UNAUTHORIZED,
+        [(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer realm=\"ferry status\""),
+        )],
+        axum::Json(serde_json::json!({
+            "error": "unauthorized",
+            "detail": "status.token is set: send Authorization: Bearer <token>",
+        })),
+    )
+        .into_response()
+}
+
+async fn metrics_text(State(st): State<StatusState>) -> Response {
+    let report = api::collect(&st, 0).await;
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        )],
+        metrics::render(&report),
+    )
+        .into_response()
+}
+
+/// The status routes.
+pub fn router(st: StatusState) -> Router {
+    let protected = Router::new()
+        .route("/api/status", get(api::status))
+        .route("/metrics", get(metrics_text))
+        .route_layer(axum::middleware::from_fn_with_state(
+            st.clone(),
+            require_token,
+        ));
+    Router::new()
+        .route("/", get(page::page))
+        // Browsers ask for it; a 404 would show up as an HTTP rejection on the page.
+        .route("/favicon.ico", get(|| async { StatusCode::NO_CONTENT }))
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
+        .merge(protected)
+        .with_state(st)
+}
+
+/// The status routes for the HTTP listener to merge, or `None` when `status.listen` gives
+/// them their own listener.
+pub fn http_routes(gw: &Gateway) -> Option<Router> {
+    gw.config
+        .status
+        .listen
+        .is_none()
+        .then(|| router(StatusState::of(gw)))
+}
+
+/// The OpenAPI paths and schemas of the status endpoints, merged into `/v1/openapi.json`.
+#[derive(utoipa::OpenApi, Debug)]
+#[openapi(
+    paths(api::status, health::healthz, health::readyz),
+    components(schemas(api::StatusReport, health::Readiness)),
+    modifiers(&TokenScheme)
+)]
+pub struct StatusApiDoc;
+
+/// Declares the `status_token` bearer scheme.
+#[derive(Debug)]
+pub struct TokenScheme;
+
+impl utoipa::Modify for TokenScheme {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "status_token",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+/// Starts the sampler and, with `status.listen`, binds the status listener. Call after the
+/// other components are registered.
+pub async fn register(gw: &mut Gateway) -> Result<(), StartError> {
+    let sampler = history::Sampler {
+        hub: gw.status.clone(),
+        buffer: gw.buffer.clone(),
+    };
+    gw.add_task("status-sampler", move |shutdown| {
+        Box::pin(sampler.run(shutdown))
+    });
+    let config = gw.config.clone();
+    match config.status.listen {
+        Some(addr) => {
+            let listener =
+                tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|e| StartError::Component {
+                        component: "status",
+                        message: format!("cannot listen on {addr}: {e}"),
+                    })?;
+            let bound = listener.local_addr().map_err(|e| StartError::Component {
+                component: "status",
+                message: e.to_string(),
+            })?;
+            let app = router(StatusState::of(gw));
+            tracing::info!(addr = %bound, token = config.status.token.is_some(), "The status page has its own listener.");
+            gw.add_listener("status", bound, move |shutdown| {
+                Box::pin(async move {
+                    if let Err(e) = axum::serve(listener, app)
+                        .with_graceful_shutdown(shutdown)
+                        .await
+                    {
+                        tracing::error!(error = %e, "The status listener failed.");
+                    }
+                })
+            });
+        }
+        None if config.http.enabled => {
+            tracing::info!(
+                token = config.status.token.is_some(),
+                "The status page is served on the HTTP listener."
+            );
+        }
+        None => tracing::warn!(
+            "The status page is not served: the HTTP listener is disabled and status.listen is not set."
+        ),
+    }
+    Ok(())
+}
