@@ -9,7 +9,8 @@
 #
 # It installs Debian's cross gcc/g++, adds the Rust target, and sets the linker and C
 # compilers through the environment. librdkafka (bundled) and OpenSSL (vendored) are built
-# from source for the target by their -sys crates. Output: target/<triple>/release/ferry.
+# from source for the target by their -sys crates. Output: target/<triple>/release/ferry
+# (under $CARGO_TARGET_DIR when set).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -43,7 +44,7 @@ fi
 start=$(date +%s)
 cargo build --release --locked --target "$target" --bin ferry
 end=$(date +%s)
-bin="target/$target/release/ferry"
+bin="${CARGO_TARGET_DIR:-target}/$target/release/ferry"
 echo "built $bin: $(stat -c %s "$bin") bytes in $((end - start)) s"
 
 if [ "${DEB:-0}" = "1" ]; then
@@ -51,5 +52,5 @@ if [ "${DEB:-0}" = "1" ]; then
         cargo install --locked cargo-deb --version "^3" >/dev/null
     fi
     cargo deb -p ferry-gateway --target "$target" --no-build --no-strip
-    ls -l target/"$target"/debian/*.deb
+    ls -l "${CARGO_TARGET_DIR:-target}/$target"/debian/*.deb
 fi

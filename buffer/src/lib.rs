@@ -543,6 +543,14 @@ impl Buffer {
         }
     }
 
+    /// Whether the writer thread takes requests within `timeout`. A writer stuck in a hung
+    /// fsync, or gone, answers false. Used to feed systemd's watchdog.
+    pub async fn ping(&self, timeout: Duration) -> bool {
+        let (reply, rx) = oneshot::channel();
+        self.send(Cmd::Ping(reply));
+        matches!(tokio::time::timeout(timeout, rx).await, Ok(Ok(())))
+    }
+
     /// Whether [`Buffer::close`] has completed.
     pub fn is_closed(&self) -> bool {
         self.shared.closed.load(std::sync::atomic::Ordering::SeqCst)

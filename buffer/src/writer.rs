@@ -35,6 +35,8 @@ pub(crate) enum Cmd {
         ids: Option<Vec<u64>>,
         reply: Reply<Result<usize, AckError>>,
     },
+    /// Answered as soon as the writer takes it off the channel: proves the loop is turning.
+    Ping(Reply<()>),
     Shutdown,
 }
 
@@ -72,6 +74,9 @@ impl Batch {
                 reply,
             } => self.deads.push((consumer, items, reply)),
             Cmd::Requeue { ids, reply } => self.requeues.push((ids, reply)),
+            Cmd::Ping(reply) => {
+                let _ = reply.send(());
+            }
             Cmd::Shutdown => return true,
         }
         false
@@ -780,7 +785,7 @@ pub(crate) fn reply_closed(cmd: Cmd) {
         Cmd::Requeue { reply, .. } => {
             let _ = reply.send(Err(AckError::Closed));
         }
-        Cmd::Shutdown => {}
+        Cmd::Ping(_) | Cmd::Shutdown => {}
     }
 }
 

@@ -351,3 +351,12 @@ async fn the_data_dir_is_private() {
     let mode = std::fs::metadata(&data).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o700);
 }
+
+#[tokio::test]
+async fn ping_answers_while_the_writer_runs_and_not_after_close() {
+    let dir = tempfile::tempdir().unwrap();
+    let buf = Buffer::open(dir.path(), opts(&["k"])).unwrap();
+    assert!(buf.ping(Duration::from_secs(5)).await);
+    buf.close().await;
+    assert!(!buf.ping(Duration::from_millis(200)).await);
+}
