@@ -37,6 +37,11 @@ start_and_idle() {   # $1: command prefix ("" for native); prints "pid addr"
     echo "$pid $(sed -n 's/^ready .*"http":"\([^"]*\)".*/\1/p' "$work/out")"
 }
 
+stopped() {   # waits for a process that is not our child to exit
+    for _ in $(seq 300); do kill -0 "$1" 2>/dev/null || return 0; sleep 0.1; done
+    echo "ferry (pid $1) did not stop within 30 s of SIGTERM"; exit 1
+}
+
 read -r pid addr < <(start_and_idle "$qemu" "$bin")
 code=$(curl -s -o "$work/resp" -w '%{http_code}' -X POST -H 'content-type: application/json' \
     --data '{"temp":21.5}' "http://$addr/v1/readings/site/pi/temp")
@@ -44,18 +49,18 @@ code=$(curl -s -o "$work/resp" -w '%{http_code}' -X POST -H 'content-type: appli
 echo "== POST /v1/readings/site/pi/temp: $code $(cat "$work/resp")"
 sleep 3
 rss_qemu=$(awk '/VmRSS/ {print $2}' "/proc/$pid/status")
-kill -TERM "$pid"; wait "$pid" || true
+kill -TERM "$pid"; stopped "$pid"
 stats=$(run buffer stats --data-dir "$work/data" --json)
 echo "$stats" | grep -q '"readings": 1' || { echo "buffer stats do not show the reading: $stats"; exit 1; }
 echo "== ferry buffer stats: 1 reading stored"
 
-native="${CARGO_TARGET_DIR:-target}/release/ferry"
+native="${NATIVE_FERRY:-${CARGO_TARGET_DIR:-target}/release/ferry}"
 if [ -x "$native" ]; then
     rm -rf "$work/data" "$work/out"
     read -r npid _ < <(start_and_idle "" "$native")
     sleep 3
     rss_native=$(awk '/VmRSS/ {print $2}' "/proc/$npid/status")
-    kill -TERM "$npid"; wait "$npid" || true
+    kill -TERM "$npid"; stopped "$npid"
     echo "== idle RSS: $target under qemu ${rss_qemu} KiB (includes the emulator), x86-64 native ${rss_native} KiB"
 else
     echo "== idle RSS: $target under qemu ${rss_qemu} KiB (includes the emulator); no native release binary to compare"

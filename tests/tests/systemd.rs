@@ -10,7 +10,8 @@ fn ferry_notifies_systemd_and_feeds_the_watchdog() {
     let dir = tempfile::tempdir().unwrap();
     let sock_path = dir.path().join("notify.sock");
     let sock = UnixDatagram::bind(&sock_path).unwrap();
-    sock.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
     let mut ferry = Ferry::start_with_env(
         "",
         &[
@@ -31,12 +32,17 @@ fn ferry_notifies_systemd_and_feeds_the_watchdog() {
             break;
         }
     }
-    assert!(got.iter().any(|m| m.contains("READY=1")), "no READY=1 in {got:?}");
+    assert!(
+        got.iter().any(|m| m.contains("READY=1")),
+        "no READY=1 in {got:?}"
+    );
     assert!(
         got.iter().filter(|m| m.contains("WATCHDOG=1")).count() >= 3,
         "the watchdog was not fed every ~200 ms: {got:?}"
     );
-    let status = ferry.terminate(Duration::from_secs(10)).expect("ferry exits on SIGTERM");
+    let status = ferry
+        .terminate(Duration::from_secs(10))
+        .expect("ferry exits on SIGTERM");
     assert!(status.success(), "exit status {status:?}");
     let mut stopping = false;
     while let Ok(n) = sock.recv(&mut buf) {

@@ -755,3 +755,86 @@ async fn drain_bench() {
         );
     }
 }
+
+/// Bytes on the (loopback) wire per reading for each producer compression, and for
+/// `delivery = "segment"`: 50,000 JSON telemetry readings from 100 devices are drained into a
+/// mock cluster and the loopback interface's received-bytes counter is read before and after
+/// (so broker responses and TCP/IP headers are included). Run with
+/// `cargo test -p ferry-uplink --release wire_bytes_bench -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark"]
+async fn wire_bytes_bench() {
+    fn lo_bytes() -> u64 {
+        std::fs::read_to_string("/proc/net/dev")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.trim_start().starts_with("lo:"))
+                    .map(|l| {
+                        let f: Vec<u64> = l
+                            .split_once(':')
+                            .map(|x| x.1)
+                            .unwrap_or_default()
+                            .split_whitespace()
+                            .filter_map(|v| v.parse().ok())
+                            .collect();
+                        // On loopback every byte is both received and sent: count it once.
+                        f[0]
+                    })
+            })
+            .unwrap_or(0)
+    }
+    use ferry_config::KafkaCompression as K;
+    let n = 50_000usize;
+    let readings: Vec<Reading> = (0..n)
+        .map(|i| {
+            let d = i % 100;
+            let p = format!(
+                "{{\"device\":\"sensor-{d:04}\",\"ts\":{},\"temp\":{:.2},\"hum\":{:.1},\"seq\":{i}}}",
+                1_763_000_000_000u64 + i as u64 * 1000,
+                20.0 + (i % 100) as f64 * 0.05,
+                40.0 + (i % 37) as f64 * 0.5
+            );
+            reading(&format!("sensor-{d:04}"), &format!("sensors/{d}/env"), p)
+        })
+        .collect();
+    let payload_bytes: usize = readings.iter().map(|r| r.payload.len()).sum();
+    eprintln!(
+        "{n} readings, {:.1} payload bytes each on average",
+        payload_bytes as f64 / n as f64
+    );
+    for (label, compression, delivery) in [
+        ("reading, zstd", K::Zstd, Delivery::Reading),
+        ("reading, lz4", K::Lz4, Delivery::Reading),
+        ("reading, gzip", K::Gzip, Delivery::Reading),
+        ("reading, none", K::None, Delivery::Reading),
+        (
+            "segment (gzip 3 body), no producer compression",
+            K::None,
+            Delivery::Segment,
+        ),
+    ] {
+        let mock = Mock::new(1).unwrap();
+        mock.create_topic("readings", 1, 1).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let buffer = open_buffer(dir.path(), Compression::Gzip { level: 3 });
+        for chunk in readings.chunks(5000) {
+            buffer.append(chunk.to_vec()).await.unwrap();
+        }
+        let mut cfg = uplink(&mock.bootstrap_servers());
+        cfg.compression = compression;
+        cfg.delivery = delivery;
+        cfg.message_timeout_ms = 30_000;
+        let before = lo_bytes();
+        let run = start(&cfg, &buffer, Duration::from_secs(2));
+        wait_empty(&buffer, &run.status, Duration::from_secs(120)).await;
+        run.stop().await;
+        let bytes = lo_bytes() - before;
+        eprintln!(
+            "{label}: {:.1} loopback bytes per reading ({:.2} per payload byte)",
+            bytes as f64 / n as f64,
+            bytes as f64 / payload_bytes as f64
+        );
+        buffer.close().await;
+    }
+}
