@@ -12,6 +12,7 @@ pub mod app;
 pub mod buffer_cmd;
 pub mod cli;
 pub mod demo;
+pub mod entry;
 pub mod http;
 pub mod mqtt;
 pub mod status;

@@ -14,8 +14,15 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-/// Path of a binary built by this workspace (`ferry`, or a helper of this crate).
+/// Path of a binary of this crate. `"ferry"` is the gateway's own entry point built here as
+/// `ferry-under-test`: cargo builds a package's binaries before its integration tests, so it
+/// is always present and current under `cargo test`, whatever was built before.
 pub fn bin_path(name: &str) -> PathBuf {
+    let name = if name == "ferry" {
+        "ferry-under-test"
+    } else {
+        name
+    };
     // target/<profile>/deps/<test-exe> -> target/<profile>/<name>
     let exe = std::env::current_exe().expect("current exe");
     let dir = exe
@@ -34,7 +41,7 @@ pub fn bin_path(name: &str) -> PathBuf {
         // `cargo test --workspace` builds every binary first; a filtered run may not have.
         let profile = dir.file_name().and_then(|n| n.to_str()).unwrap_or("debug");
         let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-        cmd.args(["build", "--bin", name]);
+        cmd.args(["build", "-p", "ferry-tests", "--bin", name]);
         if profile == "release" {
             cmd.arg("--release");
         }

@@ -1,0 +1,112 @@
+//! The `ferry` command: parse the command line, load the config, run. `src/main.rs` only
+//! calls [`main`]; the e2e test crate builds the same entry point as its own binary, so cargo
+//! always builds it before those tests run.
+
+use crate::cli::{Cli, Command};
+use crate::{app, buffer_cmd, demo, status, telemetry};
+use clap::Parser;
+use std::process::ExitCode;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Exit code for a configuration error (EX_CONFIG is 78, but 64 = EX_USAGE is what
+/// `ferry check-config` and operators' scripts expect).
+const EXIT_CONFIG: u8 = 64;
+
+/// Runs the `ferry` command line and returns its exit code.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command.unwrap_or_default() {
+        Command::Run(args) => {
+            let config = match ferry_config::load_from_env(args.config.as_deref()) {
+                Ok(c) => c,
+                Err(errors) => {
+                    eprintln!(
+                        "ferry: the configuration has {} problem(s):\n{errors}",
+                        errors.len()
+                    );
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            telemetry::init(&config.gateway);
+            match run(config) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!(error = format!("{e:#}"), "ferry stopped with an error.");
+                    eprintln!("ferry: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::CheckConfig { file } => match ferry_config::load_from_env(Some(&file)) {
+            Ok(_) => {
+                println!("{}: ok", file.display());
+                ExitCode::SUCCESS
+            }
+            Err(errors) => {
+                eprintln!("{}: {} problem(s):\n{errors}", file.display(), errors.len());
+                ExitCode::from(EXIT_CONFIG)
+            }
+        },
+        Command::Buffer(cmd) => match buffer_cmd::run(cmd) {
+            Ok(code) => ExitCode::from(code),
+            Err(e) => {
+                eprintln!("ferry: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Status(args) => match status(args) {
+            Ok(code) => ExitCode::from(code),
+            Err(e) => {
+                eprintln!("ferry status: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Demo(args) => match demo(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("ferry demo: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}
+
+fn status(args: crate::cli::StatusArgs) -> Result<u8, BoxError> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let report = rt.block_on(status::client::fetch(&args.url, args.token.as_deref()))?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", status::client::render(&report));
+    }
+    Ok(if report.summary.level == status::api::Level::Down {
+        2
+    } else {
+        0
+    })
+}
+
+fn demo(args: crate::cli::DemoArgs) -> Result<(), BoxError> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("ferry")
+        .build()?;
+    rt.block_on(demo::run(args))?;
+    Ok(())
+}
+
+fn run(config: ferry_config::Config) -> Result<(), BoxError> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("ferry")
+        .build()?;
+    rt.block_on(async {
+        let mut gateway = app::Gateway::start(config).await?;
+        gateway.build().await?;
+        gateway.run(app::shutdown_signal()).await?;
+        Ok::<(), BoxError>(())
+    })
+}
