@@ -430,12 +430,15 @@ impl Buffer {
     /// assigned here; any id the caller set is replaced.
     pub async fn append(&self, readings: Vec<Reading>) -> Result<AppendReceipt, AppendError> {
         if readings.is_empty() {
-            let next = self.stats().next_reading_id;
+            let (next, segment) = {
+                let s = self.shared.stats_lock();
+                (s.next_reading_id, s.newest_segment)
+            };
             return Ok(AppendReceipt {
                 first_id: next,
                 last_id: next.saturating_sub(1),
                 count: 0,
-                segment: self.stats().newest_segment,
+                segment,
             });
         }
         let (reply, rx) = oneshot::channel();

@@ -8,7 +8,7 @@
 
 use super::auth::{Auth, AuthConfigError, AuthOutcome};
 use super::stats::{MqttStats, reason};
-use bytes::{Buf, BytesMut};
+use bytes::BytesMut;
 use ferry_buffer::{AppendError, Buffer, Reading, Source, now_ms};
 use ferry_config::MqttSettings;
 use futures_util::StreamExt;
@@ -382,24 +382,13 @@ pub async fn serve<IO>(
             "device_from_cert_cn is on and the client certificate has no Common Name".to_string(),
         ));
     }
-    let mut out = BytesMut::new();
     if let Some((why, code, message)) = refusal {
         ctx.stats.rejected(why, 1);
         tracing::info!(peer = %peer, client_id = %connect.client_id, reason = why, "A CONNECT was refused: {message}.");
-        let _ = codec.write(
-            Packet::ConnAck(
-                ConnAck {
-                    session_present: false,
-                    code,
-                },
-                None,
-            ),
-            &mut out,
-        );
-        let _ = io.write_all(&out).await;
-        let _ = io.shutdown().await;
+        refuse_connect(&mut io, &codec, code).await;
         return;
     }
+    let mut out = BytesMut::new();
     let (client_id, assigned) = id.unwrap_or_default();
     let props = v5.then(|| ConnAckProperties {
         receive_max: Some(ctx.settings.max_inflight.max(1)),
@@ -1096,19 +1085,29 @@ pub async fn refuse_busy<IO: AsyncRead + AsyncWrite + Unpin>(mut io: IO, wait: D
         } else {
             ConnectReturnCode::ServiceUnavailable
         };
-        let mut out = BytesMut::new();
-        let _ = codec.write(
-            Packet::ConnAck(
-                ConnAck {
-                    session_present: false,
-                    code,
-                },
-                None,
-            ),
-            &mut out,
-        );
-        let _ = io.write_all(&out).await;
+        refuse_connect(&mut io, &codec, code).await;
+    } else {
+        let _ = io.shutdown().await;
     }
+}
+
+/// Sends a refusing CONNACK with `code` and closes the connection.
+async fn refuse_connect<IO: AsyncWrite + Unpin>(
+    io: &mut IO,
+    codec: &Codec,
+    code: ConnectReturnCode,
+) {
+    let mut out = BytesMut::new();
+    let _ = codec.write(
+        Packet::ConnAck(
+            ConnAck {
+                session_present: false,
+                code,
+            },
+            None,
+        ),
+        &mut out,
+    );
+    let _ = io.write_all(&out).await;
     let _ = io.shutdown().await;
-    let _ = buf.remaining();
 }
