@@ -21,3 +21,6 @@ pub mod status;
 
 pub use backoff::Backoff;
 pub use status::{LinkState, UplinkReport, UplinkSnapshot, UplinkStatus, report};
+
+#[cfg(test)]
+mod test_util;

@@ -14,7 +14,6 @@ use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 
 type Mock = MockCluster<'static, DefaultProducerContext>;
 
@@ -59,22 +58,7 @@ fn uplink(bootstrap: &str) -> KafkaUplink {
     }
 }
 
-struct Running {
-    status: UplinkStatus,
-    stop: oneshot::Sender<()>,
-    task: JoinHandle<Result<(), KafkaSinkError>>,
-}
-
-impl Running {
-    async fn stop(self) {
-        let _ = self.stop.send(());
-        tokio::time::timeout(Duration::from_secs(10), self.task)
-            .await
-            .expect("run() returns after shutdown")
-            .unwrap()
-            .unwrap();
-    }
-}
+type Running = crate::test_util::Running<KafkaSinkError>;
 
 fn start(cfg: &KafkaUplink, buffer: &Buffer, grace: Duration) -> Running {
     let sink = KafkaSink::new(cfg, "gw1", buffer.clone())

@@ -255,22 +255,7 @@ fn uplink(port: u16, protocol: MqttProtocol) -> MqttUplink {
     }
 }
 
-struct Running {
-    status: UplinkStatus,
-    stop: oneshot::Sender<()>,
-    task: JoinHandle<Result<(), MqttSinkError>>,
-}
-
-impl Running {
-    async fn stop(self) {
-        let _ = self.stop.send(());
-        tokio::time::timeout(Duration::from_secs(10), self.task)
-            .await
-            .expect("run() returns after shutdown")
-            .unwrap()
-            .unwrap();
-    }
-}
+type Running = crate::test_util::Running<MqttSinkError>;
 
 fn start(cfg: &MqttUplink, buffer: &Buffer) -> Running {
     let sink = MqttSink::new(cfg, "gw1", "ferry-gw1", buffer.clone())
