@@ -1,0 +1,287 @@
+//! Shared load and delivery-check helpers for the reliability suites (`reliability_*.rs`).
+//!
+//! Every reading these clients send carries a unique key in its payload (`{"k": "..."}`), and
+//! each client records the key of every reading the gateway *acknowledged*: a PUBACK (QoS 1),
+//! a PUBREC (QoS 2) or an HTTP 202. A Kafka consumer on the mock cluster then reads what
+//! arrived, so a suite can compare "acknowledged" with "delivered" exactly.
+#![allow(dead_code)] // each test binary uses a different part of this module
+
+use rdkafka::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
+use serde_json::{Value, json};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// What one load client saw.
+#[derive(Debug, Default)]
+pub struct Tally {
+    /// Keys of acknowledged readings.
+    pub acked: Mutex<HashSet<String>>,
+    /// Keys of readings refused with a clear error (HTTP 503 / a v5 reason code).
+    pub refused: Mutex<HashSet<String>>,
+    /// Refusals by kind (`http.503.buffer-full`, `http.503.buffer-storage`, …).
+    pub refusal_kinds: Mutex<BTreeMap<String, u64>>,
+    /// Requests or publishes that ended without an answer (connection cut, …).
+    pub unanswered: AtomicU64,
+}
+
+impl Tally {
+    pub fn acked(&self) -> HashSet<String> {
+        self.acked.lock().unwrap().clone()
+    }
+    pub fn refused(&self) -> HashSet<String> {
+        self.refused.lock().unwrap().clone()
+    }
+    pub fn acked_len(&self) -> usize {
+        self.acked.lock().unwrap().len()
+    }
+    fn refuse(&self, kind: String, keys: impl IntoIterator<Item = String>) {
+        self.refused.lock().unwrap().extend(keys);
+        *self.refusal_kinds.lock().unwrap().entry(kind).or_default() += 1;
+    }
+}
+
+/// A payload body of about `pad` bytes that gzip cannot squeeze much (hex of a counter hash),
+/// so a small buffer cap fills quickly.
+pub fn noise(seed: u64, pad: usize) -> String {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut s = String::with_capacity(pad);
+    while s.len() < pad {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        s.push_str(&format!("{x:016x}"));
+    }
+    s.truncate(pad);
+    s
+}
+
+/// A rumqttc v3.1.1 publisher at `qos` (1 or 2) sending unique keys `<prefix>-<n>` until
+/// `stop` is set or the connection ends. A key counts as acknowledged on its PUBACK (QoS 1)
+/// or PUBREC (QoS 2): that is the gateway's durability promise.
+pub async fn mqtt_publisher(
+    addr: SocketAddr,
+    prefix: String,
+    qos: QoS,
+    pad: usize,
+    tally: Arc<Tally>,
+    stop: Arc<AtomicBool>,
+) {
+    let mut opts = MqttOptions::new(prefix.clone(), addr.ip().to_string(), addr.port());
+    opts.set_inflight(16);
+    opts.set_keep_alive(Duration::from_secs(30));
+    let (client, mut el) = AsyncClient::new(opts, 32);
+    let queued: Arc<Mutex<VecDeque<String>>> = Arc::default();
+    let q2 = queued.clone();
+    let stop2 = stop.clone();
+    let sender = tokio::spawn(async move {
+        for n in 0u64.. {
+            if stop2.load(Ordering::SeqCst) {
+                return;
+            }
+            let key = format!("{prefix}-{n}");
+            let body = json!({"k": key, "v": n, "pad": noise(n, pad)}).to_string();
+            q2.lock().unwrap().push_back(key);
+            if client
+                .publish(format!("rel/{prefix}"), qos, false, body)
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    });
+    let mut by_pkid: HashMap<u16, String> = HashMap::new();
+    loop {
+        if stop.load(Ordering::SeqCst) {
+            break;
+        }
+        let ev = tokio::time::timeout(Duration::from_millis(200), el.poll()).await;
+        match ev {
+            Err(_) => continue,
+            Ok(Ok(Event::Outgoing(Outgoing::Publish(pkid)))) => {
+                let Some(k) = queued.lock().unwrap().pop_front() else {
+                    break;
+                };
+                by_pkid.insert(pkid, k);
+            }
+            Ok(Ok(Event::Incoming(Packet::PubAck(a)))) if qos == QoS::AtLeastOnce => {
+                if let Some(k) = by_pkid.remove(&a.pkid) {
+                    tally.acked.lock().unwrap().insert(k);
+                }
+            }
+            Ok(Ok(Event::Incoming(Packet::PubRec(a)))) if qos == QoS::ExactlyOnce => {
+                if let Some(k) = by_pkid.remove(&a.pkid) {
+                    tally.acked.lock().unwrap().insert(k);
+                }
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) => break,
+        }
+    }
+    tally
+        .unanswered
+        .fetch_add(by_pkid.len() as u64, Ordering::Relaxed);
+    sender.abort();
+}
+
+/// An HTTP client posting batches of `batch` unique readings to `/v1/readings` until `stop`
+/// is set. A 202 acknowledges the whole batch; a 503 refuses it (recorded with its problem
+/// type); a cut connection is neither. `pause` is slept between requests.
+pub async fn http_batcher(
+    base: String,
+    prefix: String,
+    batch: usize,
+    pad: usize,
+    pause: Duration,
+    tally: Arc<Tally>,
+    stop: Arc<AtomicBool>,
+) {
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let mut n = 0u64;
+    while !stop.load(Ordering::SeqCst) {
+        let keys: Vec<String> = (0..batch).map(|i| format!("{prefix}-{n}-{i}")).collect();
+        let items: Vec<Value> = keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| {
+                json!({"topic": format!("rel/{prefix}"), "device": prefix,
+                       "payload": {"k": k, "pad": noise(n * 1000 + i as u64, pad)}})
+            })
+            .collect();
+        n += 1;
+        match http
+            .post(format!("{base}/v1/readings"))
+            .json(&items)
+            .send()
+            .await
+        {
+            Ok(resp) if resp.status().as_u16() == 202 => {
+                tally.acked.lock().unwrap().extend(keys);
+            }
+            Ok(resp) => {
+                let status = resp.status().as_u16();
+                let body: Value = resp.json().await.unwrap_or(Value::Null);
+                let kind = body["type"]
+                    .as_str()
+                    .unwrap_or("?")
+                    .trim_start_matches("urn:ferry:problem:")
+                    .to_string();
+                tally.refuse(format!("http.{status}.{kind}"), keys);
+            }
+            Err(_) => {
+                tally.unanswered.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        if !pause.is_zero() {
+            tokio::time::sleep(pause).await;
+        }
+    }
+}
+
+/// Reads the topic from the start and counts arrivals per key, until every key in
+/// `expected` has arrived and `settle` passed without a new message, or `timeout`.
+pub fn kafka_arrivals(
+    bootstrap: &str,
+    topic: &str,
+    group: &str,
+    expected: &HashSet<String>,
+    settle: Duration,
+    timeout: Duration,
+) -> HashMap<String, usize> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", group)
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[topic]).unwrap();
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    let start = Instant::now();
+    let mut last_new = Instant::now();
+    let mut missing: HashSet<&String> = expected.iter().collect();
+    while start.elapsed() < timeout {
+        match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(m)) => {
+                let v: Value =
+                    serde_json::from_slice(m.payload().unwrap_or_default()).unwrap_or(Value::Null);
+                if let Some(k) = v["k"].as_str() {
+                    missing.remove(&k.to_string());
+                    *seen.entry(k.to_string()).or_default() += 1;
+                }
+                last_new = Instant::now();
+            }
+            Some(Err(e)) => panic!("consumer error: {e}"),
+            None => {
+                if missing.is_empty() && last_new.elapsed() >= settle {
+                    break;
+                }
+            }
+        }
+    }
+    seen
+}
+
+/// `GET /api/status` as JSON.
+pub async fn status(base: &str) -> Value {
+    reqwest::get(format!("{base}/api/status"))
+        .await
+        .expect("status request")
+        .json()
+        .await
+        .expect("status json")
+}
+
+/// Peak resident memory (VmHWM) of a process, in KiB.
+pub fn peak_rss_kib(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    s.lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// A small xorshift generator, seeded from the clock unless `FERRY_SEED` is set; the seed is
+/// printed so a failing run can be repeated.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn from_env(test: &str) -> Rng {
+        let seed = std::env::var("FERRY_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_nanos() as u64
+            });
+        eprintln!("{test}: FERRY_SEED={seed}");
+        Rng(seed | 1)
+    }
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+/// A multi-threaded runtime for driving the clients from a plain `#[test]`.
+pub fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
