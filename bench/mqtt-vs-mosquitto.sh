@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # QoS1 (or QoS0) ingest: ferry with durable acks against Debian's mosquitto with persistence
-# off, driven by the same load generator (bench mqtt-load), alternating runs on this machine.
+# off, driven by the same load generator (bench ferry-load), alternating runs on this machine.
 # Prints one table with rates, the ratio, ack latency at half of ferry's max rate, and RSS.
 #
 #   bench/mqtt-vs-mosquitto.sh [SECS] [CLIENTS] [QOS] [ROUNDS]
@@ -10,8 +10,8 @@ secs=${1:-10}; clients=${2:-50}; qos=${3:-1}; rounds=${4:-2}
 
 command -v mosquitto >/dev/null || { echo "mosquitto is not installed (apt-get install mosquitto)" >&2; exit 1; }
 cargo build --release -q --bin ferry -p ferry-gateway
-cargo build --release -q --bin mqtt-load -p ferry-bench
-load=target/release/mqtt-load
+cargo build --release -q --bin ferry-load -p ferry-bench
+load="target/release/ferry-load mqtt"
 work=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
 

@@ -1,8 +1,18 @@
 //! # ferry-bench: benchmarks and load tools
 //!
-//! Binaries under `src/bin/` measure ferry and print figures; `bench/*.sh` scripts run them
-//! side by side with peers. Nothing here is timed by the test suite: the machines are noisy,
-//! so results are reported as figures and ratios from one run (see BENCHMARKS.md).
+//! - `ferry-load`: the load generator (MQTT v3.1.1/v5 QoS 0/1/2, HTTP single readings or
+//!   batches), closed or open loop, with HDR latency percentiles and the acked reading ids.
+//! - `bench-run`: runs every scenario of issue 9 side by side with its peer (mosquitto,
+//!   `kcat -P`, a no-work axum handler) and prints one Markdown table; `--smoke` runs them all
+//!   with tiny sizes in seconds (the CI smoke test in `tests/smoke.rs`).
+//! - `buffer-bench`: the buffer's group commit, compression and crash-reopen figures.
+//! - `null_http`: the no-work HTTP baseline. `ferry-bench-gateway`: the `ferry` entry point,
+//!   built in this crate so that cargo builds it before the smoke test runs.
+//!
+//! Nothing here is timed by the test suite: the machines are noisy, so results are reported
+//! as figures and ratios from one run (see BENCHMARKS.md).
+
+use ferry_buffer::{Buffer, BufferOptions, Compression, Reading, Source};
 
 /// Percentile of a sorted slice (nearest rank).
 pub fn percentile(sorted: &[u64], q: f64) -> u64 {
@@ -15,10 +25,16 @@ pub fn percentile(sorted: &[u64], q: f64) -> u64 {
 /// Bytes this process has caused to be written to storage, from `/proc/self/io`
 /// (`write_bytes`); `None` where that file does not exist.
 pub fn proc_write_bytes() -> Option<u64> {
-    let s = std::fs::read_to_string("/proc/self/io").ok()?;
+    proc_field("self", "io", "write_bytes:")
+}
+
+/// A numeric field of `/proc/<pid>/<file>` (`VmRSS:` of `status`, `write_bytes:` of `io`);
+/// `kB` values are returned as they are (KiB).
+pub fn proc_field(pid: &str, file: &str, key: &str) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/{file}")).ok()?;
     s.lines()
-        .find_map(|l| l.strip_prefix("write_bytes: "))
-        .and_then(|v| v.trim().parse().ok())
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
 /// A realistic JSON telemetry payload of about `len` bytes.
@@ -29,7 +45,26 @@ pub fn telemetry_json(device: usize, seq: u64, len: usize) -> String {
         20.0 + (seq % 100) as f64 * 0.05,
         40.0 + (seq % 37) as f64 * 0.5,
     );
-    if s.len() + 1 < len {
+    pad_json(&mut s, len);
+    s
+}
+
+/// A JSON telemetry reading of about `len` bytes carrying a unique reading id `id`
+/// (`"seq":"<id>"`), so that a consumer can check later which acknowledged readings arrived.
+pub fn telemetry_with_id(device: &str, id: &str, n: u64, ts_ms: u64, len: usize) -> String {
+    let mut s = format!(
+        "{{\"device\":\"{device}\",\"seq\":\"{id}\",\"ts\":{ts_ms},\"temp\":{:.2},\"hum\":{:.1},\"vbat\":{:.3}",
+        20.0 + (n % 100) as f64 * 0.05,
+        40.0 + (n % 37) as f64 * 0.5,
+        3.3 - (n % 50) as f64 * 0.001,
+    );
+    pad_json(&mut s, len);
+    s
+}
+
+/// Closes the JSON object in `s`, padded with a `"pad"` string so that it is about `len` bytes.
+fn pad_json(s: &mut String, len: usize) {
+    if s.len() + 10 < len {
         s.push_str(",\"pad\":\"");
         while s.len() + 2 < len {
             s.push('x');
@@ -37,5 +72,47 @@ pub fn telemetry_json(device: usize, seq: u64, len: usize) -> String {
         s.push('"');
     }
     s.push('}');
-    s
+}
+
+/// Readings like a fleet of `devices` sensors sends them: ~100-byte JSON telemetry.
+pub fn fleet_readings(from: u64, to: u64, devices: u64) -> Vec<Reading> {
+    (from..to)
+        .map(|s| {
+            let d = (s % devices) as usize;
+            Reading::new(
+                Source::Mqtt,
+                format!("sensor-{d:04}"),
+                format!("sensors/sensor-{d:04}/env"),
+                telemetry_json(d, s, 100),
+            )
+        })
+        .collect()
+}
+
+/// Compression of one segment of JSON telemetry from 50 devices, per codec and level:
+/// `(label, raw bytes, stored bytes)`, measured through the buffer's own stats.
+pub async fn compression_ratios(base: &std::path::Path) -> Vec<(String, u64, u64)> {
+    let mut out = Vec::new();
+    for (name, c) in [
+        ("none", Compression::None),
+        ("gzip 1", Compression::Gzip { level: 1 }),
+        ("gzip 3", Compression::Gzip { level: 3 }),
+        ("gzip 6", Compression::Gzip { level: 6 }),
+        ("gzip 9", Compression::Gzip { level: 9 }),
+    ] {
+        let dir = tempfile::tempdir_in(base).expect("tempdir");
+        let opts = BufferOptions {
+            compression: c,
+            consumers: vec!["kafka".into()],
+            ..BufferOptions::default()
+        };
+        let buf = Buffer::open(dir.path(), opts).expect("open buffer");
+        buf.append(fleet_readings(0, 5000, 50))
+            .await
+            .expect("append");
+        let st = buf.stats();
+        buf.close().await;
+        out.push((name.to_string(), st.raw_bytes_total, st.stored_bytes_total));
+    }
+    out
 }

@@ -9,8 +9,8 @@
 //! buffer (as a crash would leave it); `buffer-bench reopen DIR` then times the open and
 //! prints the peak RSS of the process.
 
-use ferry_bench::{percentile, proc_write_bytes, telemetry_json};
-use ferry_buffer::{Buffer, BufferOptions, Compression, Reading, Source};
+use ferry_bench::{compression_ratios, percentile, proc_write_bytes, telemetry_json};
+use ferry_buffer::{Buffer, BufferOptions, Reading, Source};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -114,40 +114,10 @@ async fn compression(base: &str) {
     println!();
     println!("| codec | raw bytes | stored bytes | ratio |");
     println!("|---|---:|---:|---:|");
-    for (name, c) in [
-        ("none", Compression::None),
-        ("gzip 1", Compression::Gzip { level: 1 }),
-        ("gzip 3", Compression::Gzip { level: 3 }),
-        ("gzip 6", Compression::Gzip { level: 6 }),
-        ("gzip 9", Compression::Gzip { level: 9 }),
-    ] {
-        let dir = tempfile::tempdir_in(base).unwrap();
-        let opts = BufferOptions {
-            compression: c,
-            consumers: vec!["kafka".into()],
-            ..BufferOptions::default()
-        };
-        let buf = Buffer::open(dir.path(), opts).unwrap();
-        // One full segment of JSON telemetry from 50 devices.
-        let rs: Vec<Reading> = (0..5000u64)
-            .map(|i| {
-                let d = (i % 50) as usize;
-                Reading::new(
-                    Source::Mqtt,
-                    format!("sensor-{d}"),
-                    format!("sensors/{d}/env"),
-                    telemetry_json(d, i, 100),
-                )
-            })
-            .collect();
-        buf.append(rs).await.unwrap();
-        let st = buf.stats();
-        buf.close().await;
+    for (name, raw, stored) in compression_ratios(std::path::Path::new(base)).await {
         println!(
-            "| {name} | {} | {} | {:.2}x |",
-            st.raw_bytes_total,
-            st.stored_bytes_total,
-            st.raw_bytes_total as f64 / st.stored_bytes_total as f64
+            "| {name} | {raw} | {stored} | {:.2}x |",
+            raw as f64 / stored as f64
         );
     }
 }

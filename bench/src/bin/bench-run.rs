@@ -1,0 +1,1188 @@
+//! `bench-run`: every benchmark scenario of issue 9, side by side with its peer, in one run on
+//! this machine, printed as one Markdown table with the machine description.
+//!
+//! ```text
+//! cargo run --release -p ferry-bench --bin bench-run [-- --smoke] [--only 1,4] [--out FILE]
+//! ```
+//!
+//! Scenarios (each row gives its goal and `pass` / `short`, or `info` where there is none):
+//! 1. QoS1 ingest: ferry (durable acks, no uplink) against Debian's mosquitto (persistence
+//!    off), same load (`ferry-load`), alternating rounds; the ratio of the mean rates.
+//! 2. QoS0 ingest: the same.
+//! 3. HTTP ingest, 1 and 100 readings per request, with a no-work axum handler (`null_http`)
+//!    as the peer column.
+//! 4. Drain: a backlog (1M readings) in ferry's buffer to librdkafka's mock cluster, against
+//!    `kcat -P` producing the same records (key = device, value = payload, zstd, acks=all,
+//!    idempotence) to the same cluster.
+//! 5. Footprint: RSS idle and at 10k msg/s open loop over 1,000 connections (peak `VmHWM`,
+//!    steady `VmRSS`), bytes written to disk (`/proc/PID/io` `write_bytes`) per payload byte
+//!    during QoS1 runs, buffer file bytes per reading, compression ratio per codec and level.
+//! 6. Recovery: ferry is SIGKILLed holding a 1M-reading backlog and restarted; time from spawn
+//!    to its `ready` line, and its peak RSS by then.
+//!
+//! `--smoke` runs everything with tiny sizes in seconds (the CI smoke test); its figures mean
+//! nothing. A scenario whose peer tool is missing reports `skipped`, or fails the run when
+//! `FERRY_REQUIRE_TOOLS=1`. The run exits non-zero if any row is an `error`.
+
+use clap::Parser;
+use ferry_bench::{compression_ratios, fleet_readings, proc_field};
+use ferry_buffer::{Buffer, BufferOptions};
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::DefaultProducerContext;
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "bench-run",
+    about = "Runs ferry's benchmark scenarios and prints one table"
+)]
+struct Opts {
+    /// Tiny sizes, seconds in all (CI). The figures mean nothing.
+    #[arg(long)]
+    smoke: bool,
+    /// Run only these scenarios (comma-separated numbers 1-6).
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<u32>,
+    /// Also write the table to this file.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// The ferry binary. Default: `ferry-bench-gateway` beside this binary.
+    #[arg(long)]
+    ferry: Option<PathBuf>,
+    /// Seconds per load run (default 10; smoke 1).
+    #[arg(long)]
+    secs: Option<f64>,
+    /// Alternating rounds per comparison (default 2; smoke 1).
+    #[arg(long)]
+    rounds: Option<u32>,
+    /// Backlog for the drain and recovery scenarios (default 1,000,000; smoke 2,000).
+    #[arg(long)]
+    backlog: Option<u64>,
+    /// Where temporary data directories go (default: `target/bench-run` under the current
+    /// directory, on the real disk rather than a tmpfs).
+    #[arg(long)]
+    work_dir: Option<PathBuf>,
+}
+
+/// The sizes of one run.
+#[derive(Debug, Clone)]
+struct Sizes {
+    secs: f64,
+    rounds: u32,
+    clients: usize,
+    http_clients: usize,
+    backlog: u64,
+    footprint_conns: usize,
+    footprint_rate: f64,
+    idle_wait: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Verdict {
+    Pass,
+    Short,
+    Info,
+    Skipped(String),
+    Error(String),
+}
+
+impl std::fmt::Display for Verdict {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Verdict::Pass => write!(f, "pass"),
+            Verdict::Short => write!(f, "**short**"),
+            Verdict::Info => write!(f, "info"),
+            Verdict::Skipped(w) => write!(f, "skipped: {w}"),
+            Verdict::Error(w) => write!(f, "error: {w}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Row {
+    scenario: &'static str,
+    metric: String,
+    ferry: String,
+    peer: String,
+    ratio: String,
+    goal: String,
+    verdict: Verdict,
+}
+
+fn row(scenario: &'static str, metric: impl Into<String>) -> Row {
+    Row {
+        scenario,
+        metric: metric.into(),
+        ferry: "–".into(),
+        peer: "–".into(),
+        ratio: "–".into(),
+        goal: "–".into(),
+        verdict: Verdict::Info,
+    }
+}
+
+impl Row {
+    fn ferry(mut self, v: impl Into<String>) -> Row {
+        self.ferry = v.into();
+        self
+    }
+    fn peer(mut self, v: impl Into<String>) -> Row {
+        self.peer = v.into();
+        self
+    }
+    fn ratio(mut self, r: f64) -> Row {
+        self.ratio = format!("{r:.2}×");
+        self
+    }
+    fn goal(mut self, g: impl Into<String>, pass: bool) -> Row {
+        self.goal = g.into();
+        self.verdict = if pass { Verdict::Pass } else { Verdict::Short };
+        self
+    }
+    fn verdict(mut self, v: Verdict) -> Row {
+        self.verdict = v;
+        self
+    }
+}
+
+type Res<T> = Result<T, String>;
+
+/// One scenario: its rows.
+type Scenario = fn(&Ctx) -> Vec<Row>;
+
+fn main() -> std::process::ExitCode {
+    let opts = Opts::parse();
+    let sizes = if opts.smoke {
+        Sizes {
+            secs: opts.secs.unwrap_or(1.0),
+            rounds: opts.rounds.unwrap_or(1),
+            clients: 4,
+            http_clients: 4,
+            backlog: opts.backlog.unwrap_or(2_000),
+            footprint_conns: 20,
+            footprint_rate: 200.0,
+            idle_wait: Duration::from_millis(300),
+        }
+    } else {
+        Sizes {
+            secs: opts.secs.unwrap_or(10.0),
+            rounds: opts.rounds.unwrap_or(2),
+            clients: 50,
+            http_clients: 64,
+            backlog: opts.backlog.unwrap_or(1_000_000),
+            footprint_conns: 1000,
+            footprint_rate: 10_000.0,
+            idle_wait: Duration::from_secs(3),
+        }
+    };
+    raise_nofile();
+    let bins = Bins::locate(&opts);
+    let base = opts
+        .work_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("target/bench-run"));
+    std::fs::create_dir_all(&base).expect("create the work directory");
+    let work = tempfile::tempdir_in(&base).expect("work directory");
+    let ctx = Ctx {
+        bins,
+        sizes: sizes.clone(),
+        work: work.path().to_path_buf(),
+        require_tools: std::env::var("FERRY_REQUIRE_TOOLS").as_deref() == Ok("1"),
+    };
+    let want = |n: u32| opts.only.is_empty() || opts.only.contains(&n);
+    let mut rows = Vec::new();
+    let scenarios: [(u32, &str, Scenario); 6] = [
+        (1, "1 QoS1 ingest", |c| qos_vs_mosquitto(c, 1)),
+        (2, "2 QoS0 ingest", |c| qos_vs_mosquitto(c, 0)),
+        (3, "3 HTTP ingest", http_ingest),
+        (4, "4 drain", drain),
+        (5, "5 footprint", footprint),
+        (6, "6 recovery", recovery),
+    ];
+    for (n, name, f) in scenarios {
+        if want(n) {
+            eprintln!("bench-run: scenario {name} ...");
+            let t = Instant::now();
+            let rs = f(&ctx);
+            eprintln!(
+                "bench-run: scenario {name} took {:.1} s",
+                t.elapsed().as_secs_f64()
+            );
+            rows.extend(rs);
+        }
+    }
+    // Scenario order (scenario 1 also reports footprint rows); stable within a scenario.
+    rows.sort_by_key(|r| r.scenario);
+    let table = render(&ctx, &opts, &rows);
+    println!("{table}");
+    if let Some(p) = &opts.out {
+        std::fs::write(p, &table).expect("write --out");
+    }
+    if rows.iter().any(|r| matches!(r.verdict, Verdict::Error(_))) {
+        std::process::ExitCode::FAILURE
+    } else {
+        std::process::ExitCode::SUCCESS
+    }
+}
+
+/// Raises the soft open-files limit to the hard one (1,000 connections need ~1,000 sockets on
+/// each side); children inherit it.
+fn raise_nofile() {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut l = getrlimit(Resource::Nofile);
+    if l.maximum.is_none() || l.current < l.maximum {
+        l.current = l.maximum.or(Some(65_536));
+        let _ = setrlimit(Resource::Nofile, l);
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Bins {
+    ferry: PathBuf,
+    load: PathBuf,
+    null_http: PathBuf,
+}
+
+impl Bins {
+    fn locate(opts: &Opts) -> Bins {
+        let exe = std::env::current_exe().expect("current exe");
+        let dir = exe.parent().expect("bin dir").to_path_buf();
+        Bins {
+            ferry: opts
+                .ferry
+                .clone()
+                .unwrap_or_else(|| dir.join("ferry-bench-gateway")),
+            load: dir.join("ferry-load"),
+            null_http: dir.join("null_http"),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Ctx {
+    bins: Bins,
+    sizes: Sizes,
+    work: PathBuf,
+    require_tools: bool,
+}
+
+impl Ctx {
+    /// Whether a Debian tool is on PATH; `Err` (an error row) when it is missing and
+    /// `FERRY_REQUIRE_TOOLS=1`, as `ferry_tests::require_tool` does for tests.
+    fn tool(&self, tool: &str) -> Res<bool> {
+        let found = std::env::var_os("PATH")
+            .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
+            .unwrap_or(false);
+        if !found && self.require_tools {
+            return Err(format!(
+                "'{tool}' is required (FERRY_REQUIRE_TOOLS=1) but not installed"
+            ));
+        }
+        if !found {
+            eprintln!("bench-run: SKIPPED the {tool} side: '{tool}' is not installed");
+        }
+        Ok(found)
+    }
+
+    fn fresh_dir(&self, name: &str) -> PathBuf {
+        let d = self.work.join(name);
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).expect("create dir");
+        d
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Processes
+
+/// A running ferry.
+#[derive(Debug)]
+struct Gw {
+    child: Child,
+    addrs: BTreeMap<String, String>,
+    /// From spawn to the `ready` line.
+    ready_after: Duration,
+    log: PathBuf,
+}
+
+impl Gw {
+    fn pid(&self) -> String {
+        self.child.id().to_string()
+    }
+    fn mqtt(&self) -> Res<String> {
+        self.addrs
+            .get("mqtt")
+            .cloned()
+            .ok_or("no mqtt listener".into())
+    }
+    fn http(&self) -> Res<String> {
+        self.addrs
+            .get("http")
+            .map(|a| format!("http://{a}"))
+            .ok_or("no http listener".into())
+    }
+    fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+    /// A gauge or counter from `/metrics` (the first sample of that name).
+    fn metric(&self, name: &str) -> Option<f64> {
+        let body = http_get(self.addrs.get("http")?, "/metrics").ok()?.1;
+        body.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+            let (k, v) = l.rsplit_once(' ')?;
+            (k == name || k.starts_with(&format!("{name}{{"))).then(|| v.parse().ok())?
+        })
+    }
+    fn log_tail(&self) -> String {
+        let s = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = s.lines().collect();
+        lines[lines.len().saturating_sub(5)..].join(" / ")
+    }
+}
+
+/// Starts ferry on `data_dir` with every listener on 127.0.0.1:0, the Kafka uplink off unless
+/// `env` turns it on, and waits for its `ready` line.
+fn start_ferry(ctx: &Ctx, data_dir: &Path, env: &[(&str, &str)]) -> Res<Gw> {
+    let cfg = ctx.work.join("ferry.toml");
+    std::fs::write(&cfg, "").map_err(|e| e.to_string())?;
+    let log = ctx.work.join(format!(
+        "ferry-{}.log",
+        data_dir.file_name().and_then(|n| n.to_str()).unwrap_or("x")
+    ));
+    let stderr = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log)
+        .map_err(|e| e.to_string())?;
+    let mut cmd = Command::new(&ctx.bins.ferry);
+    cmd.arg("run")
+        .arg("--config")
+        .arg(&cfg)
+        .env_remove("FERRY_CONFIG")
+        .env("FERRY_GATEWAY_DATA_DIR", data_dir)
+        .env("FERRY_GATEWAY_ID", "bench")
+        .env("FERRY_MQTT_LISTEN", "127.0.0.1:0")
+        .env("FERRY_HTTP_LISTEN", "127.0.0.1:0")
+        .env("FERRY_MQTT_MAX_CONNECTIONS", "4096")
+        .env("FERRY_HTTP_MAX_CONNECTIONS", "4096")
+        .env("FERRY_UPLINK_KAFKA_ENABLED", "false")
+        .env("FERRY_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(stderr);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let t = Instant::now();
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| format!("spawn {}: {e}", ctx.bins.ferry.display()))?;
+    let stdout = child.stdout.take().ok_or("no stdout")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(json) = line.strip_prefix("ready ") {
+                let _ = tx.send((json.to_string(), Instant::now()));
+            }
+        }
+    });
+    match rx.recv_timeout(Duration::from_secs(120)) {
+        Ok((json, at)) => {
+            let addrs: BTreeMap<String, String> =
+                serde_json::from_str(&json).map_err(|e| format!("ready line: {e}"))?;
+            Ok(Gw {
+                child,
+                addrs,
+                ready_after: at - t,
+                log,
+            })
+        }
+        Err(_) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            Err(format!(
+                "ferry was not ready within 120 s: {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            ))
+        }
+    }
+}
+
+/// Debian's mosquitto with persistence off on a free port.
+#[derive(Debug)]
+struct Mosquitto {
+    child: Child,
+    addr: String,
+}
+
+impl Mosquitto {
+    fn start(ctx: &Ctx) -> Res<Mosquitto> {
+        let port = free_port()?;
+        let conf = ctx.work.join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n\
+                 max_inflight_messages 0\nmax_queued_messages 0\nmax_connections -1\n"
+            ),
+        )
+        .map_err(|e| e.to_string())?;
+        let child = Command::new("mosquitto")
+            .arg("-c")
+            .arg(&conf)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("spawn mosquitto: {e}"))?;
+        let addr = format!("127.0.0.1:{port}");
+        wait_port(&addr)?;
+        Ok(Mosquitto { child, addr })
+    }
+    fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> Res<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    Ok(l.local_addr().map_err(|e| e.to_string())?.port())
+}
+
+fn wait_port(addr: &str) -> Res<()> {
+    let a: SocketAddr = addr.parse().map_err(|e| format!("{addr}: {e}"))?;
+    let until = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < until {
+        if TcpStream::connect_timeout(&a, Duration::from_millis(200)).is_ok() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Err(format!("nothing listens on {addr} after 10 s"))
+}
+
+/// A minimal HTTP/1.1 GET: (status, body).
+fn http_get(addr: &str, path: &str) -> Res<(u16, String)> {
+    let mut s = TcpStream::connect(addr).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(|e| e.to_string())?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(|e| e.to_string())?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).map_err(|e| e.to_string())?;
+    let status = buf
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or("no status line")?;
+    let body = buf.split_once("\r\n\r\n").map(|x| x.1).unwrap_or("");
+    Ok((status, body.to_string()))
+}
+
+/// One `ferry-load` run's JSON summary.
+#[derive(Debug, Clone, serde::Deserialize)]
+struct Load {
+    acked: u64,
+    rate: f64,
+    payload_bytes: u64,
+    p50_ms: Option<f64>,
+    p99_ms: Option<f64>,
+    errors_total: u64,
+    errors: BTreeMap<String, u64>,
+}
+
+impl Load {
+    fn p99(&self) -> String {
+        self.p99_ms.map_or("n/a".into(), |v| format!("{v:.1}"))
+    }
+}
+
+fn run_load(ctx: &Ctx, args: &[String]) -> Res<Load> {
+    let out = Command::new(&ctx.bins.load)
+        .args(args)
+        .arg("--json")
+        .output()
+        .map_err(|e| format!("spawn ferry-load: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "ferry-load {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    let line = String::from_utf8_lossy(&out.stdout);
+    let l: Load = serde_json::from_str(line.trim())
+        .map_err(|e| format!("ferry-load output {line:?}: {e}"))?;
+    if l.acked == 0 {
+        return Err(format!(
+            "ferry-load {args:?}: nothing acked, errors {:?}",
+            l.errors
+        ));
+    }
+    Ok(l)
+}
+
+fn mqtt_args(addr: &str, qos: u8, clients: usize, secs: f64) -> Vec<String> {
+    vec![
+        "mqtt".into(),
+        addr.into(),
+        "--qos".into(),
+        qos.to_string(),
+        "--clients".into(),
+        clients.to_string(),
+        "--secs".into(),
+        secs.to_string(),
+    ]
+}
+
+fn error_rows(scenario: &'static str, e: String) -> Vec<Row> {
+    vec![row(scenario, "run").verdict(Verdict::Error(e))]
+}
+
+fn errs(l: &Load) -> String {
+    if l.errors_total == 0 {
+        String::new()
+    } else {
+        format!(" ({} errors: {:?})", l.errors_total, l.errors)
+    }
+}
+
+fn rss_mib(pid: &str, key: &str) -> f64 {
+    proc_field(pid, "status", key).unwrap_or(0) as f64 / 1024.0
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scenarios 1 and 2
+
+/// Per round: (ferry load, ferry write_bytes delta, ferry buffer file bytes), mosquitto load.
+type QosRounds = (Vec<(Load, Option<u64>, u64)>, Vec<Load>);
+
+fn qos_rounds(ctx: &Ctx, qos: u8, with_peer: bool) -> Res<QosRounds> {
+    let s = &ctx.sizes;
+    let (mut ferry, mut mosq) = (Vec::new(), Vec::new());
+    for r in 0..s.rounds {
+        let dir = ctx.fresh_dir(&format!("qos{qos}-r{r}"));
+        let gw = start_ferry(ctx, &dir, &[])?;
+        let before = proc_field(&gw.pid(), "io", "write_bytes:");
+        let l = run_load(ctx, &mqtt_args(&gw.mqtt()?, qos, s.clients, s.secs));
+        let after = proc_field(&gw.pid(), "io", "write_bytes:");
+        let file = std::fs::metadata(dir.join(ferry_buffer::FILE_NAME))
+            .map(|m| m.len())
+            .unwrap_or(0);
+        let tail = gw.log_tail();
+        gw.kill();
+        let l = l.map_err(|e| format!("{e}; ferry log: {tail}"))?;
+        ferry.push((l, after.zip(before).map(|(a, b)| a - b), file));
+        if with_peer {
+            let m = Mosquitto::start(ctx)?;
+            let l = run_load(ctx, &mqtt_args(&m.addr, qos, s.clients, s.secs));
+            m.kill();
+            mosq.push(l?);
+        }
+    }
+    Ok((ferry, mosq))
+}
+
+fn qos_vs_mosquitto(ctx: &Ctx, qos: u8) -> Vec<Row> {
+    let sc: &'static str = if qos == 1 {
+        "1 QoS1 ingest"
+    } else {
+        "2 QoS0 ingest"
+    };
+    let with_peer = match ctx.tool("mosquitto") {
+        Ok(b) => b,
+        Err(e) => return error_rows(sc, e),
+    };
+    let (ferry, mosq) = match qos_rounds(ctx, qos, with_peer) {
+        Ok(x) => x,
+        Err(e) => return error_rows(sc, e),
+    };
+    let s = &ctx.sizes;
+    let fr = ferry.iter().map(|(l, ..)| l.rate).sum::<f64>() / ferry.len() as f64;
+    let per_round = |v: &mut dyn Iterator<Item = f64>| {
+        v.map(|r| format!("{r:.0}")).collect::<Vec<_>>().join(", ")
+    };
+    let metric = format!(
+        "msg/s, {} clients, {} B, {} s × {} alternating rounds (per round)",
+        s.clients, 100, s.secs, s.rounds
+    );
+    let ferry_cell = format!(
+        "{fr:.0} ({}){}",
+        per_round(&mut ferry.iter().map(|(l, ..)| l.rate)),
+        ferry.iter().map(|(l, ..)| errs(l)).collect::<String>()
+    );
+    let goal = if qos == 1 {
+        "≥ 1.0× mosquitto"
+    } else {
+        "≥ 1.0× mosquitto (QoS1's goal)"
+    };
+    let mut rows = Vec::new();
+    let mut r = row(sc, metric).ferry(ferry_cell);
+    if with_peer {
+        let mr = mosq.iter().map(|l| l.rate).sum::<f64>() / mosq.len() as f64;
+        let ratio = fr / mr;
+        r = r
+            .peer(format!(
+                "mosquitto {mr:.0} ({}){}",
+                per_round(&mut mosq.iter().map(|l| l.rate)),
+                mosq.iter().map(errs).collect::<String>()
+            ))
+            .ratio(ratio)
+            .goal(goal, ratio >= 1.0);
+    } else {
+        r = r
+            .peer("–")
+            .verdict(Verdict::Skipped("mosquitto not installed".into()));
+    }
+    rows.push(r);
+    if qos == 1 {
+        let last = &ferry[ferry.len() - 1].0;
+        let mut r = row(sc, "ack p50 / p99 ms (last round)").ferry(format!(
+            "{:.1} / {}",
+            last.p50_ms.unwrap_or(0.0),
+            last.p99()
+        ));
+        if let Some(m) = mosq.last() {
+            r = r.peer(format!("{:.1} / {}", m.p50_ms.unwrap_or(0.0), m.p99()));
+        }
+        rows.push(r);
+        // Write amplification and buffer bytes per reading from the same QoS1 runs.
+        let wa: Vec<f64> = ferry
+            .iter()
+            .filter_map(|(l, w, _)| w.map(|w| w as f64 / l.payload_bytes.max(1) as f64))
+            .collect();
+        if wa.is_empty() {
+            rows.push(
+                row(
+                    "5 footprint",
+                    "disk bytes written / payload byte, QoS1 max rate",
+                )
+                .verdict(Verdict::Skipped("/proc/PID/io not readable".into())),
+            );
+        } else {
+            let mean = wa.iter().sum::<f64>() / wa.len() as f64;
+            rows.push(
+                row(
+                    "5 footprint",
+                    "disk bytes written / payload byte, QoS1 max rate (scenario 1 runs)",
+                )
+                .ferry(format!(
+                    "{mean:.2} ({})",
+                    wa.iter()
+                        .map(|w| format!("{w:.2}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ))
+                .goal("≤ 1.0", mean <= 1.0),
+            );
+        }
+        let (l, _, file) = &ferry[ferry.len() - 1];
+        rows.push(
+            row(
+                "5 footprint",
+                "buffer file bytes / reading (after the last QoS1 run)",
+            )
+            .ferry(format!(
+                "{:.1} ({} B file, {} readings)",
+                *file as f64 / l.acked.max(1) as f64,
+                file,
+                l.acked
+            )),
+        );
+    }
+    rows
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scenario 3
+
+fn http_ingest(ctx: &Ctx) -> Vec<Row> {
+    const SC: &str = "3 HTTP ingest";
+    match http_runs(ctx) {
+        Ok(rows) => rows,
+        Err(e) => error_rows(SC, e),
+    }
+}
+
+fn http_runs(ctx: &Ctx) -> Res<Vec<Row>> {
+    const SC: &str = "3 HTTP ingest";
+    let s = &ctx.sizes;
+    let args = |url: &str, batch: usize| -> Vec<String> {
+        vec![
+            "http".into(),
+            url.into(),
+            "--batch".into(),
+            batch.to_string(),
+            "--clients".into(),
+            s.http_clients.to_string(),
+            "--secs".into(),
+            s.secs.to_string(),
+        ]
+    };
+    let mut null = NullHttp::start(ctx)?;
+    let n1 = run_load(ctx, &args(&null.url, 1));
+    let n100 = run_load(ctx, &args(&null.url, 100));
+    null.kill();
+    let (n1, n100) = (n1?, n100?);
+    let mut out = Vec::new();
+    for (batch, nl) in [(1usize, &n1), (100, &n100)] {
+        let dir = ctx.fresh_dir(&format!("http-{batch}"));
+        let gw = start_ferry(ctx, &dir, &[("FERRY_MQTT_ENABLED", "false")])?;
+        let l = run_load(ctx, &args(&gw.http()?, batch));
+        let tail = gw.log_tail();
+        gw.kill();
+        let l = l.map_err(|e| format!("{e}; ferry log: {tail}"))?;
+        let metric = format!(
+            "readings/s, {batch} reading(s)/request, {} clients (p99 ms)",
+            s.http_clients
+        );
+        let ratio = l.rate / nl.rate;
+        let r = row(SC, metric)
+            .ferry(format!("{:.0} ({}){}", l.rate, l.p99(), errs(&l)))
+            .peer(format!("no-work handler {:.0} ({})", nl.rate, nl.p99()))
+            .ratio(ratio);
+        out.push(if batch == 1 {
+            r.goal("≥ 0.5× no-work handler", ratio >= 0.5)
+        } else {
+            r.goal("≥ 200,000 readings/s", l.rate >= 200_000.0)
+        });
+    }
+    Ok(out)
+}
+
+#[derive(Debug)]
+struct NullHttp {
+    child: Child,
+    url: String,
+}
+
+impl NullHttp {
+    fn start(ctx: &Ctx) -> Res<NullHttp> {
+        let mut child = Command::new(&ctx.bins.null_http)
+            .arg("127.0.0.1:0")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("spawn null_http: {e}"))?;
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().ok_or("no stdout")?)
+            .read_line(&mut line)
+            .map_err(|e| e.to_string())?;
+        let addr = line
+            .trim()
+            .rsplit(' ')
+            .next()
+            .ok_or("null_http printed no address")?;
+        Ok(NullHttp {
+            url: format!("http://{addr}"),
+            child,
+        })
+    }
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backlogs (scenarios 4 and 6)
+
+/// A data directory holding `n` readings of ~100-byte JSON telemetry from 500 devices, for
+/// consumer `kafka`, written through the buffer crate in 1,000-reading appends and closed
+/// cleanly. Made once per run and copied.
+fn backlog(ctx: &Ctx) -> Res<PathBuf> {
+    let dir = ctx.work.join("backlog-template");
+    if dir.join(ferry_buffer::FILE_NAME).exists() {
+        return Ok(dir);
+    }
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let n = ctx.sizes.backlog;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    rt.block_on(async {
+        let opts = BufferOptions {
+            consumers: vec!["kafka".into()],
+            max_bytes: 16 << 30,
+            ..BufferOptions::default()
+        };
+        let buf = Buffer::open(&dir, opts).map_err(|e| e.to_string())?;
+        let mut tasks = Vec::new();
+        for t in 0..8u64 {
+            let buf = buf.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut i = t * 1000;
+                while i < n {
+                    buf.append(fleet_readings(i, (i + 1000).min(n), 500))
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    i += 8 * 1000;
+                }
+                Ok::<(), String>(())
+            }));
+        }
+        for t in tasks {
+            t.await.map_err(|e| e.to_string())??;
+        }
+        buf.close().await;
+        Ok::<(), String>(())
+    })?;
+    Ok(dir)
+}
+
+fn copy_backlog(ctx: &Ctx, name: &str) -> Res<PathBuf> {
+    let src = backlog(ctx)?;
+    let dst = ctx.fresh_dir(name);
+    for e in std::fs::read_dir(&src).map_err(|e| e.to_string())? {
+        let e = e.map_err(|e| e.to_string())?;
+        if e.path().is_file() {
+            std::fs::copy(e.path(), dst.join(e.file_name())).map_err(|e| e.to_string())?;
+        }
+    }
+    Ok(dst)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scenario 4
+
+fn drain(ctx: &Ctx) -> Vec<Row> {
+    const SC: &str = "4 drain";
+    let with_kcat = match ctx.tool("kcat") {
+        Ok(b) => b,
+        Err(e) => return error_rows(SC, e),
+    };
+    match drain_run(ctx, with_kcat) {
+        Ok(r) => vec![r],
+        Err(e) => error_rows(SC, e),
+    }
+}
+
+fn drain_run(ctx: &Ctx, with_kcat: bool) -> Res<Row> {
+    const SC: &str = "4 drain";
+    let n = ctx.sizes.backlog;
+    let dir = copy_backlog(ctx, "drain")?;
+    let mock: MockCluster<'static, DefaultProducerContext> =
+        MockCluster::new(1).map_err(|e| format!("mock cluster: {e}"))?;
+    mock.create_topic("ferry.readings", 4, 1)
+        .map_err(|e| e.to_string())?;
+    mock.create_topic("kcat", 4, 1).map_err(|e| e.to_string())?;
+    let bootstrap = mock.bootstrap_servers();
+    let gw = start_ferry(
+        ctx,
+        &dir,
+        &[
+            ("FERRY_UPLINK_KAFKA_ENABLED", "true"),
+            ("FERRY_UPLINK_KAFKA_BROKERS", &bootstrap),
+            ("FERRY_MQTT_ENABLED", "false"),
+        ],
+    )?;
+    // Timed from the ready line: recovery is scenario 6.
+    let t = Instant::now();
+    let until = t + Duration::from_secs(900);
+    let mut drained = false;
+    while Instant::now() < until {
+        if gw.metric("ferry_buffer_readings") == Some(0.0) {
+            drained = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let took = t.elapsed().as_secs_f64();
+    let tail = gw.log_tail();
+    gw.kill();
+    if !drained {
+        return Err(format!(
+            "ferry did not drain {n} readings in 900 s; log: {tail}"
+        ));
+    }
+    let fr = n as f64 / took;
+    let metric = format!("{n}-reading backlog to the mock cluster, readings/s");
+    let r = row(SC, metric).ferry(format!("{fr:.0} ({took:.2} s)"));
+    if !with_kcat {
+        return Ok(r.verdict(Verdict::Skipped("kcat not installed".into())));
+    }
+    // The same records, key = device id, value = payload.
+    let input = ctx.work.join("kcat-input");
+    {
+        let mut f =
+            std::io::BufWriter::new(std::fs::File::create(&input).map_err(|e| e.to_string())?);
+        for chunk in (0..n).step_by(10_000) {
+            for r in fleet_readings(chunk, (chunk + 10_000).min(n), 500) {
+                f.write_all(r.device.as_bytes())
+                    .map_err(|e| e.to_string())?;
+                f.write_all(b"\t").map_err(|e| e.to_string())?;
+                f.write_all(&r.payload).map_err(|e| e.to_string())?;
+                f.write_all(b"\n").map_err(|e| e.to_string())?;
+            }
+        }
+        f.flush().map_err(|e| e.to_string())?;
+    }
+    let t = Instant::now();
+    let out = Command::new("kcat")
+        .args(["-P", "-b", &bootstrap, "-t", "kcat", "-K\t", "-z", "zstd"])
+        .args(["-X", "enable.idempotence=true", "-X", "acks=all"])
+        .stdin(std::fs::File::open(&input).map_err(|e| e.to_string())?)
+        .output()
+        .map_err(|e| format!("spawn kcat: {e}"))?;
+    let kt = t.elapsed().as_secs_f64();
+    if !out.status.success() {
+        return Err(format!(
+            "kcat -P failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    let kr = n as f64 / kt;
+    let ratio = fr / kr;
+    Ok(r.peer(format!("kcat -P {kr:.0} ({kt:.2} s)"))
+        .ratio(ratio)
+        .goal("≥ 1.0× kcat", ratio >= 1.0))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scenario 5
+
+fn footprint(ctx: &Ctx) -> Vec<Row> {
+    const SC: &str = "5 footprint";
+    let mut rows = match footprint_load(ctx) {
+        Ok(r) => r,
+        Err(e) => error_rows(SC, e),
+    };
+    let dir = ctx.work.clone();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    for (name, raw, stored) in rt.block_on(compression_ratios(&dir)) {
+        rows.push(
+            row(
+                SC,
+                format!("compression ratio, one segment of telemetry, {name}"),
+            )
+            .ferry(format!("{:.2}×", raw as f64 / stored.max(1) as f64)),
+        );
+    }
+    rows
+}
+
+fn footprint_load(ctx: &Ctx) -> Res<Vec<Row>> {
+    const SC: &str = "5 footprint";
+    let s = &ctx.sizes;
+    let dir = ctx.fresh_dir("footprint");
+    let gw = start_ferry(ctx, &dir, &[])?;
+    let pid = gw.pid();
+    std::thread::sleep(s.idle_wait);
+    let idle = rss_mib(&pid, "VmRSS:");
+    // Sample VmRSS while the open-loop load runs.
+    let stop = Arc::new(AtomicBool::new(false));
+    let sampler = {
+        let (pid, stop) = (pid.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut v = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                v.push(rss_mib(&pid, "VmRSS:"));
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            v
+        })
+    };
+    let before = proc_field(&pid, "io", "write_bytes:");
+    let mut args = mqtt_args(&gw.mqtt()?, 1, s.footprint_conns, s.secs);
+    args.extend(["--rate".into(), s.footprint_rate.to_string()]);
+    let l = run_load(ctx, &args);
+    let after = proc_field(&pid, "io", "write_bytes:");
+    stop.store(true, Ordering::Relaxed);
+    let samples = sampler.join().unwrap_or_default();
+    let peak = rss_mib(&pid, "VmHWM:");
+    let tail = gw.log_tail();
+    gw.kill();
+    let l = l.map_err(|e| format!("{e}; ferry log: {tail}"))?;
+    // Steady: the median of the second half of the samples.
+    let mut half: Vec<f64> = samples[samples.len() / 2..].to_vec();
+    half.sort_by(|a, b| a.total_cmp(b));
+    let steady = half.get(half.len() / 2).copied().unwrap_or(0.0);
+    let load = format!(
+        "QoS1 open loop {:.0} msg/s offered over {} connections",
+        s.footprint_rate, s.footprint_conns
+    );
+    let mut rows = vec![
+        row(SC, "RSS idle, MiB (VmRSS)").ferry(format!("{idle:.1}")),
+        row(SC, format!("peak RSS, MiB (VmHWM), {load}"))
+            .ferry(format!(
+                "{peak:.1} (achieved {:.0} msg/s, ack p99 {} ms){}",
+                l.rate,
+                l.p99(),
+                errs(&l)
+            ))
+            .goal("≤ 25 MB", peak * 1.048_576 <= 25.0),
+        row(
+            SC,
+            format!("steady RSS, MiB (median VmRSS, 2nd half), {load}"),
+        )
+        .ferry(format!("{steady:.1}"))
+        .goal("≤ 25 MB", steady * 1.048_576 <= 25.0),
+    ];
+    if let (Some(a), Some(b)) = (after, before) {
+        let wa = (a - b) as f64 / l.payload_bytes.max(1) as f64;
+        rows.push(
+            row(SC, format!("disk bytes written / payload byte, {load}"))
+                .ferry(format!("{wa:.2}"))
+                .goal("≤ 1.0", wa <= 1.0),
+        );
+    }
+    Ok(rows)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scenario 6
+
+fn recovery(ctx: &Ctx) -> Vec<Row> {
+    const SC: &str = "6 recovery";
+    match recovery_run(ctx) {
+        Ok(r) => r,
+        Err(e) => error_rows(SC, e),
+    }
+}
+
+fn recovery_run(ctx: &Ctx) -> Res<Vec<Row>> {
+    const SC: &str = "6 recovery";
+    let n = ctx.sizes.backlog;
+    let dir = copy_backlog(ctx, "recovery")?;
+    // The Kafka uplink points at a closed port, so the backlog stays put.
+    let dead = format!("127.0.0.1:{}", free_port()?);
+    let env = [
+        ("FERRY_UPLINK_KAFKA_ENABLED", "true"),
+        ("FERRY_UPLINK_KAFKA_BROKERS", dead.as_str()),
+    ];
+    let gw = start_ferry(ctx, &dir, &env)?;
+    // Some live QoS1 traffic, then SIGKILL in the middle of it.
+    let mut load = Command::new(&ctx.bins.load)
+        .args(mqtt_args(&gw.mqtt()?, 1, 4, 30.0))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("spawn ferry-load: {e}"))?;
+    std::thread::sleep(Duration::from_millis(500));
+    let held = gw.metric("ferry_buffer_readings").unwrap_or(0.0);
+    gw.kill();
+    let _ = load.kill();
+    let _ = load.wait();
+    if held < n as f64 {
+        return Err(format!(
+            "ferry held {held} readings before the kill, fewer than the {n} backlog"
+        ));
+    }
+    let gw = start_ferry(ctx, &dir, &env)?;
+    let peak = rss_mib(&gw.pid(), "VmHWM:");
+    let ready = gw.ready_after.as_secs_f64();
+    let after = gw.metric("ferry_buffer_readings").unwrap_or(0.0);
+    gw.kill();
+    if after < n as f64 {
+        return Err(format!(
+            "after the restart ferry holds {after} readings, fewer than the {n} backlog"
+        ));
+    }
+    Ok(vec![
+        row(
+            SC,
+            format!("SIGKILL with {held:.0} readings held: spawn to `ready` line, s"),
+        )
+        .ferry(format!("{ready:.3}"))
+        .goal("< 1 s", ready < 1.0),
+        row(SC, "peak RSS until ready, MiB (VmHWM)").ferry(format!("{peak:.1}")),
+    ])
+}
+
+// ---------------------------------------------------------------------------------------------
+// Output
+
+fn machine() -> Vec<(String, String)> {
+    let sh = |c: &str| {
+        Command::new("sh")
+            .arg("-c")
+            .arg(c)
+            .output()
+            .ok()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| "n/a".into())
+    };
+    vec![
+        ("cores (nproc)".into(), sh("nproc")),
+        (
+            "CPU".into(),
+            sh("grep -m1 'model name' /proc/cpuinfo | cut -d: -f2-"),
+        ),
+        (
+            "memory".into(),
+            sh("awk '/MemTotal/ {printf \"%.1f GiB\", $2/1048576}' /proc/meminfo"),
+        ),
+        ("kernel".into(), sh("uname -srm")),
+        (
+            "disk (work dir)".into(),
+            sh("src=$(df --output=source . | tail -1); \
+                echo \"$src $(df --output=fstype . | tail -1), $(df -h --output=size . | tail -1 | tr -d ' ') total, \
+                rotational=$(lsblk -ndo ROTA \"$src\" 2>/dev/null | tr -d ' ')\""),
+        ),
+        (
+            "load average at start".into(),
+            sh("cut -d' ' -f1-3 /proc/loadavg"),
+        ),
+        ("mosquitto".into(), sh("mosquitto -h 2>/dev/null | head -1")),
+        ("kcat".into(), sh("kcat -V 2>/dev/null | head -1")),
+    ]
+}
+
+fn render(ctx: &Ctx, opts: &Opts, rows: &[Row]) -> String {
+    let mut s = String::new();
+    let s_ = &ctx.sizes;
+    s.push_str(&format!(
+        "## bench-run{} — {}\n\n",
+        if opts.smoke { " --smoke" } else { "" },
+        Command::new("date")
+            .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_default()
+    ));
+    for (k, v) in machine() {
+        s.push_str(&format!("- {k}: {}\n", v.replace('\n', " ")));
+    }
+    s.push_str(&format!(
+        "- sizes: {} s per load run, {} rounds, {} MQTT clients, {} HTTP clients, backlog {}, \
+         footprint {} connections at {:.0} msg/s\n\n",
+        s_.secs,
+        s_.rounds,
+        s_.clients,
+        s_.http_clients,
+        s_.backlog,
+        s_.footprint_conns,
+        s_.footprint_rate
+    ));
+    s.push_str("| scenario | metric | ferry | peer | ratio | goal | result |\n");
+    s.push_str("|---|---|---:|---:|---:|---|---|\n");
+    for r in rows {
+        s.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} | {} |\n",
+            r.scenario,
+            r.metric,
+            r.ferry.replace('|', "/"),
+            r.peer.replace('|', "/"),
+            r.ratio,
+            r.goal,
+            r.verdict.to_string().replace('|', "/").replace('\n', " ")
+        ));
+    }
+    s
+}
