@@ -39,6 +39,8 @@ pub const MQTT_TLS_LISTEN: &str = "0.0.0.0:8883";
 pub const MAX_CONNECTIONS: usize = 1024;
 /// `mqtt.connect_timeout_ms`.
 pub const CONNECT_TIMEOUT_MS: u64 = 10_000;
+/// `mqtt.write_timeout_ms`.
+pub const WRITE_TIMEOUT_MS: u64 = 30_000;
 /// `mqtt.max_payload_bytes`.
 pub const MQTT_MAX_PAYLOAD_BYTES: usize = 262_144;
 /// `mqtt.max_inflight` and `uplink.mqtt.max_inflight`.

@@ -214,6 +214,10 @@ pub struct MqttSettings {
     /// With `buffer.when_full = "reject"`, how long the PUBACK to a v3.1.1 client is withheld
     /// while the buffer is full before the connection is closed. Default: 30000.
     pub full_ack_wait_ms: u64,
+    /// How long ferry waits for a client to take its replies (PUBACK, PINGRESP, ...) off the
+    /// socket. A client that leaves them unread this long, with the socket's buffers full, is
+    /// disconnected, so it cannot hold a connection slot forever. Default: 30000.
+    pub write_timeout_ms: u64,
     /// Accounts allowed to connect (`[[mqtt.users]]`).
     pub users: Vec<MqttUser>,
     /// TLS listener (`[mqtt.tls]`). Not set: no TLS listener.
@@ -232,6 +236,7 @@ impl Default for MqttSettings {
             allow_anonymous: true,
             device_from_topic_level: None,
             full_ack_wait_ms: defaults::FULL_ACK_WAIT_MS,
+            write_timeout_ms: defaults::WRITE_TIMEOUT_MS,
             users: Vec::new(),
             tls: None,
         }

@@ -29,6 +29,9 @@
 //!   when ferry itself shuts down: in both cases the device is not offline.
 //! - When `device_from_topic_level` names a level the topic does not have (or that is empty),
 //!   the client id is the device id.
+//! - A client that leaves ferry's replies unread (its socket buffers full) for
+//!   `write_timeout_ms` is disconnected (`ferry_mqtt_rejected_total{reason="write_timeout"}`):
+//!   otherwise its session would wait on the write forever and hold a connection slot.
 //! - Connections beyond `max_connections` get CONNACK 0x03 (v3.1.1) or 0x97 quota exceeded (v5)
 //!   if they send CONNECT quickly, else they are closed.
 

@@ -24,7 +24,7 @@ use rumqttd::protocol::{
 use rumqttd::protocol::{Protocol, v4, v5};
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -262,6 +262,9 @@ struct Session {
     inflight: usize,
     qos2: HashSet<u16>,
     batch: Batch,
+    /// Set by the writer task when it gave up on a client that does not read (see
+    /// [`write_loop`]); the writer then ends, which closes `tx`.
+    write_timed_out: Arc<AtomicBool>,
 }
 
 /// Serves one accepted connection until it closes. `cert_cn` is the TLS client certificate's
@@ -423,7 +426,15 @@ pub async fn serve<IO>(
     let will = will.and_then(|w| will_reading(&ctx, &client_id, cert_cn.as_deref(), w, will_props));
     let (rd, wr) = tokio::io::split(io);
     let (tx, rx) = mpsc::channel(256);
-    let writer = tokio::spawn(write_loop(wr, codec.clone(), rx));
+    let write_timed_out = Arc::new(AtomicBool::new(false));
+    let write_timeout = Duration::from_millis(ctx.settings.write_timeout_ms.max(1));
+    let writer = tokio::spawn(write_loop(
+        wr,
+        codec.clone(),
+        rx,
+        write_timeout,
+        write_timed_out.clone(),
+    ));
     let mut s = Session {
         ctx: ctx.clone(),
         codec,
@@ -434,6 +445,7 @@ pub async fn serve<IO>(
         inflight: 0,
         qos2: HashSet::new(),
         batch: Batch::default(),
+        write_timed_out,
     };
     let close = s.run(rd, buf, &connect, stop, takeover).await;
     // Finish what is owed: every append already went to the buffer; send the acks that
@@ -565,7 +577,19 @@ async fn read_connect<IO: AsyncRead + Unpin>(
     }
 }
 
-async fn write_loop<W: AsyncWrite + Unpin>(mut w: W, codec: Codec, mut rx: mpsc::Receiver<Packet>) {
+/// Writes what the session hands over. A client that stops reading its socket fills the
+/// kernel buffers, and then `write_all` would wait forever: the channel would fill, the session
+/// would block in `send`, stop reading and never notice keep-alive, so the connection, its slot
+/// and its task would live as long as the client wants. So each write gets `timeout`
+/// (`mqtt.write_timeout_ms`); when it passes, the writer sets `timed_out` and ends, which closes
+/// the channel and makes the session close the connection.
+async fn write_loop<W: AsyncWrite + Unpin>(
+    mut w: W,
+    codec: Codec,
+    mut rx: mpsc::Receiver<Packet>,
+    timeout: Duration,
+    timed_out: Arc<AtomicBool>,
+) {
     let mut out = BytesMut::with_capacity(4096);
     while let Some(p) = rx.recv().await {
         let _ = codec.write(p, &mut out);
@@ -577,8 +601,14 @@ async fn write_loop<W: AsyncWrite + Unpin>(mut w: W, codec: Codec, mut rx: mpsc:
                 Err(_) => break,
             }
         }
-        if w.write_all(&out).await.is_err() || w.flush().await.is_err() {
-            return;
+        let write = async { w.write_all(&out).await.and(w.flush().await) };
+        match tokio::time::timeout(timeout, write).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return,
+            Err(_) => {
+                timed_out.store(true, Ordering::Relaxed);
+                return;
+            }
         }
         out.clear();
     }
@@ -630,6 +660,14 @@ impl Session {
                 }
                 _ = takeover.cancelled() => {
                     return Close { reason: None, message: "another connection took over the client id".into(), v5: Some(DisconnectReasonCode::SessionTakenOver), will: false };
+                }
+                // The writer ended: the socket failed, or the client stopped reading.
+                _ = self.tx.closed() => {
+                    if self.write_timed_out.load(Ordering::Relaxed) {
+                        return Close::error(reason::WRITE_TIMEOUT, DisconnectReasonCode::ImplementationSpecificError,
+                            format!("the client does not read its socket: a reply could not be written within write_timeout_ms ({} ms)", self.ctx.settings.write_timeout_ms));
+                    }
+                    return Close::lost("the connection failed while writing");
                 }
                 Some(done) = self.pending.next(), if !self.pending.is_empty() => {
                     if let Err(c) = self.on_done(done).await {

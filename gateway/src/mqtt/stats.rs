@@ -36,6 +36,8 @@ pub mod reason {
     pub const PROTOCOL: &str = "protocol_error";
     /// Keep-alive expired.
     pub const KEEP_ALIVE: &str = "keep_alive";
+    /// The client left ferry's replies unread for `write_timeout_ms`.
+    pub const WRITE_TIMEOUT: &str = "write_timeout";
     /// SUBSCRIBE refused (ferry is ingest-only).
     pub const SUBSCRIBE: &str = "subscribe";
 }
