@@ -16,7 +16,10 @@
 //! 3. **A reading is deleted only after its upstream ack** — by every enabled consumer
 //!    ([`BufferOptions::consumers`]) — or by an explicit, counted drop: the byte cap in
 //!    `drop_oldest` mode, or the TTL. Both are reported in [`BufferStats`] and in
-//!    `ferry_readings_dropped_total{reason}`.
+//!    `ferry_readings_dropped_total{reason}`. The count is exact: `drop_oldest` evicts the
+//!    oldest segments that no reader has handed to an uplink first, and segments in flight
+//!    (between a consumer's cursor and its reader's lease) only when nothing else makes room,
+//!    so a reading counted as dropped is not also delivered.
 //! 4. **The byte cap is enforced before the commit.** A commit never takes the buffer above
 //!    `max_bytes`: it evicts first (`drop_oldest`) or refuses the appends that do not fit
 //!    (`reject`), handing the readings back in [`AppendError::Full`].
@@ -312,6 +315,12 @@ pub(crate) struct Shared {
     stats: Mutex<StatsInner>,
     tx: Mutex<Option<std::sync::mpsc::Sender<Cmd>>>,
     done: Mutex<Option<oneshot::Receiver<()>>>,
+    /// Per consumer, the newest segment its reader has handed out. Segments between the
+    /// consumer's cursor and this are in flight upstream, so `drop_oldest` evicts them only
+    /// when nothing else can make room: a reading counted as dropped is then never also
+    /// delivered. Readers publish under this lock while they take their read snapshot; the
+    /// writer holds it from choosing what to evict until that commit is done.
+    pub(crate) leases: Mutex<BTreeMap<String, u64>>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -390,6 +399,7 @@ impl Buffer {
             stats: Mutex::new(stats),
             tx: Mutex::new(Some(tx)),
             done: Mutex::new(Some(done_rx)),
+            leases: Mutex::new(BTreeMap::new()),
         });
         let w =
             writer::Writer::new(shared.clone(), rx, db).map_err(|source| OpenError::Storage {

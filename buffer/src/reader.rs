@@ -7,7 +7,8 @@ use crate::store::SEGMENTS;
 use crate::writer::Cmd;
 use crate::{Buffer, Shared, sf};
 use redb::ReadableDatabase;
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 use tokio::sync::{oneshot, watch};
 
 /// One committed segment, as handed to an uplink.
@@ -94,14 +95,17 @@ impl Reader {
         let db = self.buffer.shared.db()?;
         let from = self.position + 1;
         let max = max.max(1);
-        let read = tokio::task::spawn_blocking(move || read_segments(&db, from, max))
-            .await
-            .map_err(|e| {
-                ReadError::Storage(StorageFailure {
-                    kind: StorageFailureKind::Other,
-                    message: format!("segment read task failed: {e}"),
-                })
-            })??;
+        let (shared, consumer) = (self.buffer.shared.clone(), self.consumer.clone());
+        let read = tokio::task::spawn_blocking(move || {
+            read_segments(&db, from, max, &shared.leases, &consumer)
+        })
+        .await
+        .map_err(|e| {
+            ReadError::Storage(StorageFailure {
+                kind: StorageFailureKind::Other,
+                message: format!("segment read task failed: {e}"),
+            })
+        })??;
         let mut out = Vec::with_capacity(read.len());
         for (id, stored, decoded) in read {
             self.position = id;
@@ -160,14 +164,49 @@ impl Reader {
     }
 }
 
+impl Drop for Reader {
+    /// A dropped reader has nothing in flight any more: its lease ends.
+    fn drop(&mut self) {
+        self.buffer
+            .shared
+            .leases
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.consumer);
+    }
+}
+
 type ReadSegment = (u64, Vec<u8>, Result<Vec<Reading>, DecodeError>);
 
+/// Reads up to `max` segments from id `from` on, and records the newest of them as the
+/// consumer's lease. The lease lock is held while the read snapshot is taken, so the writer
+/// either sees the lease before it chooses what to evict, or has committed its evictions
+/// before the snapshot.
 fn read_segments(
     db: &Arc<redb::Database>,
     from: u64,
     max: usize,
+    leases: &Mutex<BTreeMap<String, u64>>,
+    consumer: &str,
 ) -> Result<Vec<ReadSegment>, ReadError> {
-    let txn = db.begin_read().map_err(sf)?;
+    let txn = {
+        let mut leases = leases.lock().unwrap_or_else(|p| p.into_inner());
+        let txn = db.begin_read().map_err(sf)?;
+        let table = txn.open_table(SEGMENTS).map_err(sf)?;
+        let newest = table
+            .range(from..)
+            .map_err(sf)?
+            .take(max)
+            .last()
+            .transpose()
+            .map_err(sf)?
+            .map(|(k, _)| k.value());
+        if let Some(newest) = newest {
+            let lease = leases.entry(consumer.to_string()).or_default();
+            *lease = (*lease).max(newest);
+        }
+        txn
+    };
     let table = txn.open_table(SEGMENTS).map_err(sf)?;
     let mut out = Vec::new();
     for entry in table.range(from..).map_err(sf)?.take(max) {

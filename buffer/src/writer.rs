@@ -370,6 +370,9 @@ impl Writer {
         batch: &mut Batch,
     ) -> Result<(Meta, Outcome, Vec<usize>, Vec<(usize, AppendError)>), StorageFailure> {
         let opts = &self.shared.opts;
+        let shared = self.shared.clone();
+        // Held from choosing what `drop_oldest` evicts until the commit (see Shared::leases).
+        let mut _leases_held = None;
         let mut meta = self.meta;
         let mut out = Outcome::default();
         let mut txn = db.begin_write().map_err(fail_storage)?;
@@ -524,7 +527,17 @@ impl Writer {
                 match opts.when_full {
                     WhenFull::DropOldest => {
                         let need = meta.used_bytes() + new_bytes - opts.max_bytes;
-                        let (n, b, s) = evict_oldest(&mut segs, &mut index, need)?;
+                        let leases = shared.leases.lock().unwrap_or_else(|p| p.into_inner());
+                        // Segments handed to an uplink and not yet acked by it.
+                        let in_flight: Vec<(u64, u64)> = leases
+                            .iter()
+                            .filter_map(|(c, &lease)| {
+                                let acked = new_cursors.get(c).copied().unwrap_or(0);
+                                (lease > acked).then_some((acked + 1, lease))
+                            })
+                            .collect();
+                        _leases_held = Some(leases);
+                        let (n, b, s) = evict_oldest(&mut segs, &mut index, need, &in_flight)?;
                         out.dropped_full += n;
                         meta.readings -= n;
                         meta.stored_bytes -= b;
@@ -815,20 +828,37 @@ fn delete_through(
     Ok(totals)
 }
 
-/// Evicts the oldest segments until `need` bytes are freed or none are left.
+/// Evicts the oldest segments until `need` bytes are freed or none are left. Segments in
+/// an `in_flight` range (inclusive) are upstream already and may still be delivered, so they
+/// go last: only if everything else is gone and room is still short.
 fn evict_oldest(
     segs: &mut Segs<'_>,
     index: &mut Index<'_>,
     need: u64,
+    in_flight: &[(u64, u64)],
 ) -> Result<(u64, u64, u64), StorageFailure> {
+    let pinned = |id: u64| in_flight.iter().any(|&(lo, hi)| (lo..=hi).contains(&id));
+    let mut victims: Vec<(u64, SegMeta)> = Vec::new();
+    let mut freed = 0u64;
+    for pass_pinned in [false, true] {
+        for entry in index.iter().map_err(fail_storage)? {
+            if freed >= need {
+                break;
+            }
+            let (k, v) = entry.map_err(fail_storage)?;
+            let id = k.value();
+            if pinned(id) != pass_pinned {
+                continue;
+            }
+            let m = SegMeta::from_tuple(v.value());
+            freed += m.stored_bytes;
+            victims.push((id, m));
+        }
+    }
     let mut totals = (0u64, 0u64, 0u64);
-    while totals.1 < need {
-        let first = index
-            .pop_first()
-            .map_err(fail_storage)?
-            .map(|(k, v)| (k.value(), SegMeta::from_tuple(v.value())));
-        let Some((id, m)) = first else { break };
+    for (id, m) in victims {
         segs.remove(id).map_err(fail_storage)?;
+        index.remove(id).map_err(fail_storage)?;
         totals.0 += m.count as u64;
         totals.1 += m.stored_bytes;
         totals.2 += 1;

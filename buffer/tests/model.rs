@@ -49,6 +49,8 @@ struct Model {
     next_seg: u64,
     cursors: [u64; 2],
     positions: [u64; 2],
+    /// Newest segment each reader handed out (in flight above the cursor).
+    leases: [u64; 2],
     handed: [Vec<u64>; 2],
     dropped_full: u64,
     dropped_ttl: u64,
@@ -131,10 +133,26 @@ fn run(ops: Vec<Op>, when_full: WhenFull) -> Result<(), TestCaseError> {
                         m.rejected += n as u64;
                         continue;
                     }
-                    while m.used() + stored > max_bytes {
-                        let s = m.segs.pop_front().unwrap();
+                    // drop_oldest: the oldest segments not in flight to an uplink go first;
+                    // in-flight ones only if that is not enough.
+                    let need = (m.used() + stored).saturating_sub(max_bytes);
+                    let pinned = |id: u64| (0..2).any(|c| id > m.cursors[c] && id <= m.leases[c]);
+                    let (mut freed, mut victims) = (0u64, Vec::new());
+                    for pass_pinned in [false, true] {
+                        for s in &m.segs {
+                            if freed >= need {
+                                break;
+                            }
+                            if pinned(s.id) == pass_pinned {
+                                freed += s.stored;
+                                victims.push(s.id);
+                            }
+                        }
+                    }
+                    for s in m.segs.iter().filter(|s| victims.contains(&s.id)) {
                         m.dropped_full += s.ids.len() as u64;
                     }
+                    m.segs.retain(|s| !victims.contains(&s.id));
                     let rec = res.map_err(|e| TestCaseError::fail(e.to_string()))?;
                     let ids: Vec<u64> = (m.next_id..m.next_id + n as u64).collect();
                     prop_assert_eq!((rec.first_id, rec.last_id), (ids[0], *ids.last().unwrap()));
@@ -156,6 +174,7 @@ fn run(ops: Vec<Op>, when_full: WhenFull) -> Result<(), TestCaseError> {
                     }
                     if let Some(l) = want.last() {
                         m.positions[c] = l.id;
+                        m.leases[c] = m.leases[c].max(l.id);
                         m.handed[c].extend(want.iter().map(|s| s.id));
                     }
                 }
@@ -181,6 +200,7 @@ fn run(ops: Vec<Op>, when_full: WhenFull) -> Result<(), TestCaseError> {
                     buf = Buffer::open(dir.path(), options(max_bytes, when_full)).unwrap();
                     readers = CONSUMERS.iter().map(|c| buf.reader(c).unwrap()).collect();
                     m.positions = m.cursors;
+                    m.leases = [0; 2];
                     for c in 0..2 {
                         let cur = m.cursors[c];
                         m.handed[c].retain(|&id| id <= cur);
