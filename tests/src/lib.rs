@@ -97,8 +97,16 @@ impl Ferry {
 
     /// Like [`Ferry::start`] with extra environment variables.
     pub fn start_with_env(config_toml: &str, env: &[(&str, &str)]) -> Ferry {
+        Self::start_in(config_toml, env, None)
+    }
+
+    /// Like [`Ferry::start_with_env`], with the data directory at `data_dir` (for example on
+    /// a small filesystem) instead of inside the temporary directory.
+    pub fn start_in(config_toml: &str, env: &[(&str, &str)], data_dir: Option<&Path>) -> Ferry {
         let dir = tempfile::tempdir().expect("tempdir");
-        let data_dir = dir.path().join("data");
+        let data_dir = data_dir
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| dir.path().join("data"));
         let config_path = dir.path().join("ferry.toml");
         std::fs::write(&config_path, config_toml).expect("write config");
         let mut f = Ferry {

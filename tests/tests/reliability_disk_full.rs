@@ -1,0 +1,267 @@
+//! Reliability suite 3: the disk fills up.
+//!
+//! ferry's data directory is put on a 6 MiB tmpfs mounted for the test, most of which a
+//! filler file takes; the buffer cap is far larger, so the disk runs out first. HTTP and
+//! MQTT v5 ingest go on until the disk is full. Asserted:
+//! - ingest refuses clearly: HTTP 503 `buffer-storage`, MQTT v5 PUBACK 0x80, and the status
+//!   API says the buffer is not writable;
+//! - when the filler is deleted, ingest works again without a restart;
+//! - the buffer is never corrupted: `ferry buffer verify` passes, and every acknowledged
+//!   reading is in it.
+//!
+//! Mounting needs root (CI runs as root). Without it the test skips loudly, or fails under
+//! `FERRY_REQUIRE_TOOLS=1`.
+
+mod support;
+
+use ferry_tests::{Ferry, buffered_readings};
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason};
+use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+use serde_json::json;
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+use support::Tally;
+
+/// A tmpfs mounted for the test, unmounted on drop.
+struct SmallFs {
+    dir: tempfile::TempDir,
+}
+
+impl SmallFs {
+    fn mount(size: &str) -> Result<SmallFs, String> {
+        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .output()
+            .map_err(|e| format!("cannot run mount: {e}"))?;
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());
+        }
+        Ok(SmallFs { dir })
+    }
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(self.dir.path()).status();
+    }
+}
+
+fn free_bytes(p: &Path) -> u64 {
+    let out = Command::new("df")
+        .args(["--output=avail", "-B1"])
+        .arg(p)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .nth(1)
+        .and_then(|l| l.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// One MQTT v5 QoS 1 publish; returns the PUBACK reason.
+async fn v5_publish(addr: std::net::SocketAddr, id: &str, body: String) -> PubAckReason {
+    let opts = MqttOptions::new(id, addr.ip().to_string(), addr.port());
+    let (client, mut el) = AsyncClient::new(opts, 10);
+    client
+        .publish("rel/disk", QoS::AtLeastOnce, false, body)
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        assert!(Instant::now() < deadline, "no PUBACK in 20 s");
+        match tokio::time::timeout(Duration::from_secs(20), el.poll()).await {
+            Ok(Ok(Event::Incoming(Packet::PubAck(a)))) => {
+                let _ = client.disconnect().await;
+                return a.reason;
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => panic!("MQTT connection failed: {e}"),
+            Err(_) => panic!("no PUBACK in 20 s"),
+        }
+    }
+}
+
+#[test]
+fn a_full_disk_refuses_clearly_and_recovers_without_restart() {
+    let fs = match SmallFs::mount("6m") {
+        Ok(fs) => fs,
+        Err(why) => {
+            let msg = format!("cannot mount a tmpfs for the data directory ({why}); run as root");
+            if std::env::var("FERRY_REQUIRE_TOOLS").as_deref() == Ok("1") {
+                panic!("a_full_disk_refuses_clearly: {msg} (FERRY_REQUIRE_TOOLS=1)");
+            }
+            eprintln!(
+                "\n==========================================================\n\
+                 SKIPPED a_full_disk_refuses_clearly: {msg}\n\
+                 ==========================================================\n"
+            );
+            return;
+        }
+    };
+    let data_dir: PathBuf = fs.path().join("data");
+    let mut ferry = Ferry::start_in(
+        r#"
+[gateway]
+id = "disk-full"
+
+[buffer]
+max_bytes = 268435456
+max_batch_bytes = 262144
+"#,
+        &[],
+        Some(&data_dir),
+    );
+    let base = ferry.http_url();
+    let mqtt = ferry.addr("mqtt");
+    // Leave about 1.5 MiB free.
+    let filler = fs.path().join("filler");
+    let free = free_bytes(fs.path());
+    std::fs::write(
+        &filler,
+        vec![0u8; free.saturating_sub(1536 * 1024) as usize],
+    )
+    .unwrap();
+
+    let rt = support::rt();
+    let tally = Arc::new(Tally::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let task = rt.spawn(support::http_batcher(
+        base.clone(),
+        "fill".into(),
+        50,
+        400,
+        Duration::ZERO,
+        tally.clone(),
+        stop.clone(),
+    ));
+    let t = Instant::now();
+    while tally.refused().len() < 150 && t.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    stop.store(true, Ordering::SeqCst);
+    rt.block_on(task).unwrap();
+    let kinds = tally.refusal_kinds.lock().unwrap().clone();
+    assert!(
+        tally.refused().len() >= 150,
+        "the disk never filled: {} acknowledged, refusals {kinds:?}\n{}",
+        tally.acked_len(),
+        ferry.log()
+    );
+    assert_eq!(
+        kinds.keys().collect::<Vec<_>>(),
+        vec!["http.503.buffer-storage"],
+        "a full disk must be refused as 503 buffer-storage"
+    );
+    let acked_before = tally.acked_len();
+    assert!(
+        acked_before > 0,
+        "nothing was acknowledged before the disk filled"
+    );
+
+    // The disk is still full: MQTT v5 gets a clear reason code, and the status says so.
+    let reason = rt.block_on(v5_publish(
+        mqtt,
+        "disk-v5-full",
+        json!({"k": "v5-full"}).to_string(),
+    ));
+    assert_eq!(
+        reason,
+        PubAckReason::UnspecifiedError,
+        "v5 PUBACK on a full disk"
+    );
+    let st = rt.block_on(support::status(&base));
+    assert_eq!(st["buffer"]["writable"], false, "{:#}", st["buffer"]);
+    assert!(st["buffer"]["last_error"].is_string(), "{:#}", st["buffer"]);
+
+    // Free the space: ingest recovers by itself, no restart.
+    std::fs::remove_file(&filler).unwrap();
+    let freed_at = Instant::now();
+    let mut recovered: HashSet<String> = HashSet::new();
+    let http = reqwest::Client::new();
+    for n in 0.. {
+        if freed_at.elapsed() > Duration::from_secs(30) {
+            break;
+        }
+        let key = format!("after-{n}");
+        let resp = rt.block_on(
+            http.post(format!("{base}/v1/readings"))
+                .json(&json!([{"topic": "rel/disk", "payload": {"k": key}}]))
+                .send(),
+        );
+        if resp.is_ok_and(|r| r.status().as_u16() == 202) {
+            recovered.insert(key);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let recovery = freed_at.elapsed();
+    assert!(
+        !recovered.is_empty(),
+        "ingest did not recover within 30 s of freeing space\n{}",
+        ferry.log()
+    );
+    let ok = rt.block_on(v5_publish(
+        mqtt,
+        "disk-v5-ok",
+        json!({"k": "v5-ok"}).to_string(),
+    ));
+    assert_eq!(ok, PubAckReason::Success);
+    let st = rt.block_on(support::status(&base));
+    assert_eq!(st["buffer"]["writable"], true, "{:#}", st["buffer"]);
+
+    // Nothing acknowledged is lost, and the file is sound.
+    ferry
+        .terminate(Duration::from_secs(10))
+        .expect("clean exit");
+    let (code, out, err) = Ferry::cli(&[
+        "buffer",
+        "verify",
+        "--data-dir",
+        &data_dir.display().to_string(),
+    ]);
+    assert_eq!(code, 0, "buffer verify failed:\n{out}\n{err}");
+    let stored: HashSet<String> = buffered_readings(&data_dir, "kafka")
+        .iter()
+        .filter_map(|r| serde_json::from_slice::<serde_json::Value>(&r.payload).ok())
+        .filter_map(|v| v["k"].as_str().map(str::to_string))
+        .collect();
+    let mut acked = tally.acked();
+    acked.extend(recovered);
+    acked.insert("v5-ok".into());
+    let missing: Vec<&String> = acked.iter().filter(|k| !stored.contains(*k)).collect();
+    assert!(
+        missing.is_empty(),
+        "{} acknowledged readings are missing after the disk filled, e.g. {:?}",
+        missing.len(),
+        &missing[..missing.len().min(5)]
+    );
+    let refused_stored = tally
+        .refused()
+        .iter()
+        .filter(|k| stored.contains(*k))
+        .count();
+    assert_eq!(refused_stored, 0, "refused readings were stored anyway");
+    assert!(
+        !stored.contains("v5-full"),
+        "a refused MQTT reading was stored"
+    );
+    eprintln!(
+        "disk full: {} readings acknowledged before the disk filled, {} refused (503 \
+         buffer-storage), v5 PUBACK 0x80; ingest recovered {:.2} s after space was freed, \
+         without a restart; verify OK, 0 lost",
+        acked_before,
+        tally.refused().len(),
+        recovery.as_secs_f64()
+    );
+}
