@@ -9,7 +9,7 @@
 //!
 //! Every client is one device (`sensor-00042`) sending realistic JSON telemetry (device id,
 //! timestamp, a few float fields, padded to `--size` bytes) that carries a unique reading id
-//! `"seq":"<client>-<n>"`. Closed loop (the default) sends as fast as acks allow with at most
+//! `"seq":"<prefix><client>-<n>"`. Closed loop (the default) sends as fast as acks allow with at most
 //! `--inflight` unacknowledged publishes per MQTT client (one request at a time per HTTP
 //! client); open loop (`--rate`) offers a fixed total rate spread over the clients.
 //!
@@ -73,6 +73,9 @@ struct Common {
     /// Write the id of every acknowledged reading to this file, one per line.
     #[arg(long)]
     acked_ids: Option<PathBuf>,
+    /// Put this before every reading id (`<prefix><client>-<n>`), to tell runs apart.
+    #[arg(long, default_value = "")]
+    id_prefix: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -338,7 +341,7 @@ async fn publish_loop<F, Fut>(
             t.tick().await;
         }
         n += 1;
-        let id = format!("{c}-{n}");
+        let id = format!("{}{c}-{n}", a.common.id_prefix);
         let payload = telemetry_with_id(&device, &id, n, now_ms(), a.common.size);
         let len = payload.len();
         outstanding.fetch_add(1, Ordering::Relaxed);
@@ -637,7 +640,7 @@ async fn http_client(
         let mut items = Vec::with_capacity(batch);
         for _ in 0..batch {
             n += 1;
-            let id = format!("{c}-{n}");
+            let id = format!("{}{c}-{n}", a.common.id_prefix);
             let payload = telemetry_with_id(&device, &id, n, now_ms(), a.common.size);
             bytes += payload.len() as u64;
             items.push(payload);
