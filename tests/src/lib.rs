@@ -133,6 +133,13 @@ impl Ferry {
             .expect("stderr log");
         let toml = std::fs::read_to_string(&self.config_path).unwrap_or_default();
         let mut cmd = Command::new(bin_path("ferry"));
+        // The gateway reads FERRY_* variables as config overrides and refuses unknown ones:
+        // the test suite's own knobs (FERRY_SEED, FERRY_CRASH_CYCLES, …) must not reach it.
+        for (k, _) in std::env::vars_os() {
+            if k.to_string_lossy().starts_with("FERRY_") {
+                cmd.env_remove(&k);
+            }
+        }
         cmd.arg("run")
             .arg("--config")
             .arg(&self.config_path)

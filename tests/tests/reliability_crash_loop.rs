@@ -163,12 +163,14 @@ max_backoff_ms = 500
     eprintln!(
         "crash loop: {cycles} SIGKILL cycles in {load_secs:.1} s; acknowledged {} readings \
          (QoS1 {}, QoS2 {}, HTTP {}), lost 0, {} arrived (incl. unacknowledged), \
-         {dups} duplicate deliveries (bound {bound}), slowest restart to ready {} ms, final drain {:.1} s",
+         {dups} duplicate deliveries (bound {bound}), slowest restart to ready {} ms, \
+         final drain {:.1} s",
         acked.len(),
         by_kind[0],
         by_kind[1],
         by_kind[2],
         arrivals.len(),
+        slowest_ready.as_millis(),
         drained_in.as_secs_f64()
     );
     assert!(
