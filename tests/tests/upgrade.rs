@@ -1,0 +1,166 @@
+//! Upgrade safety (issue 7): a new ferry reads the buffer an older one left behind, and a
+//! buffer written by a *newer* ferry is refused clearly, never quarantined or overwritten.
+//!
+//! `tests/fixtures/buffer-format1.redb.gz` is a buffer file written by ferry 0.1.0 (buffer
+//! format 1, redb 4): five HTTP readings (`{"k": "fixture-N", …}`, devices `dev-1`…`dev-5`),
+//! nothing forwarded. If a dependency upgrade (redb's file format) or a change to the segment
+//! layout makes this build unable to read it, this test fails: bump the format version and
+//! write a migration instead.
+
+use ferry_tests::{Ferry, buffered_readings};
+use redb::ReadableDatabase;
+use serde_json::Value;
+use std::io::Read;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+fn install_fixture(data_dir: &Path) {
+    let gz = std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/fixtures/buffer-format1.redb.gz"
+    ))
+    .unwrap();
+    let mut raw = Vec::new();
+    flate2::read::GzDecoder::new(&gz[..])
+        .read_to_end(&mut raw)
+        .unwrap();
+    std::fs::create_dir_all(data_dir).unwrap();
+    std::fs::write(data_dir.join(ferry_buffer::FILE_NAME), raw).unwrap();
+}
+
+fn keys(data_dir: &Path) -> Vec<(u64, String)> {
+    buffered_readings(data_dir, "kafka")
+        .iter()
+        .map(|r| {
+            let v: Value = serde_json::from_slice(&r.payload).unwrap();
+            (r.id, v["k"].as_str().unwrap_or_default().to_string())
+        })
+        .collect()
+}
+
+#[test]
+fn this_build_reads_a_format_1_buffer_and_continues_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    install_fixture(&data_dir);
+
+    let (code, out, err) = Ferry::cli(&[
+        "buffer",
+        "stats",
+        "--json",
+        "--data-dir",
+        &data_dir.display().to_string(),
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    let stats: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(stats["format_version"], 1, "{stats:#}");
+    assert_eq!(stats["readings"], 5, "{stats:#}");
+    let want: Vec<(u64, String)> = (1..=5).map(|i| (i, format!("fixture-{i}"))).collect();
+    assert_eq!(keys(&data_dir), want);
+
+    // The new binary runs on it: the old readings stay, ids continue after them.
+    let mut ferry = Ferry::start_in("[mqtt]\nenabled = false\n", &[], Some(&data_dir));
+    let st: Value = tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let http = reqwest::Client::new();
+        let r = http
+            .post(format!("{}/v1/readings", ferry.http_url()))
+            .json(&serde_json::json!([{"topic": "site/a/temp", "payload": {"k": "new-6"}}]))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 202);
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(
+            body["first_id"], 6,
+            "ids must continue after the old buffer's"
+        );
+        reqwest::get(format!("{}/api/status", ferry.http_url()))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    });
+    assert_eq!(st["quarantine"]["flagged"], false, "{:#}", st["quarantine"]);
+    ferry
+        .terminate(Duration::from_secs(10))
+        .expect("clean exit");
+    let mut want = want;
+    want.push((6, "new-6".into()));
+    assert_eq!(keys(&data_dir), want);
+}
+
+#[test]
+fn a_buffer_from_a_newer_ferry_is_refused_and_left_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    install_fixture(&data_dir);
+    let file = data_dir.join(ferry_buffer::FILE_NAME);
+    {
+        let db = redb::Database::open(&file).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let meta: redb::TableDefinition<&str, u64> = redb::TableDefinition::new("meta");
+            let mut t = txn.open_table(meta).unwrap();
+            t.insert("format_version", ferry_buffer::FORMAT_VERSION + 1)
+                .unwrap();
+        }
+        txn.commit().unwrap();
+    }
+
+    let config = dir.path().join("ferry.toml");
+    std::fs::write(&config, "[mqtt]\nenabled = false\n").unwrap();
+    let mut child = std::process::Command::new(ferry_tests::bin_path("ferry"))
+        .args(["run", "--config"])
+        .arg(&config)
+        .env("FERRY_GATEWAY_DATA_DIR", &data_dir)
+        .env("FERRY_HTTP_LISTEN", "127.0.0.1:0")
+        .env("FERRY_GATEWAY_ID", "upgrade")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if t.elapsed() > Duration::from_secs(20) {
+            let _ = child.kill();
+            panic!("ferry kept running on a buffer from a newer version");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(!status.success(), "ferry must refuse to start: {err}");
+    let v = ferry_buffer::FORMAT_VERSION;
+    assert!(
+        err.contains(&format!("format version {}", v + 1)) || err.contains(&format!("{}", v + 1)),
+        "the error must name the file's format version: {err}"
+    );
+    assert!(
+        err.to_lowercase().contains("upgrade"),
+        "the error must say what to do: {err}"
+    );
+    // Still the newer file, with its data (redb may touch its header on open; the content
+    // must be as it was).
+    let db = redb::Database::open(&file).expect("the newer buffer file must still open");
+    let txn = db.begin_read().unwrap();
+    let meta: redb::TableDefinition<&str, u64> = redb::TableDefinition::new("meta");
+    let t = txn.open_table(meta).unwrap();
+    let found = t.get("format_version").unwrap().map(|g| g.value());
+    assert_eq!(found, Some(v + 1), "the file's format version was changed");
+    let readings = t.get("readings").unwrap().map(|g| g.value());
+    assert_eq!(readings, Some(5), "the file's readings were changed");
+    assert!(
+        !data_dir.join(ferry_buffer::QUARANTINE_DIR).exists(),
+        "a newer buffer is not corrupt and must not be quarantined"
+    );
+    eprintln!("refused with: {}", err.lines().last().unwrap_or_default());
+}
