@@ -18,6 +18,9 @@ pub enum ConfigErrorKind {
     InvalidValue,
     /// A `FERRY_*` environment variable that names no key.
     Env,
+    /// A file or directory other users can access although it holds secrets or readings
+    /// (a private key readable by others, a data directory open to others).
+    Permissions,
 }
 
 /// One configuration problem.

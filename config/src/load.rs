@@ -353,6 +353,16 @@ fn type_error(
     match check_type(segs, value) {
         Ok(()) => false,
         Err(message) => {
+            // serde quotes the offending value ("invalid type: integer `12345`"): never for a
+            // key holding a secret, whose value would end up in the log or a terminal.
+            let message = if is_secret_key(key) {
+                format!(
+                    "invalid type: {}, expected a string (the value is not shown: it is a secret)",
+                    value.type_str()
+                )
+            } else {
+                message
+            };
             let path = display_path(segs);
             errors.push(ConfigError::new(
                 ConfigErrorKind::InvalidType,
@@ -364,6 +374,14 @@ fn type_error(
             true
         }
     }
+}
+
+/// Keys holding a secret ([`crate::Secret`] values, and password hashes).
+fn is_secret_key(key: &str) -> bool {
+    matches!(
+        key,
+        "password" | "password_hash" | "token" | "sasl_password"
+    )
 }
 
 fn check_table(

@@ -84,7 +84,9 @@ pub struct GatewaySettings {
     /// `A-Z a-z 0-9 . _ -`. Default: the contents of `/etc/hostname` (if that is a valid id),
     /// else `"ferry"`.
     pub id: String,
-    /// Directory holding the buffer database. Created if missing. Default: `"./ferry-data"`.
+    /// Directory holding the buffer database. Created if missing, with mode 0700. An existing
+    /// directory other users can access is kept as it is but warned about (see
+    /// [`Config::warnings`]). Default: `"./ferry-data"`.
     pub data_dir: PathBuf,
     /// On shutdown, how long listeners, in-flight acks, the buffer commit and the uplink flush
     /// may take in total before the remaining tasks are aborted. Default: 10000.
@@ -263,7 +265,8 @@ pub struct MqttTls {
     pub listen: SocketAddr,
     /// PEM file with the server certificate chain. Required.
     pub cert_path: PathBuf,
-    /// PEM file with the server private key. Required.
+    /// PEM file with the server private key. Required. Refused if other users can access it
+    /// (use mode 0600, or 0640 with a group ferry is in).
     pub key_path: PathBuf,
     /// PEM file with the CA certificates client certificates are verified against. Required
     /// when `require_client_cert` or `device_from_cert_cn` is true.
@@ -356,7 +359,8 @@ pub struct HttpToken {
 pub struct HttpTls {
     /// PEM file with the server certificate chain. Required.
     pub cert_path: PathBuf,
-    /// PEM file with the server private key. Required.
+    /// PEM file with the server private key. Required. Refused if other users can access it
+    /// (use mode 0600, or 0640 with a group ferry is in).
     pub key_path: PathBuf,
 }
 
@@ -653,7 +657,8 @@ pub struct MqttUplink {
     pub ca_path: Option<PathBuf>,
     /// PEM client certificate for mutual TLS (requires `client_key_path`).
     pub client_cert_path: Option<PathBuf>,
-    /// PEM client private key for mutual TLS (requires `client_cert_path`).
+    /// PEM client private key for mutual TLS (requires `client_cert_path`). Refused if other
+    /// users can access it.
     pub client_key_path: Option<PathBuf>,
     /// First reconnect delay; doubles up to `max_backoff_ms`. Default: 500.
     pub initial_backoff_ms: u64,

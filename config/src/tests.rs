@@ -670,3 +670,65 @@ fn client_id_default() {
     config.uplink.mqtt.client_id = Some("x".into());
     assert_eq!(config.uplink_mqtt_client_id(), "x");
 }
+
+#[cfg(unix)]
+#[test]
+fn private_keys_others_can_read_are_refused_and_an_open_data_dir_warns() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("server.key");
+    std::fs::write(&key, "-----BEGIN PRIVATE KEY-----\n").unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    let toml = format!(
+        "[gateway]\ndata_dir = {data:?}\n[mqtt.tls]\ncert_path = \"c.pem\"\nkey_path = {key:?}\n\
+         [http.tls]\ncert_path = \"c.pem\"\nkey_path = {key:?}\n\
+         [uplink.mqtt]\nclient_cert_path = \"c.pem\"\nclient_key_path = {key:?}\n"
+    );
+    let set = |p: &Path, mode: u32| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap()
+    };
+    set(&key, 0o644);
+    let errors = load_str(&toml, no_env()).unwrap_err();
+    assert_eq!(
+        paths(&errors),
+        [
+            "mqtt.tls.key_path",
+            "http.tls.key_path",
+            "uplink.mqtt.client_key_path"
+        ]
+    );
+    let e = &errors.errors()[0];
+    assert_eq!(e.kind, ConfigErrorKind::Permissions);
+    assert!(
+        e.message.contains("mode 0644") && e.message.contains("chmod 600"),
+        "{e}"
+    );
+    for ok in [0o600, 0o640, 0o400] {
+        set(&key, ok);
+        load_str(&toml, no_env()).unwrap_or_else(|e| panic!("mode {ok:o}: {e}"));
+    }
+    // The data directory: a warning, not an error.
+    set(&data, 0o755);
+    let config = load_str(&toml, no_env()).unwrap();
+    let warnings = config.warnings();
+    assert_eq!(paths(&ConfigErrors(warnings.clone())), ["gateway.data_dir"]);
+    assert!(warnings[0].message.contains("mode 0755"), "{}", warnings[0]);
+    set(&data, 0o750);
+    assert!(config.warnings().is_empty());
+}
+
+#[test]
+fn a_secret_of_the_wrong_type_is_not_echoed() {
+    let errors = load_str(
+        "[[mqtt.users]]\nusername = \"u\"\npassword = 987654321\n[status]\ntoken = 1234567\n\
+         [uplink.kafka]\nsasl_password = 7654321\n",
+        no_env(),
+    )
+    .unwrap_err();
+    let text = errors.to_string();
+    for secret in ["987654321", "1234567", "7654321"] {
+        assert!(!text.contains(secret), "{text}");
+    }
+    assert!(text.contains("mqtt.users[0].password: invalid type: integer, expected a string"));
+}

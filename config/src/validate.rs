@@ -118,6 +118,22 @@ fn check_host_port(entry: &str) -> Result<(), String> {
     }
 }
 
+/// The permission bits of `path` (following symlinks) if other users have any access to it
+/// (`mode & 0o007 != 0`); `None` if they have none, or the path does not exist.
+fn other_users_access(path: &Path) -> Option<u32> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(path).ok()?.permissions().mode() & 0o7777;
+        (mode & 0o007 != 0).then_some(mode)
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = path;
+        None
+    }
+}
+
 struct Problems(Vec<ConfigError>);
 
 impl Problems {
@@ -166,7 +182,64 @@ impl Config {
         self.validate_mqtt_uplink(&mut p);
         self.validate_status(&mut p);
         self.validate_listeners(&mut p);
+        self.validate_key_files(&mut p);
         ConfigErrors(p.0).into_result()
+    }
+
+    /// Problems ferry runs with but an operator should fix, each with its key path. Today: a
+    /// `gateway.data_dir` that exists and that other users can access (ferry creates it with
+    /// mode 0700, but never changes the mode of an existing directory, which the operator may
+    /// have set on purpose). `ferry run` logs them as warnings at start, `ferry check-config`
+    /// prints them.
+    pub fn warnings(&self) -> Vec<ConfigError> {
+        let dir = &self.gateway.data_dir;
+        match other_users_access(dir) {
+            Some(mode) if dir.is_dir() => vec![ConfigError::new(
+                ConfigErrorKind::Permissions,
+                "gateway.data_dir",
+                format!(
+                    "{} is accessible by other users (mode {mode:04o}), so they can read the buffered readings; restrict it with chmod 700 {}",
+                    dir.display(),
+                    dir.display()
+                ),
+            )],
+            _ => Vec::new(),
+        }
+    }
+
+    /// A private key file other users can read is refused, as OpenSSH and PostgreSQL do. Only
+    /// files that exist are checked; a missing file is reported when it is loaded.
+    fn validate_key_files(&self, p: &mut Problems) {
+        let keys = [
+            (
+                "mqtt.tls.key_path",
+                self.mqtt.tls.as_ref().map(|t| &t.key_path),
+            ),
+            (
+                "http.tls.key_path",
+                self.http.tls.as_ref().map(|t| &t.key_path),
+            ),
+            (
+                "uplink.mqtt.client_key_path",
+                self.uplink.mqtt.client_key_path.as_ref(),
+            ),
+        ];
+        for (path, file) in keys {
+            let Some(file) = file.filter(|f| !f.as_os_str().is_empty()) else {
+                continue;
+            };
+            if let Some(mode) = other_users_access(file) {
+                p.0.push(ConfigError::new(
+                    ConfigErrorKind::Permissions,
+                    path,
+                    format!(
+                        "the private key {} is accessible by other users (mode {mode:04o}); restrict it with chmod 600 {} (or 640 and a group ferry is in)",
+                        file.display(),
+                        file.display()
+                    ),
+                ));
+            }
+        }
     }
 
     fn validate_gateway(&self, p: &mut Problems) {

@@ -29,6 +29,9 @@ pub fn main() -> ExitCode {
                 }
             };
             telemetry::init(&config.gateway);
+            for w in config.warnings() {
+                tracing::warn!(problem = %w, "The configuration has an unsafe setting; ferry runs anyway.");
+            }
             match run(config) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
@@ -39,7 +42,10 @@ pub fn main() -> ExitCode {
             }
         }
         Command::CheckConfig { file } => match ferry_config::load_from_env(Some(&file)) {
-            Ok(_) => {
+            Ok(config) => {
+                for w in config.warnings() {
+                    eprintln!("{}: warning: {w}", file.display());
+                }
                 println!("{}: ok", file.display());
                 ExitCode::SUCCESS
             }

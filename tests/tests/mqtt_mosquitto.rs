@@ -99,6 +99,11 @@ fn pki() -> Pki {
 fn write(dir: &Path, name: &str, s: &str) -> String {
     let p = dir.join(name);
     std::fs::write(&p, s).unwrap();
+    if name.ends_with(".key") {
+        // ferry refuses private keys other users can read.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
     p.display().to_string()
 }
 
