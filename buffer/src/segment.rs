@@ -303,6 +303,18 @@ pub fn decode_header(value: &[u8]) -> Result<SegmentHeader, DecodeError> {
     })
 }
 
+/// deflate's best ratio is 1032:1, so a body compressed to `compressed_len` bytes inflates to
+/// at most this many.
+const MAX_DEFLATE_RATIO: usize = 1032;
+
+/// How much to reserve for a gzip body the header says is `raw_len` bytes long: no more than
+/// `compressed_len` bytes can inflate to, so a corrupt header cannot make a tiny value reserve
+/// up to [`MAX_BODY_LEN`] (1 GiB) before the CRC check refuses it.
+#[doc(hidden)]
+pub fn first_reservation(raw_len: usize, compressed_len: usize) -> usize {
+    raw_len.min(compressed_len.saturating_mul(MAX_DEFLATE_RATIO))
+}
+
 /// Decodes a segment value into its readings, checking the CRC.
 pub fn decode_segment(value: &[u8]) -> Result<Vec<Reading>, DecodeError> {
     let header = decode_header(value)?;
@@ -312,7 +324,7 @@ pub fn decode_segment(value: &[u8]) -> Result<Vec<Reading>, DecodeError> {
         return Err(DecodeError::Truncated("body length is implausible"));
     }
     let body: Vec<u8> = if header.gzip {
-        let mut out = Vec::with_capacity(raw_len);
+        let mut out = Vec::with_capacity(first_reservation(raw_len, value.len() - HEADER_LEN));
         GzDecoder::new(&value[HEADER_LEN..])
             .take(raw_len as u64 + 1)
             .read_to_end(&mut out)
