@@ -13,6 +13,8 @@ pub mod buffer_cmd;
 pub mod cli;
 pub mod demo;
 pub mod entry;
+#[doc(hidden)]
+pub mod fuzz_api;
 pub mod http;
 pub mod mqtt;
 pub mod status;
