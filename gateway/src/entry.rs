@@ -13,6 +13,32 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// `ferry check-config` and operators' scripts expect).
 const EXIT_CONFIG: u8 = 64;
 
+/// Exit code when the buffer file was written by a newer ferry (65 = EX_DATAERR). The
+/// systemd unit does not restart on it: restarting cannot help, an operator must act.
+const EXIT_NEWER_BUFFER: u8 = 65;
+
+/// Whether `e` or one of its sources is the buffer's "newer format" refusal.
+fn is_newer_buffer(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        let open = err.downcast_ref::<ferry_buffer::OpenError>().or_else(|| {
+            match err.downcast_ref::<app::StartError>() {
+                // `#[error(transparent)]` hides the OpenError from `source()`.
+                Some(app::StartError::Buffer(o)) => Some(o),
+                _ => None,
+            }
+        });
+        if matches!(
+            open,
+            Some(ferry_buffer::OpenError::UnsupportedFormat { .. })
+        ) {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
+}
+
 /// Runs the `ferry` command line and returns its exit code.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -37,7 +63,11 @@ pub fn main() -> ExitCode {
                 Err(e) => {
                     tracing::error!(error = format!("{e:#}"), "ferry stopped with an error.");
                     eprintln!("ferry: {e:#}");
-                    ExitCode::FAILURE
+                    if is_newer_buffer(e.as_ref()) {
+                        ExitCode::from(EXIT_NEWER_BUFFER)
+                    } else {
+                        ExitCode::FAILURE
+                    }
                 }
             }
         }

@@ -138,7 +138,11 @@ fn a_buffer_from_a_newer_ferry_is_refused_and_left_alone() {
         .unwrap()
         .read_to_string(&mut err)
         .unwrap();
-    assert!(!status.success(), "ferry must refuse to start: {err}");
+    assert_eq!(
+        status.code(),
+        Some(65),
+        "ferry must refuse with exit code 65 (the unit's RestartPreventExitStatus): {err}"
+    );
     let v = ferry_buffer::FORMAT_VERSION;
     assert!(
         err.contains(&format!("format version {}", v + 1)) || err.contains(&format!("{}", v + 1)),
