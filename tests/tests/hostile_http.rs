@@ -21,6 +21,12 @@ use std::time::{Duration, Instant};
 
 const MIB: u64 = 1024 * 1024;
 
+/// Starts ferry with `toml` and no uplink: readings stay in the buffer for the check, and
+/// shutdown does not wait for an unreachable Kafka.
+fn start(toml: &str) -> Ferry {
+    Ferry::start(&format!("{toml}\n[uplink.kafka]\nenabled = false\n"))
+}
+
 /// (VmRSS, VmHWM) of a process in bytes.
 fn mem(pid: u32) -> (u64, u64) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
@@ -156,7 +162,7 @@ const PEAK_BOUND: u64 = 160 * MIB;
 /// 8 MiB are inflated; memory stays bounded and a good client is served meanwhile.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn zip_bombs_are_cut_at_max_decompressed_bytes() {
-    let f = Ferry::start("");
+    let f = start("");
     let url = f.http_url();
     let bomb = tokio::task::spawn_blocking(|| zip_bomb(512)).await.unwrap();
     eprintln!("zip bomb: {} B on the wire, 512 MiB inflated", bomb.len());
@@ -201,7 +207,7 @@ async fn zip_bombs_are_cut_at_max_decompressed_bytes() {
 /// them is served right after.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slowloris_is_cut_at_the_header_timeout() {
-    let f = Ferry::start("[http]\nmax_connections = 40\nheader_timeout_ms = 1000\n");
+    let f = start("[http]\nmax_connections = 40\nheader_timeout_ms = 1000\n");
     let url = f.http_url();
     let addr = f.addr("http");
     let t0 = Instant::now();
@@ -266,7 +272,7 @@ async fn slowloris_is_cut_at_the_header_timeout() {
 /// `body_timeout_ms` (1000 here) instead of holding the connection and its handler.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_trickled_body_gets_408() {
-    let f = Ferry::start("[http]\nbody_timeout_ms = 1000\n");
+    let f = start("[http]\nbody_timeout_ms = 1000\n");
     let url = f.http_url();
     let addr = f.addr("http");
     let slow: Vec<_> = (0..10)
@@ -322,7 +328,7 @@ async fn a_trickled_body_gets_408() {
 /// connection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_headers_get_431() {
-    let f = Ferry::start("");
+    let f = start("");
     let url = f.http_url();
     let addr = f.addr("http");
     let big: Vec<_> = (0..50)
@@ -359,7 +365,7 @@ async fn oversized_headers_get_431() {
 /// NUL in a topic: each is 400, problem+json where the router sees it; nothing is stored.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_utf8_topics_are_400() {
-    let f = Ferry::start("");
+    let f = start("");
     let url = f.http_url();
     let addr = f.addr("http");
     let c = client();
@@ -427,7 +433,7 @@ async fn invalid_utf8_topics_are_400() {
 /// The single-reading endpoint stores a body as opaque bytes, so nesting is no attack there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deeply_nested_json_is_400() {
-    let f = Ferry::start("");
+    let f = start("");
     let url = f.http_url();
     let c = client();
     let nested = |depth: usize| format!("{}{}", "[".repeat(depth), "]".repeat(depth));

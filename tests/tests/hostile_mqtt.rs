@@ -22,6 +22,12 @@ use std::time::{Duration, Instant};
 
 const MIB: u64 = 1024 * 1024;
 
+/// Starts ferry with `toml` and no uplink: readings stay in the buffer for the check, and
+/// shutdown does not wait for an unreachable Kafka.
+fn start(toml: &str) -> Ferry {
+    Ferry::start(&format!("{toml}\n[uplink.kafka]\nenabled = false\n"))
+}
+
 /// (VmRSS, VmHWM) of a process in bytes.
 fn mem(pid: u32) -> (u64, u64) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
@@ -208,7 +214,7 @@ fn scale() -> usize {
 /// one is closed, the rejections are counted, and a good client is served during and after.
 #[test]
 fn garbage_bytes_from_200_clients() {
-    let mut f = Ferry::start("");
+    let mut f = start("");
     let addr = f.addr("mqtt");
     let n = 200 * scale();
     let attackers: Vec<_> = (0..n as u64)
@@ -282,7 +288,7 @@ fn garbage_bytes_from_200_clients() {
 /// fixed header (v5: DISCONNECT 0x95 Packet too large) and buffers none of it.
 #[test]
 fn huge_remaining_length_is_refused_from_the_header() {
-    let mut f = Ferry::start("");
+    let mut f = start("");
     let addr = f.addr("mqtt");
     const HUGE: [u8; 4] = [0xFF, 0xFF, 0xFF, 0x7F];
     let attackers: Vec<_> = (0..60u32)
@@ -355,7 +361,7 @@ fn huge_remaining_length_is_refused_from_the_header() {
 #[test]
 fn connect_flood_past_max_connections() {
     let (max, n) = (100 * scale(), 500 * scale());
-    let mut f = Ferry::start(&format!(
+    let mut f = start(&format!(
         "[mqtt]\nmax_connections = {max}\nconnect_timeout_ms = 3000\n"
     ));
     let addr = f.addr("mqtt");
@@ -428,7 +434,7 @@ fn connect_flood_past_max_connections() {
 /// admit new clients afterwards), so no session task is leaked.
 #[test]
 fn connects_that_never_finish_are_closed_and_release_their_slot() {
-    let mut f = Ferry::start("[mqtt]\nmax_connections = 64\nconnect_timeout_ms = 1000\n");
+    let mut f = start("[mqtt]\nmax_connections = 64\nconnect_timeout_ms = 1000\n");
     let addr = f.addr("mqtt");
     let t0 = Instant::now();
     let stalled: Vec<_> = (0..60u32)
@@ -516,7 +522,7 @@ fn connects_that_never_finish_are_closed_and_release_their_slot() {
 /// and logs why. Memory stays bounded meanwhile, and a good client is served.
 #[test]
 fn a_client_that_stops_reading_is_cut_off() {
-    let mut f = Ferry::start("[mqtt]\nwrite_timeout_ms = 1000\n");
+    let mut f = start("[mqtt]\nwrite_timeout_ms = 1000\n");
     let addr = f.addr("mqtt");
     let mut s = rt().block_on(async {
         let sock = tokio::net::TcpSocket::new_v4().unwrap();
