@@ -40,8 +40,17 @@ fn compression() -> impl Strategy<Value = Compression> {
     ]
 }
 
+/// `n` cases, or `PROPTEST_CASES` when set (for long runs, see bench/fuzz.sh).
+fn cases(n: u32) -> ProptestConfig {
+    let n = std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(n);
+    ProptestConfig::with_cases(n)
+}
+
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(300))]
+    #![proptest_config(cases(300))]
 
     #[test]
     fn round_trip(readings in proptest::collection::vec(reading(), 0..8), c in compression()) {

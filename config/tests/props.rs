@@ -62,8 +62,17 @@ fn check(result: Result<ferry_config::Config, ConfigErrors>) -> Result<(), TestC
     Ok(())
 }
 
+/// `n` cases, or `PROPTEST_CASES` when set (for long runs, see bench/fuzz.sh).
+fn cases(n: u32) -> ProptestConfig {
+    let n = std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(n);
+    ProptestConfig::with_cases(n)
+}
+
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(300))]
+    #![proptest_config(cases(300))]
 
     #[test]
     fn known_keys_with_any_values(

@@ -3,7 +3,7 @@
 //! `ferry_gateway::fuzz_api`, shared with the fuzz targets; these tests feed them generated
 //! inputs shaped like real traffic, plus the crashing inputs fuzzing found.
 
-use ferry_gateway::fuzz_api::{SessionCase, SessionHarness, SessionOp, http_body};
+use ferry_gateway::fuzz_api::{SessionCase, SessionHarness, SessionOp, http_body, json_vs_ndjson};
 use ferry_gateway::http::formats::BatchFormat;
 use proptest::prelude::*;
 
@@ -155,8 +155,17 @@ fn session_case() -> impl Strategy<Value = SessionCase> {
         )
 }
 
+/// `n` cases, or `PROPTEST_CASES` when set (for long runs, see bench/fuzz.sh).
+fn cases(n: u32) -> ProptestConfig {
+    let n = std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(n);
+    ProptestConfig::with_cases(n)
+}
+
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(400))]
+    #![proptest_config(cases(400))]
 
     #[test]
     fn http_batches_parse_or_fail_cleanly(
@@ -172,6 +181,7 @@ proptest! {
             _ => format!("[{}]", items.join(",")),
         };
         http_body(f, body.as_bytes(), max, bound, header);
+        json_vs_ndjson(&items, max);
     }
 
     #[test]
@@ -181,7 +191,7 @@ proptest! {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(200))]
+    #![proptest_config(cases(200))]
 
     #[test]
     fn mqtt_session_acks_only_stored_publishes(case in session_case()) {
@@ -226,4 +236,21 @@ fn mqtt_session_harness_sees_acks() {
         assert_eq!(out.acks, 2, "v5={v5}: {out:?}");
         assert_eq!(out.stored, 3, "v5={v5}: {out:?}");
     }
+}
+
+/// Found by `http_batches_parse_or_fail_cleanly` (a JSON-array-vs-NDJSON comparison through
+/// re-serialized values): serde_json, built without its `float_roundtrip` feature, parses some
+/// numbers 1 ULP off, so the stored payload of a JSON batch item can differ from what the
+/// device sent. Enabling `float_roundtrip` rebuilds every crate on serde_json; left to decide.
+#[test]
+#[ignore = "serde_json is built without float_roundtrip: JSON payload numbers can move 1 ULP"]
+fn json_payload_numbers_are_stored_exactly() {
+    let origin = ferry_gateway::http::formats::Origin {
+        principal: Default::default(),
+        header_device: None,
+        now_ms: 0,
+    };
+    let body = br#"[{"topic":"t","payload":2.7784367327772994e-219}]"#;
+    let r = ferry_gateway::http::formats::parse_json_array(body, &origin, 1).unwrap();
+    assert_eq!(&r[0].payload[..], b"2.7784367327772994e-219");
 }
