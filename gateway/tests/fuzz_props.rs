@@ -239,11 +239,10 @@ fn mqtt_session_harness_sees_acks() {
 }
 
 /// Found by `http_batches_parse_or_fail_cleanly` (a JSON-array-vs-NDJSON comparison through
-/// re-serialized values): serde_json, built without its `float_roundtrip` feature, parses some
-/// numbers 1 ULP off, so the stored payload of a JSON batch item can differ from what the
-/// device sent. Enabling `float_roundtrip` rebuilds every crate on serde_json; left to decide.
+/// re-serialized values): without serde_json's `float_roundtrip` feature some numbers were
+/// parsed 1 ULP off (found by the `http_batches` proptest), so the stored payload differed
+/// from what the device sent. The workspace enables `float_roundtrip`.
 #[test]
-#[ignore = "serde_json is built without float_roundtrip: JSON payload numbers can move 1 ULP"]
 fn json_payload_numbers_are_stored_exactly() {
     let origin = ferry_gateway::http::formats::Origin {
         principal: Default::default(),
