@@ -262,6 +262,39 @@ impl Ferry {
         )
     }
 
+    /// (VmRSS, VmHWM) of the running ferry process, in bytes.
+    pub fn memory(&self) -> (u64, u64) {
+        let pid = self.pid().expect("ferry runs");
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+                .unwrap_or_else(|| panic!("no {name} in /proc/{pid}/status"))
+                * 1024
+        };
+        (field("VmRSS:"), field("VmHWM:"))
+    }
+
+    /// Asserts ferry's peak resident set (VmHWM) is below `bound` bytes, printing both
+    /// figures for `case`, and returns the peak.
+    pub fn assert_peak_below(&self, bound: u64, case: &str) -> u64 {
+        const MIB: f64 = 1024.0 * 1024.0;
+        let (rss, hwm) = self.memory();
+        eprintln!(
+            "{case}: ferry VmRSS {:.1} MiB, VmHWM {:.1} MiB (bound {:.0} MiB)",
+            rss as f64 / MIB,
+            hwm as f64 / MIB,
+            bound as f64 / MIB
+        );
+        assert!(
+            hwm < bound,
+            "{case}: ferry's peak RSS {hwm} B is over the bound {bound} B"
+        );
+        hwm
+    }
+
     /// The data directory as a string, for CLI arguments.
     pub fn data_dir_str(&self) -> String {
         self.data_dir.display().to_string()

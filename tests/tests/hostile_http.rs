@@ -27,36 +27,6 @@ fn start(toml: &str) -> Ferry {
     Ferry::start(&format!("{toml}\n[uplink.kafka]\nenabled = false\n"))
 }
 
-/// (VmRSS, VmHWM) of a process in bytes.
-fn mem(pid: u32) -> (u64, u64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            .unwrap_or_else(|| panic!("no {name} in /proc/{pid}/status"))
-            * 1024
-    };
-    (field("VmRSS:"), field("VmHWM:"))
-}
-
-/// Asserts ferry's peak resident set is below `bound` and returns it.
-fn assert_peak_below(f: &Ferry, bound: u64, case: &str) -> u64 {
-    let (rss, hwm) = mem(f.pid().expect("ferry runs"));
-    eprintln!(
-        "{case}: ferry VmRSS {:.1} MiB, VmHWM {:.1} MiB (bound {} MiB)",
-        rss as f64 / MIB as f64,
-        hwm as f64 / MIB as f64,
-        bound / MIB
-    );
-    assert!(
-        hwm < bound,
-        "{case}: ferry's peak RSS {hwm} B is over the bound {bound} B"
-    );
-    hwm
-}
-
 fn client() -> reqwest::Client {
     reqwest::Client::builder()
         .timeout(Duration::from_secs(30))
@@ -197,7 +167,7 @@ async fn zip_bombs_are_cut_at_max_decompressed_bytes() {
         a.await.unwrap();
     }
     good_post(&url, "after", "after-bomb").await;
-    assert_peak_below(&f, PEAK_BOUND, "zip bombs");
+    f.assert_peak_below(PEAK_BOUND, "zip bombs");
     assert_stored(f, &["during-bomb", "after-bomb"]).await;
 }
 
@@ -264,7 +234,7 @@ async fn slowloris_is_cut_at_the_header_timeout() {
         all_closed < Duration::from_secs(20),
         "closing took {all_closed:?} with a 1 s header timeout"
     );
-    assert_peak_below(&f, PEAK_BOUND, "slowloris");
+    f.assert_peak_below(PEAK_BOUND, "slowloris");
     assert_stored(f, &["after-slowloris"]).await;
 }
 
@@ -318,7 +288,7 @@ async fn a_trickled_body_gets_408() {
             "{answer}"
         );
     }
-    assert_peak_below(&f, PEAK_BOUND, "trickled body");
+    f.assert_peak_below(PEAK_BOUND, "trickled body");
     assert_stored(f, &["during-slow-body"]).await;
 }
 
@@ -356,7 +326,7 @@ async fn oversized_headers_get_431() {
         assert_eq!(code, Some(431), "1 MiB header: {text}");
     }
     good_post(&url, "after", "after-headers").await;
-    assert_peak_below(&f, PEAK_BOUND, "oversized headers");
+    f.assert_peak_below(PEAK_BOUND, "oversized headers");
     assert_stored(f, &["during-headers", "after-headers"]).await;
 }
 
@@ -422,7 +392,7 @@ async fn invalid_utf8_topics_are_400() {
         .unwrap();
     assert_eq!(code, Some(400), "{text}");
     good_post(&url, "after", "after-utf8").await;
-    assert_peak_below(&f, PEAK_BOUND, "invalid UTF-8");
+    f.assert_peak_below(PEAK_BOUND, "invalid UTF-8");
     let n = assert_stored(f, &["after-utf8"]).await;
     assert_eq!(n, 1, "only the good reading is stored");
 }
@@ -471,7 +441,7 @@ async fn deeply_nested_json_is_400() {
         .unwrap();
     problem(r, 400, "recursion limit").await;
     good_post(&url, "after", "after-nesting").await;
-    assert_peak_below(&f, PEAK_BOUND, "deeply nested JSON");
+    f.assert_peak_below(PEAK_BOUND, "deeply nested JSON");
     let n = assert_stored(f, &["after-nesting"]).await;
     assert_eq!(n, 1, "only the good reading is stored");
 }

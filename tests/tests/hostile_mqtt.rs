@@ -28,36 +28,6 @@ fn start(toml: &str) -> Ferry {
     Ferry::start(&format!("{toml}\n[uplink.kafka]\nenabled = false\n"))
 }
 
-/// (VmRSS, VmHWM) of a process in bytes.
-fn mem(pid: u32) -> (u64, u64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            .unwrap_or_else(|| panic!("no {name} in /proc/{pid}/status"))
-            * 1024
-    };
-    (field("VmRSS:"), field("VmHWM:"))
-}
-
-/// Asserts ferry's peak resident set is below `bound` and returns it.
-fn assert_peak_below(f: &Ferry, bound: u64, case: &str) -> u64 {
-    let (rss, hwm) = mem(f.pid().expect("ferry runs"));
-    eprintln!(
-        "{case}: ferry VmRSS {:.1} MiB, VmHWM {:.1} MiB (bound {} MiB)",
-        rss as f64 / MIB as f64,
-        hwm as f64 / MIB as f64,
-        bound / MIB
-    );
-    assert!(
-        hwm < bound,
-        "{case}: ferry's peak RSS {hwm} B is over the bound {bound} B"
-    );
-    hwm
-}
-
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -279,7 +249,7 @@ fn garbage_bytes_from_200_clients() {
         log.contains("is not a valid CONNECT") && log.contains("malformed packet"),
         "{log}"
     );
-    assert_peak_below(&f, PEAK_BOUND, "garbage bytes");
+    f.assert_peak_below(PEAK_BOUND, "garbage bytes");
     assert_stored(&mut f, &[during, after]);
 }
 
@@ -349,7 +319,7 @@ fn huge_remaining_length_is_refused_from_the_header() {
         "the 20 huge CONNECTs count as protocol errors"
     );
     assert!(f.log().contains("exceeds max_payload_bytes"), "{}", f.log());
-    assert_peak_below(&f, PEAK_BOUND, "huge remaining length");
+    f.assert_peak_below(PEAK_BOUND, "huge remaining length");
     assert_stored(&mut f, &["during-huge".into(), "after-huge".into()]);
 }
 
@@ -424,7 +394,7 @@ fn connect_flood_past_max_connections() {
             Err(e) => panic!("the good client is not served after the flood: {e}"),
         }
     }
-    assert_peak_below(&f, PEAK_BOUND, "connect flood");
+    f.assert_peak_below(PEAK_BOUND, "connect flood");
     assert_stored(&mut f, &["after-flood".into()]);
 }
 
@@ -511,7 +481,7 @@ fn connects_that_never_finish_are_closed_and_release_their_slot() {
         assert!(start.elapsed() < Duration::from_secs(20), "{e}");
         std::thread::sleep(Duration::from_millis(200));
     }
-    assert_peak_below(&f, PEAK_BOUND, "unfinished connects");
+    f.assert_peak_below(PEAK_BOUND, "unfinished connects");
     assert_stored(&mut f, &["during-stall".into(), "after-stall".into()]);
 }
 
@@ -594,6 +564,6 @@ fn a_client_that_stops_reading_is_cut_off() {
         1
     );
     good_publish(addr, "good-after", "after-deaf").expect("a good client after");
-    assert_peak_below(&f, PEAK_BOUND, "client that stops reading");
+    f.assert_peak_below(PEAK_BOUND, "client that stops reading");
     assert_stored(&mut f, &["during-deaf".into(), "after-deaf".into()]);
 }

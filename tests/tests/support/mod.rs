@@ -241,16 +241,6 @@ pub async fn status(base: &str) -> Value {
         .expect("status json")
 }
 
-/// Peak resident memory (VmHWM) of a process, in KiB.
-pub fn peak_rss_kib(pid: u32) -> u64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    s.lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
-
 /// A small xorshift generator, seeded from the clock unless `FERRY_SEED` is set; the seed is
 /// printed so a failing run can be repeated.
 pub struct Rng(u64);
