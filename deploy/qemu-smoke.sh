@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Smoke-test a cross-built ferry under qemu-user: --version, check-config on the packaged
-# config, and a short run that ingests one reading over HTTP and finds it with
-# `ferry buffer stats`. Prints the idle RSS under qemu next to the native binary's.
+# config, a short run that ingests one reading over HTTP and finds it with
+# `ferry buffer stats`, and a run that forwards one reading to Kafka (librdkafka's
+# in-process mock cluster, zstd) and waits for its ack. Prints the idle RSS under qemu next
+# to the native binary's.
 #
 #   deploy/qemu-smoke.sh aarch64-unknown-linux-gnu [BINARY]
 set -euo pipefail
@@ -27,10 +29,10 @@ command -v file >/dev/null && echo "== $(file -b "$bin" | cut -d, -f1-2)"
 echo "== ferry --version: $(run --version)"
 run check-config deploy/ferry.toml
 
-start_and_idle() {   # $1: command prefix ("" for native); prints "pid addr"
+start_and_idle() {   # $1: command prefix ("" for native), $2: binary, [$3: config]; prints "pid addr"
     FERRY_GATEWAY_DATA_DIR="$work/data" FERRY_HTTP_LISTEN=127.0.0.1:0 FERRY_MQTT_LISTEN=127.0.0.1:0 \
-    FERRY_UPLINK_KAFKA_ENABLED=false FERRY_LOG=warn \
-        $1 "$2" run --config deploy/ferry.toml > "$work/out" 2> "$work/err" &
+    FERRY_UPLINK_KAFKA_ENABLED="${KAFKA:-false}" FERRY_LOG=warn \
+        $1 "$2" run --config "${3:-deploy/ferry.toml}" > "$work/out" 2> "$work/err" &
     local pid=$!
     for _ in $(seq 300); do grep -q '^ready' "$work/out" 2>/dev/null && break; sleep 0.1; done
     grep -q '^ready' "$work/out" || { echo "ferry did not become ready:"; cat "$work/err"; exit 1; }
@@ -53,6 +55,21 @@ kill -TERM "$pid"; stopped "$pid"
 stats=$(run buffer stats --data-dir "$work/data" --json)
 echo "$stats" | grep -q '"readings": 1' || { echo "buffer stats do not show the reading: $stats"; exit 1; }
 echo "== ferry buffer stats: 1 reading stored"
+
+# The bundled librdkafka on the target: its mock cluster stands in for the brokers.
+rm -rf "$work/data" "$work/out"
+cp deploy/ferry.toml "$work/kafka.toml"
+printf '\n[uplink.kafka.librdkafka]\n"test.mock.num.brokers" = "1"\n' >> "$work/kafka.toml"
+read -r kpid kaddr < <(KAFKA=true start_and_idle "$qemu" "$bin" "$work/kafka.toml")
+curl -s -o /dev/null -X POST -H 'content-type: application/json' --data '{"temp":21.5}' \
+    "http://$kaddr/v1/readings/site/pi/temp"
+for _ in $(seq 300); do
+    curl -s "http://$kaddr/api/status" | grep -q '"acked_total":1' && break; sleep 0.1
+done
+curl -s "http://$kaddr/api/status" | grep -q '"acked_total":1' \
+    || { echo "Kafka (mock cluster) did not acknowledge the reading:"; cat "$work/err"; exit 1; }
+kill -TERM "$kpid"; stopped "$kpid"
+echo "== Kafka uplink (librdkafka mock cluster, zstd): 1 reading acknowledged"
 
 native="${NATIVE_FERRY:-${CARGO_TARGET_DIR:-target}/release/ferry}"
 if [ -x "$native" ]; then
