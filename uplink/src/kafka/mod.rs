@@ -56,8 +56,11 @@
 //! that is the whole segment, so keep `buffer.max_batch_bytes` below the topic limit.
 
 pub mod config;
+mod feed;
+mod pump;
 pub mod routing;
 mod sink;
+mod track;
 
 #[cfg(test)]
 mod tests;

@@ -1,22 +1,37 @@
 //! The Kafka uplink task: buffer segments in, acks out.
+//!
+//! Three parts run at once, so none of them waits for another's slow step:
+//! - the buffer task ([`super::feed`]) owns the buffer's reader: it reads and decodes
+//!   segments ahead into a small bounded channel and commits dead letters and acks (an fsync
+//!   each) strictly in the order the run loop sends them;
+//! - the producer thread ([`super::pump`]) hands each segment's records to librdkafka and
+//!   serves the delivery reports, which it counts per segment ([`super::track`]); a record's
+//!   delivery opaque is its sequence number, so no future, channel or box is allocated per
+//!   record;
+//! - the run loop ([`KafkaSink::run`]) passes segments from the buffer task to the producer
+//!   thread, settles them in order as their delivery reports complete and sends their ack to
+//!   the buffer task without waiting for the commit; it handles failures and shutdown.
 
 use super::config::client_config;
-use super::routing::{Router, key_for};
+use super::feed::{self, AckResult, Acked, Cmd};
+use super::pump::{Gate, Job, Layout, Pump};
+use super::routing::Router;
+use super::track::{Failure, Tracker};
 use crate::backoff::Backoff;
 use crate::status::{LinkState, UplinkStatus};
-use ferry_buffer::{AckError, Buffer, ReadError, Reader, Reading, Segment};
+use ferry_buffer::{AckError, Buffer, ReadError, Segment};
 use ferry_config::{Delivery, KafkaUplink};
-use futures_util::stream::{FuturesOrdered, FuturesUnordered, StreamExt};
-use futures_util::{FutureExt, future::BoxFuture};
 use rdkafka::ClientConfig;
 use rdkafka::client::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer, PurgeConfig};
+use rdkafka::message::DeliveryResult;
+use rdkafka::producer::{BaseProducer, Producer, ProducerContext, PurgeConfig};
+use std::collections::VecDeque;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::mpsc;
 
 /// The buffer consumer name of the Kafka uplink.
 pub const CONSUMER: &str = "kafka";
@@ -38,12 +53,16 @@ pub enum KafkaSinkError {
     /// The buffer has no `kafka` consumer, or could not be read.
     #[error("cannot read the buffer for the Kafka uplink: {0}")]
     Read(#[from] ReadError),
+    /// The producer thread could not be started.
+    #[error("cannot start the Kafka producer thread: {0}")]
+    Thread(#[source] std::io::Error),
 }
 
-/// Receives librdkafka's client-level events: logs go to `tracing`, "all brokers down" sets
-/// the state to `offline`.
-struct SinkContext {
+/// Receives librdkafka's client-level events (logs go to `tracing`, "all brokers down" sets
+/// the state to `offline`) and its delivery reports (counted in the [`Tracker`]).
+pub(crate) struct SinkContext {
     status: UplinkStatus,
+    tracker: Arc<Tracker>,
 }
 
 impl ClientContext for SinkContext {
@@ -78,18 +97,48 @@ impl ClientContext for SinkContext {
     }
 }
 
-type Kp = FutureProducer<SinkContext>;
+impl ProducerContext for SinkContext {
+    /// The record's sequence number (see [`Tracker`]).
+    type DeliveryOpaque = usize;
 
-fn create_producer(cc: &ClientConfig, status: &UplinkStatus) -> Result<Kp, KafkaError> {
+    fn delivery(&self, result: &DeliveryResult<'_>, seq: usize) {
+        self.tracker
+            .report(seq, result.as_ref().map(|_| ()).map_err(|(e, _)| e));
+    }
+}
+
+pub(crate) type Kp = BaseProducer<SinkContext>;
+
+fn create_producer(
+    cc: &ClientConfig,
+    status: &UplinkStatus,
+    tracker: &Arc<Tracker>,
+) -> Result<Kp, KafkaError> {
     cc.create_with_context(SinkContext {
         status: status.clone(),
+        tracker: tracker.clone(),
     })
 }
 
 /// Drops a producer off the async workers: librdkafka's destroy purges and may block briefly.
-async fn retire(producer: Kp) {
+/// Stops the producer thread first, so this is the last reference.
+async fn retire(pump: Pump, producer: Arc<Kp>) {
     producer.purge(PurgeConfig::default().queue().inflight());
+    pump.stop().await;
     let _ = tokio::task::spawn_blocking(move || drop(producer)).await;
+}
+
+/// Starts the producer thread for `producer`.
+fn start_pump(
+    producer: &Arc<Kp>,
+    tracker: &Arc<Tracker>,
+    gate: &Arc<Gate>,
+    layout: Layout,
+) -> Result<Pump, Failure> {
+    Pump::spawn(producer.clone(), tracker.clone(), gate.clone(), layout).map_err(|e| Failure {
+        message: format!("cannot start the Kafka producer thread: {e}"),
+        fatal: false,
+    })
 }
 
 /// What the uplink does with an error from the producer.
@@ -128,228 +177,6 @@ pub fn classify(e: &KafkaError) -> ErrorClass {
     }
 }
 
-/// A transient failure of one segment.
-#[derive(Debug)]
-struct Failure {
-    message: String,
-    fatal: bool,
-}
-
-/// What became of one segment's deliveries.
-#[derive(Debug)]
-struct Outcome {
-    id: u64,
-    count: u64,
-    delivered: u64,
-    dead: Vec<(Reading, String)>,
-    failure: Option<Failure>,
-}
-
-async fn tagged(
-    i: usize,
-    f: rdkafka::producer::DeliveryFuture,
-) -> (usize, <rdkafka::producer::DeliveryFuture as Future>::Output) {
-    (i, f.await)
-}
-
-/// Everything a segment delivery needs, cheap to clone.
-#[derive(Clone)]
-struct Ctx {
-    producer: Kp,
-    router: Arc<Router>,
-    gateway_id: Arc<str>,
-    delivery: Delivery,
-}
-
-fn reading_headers(gateway_id: &str, r: &Reading) -> OwnedHeaders {
-    let id = format!("{gateway_id}-{}", r.id);
-    let at = r.received_at_ms.to_string();
-    let h = OwnedHeaders::new_with_capacity(6)
-        .insert(Header {
-            key: "ferry-id",
-            value: Some(id.as_str()),
-        })
-        .insert(Header {
-            key: "ferry-topic",
-            value: Some(r.topic.as_str()),
-        })
-        .insert(Header {
-            key: "ferry-device",
-            value: Some(r.device.as_str()),
-        })
-        .insert(Header {
-            key: "ferry-received-at",
-            value: Some(at.as_str()),
-        })
-        .insert(Header {
-            key: "ferry-source",
-            value: Some(r.source.as_str()),
-        });
-    match &r.content_type {
-        Some(ct) => h.insert(Header {
-            key: "content-type",
-            value: Some(ct.as_str()),
-        }),
-        None => h,
-    }
-}
-
-fn segment_headers(gateway_id: &str, seg: &Segment) -> OwnedHeaders {
-    let gzip = ferry_buffer::segment::decode_header(&seg.stored)
-        .map(|h| h.gzip)
-        .unwrap_or(true);
-    let id = seg.id.to_string();
-    let first = seg.readings.first().map_or(0, |r| r.id).to_string();
-    let count = seg.readings.len().to_string();
-    OwnedHeaders::new_with_capacity(5)
-        .insert(Header {
-            key: "content-encoding",
-            value: Some(if gzip { "gzip" } else { "identity" }),
-        })
-        .insert(Header {
-            key: "ferry-segment",
-            value: Some(id.as_str()),
-        })
-        .insert(Header {
-            key: "ferry-first-id",
-            value: Some(first.as_str()),
-        })
-        .insert(Header {
-            key: "ferry-count",
-            value: Some(count.as_str()),
-        })
-        .insert(Header {
-            key: "ferry-gateway",
-            value: Some(gateway_id),
-        })
-}
-
-impl Ctx {
-    /// Produces one segment and waits for its delivery reports. Returns early on the first
-    /// transient failure: the whole segment will be sent again.
-    async fn deliver(self, seg: Segment) -> Outcome {
-        let count = seg.readings.len() as u64;
-        let mut out = Outcome {
-            id: seg.id,
-            count,
-            delivered: 0,
-            dead: Vec::new(),
-            failure: None,
-        };
-        // Index into seg.readings of each permanent failure, with its reason; usize::MAX for
-        // the whole segment (segment delivery).
-        let mut dead: Vec<(usize, String)> = Vec::new();
-        let mut pending = FuturesUnordered::new();
-        match self.delivery {
-            Delivery::Segment => {
-                let rec = FutureRecord::to(self.router.default_topic())
-                    .key(&*self.gateway_id)
-                    .payload(seg.stored.as_slice())
-                    .headers(segment_headers(&self.gateway_id, &seg));
-                match self.enqueue(rec).await {
-                    Ok(f) => pending.push(tagged(usize::MAX, f)),
-                    Err(Err(reason)) => dead.push((usize::MAX, reason)),
-                    Err(Ok(failure)) => {
-                        out.failure = Some(failure);
-                        return out;
-                    }
-                }
-            }
-            _ => {
-                for (i, r) in seg.readings.iter().enumerate() {
-                    let (topic, rule) = self.router.route(&r.topic);
-                    let mut rec = FutureRecord::to(topic)
-                        .payload(r.payload.as_ref())
-                        .headers(reading_headers(&self.gateway_id, r));
-                    if let Some(k) = key_for(rule, r) {
-                        rec = rec.key(k);
-                    }
-                    match self.enqueue(rec).await {
-                        Ok(f) => pending.push(tagged(i, f)),
-                        Err(Err(reason)) => dead.push((i, reason)),
-                        Err(Ok(failure)) => {
-                            out.failure = Some(failure);
-                            return out;
-                        }
-                    }
-                }
-            }
-        }
-        while let Some((i, report)) = pending.next().await {
-            match report {
-                Ok(Ok(_)) => out.delivered += 1,
-                Ok(Err((e, _))) => match classify(&e) {
-                    ErrorClass::Permanent => dead.push((i, e.to_string())),
-                    class => {
-                        out.failure = Some(Failure {
-                            message: format!("delivery failed: {e}"),
-                            fatal: class == ErrorClass::Fatal,
-                        });
-                        return out;
-                    }
-                },
-                Err(_canceled) => {
-                    out.failure = Some(Failure {
-                        message: "the producer was shut down before confirming delivery".into(),
-                        fatal: false,
-                    });
-                    return out;
-                }
-            }
-        }
-        if self.delivery == Delivery::Segment {
-            // One record carries every reading of the segment.
-            out.delivered = if dead.is_empty() { count } else { 0 };
-            if let Some((_, reason)) = dead.pop() {
-                out.dead = seg
-                    .readings
-                    .into_iter()
-                    .map(|r| (r, reason.clone()))
-                    .collect();
-            }
-        } else if !dead.is_empty() {
-            dead.sort_by_key(|d| d.0);
-            let mut readings = seg.readings.into_iter().enumerate().peekable();
-            for (i, reason) in dead {
-                for (j, r) in readings.by_ref() {
-                    if j == i {
-                        out.dead.push((r, reason));
-                        break;
-                    }
-                }
-            }
-        }
-        out
-    }
-
-    /// Hands one record to librdkafka, waiting while its queue is full. `Err(Err(reason))` is
-    /// a permanent failure of this record, `Err(Ok(failure))` a transient one.
-    #[allow(clippy::type_complexity)]
-    async fn enqueue<'a>(
-        &self,
-        mut rec: FutureRecord<'a, str, [u8]>,
-    ) -> Result<rdkafka::producer::DeliveryFuture, Result<Failure, String>> {
-        loop {
-            match self.producer.send_result(rec) {
-                Ok(f) => return Ok(f),
-                Err((e, back)) => match (e.rdkafka_error_code(), classify(&e)) {
-                    (Some(RDKafkaErrorCode::QueueFull), _) => {
-                        rec = back;
-                        tokio::time::sleep(Duration::from_millis(5)).await;
-                    }
-                    (_, ErrorClass::Permanent) => return Err(Err(e.to_string())),
-                    (_, class) => {
-                        return Err(Ok(Failure {
-                            message: format!("cannot enqueue: {e}"),
-                            fatal: class == ErrorClass::Fatal,
-                        }));
-                    }
-                },
-            }
-        }
-    }
-}
-
 /// The Kafka uplink: forwards the buffer's `kafka` consumer to Kafka and acks what Kafka
 /// confirmed. Build it with [`KafkaSink::new`], keep [`KafkaSink::status`], then spawn
 /// [`KafkaSink::run`].
@@ -357,7 +184,8 @@ pub struct KafkaSink {
     cfg: KafkaUplink,
     client_config: ClientConfig,
     producer: Kp,
-    ctx_router: Arc<Router>,
+    tracker: Arc<Tracker>,
+    router: Arc<Router>,
     gateway_id: Arc<str>,
     buffer: Buffer,
     status: UplinkStatus,
@@ -391,13 +219,15 @@ impl KafkaSink {
             .collect();
         let status = UplinkStatus::new(CONSUMER, secrets);
         let client_config = client_config(cfg, &format!("ferry-{gateway_id}"));
+        let tracker = Arc::new(Tracker::default());
         let producer =
-            create_producer(&client_config, &status).map_err(KafkaSinkError::Producer)?;
+            create_producer(&client_config, &status, &tracker).map_err(KafkaSinkError::Producer)?;
         Ok(KafkaSink {
             cfg: cfg.clone(),
             client_config,
             producer,
-            ctx_router: Arc::new(Router::new(cfg)),
+            tracker,
+            router: Arc::new(Router::new(cfg)),
             gateway_id: gateway_id.into(),
             buffer,
             status,
@@ -424,76 +254,97 @@ impl KafkaSink {
             cfg,
             client_config,
             producer,
-            ctx_router,
+            tracker,
+            router,
             gateway_id,
             buffer,
             status,
             grace,
         } = self;
-        let mut reader = buffer.reader(CONSUMER)?;
-        let mut ctx = Ctx {
-            producer,
-            router: ctx_router,
-            gateway_id,
-            delivery: cfg.delivery,
+        let reader = buffer.reader(CONSUMER)?;
+        let delivery = cfg.delivery;
+        let layout = || Layout {
+            router: router.clone(),
+            gateway_id: gateway_id.clone(),
+            delivery,
         };
+        let gate = Arc::new(Gate::default());
+        let mut producer = Arc::new(producer);
+        let mut pump = Pump::spawn(producer.clone(), tracker.clone(), gate.clone(), layout())
+            .map_err(KafkaSinkError::Thread)?;
         let max_inflight = cfg.max_inflight_segments.max(1);
         let mut backoff = Backoff::new(
             Duration::from_millis(cfg.initial_backoff_ms),
             Duration::from_millis(cfg.max_backoff_ms),
         );
+        let (seg_tx, mut seg_rx) = mpsc::channel(READ_AHEAD_SEGMENTS);
+        let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
+        let (ack_tx, mut ack_rx) = mpsc::unbounded_channel();
+        let sent_upto = reader.acked();
+        let feed = tokio::spawn(feed::run(
+            reader,
+            buffer.commits(),
+            1,
+            seg_tx,
+            cmd_rx,
+            ack_tx,
+            status.clone(),
+        ));
         let mut run = Run {
-            inflight: FuturesOrdered::new(),
+            inflight: VecDeque::new(),
             in_flight_readings: 0,
-            sent_upto: reader.acked(),
+            sent_upto,
             failures: 0,
+            next_seq: 0,
+            epoch: 0,
+            acks_pending: 0,
+            delivery,
             status: status.clone(),
+            tracker: tracker.clone(),
+            cmds: cmd_tx,
         };
         tokio::pin!(shutdown);
         tracing::info!(brokers = %cfg.brokers, topic = %cfg.topic, "The Kafka uplink is starting.");
 
         enum Ev {
             Shutdown,
-            Done(Outcome),
-            Read(Result<Vec<Segment>, ReadError>),
+            Reports,
+            Acked(Acked),
+            Read(Option<feed::Batch>),
         }
         loop {
-            let room = max_inflight.saturating_sub(run.inflight.len());
+            let can_take = run.inflight.len() < max_inflight;
             let ev = tokio::select! {
                 biased;
                 () = &mut shutdown => Ev::Shutdown,
-                Some(o) = run.inflight.next(), if !run.inflight.is_empty() => Ev::Done(o),
-                r = reader.next(room), if room > 0 => Ev::Read(r),
+                () = tracker.wake.notified() => Ev::Reports,
+                Some(a) = ack_rx.recv() => Ev::Acked(a),
+                b = seg_rx.recv(), if can_take => Ev::Read(b),
             };
             let failure = match ev {
                 Ev::Shutdown => break,
-                Ev::Read(Ok(segs)) => {
-                    run.start(&ctx, segs);
-                    None
-                }
-                Ev::Read(Err(ReadError::Closed)) => {
+                Ev::Reports => run.settle(),
+                Ev::Acked(a) => run.on_acked(a, &mut backoff),
+                Ev::Read(None) | Ev::Read(Some((_, Err(ReadError::Closed)))) => {
                     tracing::info!("The buffer closed; the Kafka uplink stops reading.");
                     break;
                 }
-                Ev::Read(Err(e)) => Some(Failure {
+                Ev::Read(Some((epoch, _))) if epoch != run.epoch => None,
+                Ev::Read(Some((_, Ok(segs)))) => run.start(&pump, segs),
+                Ev::Read(Some((_, Err(e)))) => Some(Failure {
                     message: format!("cannot read the buffer: {e}"),
                     fatal: false,
                 }),
-                Ev::Done(first) => run.settle(&mut reader, first).await,
             };
             let Some(failure) = failure else {
-                if run.failures == 0 {
-                    // Reset only after an ack: reading again after a rewind is no success.
-                    backoff.reset();
-                }
                 continue;
             };
             // A transient failure: nothing after the last ack counts any more. Stop what
             // librdkafka still holds (its queue is never our storage), wait, and send again
             // from the last acked segment.
             run.abandon();
-            let fatal = failure.fatal || ctx.producer.client().fatal_error().is_some();
-            let old = ctx.producer.clone();
+            gate.abandon(run.epoch, &producer);
+            let fatal = failure.fatal || producer.client().fatal_error().is_some();
             let delay = backoff.next_delay();
             run.failures += 1;
             let offline =
@@ -507,57 +358,68 @@ impl KafkaSink {
             );
             if fatal {
                 tracing::error!("The Kafka producer hit a fatal error and is rebuilt.");
-                retire(old).await;
-            } else {
-                old.purge(PurgeConfig::default().queue().inflight());
-                drop(old);
             }
+            // Acks already on their way still count while we wait.
             let mut sleep = std::pin::pin!(tokio::time::sleep(delay));
-            tokio::select! {
-                biased;
-                () = &mut shutdown => {
-                    retire(ctx.producer).await;
-                    return Ok(());
+            loop {
+                tokio::select! {
+                    biased;
+                    () = &mut shutdown => {
+                        retire(pump, producer).await;
+                        finish(run, feed, tokio::time::Instant::now() + grace).await;
+                        return Ok(());
+                    }
+                    Some(a) = ack_rx.recv() => {
+                        // A failed ack of this epoch is covered by the rewind to come.
+                        let _ = run.on_acked(a, &mut backoff);
+                    }
+                    () = &mut sleep => break,
                 }
-                () = &mut sleep => {}
             }
             if fatal {
-                loop {
-                    match create_producer(&client_config, &status) {
-                        Ok(p) => {
-                            ctx.producer = p;
-                            break;
-                        }
-                        Err(e) => {
+                retire(pump, producer).await;
+                (producer, pump) = loop {
+                    let started = create_producer(&client_config, &status, &tracker)
+                        .map_err(|e| format!("cannot rebuild the Kafka producer: {e}"))
+                        .map(Arc::new)
+                        .and_then(|p| {
+                            start_pump(&p, &tracker, &gate, layout())
+                                .map(|pump| (p, pump))
+                                .map_err(|f| f.message)
+                        });
+                    match started {
+                        Ok(started) => break started,
+                        Err(message) => {
                             let delay = backoff.next_delay();
-                            status.record_retry(
-                                &format!("cannot rebuild the Kafka producer: {e}"),
-                                delay,
-                                true,
-                            );
+                            status.record_retry(&message, delay, true);
                             tokio::select! {
                                 biased;
-                                () = &mut shutdown => return Ok(()),
+                                () = &mut shutdown => {
+                                    finish(run, feed, tokio::time::Instant::now() + grace).await;
+                                    return Ok(());
+                                }
                                 () = tokio::time::sleep(delay) => {}
                             }
                         }
                     }
-                }
+                };
             }
-            reader.rewind();
+            // Queued behind the acks sent before it, so it goes back to the last committed one.
+            let _ = run.cmds.send(Cmd::Rewind { epoch: run.epoch });
         }
 
         // Shutdown: no new segments; settle what completes within the grace period.
         let deadline = tokio::time::Instant::now() + grace;
-        while !run.inflight.is_empty() {
-            match tokio::time::timeout_at(deadline, run.inflight.next()).await {
-                Ok(Some(o)) => {
-                    if run.settle(&mut reader, o).await.is_some() {
-                        break;
-                    }
-                }
-                Ok(None) => break,
-                Err(_) => break,
+        drop(seg_rx);
+        while !run.inflight.is_empty() || run.acks_pending > 0 {
+            let failure = tokio::select! {
+                biased;
+                () = tokio::time::sleep_until(deadline) => break,
+                () = tracker.wake.notified() => run.settle(),
+                Some(a) = ack_rx.recv() => run.on_acked(a, &mut backoff),
+            };
+            if failure.is_some() {
+                break;
             }
         }
         if !run.inflight.is_empty() {
@@ -568,25 +430,56 @@ impl KafkaSink {
             );
         }
         run.abandon();
-        retire(ctx.producer).await;
+        gate.abandon(run.epoch, &producer);
+        retire(pump, producer).await;
+        finish(run, feed, deadline).await;
         tracing::info!("The Kafka uplink stopped.");
         Ok(())
     }
 }
 
+/// Segments the buffer task reads ahead of the producer.
+const READ_AHEAD_SEGMENTS: usize = 2;
+
+/// Stops the buffer task: it finishes the commits it was sent, until `deadline`.
+async fn finish(run: Run, mut feed: tokio::task::JoinHandle<()>, deadline: tokio::time::Instant) {
+    drop(run);
+    if tokio::time::timeout_at(deadline, &mut feed).await.is_err() {
+        tracing::warn!("Shutdown grace ran out while the Kafka uplink was committing acks.");
+        feed.abort();
+        let _ = feed.await;
+    }
+}
+
+/// One segment handed to the producer thread.
+struct InFlight {
+    seg: Arc<Segment>,
+}
+
 /// The mutable state of one run.
 struct Run {
-    inflight: FuturesOrdered<BoxFuture<'static, Outcome>>,
+    /// Segments in flight, oldest first; the tracker holds their reports in the same order.
+    inflight: VecDeque<InFlight>,
     in_flight_readings: u64,
     /// Highest segment id handed to the producer; sending one at or below it again is a re-send.
     sent_upto: u64,
     failures: u32,
+    /// Sequence number of the next record.
+    next_seq: usize,
+    /// Bumped at every abandon: segments read before it are not sent.
+    epoch: u64,
+    /// Acks sent to the buffer task and not answered yet.
+    acks_pending: usize,
+    delivery: Delivery,
     status: UplinkStatus,
+    tracker: Arc<Tracker>,
+    cmds: mpsc::UnboundedSender<Cmd>,
 }
 
 impl Run {
-    fn start(&mut self, ctx: &Ctx, segs: Vec<Segment>) {
+    fn start(&mut self, pump: &Pump, segs: Vec<Segment>) -> Option<Failure> {
         let mut resent = 0;
+        let mut failure = None;
         for seg in segs {
             let n = seg.readings.len() as u64;
             if seg.id <= self.sent_upto {
@@ -594,66 +487,132 @@ impl Run {
             }
             self.sent_upto = self.sent_upto.max(seg.id);
             self.in_flight_readings += n;
-            self.inflight.push_back(ctx.clone().deliver(seg).boxed());
+            let len = if self.delivery == Delivery::Segment {
+                1
+            } else {
+                seg.readings.len()
+            };
+            let first = self.next_seq;
+            self.next_seq = self.next_seq.wrapping_add(len);
+            self.tracker.register(first, len);
+            let seg = Arc::new(seg);
+            self.inflight.push_back(InFlight { seg: seg.clone() });
+            let job = Job {
+                epoch: self.epoch,
+                seg,
+                first,
+                len,
+            };
+            if !pump.send(job) && failure.is_none() {
+                failure = Some(Failure {
+                    message: "the Kafka producer thread stopped".into(),
+                    fatal: true,
+                });
+            }
         }
         self.status.record_resent(resent);
         self.status.set_in_flight(self.in_flight_readings);
+        failure
     }
 
     fn abandon(&mut self) {
-        self.inflight = FuturesOrdered::new();
+        self.tracker.clear();
+        self.inflight.clear();
         self.in_flight_readings = 0;
+        self.epoch += 1;
         self.status.set_in_flight(0);
     }
 
-    /// Settles `first` and any further outcomes already complete, in segment order: dead
-    /// letters, then one ack for the highest fully confirmed segment. Returns the first
+    /// Settles the oldest segments whose reports are complete, in segment order, and sends
+    /// one ack (with their dead letters) for them to the buffer task. Returns the first
     /// transient failure met, after settling the segments before it.
-    async fn settle(&mut self, reader: &mut Reader, first: Outcome) -> Option<Failure> {
-        let mut done = vec![first];
-        while done.last().is_some_and(|o| o.failure.is_none()) {
-            match self.inflight.next().now_or_never() {
-                Some(Some(o)) => done.push(o),
-                _ => break,
+    fn settle(&mut self) -> Option<Failure> {
+        let mut done = Vec::new();
+        let mut failure = None;
+        {
+            let mut segs = self.tracker.lock();
+            while segs.front().is_some_and(|s| s.settled()) {
+                let Some(s) = segs.pop_front() else { break };
+                if s.failure.is_some() {
+                    failure = s.failure;
+                    break;
+                }
+                done.push(s);
             }
         }
-        let mut failure = None;
-        let mut ack_to = None;
-        let (mut delivered, mut dead) = (0u64, Vec::new());
-        for o in done {
-            self.in_flight_readings -= o.count;
-            if let Some(f) = o.failure {
-                failure = Some(f);
+        if done.is_empty() {
+            return failure;
+        }
+        let (mut delivered, mut dead, mut ack_to) = (0u64, Vec::new(), 0);
+        for s in done {
+            let Some(f) = self.inflight.pop_front() else {
                 break;
+            };
+            // The producer thread is done with a settled segment: this is the last reference.
+            let seg = Arc::try_unwrap(f.seg).unwrap_or_else(|seg| (*seg).clone());
+            let count = seg.readings.len() as u64;
+            self.in_flight_readings -= count;
+            ack_to = seg.id;
+            if self.delivery == Delivery::Segment {
+                // One record carries every reading of the segment.
+                match s.dead.into_iter().next() {
+                    None => delivered += count,
+                    Some((_, reason)) => {
+                        dead.extend(seg.readings.into_iter().map(|r| (r, reason.clone())))
+                    }
+                }
+            } else {
+                delivered += s.delivered;
+                if !s.dead.is_empty() {
+                    let mut refused = s.dead;
+                    refused.sort_by_key(|d| d.0);
+                    let mut readings = seg.readings.into_iter().enumerate();
+                    for (i, reason) in refused {
+                        for (j, r) in readings.by_ref() {
+                            if j == i {
+                                dead.push((r, reason));
+                                break;
+                            }
+                        }
+                    }
+                }
             }
-            ack_to = Some(o.id);
-            delivered += o.delivered;
-            dead.extend(o.dead);
         }
         self.status.set_in_flight(self.in_flight_readings);
-        let Some(ack_to) = ack_to else {
-            return failure;
-        };
-        let dead_n = dead.len() as u64;
-        let reason = dead.first().map(|d| d.1.clone());
-        if !dead.is_empty() {
-            for (r, why) in &dead {
-                tracing::warn!(reading = r.id, device = %r.device, topic = %r.topic, reason = %why,
-                    "Kafka refused a reading permanently; it moves to the dead-letter table.");
-            }
-            if let Err(e) = reader.dead_letter(dead).await {
-                return Some(ack_failure(e));
-            }
+        for (r, why) in &dead {
+            tracing::warn!(reading = r.id, device = %r.device, topic = %r.topic, reason = %why,
+                "Kafka refused a reading permanently; it moves to the dead-letter table.");
         }
-        if let Err(e) = reader.ack(ack_to).await {
-            return Some(ack_failure(e));
+        let sent = self.cmds.send(Cmd::Ack {
+            epoch: self.epoch,
+            to: ack_to,
+            delivered,
+            dead,
+        });
+        if sent.is_err() {
+            return Some(ack_failure(AckError::Closed));
         }
-        if let Some(reason) = reason {
-            self.status.record_dead_lettered(dead_n, &reason);
-        }
-        self.status.record_acked(delivered);
-        self.failures = 0;
+        self.acks_pending += 1;
         failure
+    }
+
+    /// Notes an answer of the buffer task (which counted the commit in the status). Returns a failure when an ack of the current
+    /// epoch could not be committed.
+    fn on_acked(&mut self, a: Acked, backoff: &mut Backoff) -> Option<Failure> {
+        self.acks_pending = self.acks_pending.saturating_sub(1);
+        match a.result {
+            AckResult::Done => {
+                self.failures = 0;
+                backoff.reset();
+                None
+            }
+            AckResult::Folded | AckResult::Skipped => None,
+            AckResult::Failed(e) if a.epoch == self.epoch => Some(ack_failure(e)),
+            AckResult::Failed(e) => {
+                tracing::debug!(error = %e, "An ack of an abandoned run failed; the rewind covers it.");
+                None
+            }
+        }
     }
 }
 

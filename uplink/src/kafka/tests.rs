@@ -93,6 +93,17 @@ async fn wait_empty(buffer: &Buffer, status: &UplinkStatus, timeout: Duration) {
     }
 }
 
+/// Waits (at most 2 s) until the status counts `acked` acked readings: the uplink updates it
+/// right after the ack commit returns, which is a moment after the buffer's own counts change.
+async fn wait_acked(status: &UplinkStatus, acked: u64) {
+    wait_until(
+        &format!("the status counts {acked} acked readings"),
+        Duration::from_secs(2),
+        || status.snapshot().acked_total >= acked,
+    )
+    .await;
+}
+
 /// Reads every record of `topics` from the beginning until `want` distinct `ferry-id`s (or
 /// segment ids) have arrived, or `timeout`.
 async fn consume(bootstrap: &str, topics: &[(&str, i32)], want: usize) -> Vec<Rec> {
@@ -231,6 +242,7 @@ async fn normal_flow_headers_keys_routing_and_acks() {
         appended.extend(rs);
     }
     wait_empty(&buffer, &run.status, Duration::from_secs(10)).await;
+    wait_acked(&run.status, 60).await;
     let snap = run.status.snapshot();
     assert_eq!(snap.acked_total, 60);
     assert_eq!(snap.state, LinkState::Connected);
@@ -349,6 +361,7 @@ async fn brokers_down_then_up_loses_nothing_and_keeps_key_order() {
         append(round).await;
     }
     wait_empty(&buffer, &run.status, Duration::from_secs(15)).await;
+    wait_acked(&run.status, total as u64).await;
     let snap = run.status.snapshot();
     assert_eq!(snap.state, LinkState::Connected);
     assert_eq!(snap.acked_total, total as u64);
@@ -405,6 +418,7 @@ async fn injected_produce_errors_are_retried_from_the_buffer() {
         buffer.append(rs).await.unwrap();
     }
     wait_empty(&buffer, &run.status, Duration::from_secs(15)).await;
+    wait_acked(&run.status, 30).await;
     let snap = run.status.snapshot();
     assert!(snap.retried_total >= 1, "{snap:?}");
     assert!(snap.resent_total >= 1, "{snap:?}");
@@ -441,6 +455,7 @@ async fn a_permanently_refused_reading_is_dead_lettered_and_the_rest_flows() {
         .await
         .unwrap();
     wait_empty(&buffer, &run.status, Duration::from_secs(10)).await;
+    wait_acked(&run.status, 3).await;
     let snap = run.status.snapshot();
     assert_eq!(snap.dead_lettered_total, 1, "{snap:?}");
     assert_eq!(snap.acked_total, 3);
@@ -494,6 +509,7 @@ async fn segment_delivery_end_to_end() {
             sent.push((receipt, rs));
         }
         wait_empty(&buffer, &run.status, Duration::from_secs(10)).await;
+        wait_acked(&run.status, 60).await;
         assert_eq!(run.status.snapshot().acked_total, 60);
         run.stop().await;
 
@@ -672,7 +688,8 @@ async fn kcat_reads_what_the_uplink_sent() {
 /// Drain rate of a backlog into the mock cluster, against `kcat -P` producing the same number
 /// of records of the same size. Run with
 /// `cargo test -p ferry-uplink --release drain_bench -- --ignored --nocapture`
-/// (`FERRY_BENCH_READINGS`, default 200000).
+/// (`FERRY_BENCH_READINGS`, default 200000; `FERRY_BENCH_LIBRDKAFKA="k=v,…"` adds librdkafka
+/// properties to ferry's producer, never to kcat's).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "benchmark"]
 async fn drain_bench() {
@@ -701,6 +718,15 @@ async fn drain_bench() {
     let mut cfg = uplink(&mock.bootstrap_servers());
     cfg.message_timeout_ms = 30_000;
     cfg.max_inflight_segments = 8;
+    // Extra librdkafka properties for experiments: `FERRY_BENCH_LIBRDKAFKA="k=v,k=v"`.
+    for kv in std::env::var("FERRY_BENCH_LIBRDKAFKA")
+        .unwrap_or_default()
+        .split(',')
+        .filter(|kv| !kv.is_empty())
+    {
+        let (k, v) = kv.split_once('=').expect("k=v");
+        cfg.librdkafka.insert(k.into(), v.into());
+    }
     let t = Instant::now();
     let run = start(&cfg, &buffer, Duration::from_secs(2));
     wait_empty(&buffer, &run.status, Duration::from_secs(600)).await;

@@ -1,0 +1,126 @@
+//! Counts librdkafka's delivery reports per segment.
+//!
+//! Every record handed to librdkafka carries a record sequence number (its delivery opaque, a
+//! plain `usize`: no allocation per record). The run loop registers each segment before it
+//! sends the segment's records, as the range of sequence numbers `first..first + len`; the
+//! producer's polling thread calls [`Tracker::report`] once per record and wakes the run loop
+//! when a segment is complete (every record reported) or failed. Reports for sequence numbers
+//! no registered segment holds (records purged after a failure, from segments already
+//! abandoned) are ignored. Sequence numbers wrap around; the ranges in flight are a tiny
+//! window of `usize`, so the wrapping comparisons stay unambiguous.
+
+use super::sink::{ErrorClass, classify};
+use rdkafka::error::KafkaError;
+use std::collections::VecDeque;
+use std::sync::{Mutex, MutexGuard};
+use tokio::sync::Notify;
+
+/// A transient failure of one segment: the uplink backs off and sends again from the last ack.
+#[derive(Debug, Clone)]
+pub(crate) struct Failure {
+    pub(crate) message: String,
+    pub(crate) fatal: bool,
+}
+
+/// The delivery reports of one segment so far.
+#[derive(Debug)]
+pub(crate) struct SegTrack {
+    /// Sequence number of the segment's record 0.
+    pub(crate) first: usize,
+    /// Records in the segment (its readings, or 1 with `delivery = "segment"`).
+    pub(crate) len: usize,
+    /// Records with a report (delivered, refused for good, or failed).
+    pub(crate) reported: usize,
+    /// Records with a successful delivery report.
+    pub(crate) delivered: u64,
+    /// Index of each record refused for good, with the reason.
+    pub(crate) dead: Vec<(usize, String)>,
+    /// The first transient failure.
+    pub(crate) failure: Option<Failure>,
+}
+
+impl SegTrack {
+    /// Whether the segment needs no more reports: complete, or failed.
+    pub(crate) fn settled(&self) -> bool {
+        self.failure.is_some() || self.reported >= self.len
+    }
+
+    fn record(&mut self, index: usize, result: Result<(), &KafkaError>) {
+        self.reported += 1;
+        match result {
+            Ok(()) => self.delivered += 1,
+            Err(e) => match classify(e) {
+                ErrorClass::Permanent => self.dead.push((index, e.to_string())),
+                class => {
+                    if self.failure.is_none() {
+                        self.failure = Some(Failure {
+                            message: format!("delivery failed: {e}"),
+                            fatal: class == ErrorClass::Fatal,
+                        });
+                    }
+                }
+            },
+        }
+    }
+}
+
+/// The segments in flight, oldest first, shared by the run loop and the producer's polling
+/// thread.
+#[derive(Debug, Default)]
+pub(crate) struct Tracker {
+    segs: Mutex<VecDeque<SegTrack>>,
+    /// Woken when a segment becomes settled.
+    pub(crate) wake: Notify,
+}
+
+impl Tracker {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, VecDeque<SegTrack>> {
+        self.segs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Registers a segment of `len` records numbered from `first`.
+    pub(crate) fn register(&self, first: usize, len: usize) {
+        self.lock().push_back(SegTrack {
+            first,
+            len,
+            reported: 0,
+            delivered: 0,
+            dead: Vec::new(),
+            failure: None,
+        });
+    }
+
+    /// Records the outcome of the record numbered `seq` (from librdkafka's report, or from a
+    /// refusal at enqueue time).
+    pub(crate) fn report(&self, seq: usize, result: Result<(), &KafkaError>) {
+        let settled = {
+            let mut segs = self.lock();
+            let Some(s) = segs.iter_mut().find(|s| seq.wrapping_sub(s.first) < s.len) else {
+                return;
+            };
+            let was = s.settled();
+            s.record(seq.wrapping_sub(s.first), result);
+            !was && s.settled()
+        };
+        if settled {
+            self.wake.notify_one();
+        }
+    }
+
+    /// Fails the segment holding record `seq` (it could not be handed to librdkafka).
+    pub(crate) fn fail(&self, seq: usize, failure: Failure) {
+        {
+            let mut segs = self.lock();
+            let Some(s) = segs.iter_mut().find(|s| seq.wrapping_sub(s.first) < s.len) else {
+                return;
+            };
+            s.failure.get_or_insert(failure);
+        }
+        self.wake.notify_one();
+    }
+
+    /// Forgets every segment: reports still to come for them are ignored.
+    pub(crate) fn clear(&self) {
+        self.lock().clear();
+    }
+}
