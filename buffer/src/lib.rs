@@ -27,8 +27,10 @@
 //!    failed commit gets [`AppendError::Storage`] with its readings back.
 //!
 //! ## Group commit
-//! The writer thread takes the first request, then keeps gathering requests for up to
-//! `flush_interval`, or until `max_batch_readings` / `max_batch_bytes` are reached. The
+//! The writer thread takes the first request, then keeps gathering requests while they keep
+//! coming less than `flush_interval` apart (a tenth of `max_flush_delay` while a steady
+//! stream arrives during commits), for at most `max_flush_delay`, until the batch holds
+//! `flush_target_bytes`, or until `max_batch_readings` / `max_batch_bytes` are reached. The
 //! batch's readings are numbered, encoded into one or more segments (gzip-compressed, see
 //! [`segment`]), and written with any pending acks, dead letters and evictions in **one** redb
 //! write transaction. Then every waiter is woken. Many concurrent appenders share one fsync.
@@ -110,8 +112,18 @@ pub struct BufferOptions {
     pub max_bytes: u64,
     /// What happens at the cap.
     pub when_full: WhenFull,
-    /// How long the writer gathers appends before committing.
+    /// The group-commit gap: the writer keeps gathering while requests arrive less than this
+    /// apart, and commits once none has come for this long. Zero commits what is queued.
     pub flush_interval: Duration,
+    /// The longest the first request of a commit waits for others while they keep arriving
+    /// (never less than `flush_interval`). Bounds the ack latency that gathering adds. While
+    /// requests keep arriving during commits (a steady stream), the gap is a tenth of this
+    /// (at least `flush_interval`), so that scheduling pauses do not split commits.
+    pub max_flush_delay: Duration,
+    /// A commit closes as soon as it holds this many raw bytes. Each durable commit writes a
+    /// fixed ~40 KB of redb pages (ten 4 KiB pages) besides its data, so a commit of at least this much keeps
+    /// the bytes written near or below the bytes received (BENCHMARKS.md, write amplification).
+    pub flush_target_bytes: u64,
     /// A commit closes once it holds this many readings.
     pub max_batch_readings: usize,
     /// A commit closes once it holds this many raw bytes; also the segment size limit.
@@ -137,11 +149,13 @@ impl Default for BufferOptions {
             max_bytes: 512 << 20,
             when_full: WhenFull::DropOldest,
             flush_interval: Duration::from_millis(1),
+            max_flush_delay: Duration::from_millis(100),
+            flush_target_bytes: 256 << 10,
             max_batch_readings: 10_000,
             max_batch_bytes: 1 << 20,
             compression: Compression::Gzip { level: 3 },
             max_age: None,
-            cache_bytes: 8 << 20,
+            cache_bytes: 2 << 20,
             consumers: Vec::new(),
             quick_repair: false,
         }

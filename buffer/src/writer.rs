@@ -1,4 +1,4 @@
-//! The single writer thread: gathers commands for one flush window, commits them in one redb
+//! The single writer thread: gathers commands for one group commit, commits them in one redb
 //! transaction with `Durability::Immediate`, then answers every waiter.
 
 use crate::error::{AckError, AppendError, StorageFailure};
@@ -188,21 +188,38 @@ impl Writer {
         let opts = self.shared.opts.clone();
         let tick = Duration::from_millis(1000);
         let mut shutting_down = false;
+        // A steady stream: requests arrived while the previous commit was written. Its
+        // arrivals pause for scheduling now and then (the listeners share the CPU with
+        // everything else on a Pi), so it gets a longer gap, a tenth of `max_flush_delay`,
+        // lest every pause split a commit. Clients that wait for their acks send nothing
+        // during a commit, so they keep the short gap and are never held back by it.
+        let stream_gap = if opts.flush_interval.is_zero() {
+            Duration::ZERO
+        } else {
+            opts.flush_interval.max(opts.max_flush_delay / 10)
+        };
         while !shutting_down {
-            let first = match self.rx.recv_timeout(tick) {
-                Ok(c) => c,
-                Err(RecvTimeoutError::Timeout) => {
-                    self.housekeeping();
-                    continue;
-                }
-                Err(RecvTimeoutError::Disconnected) => break,
+            let (first, gap) = match self.rx.try_recv() {
+                Ok(c) => (c, stream_gap),
+                Err(_) => match self.rx.recv_timeout(tick) {
+                    Ok(c) => (c, opts.flush_interval),
+                    Err(RecvTimeoutError::Timeout) => {
+                        self.housekeeping();
+                        continue;
+                    }
+                    Err(RecvTimeoutError::Disconnected) => break,
+                },
             };
             let mut batch = Batch::default();
             shutting_down = batch.push(first);
-            let deadline = Instant::now() + opts.flush_interval;
+            // Gather while requests keep coming less than `gap` apart, for at most
+            // `max_flush_delay`, or until the batch is big enough that the commit's fixed page
+            // writes stay small against what it stores.
+            let cap = Instant::now() + opts.max_flush_delay.max(gap);
+            let mut deadline = (Instant::now() + gap).min(cap);
             while !shutting_down
                 && batch.readings < opts.max_batch_readings
-                && (batch.raw_bytes as u64) < opts.max_batch_bytes
+                && (batch.raw_bytes as u64) < opts.max_batch_bytes.min(opts.flush_target_bytes)
             {
                 let wait = deadline.saturating_duration_since(Instant::now());
                 let next = if wait.is_zero() {
@@ -211,7 +228,10 @@ impl Writer {
                     self.rx.recv_timeout(wait).map_err(|_| ())
                 };
                 match next {
-                    Ok(cmd) => shutting_down = batch.push(cmd),
+                    Ok(cmd) => {
+                        shutting_down = batch.push(cmd);
+                        deadline = (Instant::now() + gap).min(cap);
+                    }
                     Err(()) => break,
                 }
             }

@@ -120,6 +120,62 @@ async fn concurrent_appenders_share_commits() {
     );
 }
 
+/// A steady stream (appends 5 ms apart, under the 100 ms gap) keeps one commit gathering
+/// until `max_flush_delay` (300 ms): about one commit per 300 ms, where a fixed 100 ms window
+/// would commit three times as often.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_steady_stream_gathers_until_the_delay_cap() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut o = opts(&["k"]);
+    o.flush_interval = Duration::from_millis(100);
+    o.max_flush_delay = Duration::from_millis(300);
+    o.flush_target_bytes = 1 << 30;
+    let buf = Buffer::open(dir.path(), o).unwrap();
+    let started = std::time::Instant::now();
+    let mut tasks = Vec::new();
+    let mut i = 0;
+    while started.elapsed() < Duration::from_millis(1500) {
+        let buf = buf.clone();
+        tasks.push(tokio::spawn(async move {
+            buf.append(vec![reading(i, 100)]).await.unwrap()
+        }));
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let st = buf.stats();
+    assert_eq!(st.appended_total, i as u64);
+    assert!(
+        (3..=9).contains(&st.commits_total),
+        "{} appends over 1.5 s took {} commits; with a 300 ms cap on a gathering commit \
+         expected 3 to 9",
+        i,
+        st.commits_total
+    );
+}
+
+/// A commit that already holds `flush_target_bytes` is written at once, whatever the gap and
+/// the delay cap say.
+#[tokio::test]
+async fn a_commit_closes_at_the_target_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut o = opts(&["k"]);
+    o.flush_interval = Duration::from_secs(30);
+    o.max_flush_delay = Duration::from_secs(30);
+    o.flush_target_bytes = 1000;
+    let buf = Buffer::open(dir.path(), o).unwrap();
+    let r = tokio::time::timeout(
+        Duration::from_secs(10),
+        buf.append((0..4).map(|i| reading(i, 500)).collect()),
+    )
+    .await
+    .expect("a 2 kB append with a 1 kB flush target waited for the 30 s gap")
+    .unwrap();
+    assert_eq!(r.count, 4);
+}
+
 #[tokio::test]
 async fn reject_mode_hands_readings_back_and_accepts_again_after_acks() {
     let dir = tempfile::tempdir().unwrap();

@@ -22,6 +22,12 @@ pub const BUFFER_MAX_BYTES: u64 = 512 * MIB;
 pub const BUFFER_MIN_MAX_BYTES: u64 = MIB;
 /// `buffer.flush_interval_ms`.
 pub const FLUSH_INTERVAL_MS: u64 = 1;
+/// `buffer.max_flush_delay_ms`.
+pub const MAX_FLUSH_DELAY_MS: u64 = 100;
+/// Largest allowed `buffer.max_flush_delay_ms`.
+pub const MAX_FLUSH_DELAY_LIMIT_MS: u64 = 10_000;
+/// `buffer.flush_target_bytes`.
+pub const FLUSH_TARGET_BYTES: u64 = 256 * 1024;
 /// `buffer.max_batch_readings` and `http.max_batch_readings`.
 pub const MAX_BATCH_READINGS: usize = 10_000;
 /// `buffer.max_batch_bytes`.
@@ -29,7 +35,7 @@ pub const BUFFER_MAX_BATCH_BYTES: u64 = MIB;
 /// `buffer.compression_level`.
 pub const COMPRESSION_LEVEL: u32 = 3;
 /// `buffer.cache_bytes`.
-pub const BUFFER_CACHE_BYTES: u64 = 8 * MIB;
+pub const BUFFER_CACHE_BYTES: u64 = 2 * MIB;
 
 /// `mqtt.listen`.
 pub const MQTT_LISTEN: &str = "0.0.0.0:1883";

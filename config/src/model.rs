@@ -132,10 +132,23 @@ pub struct BufferSettings {
     /// oldest unforwarded readings, `"reject"` refuses the new readings (see
     /// `mqtt.full_ack_wait_ms` and `http.retry_after_secs`). Default: `"drop_oldest"`.
     pub when_full: WhenFull,
-    /// How long incoming readings are collected before one commit (group commit). Readings
-    /// arriving while a commit is written always share the next one, so a short window is
-    /// enough. 0 commits every batch as it arrives. Default: 1.
+    /// Group commit gap: the writer keeps collecting readings into one commit (one fsync)
+    /// while they arrive less than this many milliseconds apart, and commits once none has
+    /// come for this long. Readings arriving while a commit is written always share the next
+    /// one. 0 commits what is queued at once. Default: 1.
     pub flush_interval_ms: u64,
+    /// The longest a reading waits for others to share its commit while they keep arriving
+    /// (never less than `flush_interval_ms`): the most that group commit adds to an ack's
+    /// latency. While readings keep arriving during commits (a steady stream), the gap of
+    /// `flush_interval_ms` grows to a tenth of this, so that short scheduling pauses do not
+    /// split commits. At most 10000. Default: 100.
+    pub max_flush_delay_ms: u64,
+    /// A commit closes as soon as it holds this many uncompressed bytes. Every commit writes
+    /// a fixed ~40 KB of database pages besides its data, so commits of at least this size
+    /// keep the bytes written to the disk (SD card wear) below the bytes received; smaller
+    /// values lower latency under heavy load and raise wear. At least 1. Default: 262144
+    /// (256 KiB).
+    pub flush_target_bytes: u64,
     /// Maximum number of readings in one stored segment / one commit. At least 1. Default: 10000.
     pub max_batch_readings: usize,
     /// Maximum uncompressed bytes in one stored segment / one commit. Default: 1048576 (1 MiB).
@@ -147,7 +160,10 @@ pub struct BufferSettings {
     /// Readings older than this many seconds are dropped instead of forwarded. 0 keeps readings
     /// until they are forwarded (no TTL). Default: 0.
     pub max_age_secs: u64,
-    /// Size of the redb page cache in bytes. Default: 8388608 (8 MiB).
+    /// Size of the redb page cache in bytes: recently written and read database pages kept in
+    /// ferry's memory. Segments are written once and read once, so pages that miss it come
+    /// from the operating system's page cache at the cost of a copy; a larger cache mostly
+    /// adds to ferry's resident memory (BENCHMARKS.md, footprint). Default: 2097152 (2 MiB).
     pub cache_bytes: u64,
 }
 
@@ -157,6 +173,8 @@ impl Default for BufferSettings {
             max_bytes: defaults::BUFFER_MAX_BYTES,
             when_full: WhenFull::DropOldest,
             flush_interval_ms: defaults::FLUSH_INTERVAL_MS,
+            max_flush_delay_ms: defaults::MAX_FLUSH_DELAY_MS,
+            flush_target_bytes: defaults::FLUSH_TARGET_BYTES,
             max_batch_readings: defaults::MAX_BATCH_READINGS,
             max_batch_bytes: defaults::BUFFER_MAX_BATCH_BYTES,
             compression: Compression::Gzip,

@@ -641,6 +641,39 @@ listen = "0.0.0.0:8080"
 }
 
 #[test]
+fn group_commit_limits() {
+    let errors = load_str(
+        "[buffer]\nmax_flush_delay_ms = 10001\nflush_target_bytes = 0\n",
+        no_env(),
+    )
+    .expect_err("bad");
+    assert_eq!(
+        paths(&errors),
+        ["buffer.flush_target_bytes", "buffer.max_flush_delay_ms"],
+        "{errors}"
+    );
+    let text = errors.to_string();
+    assert!(text.contains("at most 10000"), "{text}");
+    let config = load_str(
+        "[buffer]\nmax_flush_delay_ms = 10000\nflush_target_bytes = 1\n",
+        no_env(),
+    )
+    .expect("valid");
+    assert_eq!(
+        (
+            config.buffer.max_flush_delay_ms,
+            config.buffer.flush_target_bytes
+        ),
+        (10_000, 1)
+    );
+    let d = Config::default();
+    assert_eq!(
+        (d.buffer.max_flush_delay_ms, d.buffer.flush_target_bytes),
+        (100, 256 * 1024)
+    );
+}
+
+#[test]
 fn sasl_mechanism_names() {
     let config = load_str(
         r#"

@@ -4,7 +4,7 @@ use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::Path;
 
-use crate::defaults::{BUFFER_MIN_MAX_BYTES, MIB};
+use crate::defaults::{BUFFER_MIN_MAX_BYTES, MAX_FLUSH_DELAY_LIMIT_MS, MIB};
 use crate::error::{ConfigError, ConfigErrorKind, ConfigErrors};
 use crate::model::*;
 
@@ -271,6 +271,16 @@ impl Config {
             );
         }
         p.at_least("buffer.max_batch_readings", b.max_batch_readings as u64, 1);
+        p.at_least("buffer.flush_target_bytes", b.flush_target_bytes, 1);
+        if b.max_flush_delay_ms > MAX_FLUSH_DELAY_LIMIT_MS {
+            p.invalid(
+                "buffer.max_flush_delay_ms",
+                format!(
+                    "must be at most {MAX_FLUSH_DELAY_LIMIT_MS} (an ack held longer makes clients time out), got {}",
+                    b.max_flush_delay_ms
+                ),
+            );
+        }
         if b.compression_level > 9 {
             p.invalid(
                 "buffer.compression_level",

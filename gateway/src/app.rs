@@ -65,6 +65,8 @@ pub fn buffer_options(config: &Config) -> BufferOptions {
             _ => WhenFull::DropOldest,
         },
         flush_interval: Duration::from_millis(b.flush_interval_ms),
+        max_flush_delay: Duration::from_millis(b.max_flush_delay_ms),
+        flush_target_bytes: b.flush_target_bytes,
         max_batch_readings: b.max_batch_readings,
         max_batch_bytes: b.max_batch_bytes,
         compression: match b.compression {

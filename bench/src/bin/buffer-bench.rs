@@ -31,12 +31,15 @@ fn main() {
         .build()
         .unwrap();
     println!(
-        "# buffer-bench: {secs} s per row, 100-byte JSON readings, flush_interval_ms=1, gzip level 3, dir {base}"
+        "# buffer-bench: {secs} s per row, 100-byte JSON readings, gzip level 3, dir {base}; group commit: gap {} ms, cap {} ms, target {} B (BENCH_FLUSH_MS, BENCH_MAX_DELAY_MS, BENCH_TARGET_BYTES)",
+        env_u64("BENCH_FLUSH_MS", 1),
+        env_u64("BENCH_MAX_DELAY_MS", 100),
+        env_u64("BENCH_TARGET_BYTES", 256 << 10),
     );
     println!(
-        "| appenders | readings/s | readings/commit | commit p50 ms | commit p99 ms | append p50 ms | append p99 ms | disk bytes / payload byte |"
+        "| appenders | readings/s | readings/commit | commit p50 ms | commit p99 ms | append p50 ms | append p99 ms | disk bytes / payload byte | disk bytes / commit |"
     );
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for appenders in [1usize, 16, 256] {
         rt.block_on(run(appenders, Duration::from_secs_f64(secs), &base));
     }
@@ -49,6 +52,8 @@ async fn run(appenders: usize, dur: Duration, base: &str) {
         consumers: vec!["kafka".into()],
         max_bytes: 4 << 30,
         flush_interval: Duration::from_millis(env_u64("BENCH_FLUSH_MS", 1)),
+        max_flush_delay: Duration::from_millis(env_u64("BENCH_MAX_DELAY_MS", 100)),
+        flush_target_bytes: env_u64("BENCH_TARGET_BYTES", 256 << 10),
         quick_repair: env_u64("BENCH_QUICK_REPAIR", 0) == 1,
         ..BufferOptions::default()
     };
@@ -91,16 +96,19 @@ async fn run(appenders: usize, dur: Duration, base: &str) {
     let elapsed = start.elapsed().as_secs_f64();
     let st = buf.stats();
     buf.close().await;
-    let written = match (io_before, proc_write_bytes()) {
-        (Some(a), Some(b)) => format!(
-            "{:.2}",
-            (b - a) as f64 / payload_bytes.load(Ordering::Relaxed) as f64
+    let (written, per_commit) = match (io_before, proc_write_bytes()) {
+        (Some(a), Some(b)) => (
+            format!(
+                "{:.2}",
+                (b - a) as f64 / payload_bytes.load(Ordering::Relaxed) as f64
+            ),
+            format!("{:.0}", (b - a) as f64 / st.commits_total.max(1) as f64),
         ),
-        _ => "n/a".into(),
+        _ => ("n/a".into(), "n/a".into()),
     };
     lat.sort_unstable();
     println!(
-        "| {appenders} | {:.0} | {:.1} | {:.2} | {:.2} | {:.2} | {:.2} | {written} |",
+        "| {appenders} | {:.0} | {:.1} | {:.2} | {:.2} | {:.2} | {:.2} | {written} | {per_commit} |",
         st.appended_total as f64 / elapsed,
         st.appended_total as f64 / st.commits_total.max(1) as f64,
         st.commit_p50_us as f64 / 1000.0,

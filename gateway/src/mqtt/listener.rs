@@ -140,8 +140,13 @@ impl MqttListener {
                 let deadline = Instant::now() + connect_timeout;
                 match tls {
                     None => session::serve(ctx, sock, peer, None, deadline, stop).await,
+                    // Boxed, so that a plain connection's task does not reserve room for a
+                    // TLS session's state as well (a task is as large as its largest branch).
                     Some((acc, want_cn)) => {
-                        serve_tls(ctx, acc, want_cn, sock, peer, deadline, stop, name).await
+                        Box::pin(serve_tls(
+                            ctx, acc, want_cn, sock, peer, deadline, stop, name,
+                        ))
+                        .await
                     }
                 }
             });

@@ -1,14 +1,22 @@
 //! One MQTT connection, from CONNECT to close.
 //!
-//! The socket is split: this task reads and frames packets (rumqttd's codecs) and runs the
-//! state machine; a writer task encodes what it is handed and flushes when it runs out of work.
+//! One task per connection reads and frames packets (rumqttd's codecs), runs the state
+//! machine, encodes its replies into one output buffer and writes that buffer whenever the
+//! socket takes it, all in one `select!`: a client that stops reading stops being read (at
+//! [`OUT_HIGH`] unwritten bytes) and is cut off after `write_timeout_ms` without progress.
+//!
+//! Memory per connection is kept small because a Pi may hold a thousand of them: the read
+//! buffer starts at [`READ_MIN`], grows while reads fill it (up to [`READ_MAX`] per read),
+//! is given back when a connection goes quiet, and is otherwise reused in place, which works
+//! only because nothing keeps a slice of it (payloads and wills are copied out); and there
+//! is no second task or channel per connection for writing.
 //! Publishes framed from one read go to the buffer as one append; the append futures of a
 //! connection sit in a `FuturesOrdered`, so acks go out in publish order while the connection
 //! keeps reading (up to `max_inflight` unacknowledged QoS 1/2 publishes).
 
 use super::auth::{Auth, AuthConfigError, AuthOutcome};
 use super::stats::{MqttStats, reason};
-use bytes::BytesMut;
+use bytes::{Buf, Bytes, BytesMut};
 use ferry_buffer::{AppendError, Buffer, Reading, Source, now_ms};
 use ferry_config::MqttSettings;
 use futures_util::StreamExt;
@@ -24,11 +32,10 @@ use rumqttd::protocol::{
 use rumqttd::protocol::{Protocol, v4, v5};
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -41,6 +48,16 @@ const MIN_CONNECT_LIMIT: usize = 64 * 1024;
 /// Publishes gathered into one append at most (also bounded by `BATCH_BYTES`).
 const BATCH_READINGS: usize = 1024;
 const BATCH_BYTES: usize = 1 << 20;
+/// Initial read buffer, and the least free room a read asks for. An MQTT telemetry publish is
+/// a few hundred bytes; a larger frame grows the buffer as it needs.
+const READ_MIN: usize = 512;
+/// The most free room a read asks for, reached by doubling while reads fill the buffer (a
+/// busy, pipelining client), so such a client still gets dozens of publishes per read. Small,
+/// because when ferry falls behind every connection's reads fill the buffer at once.
+const READ_MAX: usize = 4 * 1024;
+/// Unwritten reply bytes at which a session stops reading its client until the socket takes
+/// some: a client that does not read its acks gets no more publishes taken.
+const OUT_HIGH: usize = 64 * 1024;
 /// Retry period while a v3.1.1 ack is withheld because the buffer is full.
 const FULL_RETRY: Duration = Duration::from_millis(200);
 
@@ -157,6 +174,8 @@ struct Close {
     v5: Option<DisconnectReasonCode>,
     /// Whether the last will is ingested.
     will: bool,
+    /// The socket failed or stopped taking writes: nothing more is written to it.
+    write_failed: bool,
 }
 
 impl Close {
@@ -166,6 +185,7 @@ impl Close {
             message: message.into(),
             v5: None,
             will: true,
+            write_failed: false,
         }
     }
     fn error(reason: &'static str, v5: DisconnectReasonCode, message: impl Into<String>) -> Close {
@@ -174,6 +194,7 @@ impl Close {
             message: message.into(),
             v5: Some(v5),
             will: true,
+            write_failed: false,
         }
     }
 }
@@ -257,14 +278,12 @@ struct Session {
     codec: Codec,
     client_id: String,
     cert_cn: Option<String>,
-    tx: mpsc::Sender<Packet>,
+    /// Replies encoded and not yet written.
+    out: BytesMut,
     pending: FuturesOrdered<BoxFuture<'static, Done>>,
     inflight: usize,
     qos2: HashSet<u16>,
     batch: Batch,
-    /// Set by the writer task when it gave up on a client that does not read (see
-    /// [`write_loop`]); the writer then ends, which closes `tx`.
-    write_timed_out: Arc<AtomicBool>,
 }
 
 /// Serves one accepted connection until it closes. `cert_cn` is the TLS client certificate's
@@ -279,7 +298,7 @@ pub async fn serve<IO>(
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let mut buf = BytesMut::with_capacity(4096);
+    let mut buf = BytesMut::with_capacity(READ_MIN);
     let connect_limit = ctx.frame_limit.max(MIN_CONNECT_LIMIT);
     // CONNECT, within the connect timeout.
     let first = tokio::select! {
@@ -424,34 +443,23 @@ pub async fn serve<IO>(
     tracing::debug!(client_id = %client_id, peer = %peer, v5, keep_alive = connect.keep_alive, "An MQTT client connected.");
 
     let will = will.and_then(|w| will_reading(&ctx, &client_id, cert_cn.as_deref(), w, will_props));
-    let (rd, wr) = tokio::io::split(io);
-    let (tx, rx) = mpsc::channel(256);
-    let write_timed_out = Arc::new(AtomicBool::new(false));
-    let write_timeout = Duration::from_millis(ctx.settings.write_timeout_ms.max(1));
-    let writer = tokio::spawn(write_loop(
-        wr,
-        codec.clone(),
-        rx,
-        write_timeout,
-        write_timed_out.clone(),
-    ));
+    let (rd, mut wr) = tokio::io::split(io);
     let mut s = Session {
         ctx: ctx.clone(),
         codec,
         client_id: client_id.clone(),
         cert_cn: cert_cn.filter(|c| !c.is_empty()),
-        tx,
+        out: BytesMut::new(),
         pending: FuturesOrdered::new(),
         inflight: 0,
         qos2: HashSet::new(),
         batch: Batch::default(),
-        write_timed_out,
     };
-    let close = s.run(rd, buf, &connect, stop, takeover).await;
+    let close = s.run(rd, &mut wr, buf, &connect, stop, takeover).await;
     // Finish what is owed: every append already went to the buffer; send the acks that
     // can still be delivered, in order.
     while let Some(done) = s.pending.next().await {
-        if s.on_done(done).await.is_err() {
+        if s.on_done(done).is_err() {
             break;
         }
     }
@@ -464,11 +472,10 @@ pub async fn serve<IO>(
             user_properties: Vec::new(),
             server_reference: None,
         };
-        s.send(Packet::Disconnect(
+        s.queue(Packet::Disconnect(
             Disconnect { reason_code: code },
             Some(props),
-        ))
-        .await;
+        ));
     }
     match close.reason {
         Some(r) => {
@@ -479,8 +486,16 @@ pub async fn serve<IO>(
             tracing::debug!(client_id = %client_id, peer = %peer, "The MQTT connection is closed: {}.", close.message)
         }
     }
+    if !close.write_failed {
+        let out = std::mem::take(&mut s.out);
+        let finish = async {
+            wr.write_all(&out).await?;
+            wr.flush().await?;
+            wr.shutdown().await
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(2), finish).await;
+    }
     drop(s);
-    let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
     ctx.deregister(&client_id, conn);
     ctx.stats.disconnected();
     if let (true, Some(w)) = (close.will, will) {
@@ -513,7 +528,9 @@ fn will_reading(
         topic,
         client_id,
     );
-    let mut r = Reading::new(Source::MqttWill, device, topic, w.message);
+    // Held for the whole connection: a copy, so it does not pin the CONNECT's read buffer.
+    let message = Bytes::copy_from_slice(&w.message);
+    let mut r = Reading::new(Source::MqttWill, device, topic, message);
     if let Some(p) = props {
         r.content_type = p.content_type;
         r.properties = p.user_properties;
@@ -566,7 +583,7 @@ async fn read_connect<IO: AsyncRead + Unpin>(
             Err(CodecError::InsufficientBytes(_)) => {}
             Err(e) => return Err(ConnectError::Malformed(e.to_string())),
         }
-        buf.reserve(4096);
+        buf.reserve(READ_MIN);
         match io.read_buf(buf).await {
             Ok(0) => {
                 return Err(ConnectError::Io(std::io::ErrorKind::UnexpectedEof.into()));
@@ -577,51 +594,14 @@ async fn read_connect<IO: AsyncRead + Unpin>(
     }
 }
 
-/// Writes what the session hands over. A client that stops reading its socket fills the
-/// kernel buffers, and then `write_all` would wait forever: the channel would fill, the session
-/// would block in `send`, stop reading and never notice keep-alive, so the connection, its slot
-/// and its task would live as long as the client wants. So each write gets `timeout`
-/// (`mqtt.write_timeout_ms`); when it passes, the writer sets `timed_out` and ends, which closes
-/// the channel and makes the session close the connection.
-async fn write_loop<W: AsyncWrite + Unpin>(
-    mut w: W,
-    codec: Codec,
-    mut rx: mpsc::Receiver<Packet>,
-    timeout: Duration,
-    timed_out: Arc<AtomicBool>,
-) {
-    let mut out = BytesMut::with_capacity(4096);
-    while let Some(p) = rx.recv().await {
-        let _ = codec.write(p, &mut out);
-        while out.len() < 64 * 1024 {
-            match rx.try_recv() {
-                Ok(p) => {
-                    let _ = codec.write(p, &mut out);
-                }
-                Err(_) => break,
-            }
-        }
-        let write = async { w.write_all(&out).await.and(w.flush().await) };
-        match tokio::time::timeout(timeout, write).await {
-            Ok(Ok(())) => {}
-            Ok(Err(_)) => return,
-            Err(_) => {
-                timed_out.store(true, Ordering::Relaxed);
-                return;
-            }
-        }
-        out.clear();
-    }
-    let _ = w.shutdown().await;
-}
-
 impl Session {
     fn v5(&self) -> bool {
         self.codec.is_v5()
     }
 
-    async fn send(&mut self, p: Packet) {
-        let _ = self.tx.send(p).await;
+    /// Encodes `p` behind the replies not yet written; `run` writes them in order.
+    fn queue(&mut self, p: Packet) {
+        let _ = self.codec.write(p, &mut self.out);
     }
 
     fn can_take_more(&self) -> bool {
@@ -629,9 +609,10 @@ impl Session {
             && self.pending.len() < self.ctx.settings.max_inflight.max(1) as usize * 2
     }
 
-    async fn run<R: AsyncRead + Unpin>(
+    async fn run<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
         &mut self,
         mut rd: R,
+        wr: &mut W,
         mut buf: BytesMut,
         connect: &Connect,
         stop: CancellationToken,
@@ -639,6 +620,15 @@ impl Session {
     ) -> Close {
         let ka = Duration::from_millis(connect.keep_alive as u64 * 1500);
         let mut last_rx = Instant::now();
+        let mut room = READ_MIN;
+        // A client that stops reading its socket fills the kernel buffers; then no write makes
+        // progress, and without a limit the connection, its slot and its task would live as
+        // long as the client wants. So the output must make progress within
+        // `mqtt.write_timeout_ms`.
+        let write_timeout = Duration::from_millis(self.ctx.settings.write_timeout_ms.max(1));
+        let mut write_by = Instant::now() + write_timeout;
+        // Bytes handed to a writer that buffers (TLS) and not yet flushed.
+        let mut unflushed = false;
         loop {
             // Frame and handle what is buffered, as far as the inflight window allows.
             while self.can_take_more() {
@@ -652,29 +642,46 @@ impl Session {
                 }
             }
             self.flush_batch();
-            let reading = self.can_take_more();
+            let reading = self.can_take_more() && self.out.len() < OUT_HIGH;
+            let writing = !self.out.is_empty() || unflushed;
+            if !writing {
+                write_by = Instant::now() + write_timeout;
+            }
             let ka_on = connect.keep_alive > 0 && self.pending.is_empty();
             tokio::select! {
                 _ = stop.cancelled() => {
-                    return Close { reason: None, message: "ferry is shutting down".into(), v5: Some(DisconnectReasonCode::ServerShuttingDown), will: false };
+                    return Close { reason: None, message: "ferry is shutting down".into(), v5: Some(DisconnectReasonCode::ServerShuttingDown), will: false, write_failed: false };
                 }
                 _ = takeover.cancelled() => {
-                    return Close { reason: None, message: "another connection took over the client id".into(), v5: Some(DisconnectReasonCode::SessionTakenOver), will: false };
+                    return Close { reason: None, message: "another connection took over the client id".into(), v5: Some(DisconnectReasonCode::SessionTakenOver), will: false, write_failed: false };
                 }
-                // The writer ended: the socket failed, or the client stopped reading.
-                _ = self.tx.closed() => {
-                    if self.write_timed_out.load(Ordering::Relaxed) {
-                        return Close::error(reason::WRITE_TIMEOUT, DisconnectReasonCode::ImplementationSpecificError,
-                            format!("the client does not read its socket: a reply could not be written within write_timeout_ms ({} ms)", self.ctx.settings.write_timeout_ms));
+                r = write_some(wr, &self.out), if writing => {
+                    match r {
+                        Ok(n) => {
+                            // n bytes taken, to be flushed; or 0: flushed.
+                            self.out.advance(n);
+                            unflushed = n > 0;
+                            write_by = Instant::now() + write_timeout;
+                        }
+                        Err(e) => {
+                            let mut c = Close::lost(format!("write error: {e}"));
+                            c.write_failed = true;
+                            return c;
+                        }
                     }
-                    return Close::lost("the connection failed while writing");
+                }
+                _ = tokio::time::sleep_until(write_by), if writing => {
+                    let mut c = Close::error(reason::WRITE_TIMEOUT, DisconnectReasonCode::ImplementationSpecificError,
+                        format!("the client does not read its socket: a reply could not be written within write_timeout_ms ({} ms)", self.ctx.settings.write_timeout_ms));
+                    c.write_failed = true;
+                    return c;
                 }
                 Some(done) = self.pending.next(), if !self.pending.is_empty() => {
-                    if let Err(c) = self.on_done(done).await {
+                    if let Err(c) = self.on_done(done) {
                         return c;
                     }
                 }
-                r = read_some(&mut rd, &mut buf), if reading => {
+                r = read_some(&mut rd, &mut buf, &mut room), if reading => {
                     match r {
                         Ok(0) => return Close::lost("the client closed the connection without DISCONNECT"),
                         Ok(_) => last_rx = Instant::now(),
@@ -743,16 +750,15 @@ impl Session {
                 } else {
                     PubCompReason::PacketIdentifierNotFound
                 };
-                self.send(Packet::PubComp(
+                self.queue(Packet::PubComp(
                     PubComp {
                         pkid: rel.pkid,
                         reason,
                     },
                     None,
-                ))
-                .await;
+                ));
             }
-            Packet::PingReq(_) => self.send(Packet::PingResp(PingResp)).await,
+            Packet::PingReq(_) => self.queue(Packet::PingResp(PingResp)),
             Packet::Subscribe(sub, _) => {
                 self.ctx.stats.rejected(reason::SUBSCRIBE, 1);
                 tracing::info!(client_id = %self.client_id, "A SUBSCRIBE was refused: ferry is ingest-only.");
@@ -791,6 +797,7 @@ impl Session {
                     message: "the client sent DISCONNECT".into(),
                     v5: None,
                     will: with_will,
+                    write_failed: false,
                 });
             }
             // ferry sends no PUBLISH, so client PUBACK/PUBREC/PUBCOMP have nothing to match.
@@ -907,7 +914,10 @@ impl Session {
             &self.client_id,
         )
         .to_owned();
-        let mut r = Reading::new(Source::Mqtt, device, topic, p.payload);
+        // A copy, so that no reading keeps the connection's read buffer alive (see the module
+        // doc): the buffer is then reused in place instead of reallocated at every read.
+        let payload = Bytes::copy_from_slice(&p.payload);
+        let mut r = Reading::new(Source::Mqtt, device, topic, payload);
         if let Some(pp) = props {
             r.content_type = pp.content_type;
             r.properties = pp.user_properties;
@@ -963,24 +973,23 @@ impl Session {
         }));
     }
 
-    /// Sends what a finished queue entry owes, in order.
-    async fn on_done(&mut self, done: Done) -> Result<(), Close> {
+    /// Queues what a finished queue entry owes, in order.
+    fn on_done(&mut self, done: Done) -> Result<(), Close> {
         match done {
             Done::Reply(ps) => {
                 for p in ps {
-                    self.send(p).await;
+                    self.queue(p);
                 }
             }
             Done::Dup(pkid) => {
                 if self.qos2.contains(&pkid) {
-                    self.send(Packet::PubRec(
+                    self.queue(Packet::PubRec(
                         PubRec {
                             pkid,
                             reason: PubRecReason::Success,
                         },
                         None,
-                    ))
-                    .await;
+                    ));
                 }
             }
             Done::Appended {
@@ -993,8 +1002,7 @@ impl Session {
                 match result {
                     Ok(()) => {
                         for (pkid, qos) in &acks {
-                            self.send(ack(*qos, *pkid, PubAckReason::Success, None))
-                                .await;
+                            self.queue(ack(*qos, *pkid, PubAckReason::Success, None));
                         }
                         self.ctx
                             .stats
@@ -1026,7 +1034,7 @@ impl Session {
                         tracing::warn!(client_id = %self.client_id, error = %e, readings = n, "Publishes were refused with a negative acknowledgement.");
                         let msg = e.to_string();
                         for (pkid, qos) in &acks {
-                            self.send(ack(*qos, *pkid, code, Some(msg.clone()))).await;
+                            self.queue(ack(*qos, *pkid, code, Some(msg.clone())));
                         }
                     }
                 }
@@ -1036,11 +1044,44 @@ impl Session {
     }
 }
 
-async fn read_some<R: AsyncRead + Unpin>(rd: &mut R, buf: &mut BytesMut) -> std::io::Result<usize> {
-    if buf.capacity() - buf.len() < 4096 {
-        buf.reserve(8192);
+/// Reads into `buf`, asking for `room` free bytes (see [`READ_MIN`], [`READ_MAX`]): doubled
+/// after a read that filled what it asked for, halved after one that did not.
+async fn read_some<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    buf: &mut BytesMut,
+    room: &mut usize,
+) -> std::io::Result<usize> {
+    if buf.is_empty() && buf.capacity() > 2 * *room {
+        // A quiet connection gives back what a burst made it grow to.
+        *buf = BytesMut::new();
     }
-    rd.read_buf(buf).await
+    if buf.capacity() - buf.len() < *room / 2 {
+        // Unique (nothing keeps a slice of it), so this moves the unread bytes to the front of
+        // the same allocation when that makes room, and grows it only when that does not.
+        buf.reserve(*room);
+    }
+    let asked = buf.capacity() - buf.len();
+    let n = rd.read_buf(buf).await?;
+    *room = if n >= asked {
+        (*room * 2).min(READ_MAX)
+    } else {
+        (*room / 2).max(READ_MIN)
+    };
+    Ok(n)
+}
+
+/// Writes what the socket takes of `out`, or flushes (a TLS writer buffers) when `out` is
+/// empty, returning 0. One step each, so that it is cancel-safe in a `select!`: nothing is
+/// written unless the count written is returned, and `out` is advanced only by the caller.
+async fn write_some<W: AsyncWrite + Unpin>(wr: &mut W, out: &[u8]) -> std::io::Result<usize> {
+    if out.is_empty() {
+        wr.flush().await?;
+        return Ok(0);
+    }
+    match wr.write(out).await? {
+        0 => Err(std::io::ErrorKind::WriteZero.into()),
+        n => Ok(n),
+    }
 }
 
 /// Appends; with `retry_full` (v3.1.1 in reject mode) a full buffer is retried until `wait`

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Memory and disk writes of one ferry under an MQTT load, split the way /proc tells them:
+# RssAnon (ferry's own heap) against RssFile (the binary's and libraries' pages), peak RSS, bytes
+# written, and how well commits grouped. Used for the per-connection figures in BENCHMARKS.md.
+#
+#   bench/rss-probe.sh CLIENTS RATE SECS [BIN_DIR]
+#   bench/rss-probe.sh 1000 200 10        # 1,000 nearly idle connections: cost per connection
+#   bench/rss-probe.sh 1000 10000 20      # scenario 5's load
+#
+# BIN_DIR holds ferry-bench-gateway and ferry-load (default target/release; build them with
+# `cargo build --release -p ferry-bench`). FERRY_* variables in the environment reach the
+# gateway, e.g. FERRY_BUFFER_CACHE_BYTES=1048576.
+set -euo pipefail
+clients=${1:?CLIENTS}; rate=${2:?RATE}; secs=${3:?SECS}
+bin=${4:-"$(dirname "$0")/../target/release"}
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+d=$(mktemp -d)
+trap 'kill "$pid" 2>/dev/null; rm -rf "$d"' EXIT
+: > "$d/ferry.toml"
+FERRY_GATEWAY_DATA_DIR="$d/data" FERRY_GATEWAY_ID=probe FERRY_MQTT_LISTEN=127.0.0.1:0 \
+FERRY_HTTP_LISTEN=127.0.0.1:0 FERRY_MQTT_MAX_CONNECTIONS=4096 FERRY_UPLINK_KAFKA_ENABLED=false \
+FERRY_LOG=warn "$bin/ferry-bench-gateway" run --config "$d/ferry.toml" > "$d/out" 2> "$d/err" &
+pid=$!
+for _ in $(seq 200); do grep -q '^ready' "$d/out" && break; sleep 0.1; done
+addr() { sed -n 's/^ready //p' "$d/out" | python3 -c "import json,sys; print(json.load(sys.stdin)['$1'])"; }
+mqtt=$(addr mqtt); http=$(addr http)
+mem() { grep -E "^($1):" "/proc/$pid/status" | awk '{printf "%s %s kB  ", $1, $2}'; }
+echo "idle:  $(mem 'VmRSS|RssAnon|RssFile')"
+"$bin/ferry-load" mqtt "$mqtt" --clients "$clients" --rate "$rate" --secs "$secs" > "$d/load" 2>&1
+echo "load:  $(tail -1 "$d/load")"
+echo "after: $(mem 'VmHWM|VmRSS|RssAnon|RssFile')"
+echo "disk:  $(grep -E '^write_bytes' "/proc/$pid/io")"
+curl -s "http://$http/metrics" | grep -E '^ferry_buffer_commits_total|^ferry_readings_received_total' || true
