@@ -15,7 +15,8 @@ clients=${1:?CLIENTS}; rate=${2:?RATE}; secs=${3:?SECS}
 bin=${4:-"$(dirname "$0")/../target/release"}
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 d=$(mktemp -d)
-trap 'kill "$pid" 2>/dev/null; rm -rf "$d"' EXIT
+pid=""
+trap '[ -n "$pid" ] && kill "$pid" 2>/dev/null; rm -rf "$d"' EXIT
 : > "$d/ferry.toml"
 FERRY_GATEWAY_DATA_DIR="$d/data" FERRY_GATEWAY_ID=probe FERRY_MQTT_LISTEN=127.0.0.1:0 \
 FERRY_HTTP_LISTEN=127.0.0.1:0 FERRY_MQTT_MAX_CONNECTIONS=4096 FERRY_UPLINK_KAFKA_ENABLED=false \

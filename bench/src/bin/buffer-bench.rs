@@ -33,8 +33,8 @@ fn main() {
     println!(
         "# buffer-bench: {secs} s per row, 100-byte JSON readings, gzip level 3, dir {base}; group commit: gap {} ms, cap {} ms, target {} B (BENCH_FLUSH_MS, BENCH_MAX_DELAY_MS, BENCH_TARGET_BYTES)",
         env_u64("BENCH_FLUSH_MS", 1),
-        env_u64("BENCH_MAX_DELAY_MS", 100),
-        env_u64("BENCH_TARGET_BYTES", 256 << 10),
+        max_delay_ms(),
+        target_bytes(),
     );
     println!(
         "| appenders | readings/s | readings/commit | commit p50 ms | commit p99 ms | append p50 ms | append p99 ms | disk bytes / payload byte | disk bytes / commit |"
@@ -52,8 +52,8 @@ async fn run(appenders: usize, dur: Duration, base: &str) {
         consumers: vec!["kafka".into()],
         max_bytes: 4 << 30,
         flush_interval: Duration::from_millis(env_u64("BENCH_FLUSH_MS", 1)),
-        max_flush_delay: Duration::from_millis(env_u64("BENCH_MAX_DELAY_MS", 100)),
-        flush_target_bytes: env_u64("BENCH_TARGET_BYTES", 256 << 10),
+        max_flush_delay: Duration::from_millis(max_delay_ms()),
+        flush_target_bytes: target_bytes(),
         quick_repair: env_u64("BENCH_QUICK_REPAIR", 0) == 1,
         ..BufferOptions::default()
     };
@@ -128,6 +128,20 @@ async fn compression(base: &str) {
             raw as f64 / stored as f64
         );
     }
+}
+
+/// `BENCH_MAX_DELAY_MS`, or the buffer's own default.
+fn max_delay_ms() -> u64 {
+    let default = BufferOptions::default().max_flush_delay.as_millis() as u64;
+    env_u64("BENCH_MAX_DELAY_MS", default)
+}
+
+/// `BENCH_TARGET_BYTES`, or the buffer's own default.
+fn target_bytes() -> u64 {
+    env_u64(
+        "BENCH_TARGET_BYTES",
+        BufferOptions::default().flush_target_bytes,
+    )
 }
 
 fn env_u64(name: &str, default: u64) -> u64 {
