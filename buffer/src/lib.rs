@@ -453,32 +453,50 @@ impl Buffer {
     /// Appends readings atomically and returns once they are durably committed. Ids are
     /// assigned here; any id the caller set is replaced.
     pub async fn append(&self, readings: Vec<Reading>) -> Result<AppendReceipt, AppendError> {
-        if readings.is_empty() {
-            let (next, segment) = {
-                let s = self.shared.stats_lock();
-                (s.next_reading_id, s.newest_segment)
-            };
-            return Ok(AppendReceipt {
+        self.submit(readings).await
+    }
+
+    /// Like [`Buffer::append`], but the readings reach the writer now, when this is called,
+    /// not when the returned future is first polled. Their place in the commit order is taken
+    /// here: of two submits from one task, the first commits first (or in the same commit).
+    /// The future only waits for the answer, and owns nothing but the reply channel, so a
+    /// caller with many appends in flight (an MQTT session) holds them cheaply.
+    pub fn submit(
+        &self,
+        readings: Vec<Reading>,
+    ) -> impl Future<Output = Result<AppendReceipt, AppendError>> + Send + 'static + use<> {
+        let sent = if readings.is_empty() {
+            let s = self.shared.stats_lock();
+            let next = s.next_reading_id;
+            Err(AppendReceipt {
                 first_id: next,
                 last_id: next.saturating_sub(1),
                 count: 0,
-                segment,
-            });
-        }
-        let (reply, rx) = oneshot::channel();
-        self.send(Cmd::Append { readings, reply });
-        match rx.await {
-            Ok(r) => {
-                if let Err(AppendError::Full { readings, .. }) = &r {
-                    metrics::counter!("ferry_readings_rejected_total", "reason" => "buffer_full")
-                        .increment(readings.len() as u64);
+                segment: s.newest_segment,
+            })
+        } else {
+            let (reply, rx) = oneshot::channel();
+            self.send(Cmd::Append { readings, reply });
+            Ok(rx)
+        };
+        async move {
+            let rx = match sent {
+                Ok(rx) => rx,
+                Err(empty) => return Ok(empty),
+            };
+            match rx.await {
+                Ok(r) => {
+                    if let Err(AppendError::Full { readings, .. }) = &r {
+                        metrics::counter!("ferry_readings_rejected_total", "reason" => "buffer_full")
+                            .increment(readings.len() as u64);
+                    }
+                    r
                 }
-                r
+                // The writer only drops a reply after answering it; this means it died.
+                Err(_) => Err(AppendError::Closed {
+                    readings: Vec::new(),
+                }),
             }
-            // The writer only drops a reply after answering it; this means it died.
-            Err(_) => Err(AppendError::Closed {
-                readings: Vec::new(),
-            }),
         }
     }
 

@@ -28,6 +28,7 @@ use bytes::Bytes;
 use flate2::Crc;
 use flate2::read::GzDecoder;
 use flate2::write::GzEncoder;
+use std::borrow::Borrow;
 use std::io::{Read, Write};
 
 /// The four bytes every segment starts with.
@@ -246,15 +247,18 @@ impl<'a> Cursor<'a> {
 }
 
 /// Encodes readings into one segment value.
-pub fn encode_segment(readings: &[Reading], compression: Compression) -> Vec<u8> {
-    let raw_len: usize = readings.iter().map(reading_encoded_len).sum();
+pub fn encode_segment<R: Borrow<Reading>>(readings: &[R], compression: Compression) -> Vec<u8> {
+    let raw_len: usize = readings
+        .iter()
+        .map(|r| reading_encoded_len(r.borrow()))
+        .sum();
     let mut body = Vec::with_capacity(raw_len);
     for r in readings {
-        encode_reading(&mut body, r);
+        encode_reading(&mut body, r.borrow());
     }
     let mut crc = Crc::new();
     crc.update(&body);
-    let first_id = readings.first().map_or(0, |r| r.id);
+    let first_id = readings.first().map_or(0, |r| r.borrow().id);
     let (codec, compressed) = match compression {
         Compression::None => (0u8, None),
         Compression::Gzip { level } => {

@@ -366,8 +366,8 @@ impl Writer {
                 bytes += readings[end].encoded_len() as u64;
                 end += 1;
             }
-            let chunk: Vec<Reading> = readings[start..end].iter().map(|r| (*r).clone()).collect();
-            let value = segment::encode_segment(&chunk, opts.compression);
+            let chunk = &readings[start..end];
+            let value = segment::encode_segment(chunk, opts.compression);
             let meta = SegMeta {
                 first_id: chunk[0].id,
                 count: chunk.len() as u32,

@@ -54,6 +54,28 @@ async fn append_read_ack_and_reopen() {
 }
 
 #[tokio::test]
+async fn submit_takes_its_place_when_called_not_when_polled() {
+    let dir = tempfile::tempdir().unwrap();
+    let buf = Buffer::open(dir.path(), opts(&["kafka"])).unwrap();
+    let a = buf.submit(vec![reading(0, 50), reading(1, 50)]);
+    let b = buf.submit(vec![reading(2, 50)]);
+    // Awaited in the opposite order, and the first only after a pause: it was sent anyway.
+    let rb = b.await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let ra = a.await.unwrap();
+    assert_eq!((ra.first_id, ra.last_id), (1, 2));
+    assert_eq!(rb.first_id, 3);
+    // An empty submit commits nothing and reports the next id.
+    let empty = buf.submit(Vec::new()).await.unwrap();
+    assert_eq!((empty.count, empty.first_id), (0, 4));
+    buf.close().await;
+    assert!(matches!(
+        buf.submit(vec![reading(3, 10)]).await,
+        Err(AppendError::Closed { readings }) if readings.len() == 1
+    ));
+}
+
+#[tokio::test]
 async fn a_segment_is_deleted_only_when_every_consumer_acked_it() {
     let dir = tempfile::tempdir().unwrap();
     let buf = Buffer::open(dir.path(), opts(&["kafka", "mqtt"])).unwrap();

@@ -276,7 +276,7 @@ struct Batch {
 struct Session {
     ctx: Arc<Ctx>,
     codec: Codec,
-    client_id: String,
+    client_id: Arc<str>,
     cert_cn: Option<String>,
     /// Replies encoded and not yet written.
     out: BytesMut,
@@ -447,7 +447,7 @@ pub async fn serve<IO>(
     let mut s = Session {
         ctx: ctx.clone(),
         codec,
-        client_id: client_id.clone(),
+        client_id: Arc::from(client_id.as_str()),
         cert_cn: cert_cn.filter(|c| !c.is_empty()),
         out: BytesMut::new(),
         pending: FuturesOrdered::new(),
@@ -925,6 +925,11 @@ impl Session {
         let b = &mut self.batch;
         b.started.get_or_insert_with(Instant::now);
         b.bytes += r.payload.len() + r.topic.len();
+        if b.readings.capacity() == 0 {
+            // Most batches of a slow device hold one reading; a Vec's first growth would
+            // reserve four (600 bytes), held until the commit.
+            b.readings.reserve_exact(1);
+        }
         b.readings.push(r);
         b.by_qos[qos.min(2) as usize] += 1;
         if qos > 0 {
@@ -943,27 +948,33 @@ impl Session {
             return;
         }
         let b = std::mem::take(&mut self.batch);
-        let buffer = self.ctx.buffer.clone();
-        let retry_full = !self.v5() && self.ctx.reject_when_full;
-        let wait = Duration::from_millis(self.ctx.settings.full_ack_wait_ms);
-        let client_id = self.client_id.clone();
         let started = b.started.unwrap_or_else(Instant::now);
-        let (devices, seen) = (
-            self.ctx.devices.clone(),
-            crate::status::DeviceBatch::of(&b.readings),
-        );
-        // Spawned, so the append reaches the buffer's writer now, whatever this loop does next.
-        let task = tokio::spawn(async move {
-            let result = append(&buffer, b.readings, retry_full, wait, &client_id).await;
-            if result.is_ok() {
-                devices.record(&seen);
-            }
-            result
-        });
+        let seen = crate::status::DeviceBatch::of(&b.readings);
+        // Submitted now, so the readings reach the buffer's writer whatever this loop does
+        // next; the queue entry only waits for the answer. No task per append: with a
+        // thousand slow connections, appends in flight are what the heap holds.
+        let submitted = self.ctx.buffer.submit(b.readings);
+        let retry = (!self.v5() && self.ctx.reject_when_full).then(|| self.client_id.clone());
+        let ctx = self.ctx.clone();
         self.pending.push_back(Box::pin(async move {
-            let result = task.await.unwrap_or(Err(AppendError::Closed {
-                readings: Vec::new(),
-            }));
+            let result = match (submitted.await, retry) {
+                (Ok(_), _) => Ok(()),
+                (
+                    Err(AppendError::Full {
+                        readings,
+                        used,
+                        max,
+                    }),
+                    Some(client_id),
+                ) if ctx.settings.full_ack_wait_ms > 0 => {
+                    // Rare: boxed, so the common entry stays small.
+                    Box::pin(retry_full(&ctx, readings, (used, max), &client_id)).await
+                }
+                (Err(e), _) => Err(e),
+            };
+            if result.is_ok() {
+                ctx.devices.record(&seen);
+            }
             Done::Appended {
                 acks: b.acks,
                 by_qos: b.by_qos,
@@ -1084,34 +1095,26 @@ async fn write_some<W: AsyncWrite + Unpin>(wr: &mut W, out: &[u8]) -> std::io::R
     }
 }
 
-/// Appends; with `retry_full` (v3.1.1 in reject mode) a full buffer is retried until `wait`
-/// has passed, so the ack is withheld rather than lost.
-async fn append(
-    buffer: &Buffer,
+/// A v3.1.1 client in reject mode found the buffer full (`used` of `max` bytes). MQTT 3.1.1
+/// has no negative PUBACK, so the append is retried until `full_ack_wait_ms` has passed: the
+/// ack is withheld rather than lost.
+async fn retry_full(
+    ctx: &Ctx,
     mut readings: Vec<Reading>,
-    retry_full: bool,
-    wait: Duration,
+    (used, max): (u64, u64),
     client_id: &str,
 ) -> Result<(), AppendError> {
+    let wait = Duration::from_millis(ctx.settings.full_ack_wait_ms);
     let until = Instant::now() + wait;
-    let mut logged = false;
+    tracing::warn!(client_id = %client_id, used, max, wait_ms = wait.as_millis() as u64,
+        "The buffer is full: the acknowledgement to this MQTT 3.1.1 client is withheld until space frees or full_ack_wait_ms passes.");
     loop {
-        match buffer.append(readings).await {
-            Ok(_) => return Ok(()),
-            Err(AppendError::Full {
-                readings: back,
-                used,
-                max,
-            }) if retry_full && Instant::now() < until => {
-                if !logged {
-                    tracing::warn!(client_id = %client_id, used, max, wait_ms = wait.as_millis() as u64,
-                        "The buffer is full: the acknowledgement to this MQTT 3.1.1 client is withheld until space frees or full_ack_wait_ms passes.");
-                    logged = true;
-                }
-                readings = back;
-                tokio::time::sleep(FULL_RETRY).await;
+        tokio::time::sleep(FULL_RETRY).await;
+        match ctx.buffer.append(readings).await {
+            Err(AppendError::Full { readings: back, .. }) if Instant::now() < until => {
+                readings = back
             }
-            Err(e) => return Err(e),
+            result => return result.map(|_| ()),
         }
     }
 }

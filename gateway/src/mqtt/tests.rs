@@ -556,6 +556,61 @@ async fn full_buffer_v5_gets_quota_exceeded_and_v4_is_withheld_then_closed() {
     assert_eq!(e.stored().await.len(), acked);
 }
 
+#[tokio::test]
+async fn full_buffer_v4_ack_is_sent_once_space_frees() {
+    let mut o = opts();
+    o.max_bytes = 3000;
+    o.max_batch_bytes = 700;
+    o.when_full = WhenFull::Reject;
+    let e = env_with(
+        MqttSettings {
+            full_ack_wait_ms: 10_000,
+            ..Default::default()
+        },
+        o,
+    );
+    let mut c = e.connect();
+    c.connect4(c4::Connect::new("wait4")).await;
+    // Fill the buffer: each 600-byte publish is its own segment.
+    let mut pkid = 0u16;
+    loop {
+        pkid += 1;
+        assert!(pkid < 20, "the buffer never filled");
+        c.send4(publish4("t", QoS::AtLeastOnce, pkid, &[b'f'; 600]))
+            .await;
+        let got = tokio::time::timeout(Duration::from_millis(600), c.recv4()).await;
+        match got {
+            Ok(Some(c4::Packet::PubAck(a))) => assert_eq!(a.pkid, pkid),
+            Err(_) => break, // withheld: the buffer is full
+            Ok(other) => panic!("got {other:?}"),
+        }
+    }
+    let before = e.stored().await.len();
+    // The uplink catches up: everything stored so far is acked and deleted.
+    let mut rd = e.ctx.buffer.reader("kafka").unwrap();
+    let mut last = 0;
+    loop {
+        let segs = rd.try_next(64).await.unwrap();
+        match segs.last() {
+            Some(s) => last = s.id,
+            None => break,
+        }
+    }
+    rd.ack(last).await.unwrap();
+    // The withheld publish is retried, stored and acked.
+    match tokio::time::timeout(Duration::from_secs(5), c.recv4()).await {
+        Ok(Some(c4::Packet::PubAck(a))) => assert_eq!(a.pkid, pkid),
+        other => panic!("expected the withheld PUBACK, got {other:?}"),
+    }
+    let after = e.stored().await;
+    assert_eq!(
+        after.len(),
+        1,
+        "{before} acked before, then the withheld one"
+    );
+    assert!(after[0].payload.iter().all(|&b| b == b'f'));
+}
+
 #[tokio::test(start_paused = true)]
 async fn connect_timeout_closes_silent_sockets() {
     let s = MqttSettings {

@@ -57,7 +57,13 @@ impl DeviceBatch {
                     d.1 += 1;
                     d.2 = si;
                 }
-                None => b.devices.push((r.device.clone(), 1, si)),
+                None => {
+                    if b.devices.is_empty() {
+                        // Usually the only one: no room for four.
+                        b.devices.reserve_exact(1);
+                    }
+                    b.devices.push((r.device.clone(), 1, si))
+                }
             }
         }
         b
