@@ -74,7 +74,9 @@ pub const KAFKA_TOPIC: &str = "ferry.readings";
 /// `uplink.kafka.message_timeout_ms`.
 pub const MESSAGE_TIMEOUT_MS: u64 = 30_000;
 /// `uplink.kafka.max_inflight_segments`.
-pub const MAX_INFLIGHT_SEGMENTS: usize = 8;
+pub const MAX_INFLIGHT_SEGMENTS: usize = 256;
+/// `uplink.kafka.max_inflight_readings`.
+pub const MAX_INFLIGHT_READINGS: usize = 20_000;
 /// `uplink.*.initial_backoff_ms`.
 pub const INITIAL_BACKOFF_MS: u64 = 500;
 /// `uplink.*.max_backoff_ms`.

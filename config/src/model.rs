@@ -414,8 +414,14 @@ pub struct KafkaUplink {
     /// How long the producer retries one message before the segment is retried from the buffer.
     /// Default: 30000.
     pub message_timeout_ms: u64,
-    /// Number of segments sent concurrently. At least 1. Default: 8.
+    /// Most segments in flight (handed to the producer, not yet acknowledged). At least 1.
+    /// Default: 256. Segments of a slow site hold a reading or a few each, so the readings
+    /// limit below is the one that usually applies.
     pub max_inflight_segments: usize,
+    /// Most readings in flight: no further segment is sent while this many are unconfirmed
+    /// (one segment always may be, whatever its size). Bounds the memory a drain holds, about
+    /// 600 bytes per reading of 100 bytes. At least 1. Default: 20000.
+    pub max_inflight_readings: usize,
     /// First delay after a failed delivery; doubles up to `max_backoff_ms`. Default: 500.
     pub initial_backoff_ms: u64,
     /// Longest delay between retries. Default: 60000.
@@ -452,6 +458,7 @@ impl Default for KafkaUplink {
             key: KeyRule::Device,
             message_timeout_ms: defaults::MESSAGE_TIMEOUT_MS,
             max_inflight_segments: defaults::MAX_INFLIGHT_SEGMENTS,
+            max_inflight_readings: defaults::MAX_INFLIGHT_READINGS,
             initial_backoff_ms: defaults::INITIAL_BACKOFF_MS,
             max_backoff_ms: defaults::MAX_BACKOFF_MS,
             security_protocol: SecurityProtocol::Plaintext,

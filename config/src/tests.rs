@@ -674,6 +674,35 @@ fn group_commit_limits() {
 }
 
 #[test]
+fn kafka_inflight_windows() {
+    let errors = load_str(
+        "[uplink.kafka]\nmax_inflight_segments = 0\nmax_inflight_readings = 0\n",
+        no_env(),
+    )
+    .expect_err("bad");
+    assert_eq!(
+        paths(&errors),
+        [
+            "uplink.kafka.max_inflight_segments",
+            "uplink.kafka.max_inflight_readings"
+        ],
+        "{errors}"
+    );
+    let config = load_str(
+        "[uplink.kafka]\nmax_inflight_readings = 1\n",
+        env(&[("FERRY_UPLINK_KAFKA_MAX_INFLIGHT_SEGMENTS", "3")]),
+    )
+    .expect("valid");
+    let k = &config.uplink.kafka;
+    assert_eq!((k.max_inflight_segments, k.max_inflight_readings), (3, 1));
+    let d = Config::default().uplink.kafka;
+    assert_eq!(
+        (d.max_inflight_segments, d.max_inflight_readings),
+        (256, 20_000)
+    );
+}
+
+#[test]
 fn sasl_mechanism_names() {
     let config = load_str(
         r#"

@@ -395,6 +395,11 @@ impl Config {
             k.max_inflight_segments as u64,
             1,
         );
+        p.at_least(
+            "uplink.kafka.max_inflight_readings",
+            k.max_inflight_readings as u64,
+            1,
+        );
         p.at_least("uplink.kafka.message_timeout_ms", k.message_timeout_ms, 1);
         if k.initial_backoff_ms > k.max_backoff_ms {
             p.invalid(

@@ -48,16 +48,21 @@ pub(crate) enum AckResult {
     Folded,
 }
 
+/// Most segments one read brings (one read transaction, decoded on a blocking thread).
+const MAX_READ_SEGMENTS: usize = 256;
+
 /// Segments read, tagged with the epoch they were read in.
 pub(crate) type Batch = (u64, Result<Vec<Segment>, ReadError>);
 
-/// Runs until the command channel closes (after finishing what it holds). Reads stop when the
+/// Runs until the command channel closes (after finishing what it holds). Each read brings
+/// about `read_readings` readings (at least one segment, at most [`MAX_READ_SEGMENTS`]),
+/// judged from the size of the segments read last. Reads stop when the
 /// segment channel closes, and after a read error or the buffer's closing until the next
 /// rewind.
 pub(crate) async fn run(
     mut reader: Reader,
     mut commits: watch::Receiver<u64>,
-    read_max: usize,
+    read_readings: u64,
     segs: mpsc::Sender<Batch>,
     mut cmds: mpsc::UnboundedReceiver<Cmd>,
     acks: mpsc::UnboundedSender<Acked>,
@@ -70,6 +75,8 @@ pub(crate) async fn run(
         ack_failed: false,
     };
     let mut next_cmd: Option<Cmd> = None;
+    // Segments per read; starts at one, until the segments' size is known.
+    let mut read_max = 1;
     // The buffer closed: the next read answers `Closed`.
     let mut closed = false;
     loop {
@@ -115,7 +122,14 @@ pub(crate) async fn run(
         // Seen before reading, so a commit after the read wakes the wait below.
         commits.borrow_and_update();
         match reader.try_next(read_max).await {
-            Ok(got) if got.is_empty() => {
+            Ok(got) if !got.is_empty() => {
+                // Aim the next read at `read_readings`, from the size of these segments.
+                let readings: usize = got.iter().map(|s| s.readings.len()).sum();
+                let per = (readings / got.len()).max(1) as u64;
+                read_max = (read_readings / per).clamp(1, MAX_READ_SEGMENTS as u64) as usize;
+                permit.send((state.epoch, Ok(got)))
+            }
+            Ok(_) => {
                 drop(permit);
                 tokio::select! {
                     biased;
@@ -126,7 +140,6 @@ pub(crate) async fn run(
                     r = commits.changed() => closed = r.is_err(),
                 }
             }
-            Ok(got) => permit.send((state.epoch, Ok(got))),
             Err(e) => {
                 state.reading = false;
                 permit.send((state.epoch, Err(e)));

@@ -2,8 +2,11 @@
 //!
 //! ## Flow
 //! [`KafkaSink::run`] reads segments of the buffer consumer `"kafka"` oldest first and keeps
-//! up to `max_inflight_segments` of them in flight in an idempotent producer
-//! (`enable.idempotence=true`, `acks=all`, see [`config`]). Segments are settled strictly in
+//! them in flight in an idempotent producer (`enable.idempotence=true`, `acks=all`, see
+//! [`config`]): up to `max_inflight_readings` readings and `max_inflight_segments` segments,
+//! and always at least one segment. The window counts readings because a segment holds what
+//! one commit gathered: thousands at a busy site, one or two at a slow one, whose backlog
+//! would otherwise drain a few segments per round trip. Segments are settled strictly in
 //! order: a segment is acked in the buffer only when every reading in it has a successful
 //! delivery report or was dead-lettered, and a later segment that finishes first waits.
 //!

@@ -272,7 +272,8 @@ impl KafkaSink {
         let mut producer = Arc::new(producer);
         let mut pump = Pump::spawn(producer.clone(), tracker.clone(), gate.clone(), layout())
             .map_err(KafkaSinkError::Thread)?;
-        let max_inflight = cfg.max_inflight_segments.max(1);
+        let max_segments = cfg.max_inflight_segments.max(1);
+        let max_readings = cfg.max_inflight_readings.max(1) as u64;
         let mut backoff = Backoff::new(
             Duration::from_millis(cfg.initial_backoff_ms),
             Duration::from_millis(cfg.max_backoff_ms),
@@ -284,7 +285,9 @@ impl KafkaSink {
         let feed = tokio::spawn(feed::run(
             reader,
             buffer.commits(),
-            1,
+            // Each read brings about a quarter of the window: many small segments at once
+            // (a slow site's backlog is made of them), a big one alone.
+            (max_readings / 4).max(1),
             seg_tx,
             cmd_rx,
             ack_tx,
@@ -313,7 +316,9 @@ impl KafkaSink {
             Read(Option<feed::Batch>),
         }
         loop {
-            let can_take = run.inflight.len() < max_inflight;
+            // One segment may always be in flight, however large.
+            let can_take = run.inflight.is_empty()
+                || (run.inflight.len() < max_segments && run.in_flight_readings < max_readings);
             let ev = tokio::select! {
                 biased;
                 () = &mut shutdown => Ev::Shutdown,

@@ -366,6 +366,8 @@ async fn brokers_down_then_up_loses_nothing_and_keeps_key_order() {
     assert_eq!(snap.state, LinkState::Connected);
     assert_eq!(snap.acked_total, total as u64);
     assert!(snap.resent_total > 0, "{snap:?}");
+    // The watcher samples every 5 ms: give it time to see the state asserted above.
+    tokio::time::sleep(Duration::from_millis(50)).await;
     watching.store(false, std::sync::atomic::Ordering::SeqCst);
     let states = states.await.unwrap();
     run.stop().await;
@@ -568,6 +570,42 @@ async fn shutdown_leaves_unconfirmed_readings_in_the_buffer() {
     buffer.close().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_segments_fill_the_readings_window_and_no_more() {
+    let mock = Mock::new(1).unwrap();
+    mock.create_topic("readings", 2, 1).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let buffer = open_buffer(dir.path(), Compression::Gzip { level: 1 });
+    // A slow site's backlog: one reading per commit, so one per segment.
+    for i in 0..60 {
+        buffer
+            .append(vec![reading(&format!("d{}", i % 3), "t", format!("{i}"))])
+            .await
+            .unwrap();
+    }
+    assert_eq!(buffer.stats().segments, 60);
+    let mut cfg = uplink(&mock.bootstrap_servers());
+    cfg.message_timeout_ms = 10_000;
+    cfg.max_inflight_segments = 256;
+    cfg.max_inflight_readings = 25;
+    mock.broker_down(1).unwrap();
+    let run = start(&cfg, &buffer, Duration::from_millis(300));
+    // Far more than the old limit of segments, exactly the readings window.
+    wait_until("the window is full", Duration::from_secs(5), || {
+        run.status.snapshot().in_flight_readings == 25
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(run.status.snapshot().in_flight_readings, 25);
+    mock.broker_up(1).unwrap();
+    wait_empty(&buffer, &run.status, Duration::from_secs(15)).await;
+    run.stop().await;
+    let recs = consume(&mock.bootstrap_servers(), &[("readings", 2)], 60).await;
+    let ids: HashSet<&str> = recs.iter().map(|r| r.h("ferry-id")).collect();
+    assert_eq!(ids.len(), 60);
+    buffer.close().await;
+}
+
 #[tokio::test]
 async fn a_buffer_without_the_kafka_consumer_is_refused() {
     let dir = tempfile::tempdir().unwrap();
@@ -688,7 +726,8 @@ async fn kcat_reads_what_the_uplink_sent() {
 /// Drain rate of a backlog into the mock cluster, against `kcat -P` producing the same number
 /// of records of the same size. Run with
 /// `cargo test -p ferry-uplink --release drain_bench -- --ignored --nocapture`
-/// (`FERRY_BENCH_READINGS`, default 200000; `FERRY_BENCH_LIBRDKAFKA="k=v,…"` adds librdkafka
+/// (`FERRY_BENCH_READINGS`, default 200000; `FERRY_BENCH_CHUNK`, readings per segment;
+/// `FERRY_BENCH_LIBRDKAFKA="k=v,…"` adds librdkafka
 /// properties to ferry's producer, never to kcat's).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "benchmark"]
@@ -703,8 +742,14 @@ async fn drain_bench() {
     let dir = tempfile::tempdir().unwrap();
     let buffer = open_buffer(dir.path(), Compression::Gzip { level: 1 });
     let payload = vec![b'7'; 100];
-    for chunk in 0..n.div_ceil(10_000) {
-        let rs = (0..10_000.min(n - chunk * 10_000))
+    // Readings per append (one commit each, so one segment each): `FERRY_BENCH_CHUNK`,
+    // default 10,000. A slow site's backlog is made of small segments.
+    let per: usize = std::env::var("FERRY_BENCH_CHUNK")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10_000);
+    for chunk in 0..n.div_ceil(per) {
+        let rs = (0..per.min(n - chunk * per))
             .map(|i| {
                 reading(
                     &format!("dev-{}", i % 100),
@@ -717,7 +762,9 @@ async fn drain_bench() {
     }
     let mut cfg = uplink(&mock.bootstrap_servers());
     cfg.message_timeout_ms = 30_000;
-    cfg.max_inflight_segments = 8;
+    // The defaults of a real config, not the small test windows.
+    let d = ferry_config::KafkaUplink::default();
+    cfg.max_inflight_segments = d.max_inflight_segments;
     // Extra librdkafka properties for experiments: `FERRY_BENCH_LIBRDKAFKA="k=v,k=v"`.
     for kv in std::env::var("FERRY_BENCH_LIBRDKAFKA")
         .unwrap_or_default()

@@ -95,7 +95,7 @@ impl Tracker {
     pub(crate) fn report(&self, seq: usize, result: Result<(), &KafkaError>) {
         let settled = {
             let mut segs = self.lock();
-            let Some(s) = segs.iter_mut().find(|s| seq.wrapping_sub(s.first) < s.len) else {
+            let Some(s) = find(&mut segs, seq) else {
                 return;
             };
             let was = s.settled();
@@ -111,7 +111,7 @@ impl Tracker {
     pub(crate) fn fail(&self, seq: usize, failure: Failure) {
         {
             let mut segs = self.lock();
-            let Some(s) = segs.iter_mut().find(|s| seq.wrapping_sub(s.first) < s.len) else {
+            let Some(s) = find(&mut segs, seq) else {
                 return;
             };
             s.failure.get_or_insert(failure);
@@ -122,5 +122,41 @@ impl Tracker {
     /// Forgets every segment: reports still to come for them are ignored.
     pub(crate) fn clear(&self) {
         self.lock().clear();
+    }
+}
+
+/// The segment holding record `seq`. The segments' ranges follow each other in registration
+/// order, so their offsets from the oldest one grow: a binary search, not a scan of the
+/// (up to `max_inflight_segments`) segments in flight.
+fn find(segs: &mut VecDeque<SegTrack>, seq: usize) -> Option<&mut SegTrack> {
+    let base = segs.front()?.first;
+    let at = seq.wrapping_sub(base);
+    let i = segs.partition_point(|s| s.first.wrapping_sub(base) + s.len <= at);
+    segs.get_mut(i)
+        .filter(|s| seq.wrapping_sub(s.first) < s.len)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reports_find_their_segment_across_the_wrap() {
+        let t = Tracker::default();
+        // Three segments numbered across usize::MAX: 3 records, 1 record, 4 records.
+        let first = usize::MAX - 2;
+        t.register(first, 3);
+        t.register(first.wrapping_add(3), 1);
+        t.register(first.wrapping_add(4), 4);
+        for seq in [usize::MAX, 0, 1, 2, 3, 4] {
+            t.report(seq, Ok(()));
+        }
+        // Before the oldest, and after the newest: ignored.
+        t.report(first.wrapping_sub(1), Ok(()));
+        t.report(first.wrapping_add(8), Ok(()));
+        let segs = t.lock();
+        let got: Vec<(usize, u64)> = segs.iter().map(|s| (s.reported, s.delivered)).collect();
+        assert_eq!(got, vec![(1, 1), (1, 1), (4, 4)]);
+        assert!(!segs[0].settled() && segs[1].settled() && segs[2].settled());
     }
 }
