@@ -30,8 +30,11 @@ use std::time::Duration;
 
 /// Records handed over per turn of the gate's lock.
 const CHUNK: usize = 512;
-/// How long the thread waits for delivery reports while records are in librdkafka.
-const POLL_BUSY: Duration = Duration::from_millis(2);
+/// How long the thread waits for a new segment between serving delivery reports, while
+/// records are in librdkafka: from `WAIT_MIN`, doubling while nothing happens (a broker that
+/// is down), up to `WAIT_MAX`.
+const WAIT_MIN: Duration = Duration::from_micros(100);
+const WAIT_MAX: Duration = Duration::from_millis(5);
 /// How long it waits for new segments while nothing is in flight.
 const POLL_IDLE: Duration = Duration::from_millis(50);
 /// How long it waits when librdkafka's queue is full.
@@ -158,6 +161,7 @@ struct Thread {
 
 impl Thread {
     fn run(mut self, rx: mpsc::Receiver<Job>, stop: &AtomicBool) {
+        let mut wait = WAIT_MIN;
         while !stop.load(Ordering::Relaxed) {
             loop {
                 match rx.try_recv() {
@@ -167,8 +171,26 @@ impl Thread {
                 }
             }
             if self.jobs.is_empty() {
-                if self.producer.in_flight_count() > 0 {
-                    self.producer.poll(POLL_BUSY);
+                let in_flight = self.producer.in_flight_count();
+                if in_flight > 0 {
+                    // Serve the reports there are, then wait for a job, briefly. Not
+                    // `poll(timeout)`: rdkafka's poll returns only when the timeout is over,
+                    // so a job arriving meanwhile would wait, and the pipeline with it.
+                    self.producer.poll(Duration::ZERO);
+                    let progress = self.producer.in_flight_count() < in_flight;
+                    wait = if progress {
+                        WAIT_MIN
+                    } else {
+                        (wait * 2).min(WAIT_MAX)
+                    };
+                    match rx.recv_timeout(wait) {
+                        Ok(j) => {
+                            self.jobs.push_back(j);
+                            wait = WAIT_MIN;
+                        }
+                        Err(RecvTimeoutError::Timeout) => {}
+                        Err(RecvTimeoutError::Disconnected) => return,
+                    }
                 } else {
                     match rx.recv_timeout(POLL_IDLE) {
                         Ok(j) => self.jobs.push_back(j),
