@@ -14,8 +14,8 @@
 //! 4. Drain: a backlog (1M readings) in ferry's buffer to librdkafka's mock cluster, against
 //!    `kcat -P` producing the same records (key = device, value = payload, the five headers
 //!    ferry puts on each reading; zstd, acks=all, idempotence), alternating rounds, each on a
-//!    fresh mock cluster; the ratio of the mean rates. A second, `info` row compares with kcat
-//!    producing key and value only.
+//!    fresh mock cluster; the ratio of the mean rates. Two `info` rows: kcat producing key and
+//!    value only, and ferry with `delivery = "segment"` (one record per buffer segment).
 //! 5. Footprint: RSS idle and at 10k msg/s open loop over 1,000 connections (peak `VmHWM`,
 //!    steady `VmRSS`), bytes written to disk (`/proc/PID/io` `write_bytes`) per payload byte
 //!    during QoS1 runs, buffer file bytes per reading, compression ratio per codec and level.
@@ -890,7 +890,7 @@ fn drain_run(ctx: &Ctx, with_kcat: bool) -> Res<Vec<Row>> {
     // Alternating rounds, each on a fresh mock cluster (it keeps every record in memory).
     let (mut ferry_s, mut kcat_s, mut bare_s) = (Vec::new(), Vec::new(), Vec::new());
     for round in 0..ctx.sizes.rounds.max(1) {
-        ferry_s.push(drain_ferry(ctx, n)?);
+        ferry_s.push(drain_ferry(ctx, n, "reading")?);
         if let Some(input) = &input {
             kcat_s.push(drain_kcat(input, &headers)?);
             if round == 0 {
@@ -924,6 +924,9 @@ fn drain_run(ctx: &Ctx, with_kcat: bool) -> Res<Vec<Row>> {
     }
     let (kr, br) = (rate(&kcat_s), rate(&bare_s));
     let ratio = fr / kr;
+    // For reference: one record per segment (the segment as stored, gzip), once.
+    let seg_s = [drain_ferry(ctx, n, "segment")?];
+    let sr = rate(&seg_s);
     Ok(vec![
         r.peer(format!("kcat -P {kr:.0} ({} s)", times(&kcat_s)))
             .ratio(ratio)
@@ -935,6 +938,15 @@ fn drain_run(ctx: &Ctx, with_kcat: bool) -> Res<Vec<Row>> {
         .ferry(format!("{fr:.0}"))
         .peer(format!("{br:.0} ({} s)", times(&bare_s)))
         .ratio(fr / br),
+        row(
+            SC,
+            format!(
+                "{n}-reading backlog with `delivery = \"segment\"` (one record per segment), readings/s"
+            ),
+        )
+        .ferry(format!("{sr:.0} ({} s)", times(&seg_s)))
+        .peer(format!("kcat -P {kr:.0}, same records as above"))
+        .ratio(sr / kr),
     ])
 }
 
@@ -946,8 +958,9 @@ fn drain_cluster(topic: &str) -> Res<MockCluster<'static, DefaultProducerContext
     Ok(mock)
 }
 
-/// ferry drains a copy of the backlog; seconds from its ready line until the buffer is empty.
-fn drain_ferry(ctx: &Ctx, n: u64) -> Res<f64> {
+/// ferry drains a copy of the backlog with `uplink.kafka.delivery = delivery`; seconds from its
+/// ready line until the buffer is empty.
+fn drain_ferry(ctx: &Ctx, n: u64, delivery: &str) -> Res<f64> {
     let dir = copy_backlog(ctx, "drain")?;
     let mock = drain_cluster("ferry.readings")?;
     let bootstrap = mock.bootstrap_servers();
@@ -957,6 +970,7 @@ fn drain_ferry(ctx: &Ctx, n: u64) -> Res<f64> {
         &[
             ("FERRY_UPLINK_KAFKA_ENABLED", "true"),
             ("FERRY_UPLINK_KAFKA_BROKERS", &bootstrap),
+            ("FERRY_UPLINK_KAFKA_DELIVERY", delivery),
             ("FERRY_MQTT_ENABLED", "false"),
         ],
     )?;
