@@ -31,4 +31,4 @@ echo "idle:  $(mem 'VmRSS|RssAnon|RssFile')"
 echo "load:  $(tail -1 "$d/load")"
 echo "after: $(mem 'VmHWM|VmRSS|RssAnon|RssFile')"
 echo "disk:  $(grep -E '^write_bytes' "/proc/$pid/io")"
-curl -s "http://$http/metrics" | grep -E '^ferry_buffer_commits_total|^ferry_readings_received_total' || true
+curl -s "http://$http/metrics" | grep -E "^ferry_buffer_commits_total|^ferry_readings_received_total|^ferry_buffer_commit_duration_seconds\{quantile=\"(0.99|0.999|1)\"\}|^ferry_mqtt_ack_latency_seconds\{quantile=\"0.99\"\}" || true

@@ -211,6 +211,9 @@ fn main() -> std::process::ExitCode {
     for (n, name, f) in scenarios {
         if want(n) {
             eprintln!("bench-run: scenario {name} ...");
+            // Each scenario starts with no dirty pages of the one before (the drain's backlog
+            // copies are ~100 MB): their writeback would stall this one's fsyncs.
+            let _ = Command::new("sync").status();
             let t = Instant::now();
             let rs = f(&ctx);
             eprintln!(
