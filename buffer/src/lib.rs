@@ -10,8 +10,8 @@
 //!    from counters stored in the same transaction as the data, so they never repeat, even
 //!    across crashes. (A requeued dead letter keeps its original reading id, so that upstream
 //!    consumers can de-duplicate by `ferry-id`.)
-//! 2. **A reading is acknowledged only after its commit.** [`Buffer::append`] resolves only
-//!    after the redb transaction that holds the readings has returned from `commit()` with
+//! 2. **A reading is acknowledged only after its commit.** [`Buffer::append`] (and the future
+//!    of [`Buffer::submit`]) resolves only after the redb transaction that holds the readings has returned from `commit()` with
 //!    [`redb::Durability::Immediate`], i.e. after fsync.
 //! 3. **A reading is deleted only after its upstream ack** — by every enabled consumer
 //!    ([`BufferOptions::consumers`]) — or by an explicit, counted drop: the byte cap in
