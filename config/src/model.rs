@@ -420,7 +420,10 @@ pub struct KafkaUplink {
     pub max_inflight_segments: usize,
     /// Most readings in flight: no further segment is sent while this many are unconfirmed
     /// (one segment always may be, whatever its size). Bounds the memory a drain holds, about
-    /// 600 bytes per reading of 100 bytes. At least 1. Default: 20000.
+    /// 600 bytes per reading of 100 bytes. Whatever this says, the segments in flight stay
+    /// below an eighth of `buffer.max_bytes` (stored bytes): `drop_oldest` spares them while
+    /// older segments are left, so a bigger share would make it drop the newest readings
+    /// during an outage. At least 1. Default: 20000.
     pub max_inflight_readings: usize,
     /// First delay after a failed delivery; doubles up to `max_backoff_ms`. Default: 500.
     pub initial_backoff_ms: u64,

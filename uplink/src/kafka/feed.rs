@@ -55,14 +55,14 @@ const MAX_READ_SEGMENTS: usize = 256;
 pub(crate) type Batch = (u64, Result<Vec<Segment>, ReadError>);
 
 /// Runs until the command channel closes (after finishing what it holds). Each read brings
-/// about `read_readings` readings (at least one segment, at most [`MAX_READ_SEGMENTS`]),
-/// judged from the size of the segments read last. Reads stop when the
+/// about `read_readings` readings and at most about `read_bytes` stored bytes (at least one
+/// segment, at most [`MAX_READ_SEGMENTS`]), judged from the size of the segments read last. Reads stop when the
 /// segment channel closes, and after a read error or the buffer's closing until the next
 /// rewind.
 pub(crate) async fn run(
     mut reader: Reader,
     mut commits: watch::Receiver<u64>,
-    read_readings: u64,
+    (read_readings, read_bytes): (u64, u64),
     segs: mpsc::Sender<Batch>,
     mut cmds: mpsc::UnboundedReceiver<Cmd>,
     acks: mpsc::UnboundedSender<Acked>,
@@ -125,8 +125,12 @@ pub(crate) async fn run(
             Ok(got) if !got.is_empty() => {
                 // Aim the next read at `read_readings`, from the size of these segments.
                 let readings: usize = got.iter().map(|s| s.readings.len()).sum();
+                let bytes: usize = got.iter().map(|s| s.stored.len()).sum();
                 let per = (readings / got.len()).max(1) as u64;
-                read_max = (read_readings / per).clamp(1, MAX_READ_SEGMENTS as u64) as usize;
+                let per_bytes = (bytes / got.len()).max(1) as u64;
+                read_max = (read_readings / per)
+                    .min(read_bytes / per_bytes)
+                    .clamp(1, MAX_READ_SEGMENTS as u64) as usize;
                 permit.send((state.epoch, Ok(got)))
             }
             Ok(_) => {

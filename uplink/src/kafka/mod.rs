@@ -3,8 +3,10 @@
 //! ## Flow
 //! [`KafkaSink::run`] reads segments of the buffer consumer `"kafka"` oldest first and keeps
 //! them in flight in an idempotent producer (`enable.idempotence=true`, `acks=all`, see
-//! [`config`]): up to `max_inflight_readings` readings and `max_inflight_segments` segments,
-//! and always at least one segment. The window counts readings because a segment holds what
+//! [`config`]): up to `max_inflight_readings` readings, `max_inflight_segments` segments and
+//! an eighth of `buffer.max_bytes` (stored), and always at least one segment. (`drop_oldest`
+//! spares segments in flight while older ones are left; a window covering the whole cap
+//! would make it drop the newest readings during an outage.) The window counts readings because a segment holds what
 //! one commit gathered: thousands at a busy site, one or two at a slow one, whose backlog
 //! would otherwise drain a few segments per round trip. Segments are settled strictly in
 //! order: a segment is acked in the buffer only when every reading in it has a successful

@@ -274,6 +274,11 @@ impl KafkaSink {
             .map_err(KafkaSinkError::Thread)?;
         let max_segments = cfg.max_inflight_segments.max(1);
         let max_readings = cfg.max_inflight_readings.max(1) as u64;
+        // Segments in flight are spared by `drop_oldest` while older ones are left, so they
+        // must stay a small part of the buffer: otherwise, during an outage, the segments
+        // read ahead would cover the whole cap and the newest readings would be evicted
+        // instead of the oldest.
+        let max_bytes = (buffer.stats().max_bytes / IN_FLIGHT_SHARE_OF_BUFFER).max(1);
         let mut backoff = Backoff::new(
             Duration::from_millis(cfg.initial_backoff_ms),
             Duration::from_millis(cfg.max_backoff_ms),
@@ -287,7 +292,7 @@ impl KafkaSink {
             buffer.commits(),
             // Each read brings about a quarter of the window: many small segments at once
             // (a slow site's backlog is made of them), a big one alone.
-            (max_readings / 4).max(1),
+            ((max_readings / 4).max(1), (max_bytes / 4).max(1)),
             seg_tx,
             cmd_rx,
             ack_tx,
@@ -296,6 +301,7 @@ impl KafkaSink {
         let mut run = Run {
             inflight: VecDeque::new(),
             in_flight_readings: 0,
+            in_flight_bytes: 0,
             sent_upto,
             failures: 0,
             next_seq: 0,
@@ -318,7 +324,9 @@ impl KafkaSink {
         loop {
             // One segment may always be in flight, however large.
             let can_take = run.inflight.is_empty()
-                || (run.inflight.len() < max_segments && run.in_flight_readings < max_readings);
+                || (run.inflight.len() < max_segments
+                    && run.in_flight_readings < max_readings
+                    && run.in_flight_bytes < max_bytes);
             let ev = tokio::select! {
                 biased;
                 () = &mut shutdown => Ev::Shutdown,
@@ -445,6 +453,8 @@ impl KafkaSink {
 
 /// Segments the buffer task reads ahead of the producer.
 const READ_AHEAD_SEGMENTS: usize = 2;
+/// At most this part (1/8) of `buffer.max_bytes` is in flight (stored bytes).
+const IN_FLIGHT_SHARE_OF_BUFFER: u64 = 8;
 
 /// Stops the buffer task: it finishes the commits it was sent, until `deadline`.
 async fn finish(run: Run, mut feed: tokio::task::JoinHandle<()>, deadline: tokio::time::Instant) {
@@ -466,6 +476,8 @@ struct Run {
     /// Segments in flight, oldest first; the tracker holds their reports in the same order.
     inflight: VecDeque<InFlight>,
     in_flight_readings: u64,
+    /// Stored bytes of the segments in flight.
+    in_flight_bytes: u64,
     /// Highest segment id handed to the producer; sending one at or below it again is a re-send.
     sent_upto: u64,
     failures: u32,
@@ -492,6 +504,7 @@ impl Run {
             }
             self.sent_upto = self.sent_upto.max(seg.id);
             self.in_flight_readings += n;
+            self.in_flight_bytes += seg.stored.len() as u64;
             let len = if self.delivery == Delivery::Segment {
                 1
             } else {
@@ -524,6 +537,7 @@ impl Run {
         self.tracker.clear();
         self.inflight.clear();
         self.in_flight_readings = 0;
+        self.in_flight_bytes = 0;
         self.epoch += 1;
         self.status.set_in_flight(0);
     }
@@ -557,6 +571,7 @@ impl Run {
             let seg = Arc::try_unwrap(f.seg).unwrap_or_else(|seg| (*seg).clone());
             let count = seg.readings.len() as u64;
             self.in_flight_readings -= count;
+            self.in_flight_bytes -= seg.stored.len() as u64;
             ack_to = seg.id;
             if self.delivery == Delivery::Segment {
                 // One record carries every reading of the segment.
