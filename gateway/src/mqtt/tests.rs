@@ -498,19 +498,25 @@ async fn second_connection_takes_over_the_client_id() {
     assert!(matches!(b.recv4().await, Some(c4::Packet::PingResp)));
 }
 
-#[tokio::test]
-async fn full_buffer_v5_gets_quota_exceeded_and_v4_is_withheld_then_closed() {
+/// A 3,000-byte buffer in reject mode (a 600-byte publish is a segment of its own), and v3.1.1
+/// acks withheld for up to `full_ack_wait_ms` when it is full.
+fn small_rejecting_env(full_ack_wait_ms: u64) -> Env {
     let mut o = opts();
     o.max_bytes = 3000;
     o.max_batch_bytes = 700;
     o.when_full = WhenFull::Reject;
-    let e = env_with(
+    env_with(
         MqttSettings {
-            full_ack_wait_ms: 300,
+            full_ack_wait_ms,
             ..Default::default()
         },
         o,
-    );
+    )
+}
+
+#[tokio::test]
+async fn full_buffer_v5_gets_quota_exceeded_and_v4_is_withheld_then_closed() {
+    let e = small_rejecting_env(300);
     let mut c = e.connect();
     c.send5(c5::Packet::Connect(
         c5::Connect {
@@ -558,17 +564,7 @@ async fn full_buffer_v5_gets_quota_exceeded_and_v4_is_withheld_then_closed() {
 
 #[tokio::test]
 async fn full_buffer_v4_ack_is_sent_once_space_frees() {
-    let mut o = opts();
-    o.max_bytes = 3000;
-    o.max_batch_bytes = 700;
-    o.when_full = WhenFull::Reject;
-    let e = env_with(
-        MqttSettings {
-            full_ack_wait_ms: 10_000,
-            ..Default::default()
-        },
-        o,
-    );
+    let e = small_rejecting_env(10_000);
     let mut c = e.connect();
     c.connect4(c4::Connect::new("wait4")).await;
     // Fill the buffer: each 600-byte publish is its own segment.
