@@ -11,8 +11,8 @@
 //!    across crashes. (A requeued dead letter keeps its original reading id, so that upstream
 //!    consumers can de-duplicate by `ferry-id`.)
 //! 2. **A reading is acknowledged only after its commit.** [`Buffer::append`] (and the future
-//!    of [`Buffer::submit`]) resolves only after the redb transaction that holds the readings has returned from `commit()` with
-//!    [`redb::Durability::Immediate`], i.e. after fsync.
+//!    of [`Buffer::submit`]) resolves only after the redb transaction that holds the readings
+//!    has returned from `commit()` with [`redb::Durability::Immediate`], i.e. after fsync.
 //! 3. **A reading is deleted only after its upstream ack** — by every enabled consumer
 //!    ([`BufferOptions::consumers`]) — or by an explicit, counted drop: the byte cap in
 //!    `drop_oldest` mode, or the TTL. Both are reported in [`BufferStats`] and in

@@ -56,9 +56,9 @@ pub(crate) type Batch = (u64, Result<Vec<Segment>, ReadError>);
 
 /// Runs until the command channel closes (after finishing what it holds). Each read brings
 /// about `read_readings` readings and at most about `read_bytes` stored bytes (at least one
-/// segment, at most [`MAX_READ_SEGMENTS`]), judged from the size of the segments read last. Reads stop when the
-/// segment channel closes, and after a read error or the buffer's closing until the next
-/// rewind.
+/// segment, at most [`MAX_READ_SEGMENTS`]), judged from the size of the segments read last.
+/// Reads stop when the segment channel closes, and after a read error or the buffer's closing
+/// until the next rewind.
 pub(crate) async fn run(
     mut reader: Reader,
     mut commits: watch::Receiver<u64>,
