@@ -37,6 +37,21 @@ pub fn proc_field(pid: &str, file: &str, key: &str) -> Option<u64> {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
+/// CPU seconds (user + system) from a `/proc/<pid>/stat` line: `utime` and `stime` with
+/// `children = false`, or the `cutime` and `cstime` of the children waited for with
+/// `children = true` (`pid = "self"`). Linux counts them in clock ticks of 1/100 s
+/// (`USER_HZ`, fixed at 100 for user space on every architecture ferry runs on).
+pub fn proc_cpu_secs(pid: &str, children: bool) -> Option<f64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which is in parentheses and may hold spaces: the
+    // state is field 3, so utime (14) is index 11 here, cutime (16) index 13.
+    let rest = s.rsplit_once(')')?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let at = if children { 13 } else { 11 };
+    let ticks: u64 = f.get(at)?.parse::<u64>().ok()? + f.get(at + 1)?.parse::<u64>().ok()?;
+    Some(ticks as f64 / 100.0)
+}
+
 /// A realistic JSON telemetry payload of about `len` bytes.
 pub fn telemetry_json(device: usize, seq: u64, len: usize) -> String {
     let mut s = format!(
@@ -115,4 +130,24 @@ pub async fn compression_ratios(base: &std::path::Path) -> Vec<(String, u64, u64
         out.push((name.to_string(), st.raw_bytes_total, st.stored_bytes_total));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_seconds_grow_with_work() {
+        let before = proc_cpu_secs("self", false).expect("own CPU time");
+        // Burn at least 50 ms of CPU (two ticks of USER_HZ at 100), bounded in wall time.
+        let start = std::time::Instant::now();
+        let mut x = 0u64;
+        while proc_cpu_secs("self", false).unwrap() < before + 0.05 {
+            for i in 0..100_000u64 {
+                x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(i));
+            }
+            assert!(start.elapsed().as_secs() < 30, "CPU time did not grow");
+        }
+        assert_eq!(proc_cpu_secs("no-such-pid", false), None);
+    }
 }

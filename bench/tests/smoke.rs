@@ -107,6 +107,14 @@ fn bench_run_smoke_produces_every_scenario_row() {
     }
     if kcat {
         assert!(peer("4 drain").starts_with("kcat -P "), "{table}");
+        // With kcat's input: CPU time of both producers, and the bare librdkafka loop.
+        for metric in ["CPU seconds per 1M readings", "bare producer loop"] {
+            let r = rows
+                .iter()
+                .find(|r| r[0] == "4 drain" && r[1].contains(metric))
+                .unwrap_or_else(|| panic!("no drain row '{metric}' in:\n{table}"));
+            assert_ne!(r[3], "–", "no peer figure in {r:?}");
+        }
     }
     assert!(
         peer("3 HTTP ingest").starts_with("no-work handler "),

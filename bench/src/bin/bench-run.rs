@@ -27,7 +27,7 @@
 //! `FERRY_REQUIRE_TOOLS=1`. The run exits non-zero if any row is an `error`.
 
 use clap::Parser;
-use ferry_bench::{compression_ratios, fleet_readings, proc_field};
+use ferry_bench::{compression_ratios, fleet_readings, proc_cpu_secs, proc_field};
 use ferry_buffer::{Buffer, BufferOptions};
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::DefaultProducerContext;
@@ -253,6 +253,7 @@ struct Bins {
     ferry: PathBuf,
     load: PathBuf,
     null_http: PathBuf,
+    floor: PathBuf,
 }
 
 impl Bins {
@@ -266,6 +267,7 @@ impl Bins {
                 .unwrap_or_else(|| dir.join("ferry-bench-gateway")),
             load: dir.join("ferry-load"),
             null_http: dir.join("null_http"),
+            floor: dir.join("producer-floor"),
         }
     }
 }
@@ -891,11 +893,13 @@ fn drain_run(ctx: &Ctx, with_kcat: bool) -> Res<Vec<Row>> {
         format!("ferry-source={}", mid.source.as_str()),
     ];
     // Alternating rounds, each on a fresh mock cluster (it keeps every record in memory).
-    let (mut ferry_s, mut kcat_s, mut bare_s) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut ferry_s, mut kcat_s, mut bare_s, mut floor_s) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for round in 0..ctx.sizes.rounds.max(1) {
         ferry_s.push(drain_ferry(ctx, n, "reading")?);
         if let Some(input) = &input {
             kcat_s.push(drain_kcat(input, &headers)?);
+            floor_s.push(drain_floor(ctx, input, &headers)?);
             if round == 0 {
                 // For reference: kcat's records without the headers (the comparison in
                 // BENCHMARKS.md before 2026-12-01).
@@ -903,13 +907,17 @@ fn drain_run(ctx: &Ctx, with_kcat: bool) -> Res<Vec<Row>> {
             }
         }
     }
-    let rate = |secs: &[f64]| n as f64 * secs.len() as f64 / secs.iter().sum::<f64>();
-    let times = |secs: &[f64]| {
-        secs.iter()
-            .map(|s| format!("{s:.2}"))
+    let rate = |d: &[Drained]| n as f64 * d.len() as f64 / d.iter().map(|d| d.secs).sum::<f64>();
+    let times = |d: &[Drained]| {
+        d.iter()
+            .map(|d| format!("{:.2}", d.secs))
             .collect::<Vec<_>>()
             .join(", ")
     };
+    // CPU seconds (all threads) per million records, the mean of the rounds: less noisy than
+    // the wall clock, and what a shared edge box pays.
+    let cpu =
+        |d: &[Drained]| d.iter().map(|d| d.cpu).sum::<f64>() / d.len() as f64 * 1e6 / n as f64;
     let fr = rate(&ferry_s);
     let r = row(
         SC,
@@ -930,10 +938,32 @@ fn drain_run(ctx: &Ctx, with_kcat: bool) -> Res<Vec<Row>> {
     // For reference: one record per segment (the segment as stored, gzip), once.
     let seg_s = [drain_ferry(ctx, n, "segment")?];
     let sr = rate(&seg_s);
+    let (fc, kc) = (cpu(&ferry_s), cpu(&kcat_s));
+    let fl = rate(&floor_s);
     Ok(vec![
         r.peer(format!("kcat -P {kr:.0} ({} s)", times(&kcat_s)))
             .ratio(ratio)
             .goal("≥ 1.0× kcat", ratio >= 1.0),
+        row(
+            SC,
+            "CPU seconds per 1M readings, every thread of the producing process (same records)",
+        )
+        .ferry(format!("{fc:.2}"))
+        .peer(format!("kcat -P {kc:.2}"))
+        // Higher is better, as in every other row: kcat's CPU over ferry's.
+        .ratio(kc / fc),
+        row(
+            SC,
+            "against a bare producer loop with ferry's rdkafka 0.39 / librdkafka 2.12.1 \
+             (`producer-floor`, same records, no buffer), readings/s",
+        )
+        .ferry(format!("{fr:.0}"))
+        .peer(format!(
+            "{fl:.0} ({} s; CPU {:.2} s per 1M)",
+            times(&floor_s),
+            cpu(&floor_s)
+        ))
+        .ratio(fr / fl),
         row(
             SC,
             format!("{n}-reading backlog, against kcat -P with key and value only, readings/s"),
@@ -963,7 +993,7 @@ fn drain_cluster(topic: &str) -> Res<MockCluster<'static, DefaultProducerContext
 
 /// ferry drains a copy of the backlog with `uplink.kafka.delivery = delivery`; seconds from its
 /// ready line until the buffer is empty.
-fn drain_ferry(ctx: &Ctx, n: u64, delivery: &str) -> Res<f64> {
+fn drain_ferry(ctx: &Ctx, n: u64, delivery: &str) -> Res<Drained> {
     let dir = copy_backlog(ctx, "drain")?;
     let mock = drain_cluster("ferry.readings")?;
     let bootstrap = mock.bootstrap_servers();
@@ -989,6 +1019,8 @@ fn drain_ferry(ctx: &Ctx, n: u64, delivery: &str) -> Res<f64> {
         std::thread::sleep(Duration::from_millis(10));
     }
     let took = t.elapsed().as_secs_f64();
+    // All of ferry's CPU time until drained, its start included.
+    let cpu = proc_cpu_secs(&gw.child.id().to_string(), false);
     let tail = gw.log_tail();
     gw.kill();
     if !drained {
@@ -996,7 +1028,17 @@ fn drain_ferry(ctx: &Ctx, n: u64, delivery: &str) -> Res<f64> {
             "ferry did not drain {n} readings in 900 s; log: {tail}"
         ));
     }
-    Ok(took)
+    Ok(Drained {
+        secs: took,
+        cpu: cpu.ok_or("cannot read ferry's CPU time")?,
+    })
+}
+
+/// One drain: wall-clock seconds, and CPU seconds (user + system, every thread) of the
+/// process that produced the records.
+struct Drained {
+    secs: f64,
+    cpu: f64,
 }
 
 /// The backlog's records as kcat input: `device \t payload` per line.
@@ -1017,28 +1059,57 @@ fn kcat_input(ctx: &Ctx, n: u64) -> Res<PathBuf> {
 }
 
 /// `kcat -P` produces `input` with `headers` to a fresh mock cluster; seconds it took.
-fn drain_kcat(input: &Path, headers: &[String]) -> Res<f64> {
+fn drain_kcat(input: &Path, headers: &[String]) -> Res<Drained> {
     let mock = drain_cluster("kcat")?;
-    let bootstrap = mock.bootstrap_servers();
     let mut cmd = Command::new("kcat");
-    cmd.args(["-P", "-b", &bootstrap, "-t", "kcat", "-K\t", "-z", "zstd"])
-        .args(["-X", "enable.idempotence=true", "-X", "acks=all"]);
+    cmd.args([
+        "-P",
+        "-b",
+        &mock.bootstrap_servers(),
+        "-t",
+        "kcat",
+        "-K\t",
+        "-z",
+        "zstd",
+    ])
+    .args(["-X", "enable.idempotence=true", "-X", "acks=all"]);
     for h in headers {
         cmd.arg("-H").arg(h);
     }
+    drain_child(cmd.stdin(std::fs::File::open(input).map_err(|e| e.to_string())?))
+}
+
+/// `producer-floor` produces the same records as kcat, with ferry's rdkafka and librdkafka.
+fn drain_floor(ctx: &Ctx, input: &Path, headers: &[String]) -> Res<Drained> {
+    let mock = drain_cluster("floor")?;
+    let mut cmd = Command::new(&ctx.bins.floor);
+    cmd.arg(mock.bootstrap_servers())
+        .arg("floor")
+        .arg(input)
+        .args(headers)
+        .stdin(Stdio::null());
+    drain_child(&mut cmd)
+}
+
+/// Runs a producer to its end: wall-clock and CPU seconds.
+fn drain_child(cmd: &mut Command) -> Res<Drained> {
+    let name = cmd.get_program().to_string_lossy().into_owned();
+    // The child's CPU time is added to this process's children's once it is waited for.
+    let cpu0 = proc_cpu_secs("self", true);
     let t = Instant::now();
-    let out = cmd
-        .stdin(std::fs::File::open(input).map_err(|e| e.to_string())?)
-        .output()
-        .map_err(|e| format!("spawn kcat: {e}"))?;
+    let out = cmd.output().map_err(|e| format!("spawn {name}: {e}"))?;
     let took = t.elapsed().as_secs_f64();
+    let cpu = proc_cpu_secs("self", true)
+        .zip(cpu0)
+        .map(|(b, a)| b - a)
+        .ok_or_else(|| format!("cannot read the CPU time of {name}"))?;
     if !out.status.success() {
         return Err(format!(
-            "kcat -P failed: {}",
+            "{name} failed: {}",
             String::from_utf8_lossy(&out.stderr)
         ));
     }
-    Ok(took)
+    Ok(Drained { secs: took, cpu })
 }
 
 // ---------------------------------------------------------------------------------------------
