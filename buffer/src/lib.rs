@@ -36,6 +36,13 @@
 //! write transaction. Then every waiter is woken. Many concurrent appenders share one fsync.
 //! An append is atomic: all its readings are in one transaction.
 //!
+//! ## Readings awaiting their commit
+//! From [`Buffer::submit`] until its answer (or until its future is dropped), a submit's
+//! readings are counted in [`Buffer::pending_bytes`], by [`Reading::memory_len`]. The buffer
+//! never refuses a submit for it: [`BufferOptions::max_pending_bytes`] is a signal to callers
+//! that can push back ([`Buffer::pending_over`], [`Buffer::pending_room`]), so that a stalled
+//! disk does not turn into unbounded memory.
+//!
 //! ## Tables (redb)
 //! | table           | key                  | value                                                        |
 //! |-----------------|----------------------|--------------------------------------------------------------|
@@ -84,7 +91,7 @@ pub use store::{BackendFactory, FILE_NAME, FORMAT_VERSION, QUARANTINE_DIR};
 use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 use store::{CURSORS, DEAD, INDEX, Location, META, Meta, SEGMENTS, SegMeta};
@@ -141,6 +148,11 @@ pub struct BufferOptions {
     /// (measured: 62 ms and 12 MB peak RSS for a 1M-reading, 25 MB file) and bounded in memory
     /// by the page cache.
     pub quick_repair: bool,
+    /// Soft cap on the memory held by readings submitted and not yet answered (an estimate:
+    /// see [`Reading::memory_len`]). Above it, [`Buffer::pending_over`] says so, and callers
+    /// that can push back (MQTT sessions stop reading their sockets) wait for
+    /// [`Buffer::pending_room`]. The buffer itself never refuses a submit for it.
+    pub max_pending_bytes: u64,
 }
 
 impl Default for BufferOptions {
@@ -158,6 +170,7 @@ impl Default for BufferOptions {
             cache_bytes: 2 << 20,
             consumers: Vec::new(),
             quick_repair: false,
+            max_pending_bytes: 1 << 20,
         }
     }
 }
@@ -335,6 +348,26 @@ pub(crate) struct Shared {
     /// delivered. Readers publish under this lock while they take their read snapshot; the
     /// writer holds it from choosing what to evict until that commit is done.
     pub(crate) leases: Mutex<BTreeMap<String, u64>>,
+    /// Estimated memory of the readings submitted and not yet answered.
+    pending: AtomicU64,
+    /// Woken when `pending` falls to the cap or below.
+    pending_freed: tokio::sync::Notify,
+}
+
+/// Counts a submit's readings in [`Shared::pending`] until the submit is answered or dropped.
+struct PendingGuard {
+    shared: Arc<Shared>,
+    bytes: u64,
+}
+
+impl Drop for PendingGuard {
+    fn drop(&mut self) {
+        let before = self.shared.pending.fetch_sub(self.bytes, Ordering::AcqRel);
+        let max = self.shared.opts.max_pending_bytes;
+        if before > max && before - self.bytes <= max {
+            self.shared.pending_freed.notify_waiters();
+        }
+    }
 }
 
 impl std::fmt::Debug for Shared {
@@ -414,6 +447,8 @@ impl Buffer {
             tx: Mutex::new(Some(tx)),
             done: Mutex::new(Some(done_rx)),
             leases: Mutex::new(BTreeMap::new()),
+            pending: AtomicU64::new(0),
+            pending_freed: tokio::sync::Notify::new(),
         });
         let w =
             writer::Writer::new(shared.clone(), rx, db).map_err(|source| OpenError::Storage {
@@ -475,13 +510,19 @@ impl Buffer {
                 segment: s.newest_segment,
             })
         } else {
+            let bytes = readings.iter().map(|r| r.memory_len() as u64).sum();
+            self.shared.pending.fetch_add(bytes, Ordering::AcqRel);
+            let guard = PendingGuard {
+                shared: self.shared.clone(),
+                bytes,
+            };
             let (reply, rx) = oneshot::channel();
             self.send(Cmd::Append { readings, reply });
-            Ok(rx)
+            Ok((rx, guard))
         };
         async move {
-            let rx = match sent {
-                Ok(rx) => rx,
+            let (rx, _guard) = match sent {
+                Ok(sent) => sent,
                 Err(empty) => return Ok(empty),
             };
             match rx.await {
@@ -497,6 +538,29 @@ impl Buffer {
                     readings: Vec::new(),
                 }),
             }
+        }
+    }
+
+    /// Estimated memory held by readings submitted and not yet answered (see
+    /// [`BufferOptions::max_pending_bytes`]).
+    pub fn pending_bytes(&self) -> u64 {
+        self.shared.pending.load(Ordering::Acquire)
+    }
+
+    /// Whether [`Buffer::pending_bytes`] is above [`BufferOptions::max_pending_bytes`].
+    pub fn pending_over(&self) -> bool {
+        self.pending_bytes() > self.shared.opts.max_pending_bytes
+    }
+
+    /// Resolves once [`Buffer::pending_bytes`] is at or below the cap: at once if it is.
+    pub async fn pending_room(&self) {
+        loop {
+            // Registered before the check, so a release between the two is not missed.
+            let freed = self.shared.pending_freed.notified();
+            if !self.pending_over() {
+                return;
+            }
+            freed.await;
         }
     }
 
@@ -598,7 +662,7 @@ impl Buffer {
 
     /// Whether [`Buffer::close`] has completed.
     pub fn is_closed(&self) -> bool {
-        self.shared.closed.load(std::sync::atomic::Ordering::SeqCst)
+        self.shared.closed.load(Ordering::SeqCst)
     }
 }
 

@@ -110,6 +110,21 @@ impl Reading {
     pub fn encoded_len(&self) -> usize {
         crate::segment::reading_encoded_len(self)
     }
+
+    /// An estimate of the memory this reading holds: the record itself and its strings and
+    /// payload. Allocator overhead and the caller's own bookkeeping come on top.
+    pub fn memory_len(&self) -> usize {
+        std::mem::size_of::<Reading>()
+            + self.payload.len()
+            + self.topic.len()
+            + self.device.len()
+            + self.content_type.as_ref().map_or(0, |c| c.len())
+            + self
+                .properties
+                .iter()
+                .map(|(k, v)| k.len() + v.len() + std::mem::size_of::<(String, String)>())
+                .sum::<usize>()
+    }
 }
 
 /// Milliseconds since the Unix epoch, by the system clock.

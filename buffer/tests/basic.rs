@@ -76,6 +76,62 @@ async fn submit_takes_its_place_when_called_not_when_polled() {
 }
 
 #[tokio::test]
+async fn readings_awaiting_commit_are_counted_until_answered() {
+    let dir = tempfile::tempdir().unwrap();
+    // A 1 s gathering gap holds each commit back, so the counts can be seen in between.
+    let o = ferry_buffer::BufferOptions {
+        flush_interval: Duration::from_secs(1),
+        max_flush_delay: Duration::from_secs(1),
+        max_pending_bytes: 1000,
+        ..opts(&["kafka"])
+    };
+    let buf = Buffer::open(dir.path(), o).unwrap();
+    let (r1, r2) = (reading(0, 300), reading(1, 400));
+    let (m1, m2) = (r1.memory_len() as u64, r2.memory_len() as u64);
+    assert!(m1 > 300 + 150 && m2 > 400 + 150, "{m1} {m2}");
+    assert_eq!(buf.pending_bytes(), 0);
+    assert!(!buf.pending_over());
+    let a = buf.submit(vec![r1]);
+    assert_eq!(buf.pending_bytes(), m1);
+    assert!(!buf.pending_over(), "{m1} is under the cap of 1000");
+    let b = buf.submit(vec![r2]);
+    assert_eq!(buf.pending_bytes(), m1 + m2);
+    assert!(buf.pending_over());
+    // Waiting for room: not before the commit answers.
+    let room = buf.pending_room();
+    tokio::pin!(room);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), &mut room)
+            .await
+            .is_err(),
+        "room before any commit"
+    );
+    // A dropped future stops counting; its readings still commit.
+    drop(b);
+    assert_eq!(buf.pending_bytes(), m1);
+    tokio::time::timeout(Duration::from_secs(1), &mut room)
+        .await
+        .expect("room once under the cap");
+    let ra = a.await.unwrap();
+    assert_eq!(buf.pending_bytes(), 0);
+    assert_eq!(ra.first_id, 1);
+    let mut rd = buf.reader("kafka").unwrap();
+    let n: usize = rd
+        .next(10)
+        .await
+        .unwrap()
+        .iter()
+        .map(|s| s.readings.len())
+        .sum();
+    assert_eq!(n, 2, "the dropped submit's reading is stored too");
+    // Answered by a refusal (closed): counted until then, not after.
+    buf.close().await;
+    assert!(buf.submit(vec![reading(2, 10)]).await.is_err());
+    assert_eq!(buf.pending_bytes(), 0);
+    buf.pending_room().await;
+}
+
+#[tokio::test]
 async fn a_segment_is_deleted_only_when_every_consumer_acked_it() {
     let dir = tempfile::tempdir().unwrap();
     let buf = Buffer::open(dir.path(), opts(&["kafka", "mqtt"])).unwrap();

@@ -36,6 +36,8 @@ pub const BUFFER_MAX_BATCH_BYTES: u64 = MIB;
 pub const COMPRESSION_LEVEL: u32 = 3;
 /// `buffer.cache_bytes`.
 pub const BUFFER_CACHE_BYTES: u64 = 2 * MIB;
+/// `buffer.max_pending_bytes`.
+pub const BUFFER_MAX_PENDING_BYTES: u64 = MIB;
 
 /// `mqtt.listen`.
 pub const MQTT_LISTEN: &str = "0.0.0.0:1883";

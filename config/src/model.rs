@@ -165,6 +165,17 @@ pub struct BufferSettings {
     /// from the operating system's page cache at the cost of a copy; a larger cache mostly
     /// adds to ferry's resident memory (BENCHMARKS.md, footprint). Default: 2097152 (2 MiB).
     pub cache_bytes: u64,
+    /// Memory for readings received and not yet committed, estimated as each reading's
+    /// payload, topic, device and properties plus about 150 bytes of record (the heap holds
+    /// roughly 3× the estimate). When the disk stalls (a slow SD card, writeback), readings
+    /// keep arriving while none commit; above this cap MQTT connections stop reading their
+    /// sockets until a commit frees room, so the excess waits in the devices and the kernel's
+    /// socket buffers instead of ferry's memory. Nothing is refused or lost for it; HTTP
+    /// requests are bounded by `http.max_connections` and `http.max_body_bytes` instead.
+    /// At least 1. Default: 1048576 (1 MiB), about 3,500 readings of 100 bytes: above what
+    /// the fastest QoS 1 load keeps waiting, and within the 25 MB goal for RSS during a 3 s
+    /// disk stall at 10,000 msg/s (BENCHMARKS.md).
+    pub max_pending_bytes: u64,
 }
 
 impl Default for BufferSettings {
@@ -181,6 +192,7 @@ impl Default for BufferSettings {
             compression_level: defaults::COMPRESSION_LEVEL,
             max_age_secs: 0,
             cache_bytes: defaults::BUFFER_CACHE_BYTES,
+            max_pending_bytes: defaults::BUFFER_MAX_PENDING_BYTES,
         }
     }
 }

@@ -260,6 +260,7 @@ impl Config {
             );
         }
         p.at_least("buffer.max_batch_bytes", b.max_batch_bytes, 1);
+        p.at_least("buffer.max_pending_bytes", b.max_pending_bytes, 1);
         if b.max_batch_bytes.saturating_mul(4) > b.max_bytes {
             p.invalid(
                 "buffer.max_batch_bytes",

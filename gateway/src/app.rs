@@ -79,6 +79,7 @@ pub fn buffer_options(config: &Config) -> BufferOptions {
         cache_bytes: b.cache_bytes as usize,
         consumers,
         quick_repair: false,
+        max_pending_bytes: b.max_pending_bytes,
     }
 }
 

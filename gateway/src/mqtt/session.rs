@@ -12,7 +12,10 @@
 //! is no second task or channel per connection for writing.
 //! Publishes framed from one read go to the buffer as one append; the append futures of a
 //! connection sit in a `FuturesOrdered`, so acks go out in publish order while the connection
-//! keeps reading (up to `max_inflight` unacknowledged QoS 1/2 publishes).
+//! keeps reading (up to `max_inflight` unacknowledged QoS 1/2 publishes). While the readings
+//! of all connections that await their commit are over `buffer.max_pending_bytes` (a stalled
+//! disk), connections stop reading their sockets until a commit frees room, and count it in
+//! `ferry_mqtt_read_pauses_total`; the keep-alive does not run meanwhile.
 
 use super::auth::{Auth, AuthConfigError, AuthOutcome};
 use super::stats::{MqttStats, reason};
@@ -629,6 +632,8 @@ impl Session {
         let mut write_by = Instant::now() + write_timeout;
         // Bytes handed to a writer that buffers (TLS) and not yet flushed.
         let mut unflushed = false;
+        // Not reading for `buffer.max_pending_bytes`.
+        let mut paused = false;
         loop {
             // Frame and handle what is buffered, as far as the inflight window allows.
             while self.can_take_more() {
@@ -642,12 +647,23 @@ impl Session {
                 }
             }
             self.flush_batch();
-            let reading = self.can_take_more() && self.out.len() < OUT_HIGH;
+            let wants_read = self.can_take_more() && self.out.len() < OUT_HIGH;
+            // Readings awaiting commit over `buffer.max_pending_bytes` (a stalled disk): stop
+            // reading, so the excess waits in the client and the kernel, not in memory.
+            let was_paused = paused;
+            paused = wants_read && self.ctx.buffer.pending_over();
+            if paused && !was_paused {
+                self.ctx.stats.read_paused();
+            } else if was_paused && !paused {
+                // The client's packets were not read meanwhile: not its silence.
+                last_rx = Instant::now();
+            }
+            let reading = wants_read && !paused;
             let writing = !self.out.is_empty() || unflushed;
             if !writing {
                 write_by = Instant::now() + write_timeout;
             }
-            let ka_on = connect.keep_alive > 0 && self.pending.is_empty();
+            let ka_on = connect.keep_alive > 0 && self.pending.is_empty() && !paused;
             tokio::select! {
                 _ = stop.cancelled() => {
                     return Close { reason: None, message: "ferry is shutting down".into(), v5: Some(DisconnectReasonCode::ServerShuttingDown), will: false, write_failed: false };
@@ -681,6 +697,7 @@ impl Session {
                         return c;
                     }
                 }
+                () = self.ctx.buffer.pending_room(), if paused => {}
                 r = read_some(&mut rd, &mut buf, &mut room), if reading => {
                     match r {
                         Ok(0) => return Close::lost("the client closed the connection without DISCONNECT"),

@@ -49,6 +49,7 @@ struct Inner {
     disconnects: AtomicU64,
     readings: [AtomicU64; 3],
     wills: AtomicU64,
+    read_pauses: AtomicU64,
     rejected: Mutex<BTreeMap<&'static str, u64>>,
     latency: Mutex<(Vec<u32>, usize)>,
 }
@@ -69,6 +70,18 @@ impl MqttStats {
         self.0.disconnects.fetch_add(1, Relaxed);
         let n = self.0.connected.fetch_sub(1, Relaxed) - 1;
         metrics::gauge!("ferry_mqtt_connections").set(n as f64);
+    }
+
+    /// A connection stopped reading its socket because the readings awaiting commit are
+    /// over `buffer.max_pending_bytes`.
+    pub(crate) fn read_paused(&self) {
+        self.0.read_pauses.fetch_add(1, Relaxed);
+        metrics::counter!("ferry_mqtt_read_pauses_total").increment(1);
+    }
+
+    /// How often a connection stopped reading for `buffer.max_pending_bytes`.
+    pub fn read_pauses(&self) -> u64 {
+        self.0.read_pauses.load(Relaxed)
     }
 
     pub(crate) fn rejected(&self, reason: &'static str, n: u64) {

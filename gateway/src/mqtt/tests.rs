@@ -652,3 +652,38 @@ fn topic_and_device_rules() {
     assert_eq!(device_id(None, None, "s/dev9/t", "cid"), "cid");
     assert_eq!(device_id(Some("cn"), Some(1), "s/dev9/t", "cid"), "cn");
 }
+
+#[tokio::test]
+async fn over_the_pending_cap_a_session_stops_reading_until_a_commit_frees_room() {
+    // Commits wait for a 300 ms gathering gap, and one reading is over the cap.
+    let mut o = opts();
+    o.flush_interval = Duration::from_millis(300);
+    o.max_flush_delay = Duration::from_millis(300);
+    o.max_pending_bytes = 1;
+    let e = env_with(MqttSettings::default(), o);
+    let mut c = e.connect();
+    c.connect4(c4::Connect::new("paced")).await;
+    c.send4(publish4("t", QoS::AtLeastOnce, 1, b"first")).await;
+    // Long enough for the session to read and submit the first publish.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(e.ctx.buffer.pending_over());
+    for pkid in 2..=20u16 {
+        c.send4(publish4("t", QoS::AtLeastOnce, pkid, b"more"))
+            .await;
+    }
+    for pkid in 1..=20u16 {
+        match tokio::time::timeout(Duration::from_secs(5), c.recv4()).await {
+            Ok(Some(c4::Packet::PubAck(a))) => assert_eq!(a.pkid, pkid),
+            other => panic!("publish {pkid}: {other:?}"),
+        }
+    }
+    assert_eq!(e.ctx.buffer.pending_bytes(), 0);
+    assert!(e.ctx.stats.read_pauses() >= 1);
+    // The 19 publishes sent during the first commit's gap were read only after it: they are
+    // in a later commit. Read at once, they would have joined the first.
+    let mut rd = e.ctx.buffer.reader("kafka").unwrap();
+    let segs = rd.try_next(64).await.unwrap();
+    let sizes: Vec<usize> = segs.iter().map(|s| s.readings.len()).collect();
+    assert_eq!(sizes.first(), Some(&1), "{sizes:?}");
+    assert_eq!(sizes.iter().sum::<usize>(), 20, "{sizes:?}");
+}
