@@ -40,7 +40,7 @@
 //! From [`Buffer::submit`] until its answer (or until its future is dropped), a submit's
 //! readings are counted in [`Buffer::pending_bytes`], by [`Reading::memory_len`]. The buffer
 //! never refuses a submit for it: [`BufferOptions::max_pending_bytes`] is a signal to callers
-//! that can push back ([`Buffer::pending_over`], [`Buffer::pending_room`]), so that a stalled
+//! that can push back ([`Buffer::pending_over`], [`Buffer::room_since`]), so that a stalled
 //! disk does not turn into unbounded memory.
 //!
 //! ## Tables (redb)
@@ -151,7 +151,7 @@ pub struct BufferOptions {
     /// Soft cap on the memory held by readings submitted and not yet answered (an estimate:
     /// see [`Reading::memory_len`]). Above it, [`Buffer::pending_over`] says so, and callers
     /// that can push back (MQTT sessions stop reading their sockets) wait for
-    /// [`Buffer::pending_room`]. The buffer itself never refuses a submit for it.
+    /// [`Buffer::room_since`]. The buffer itself never refuses a submit for it.
     pub max_pending_bytes: u64,
 }
 
@@ -350,7 +350,9 @@ pub(crate) struct Shared {
     pub(crate) leases: Mutex<BTreeMap<String, u64>>,
     /// Estimated memory of the readings submitted and not yet answered.
     pending: AtomicU64,
-    /// Woken when `pending` falls to the cap or below.
+    /// How often `pending` fell from over the cap to the cap or below.
+    room_generation: AtomicU64,
+    /// Woken at each of those falls.
     pending_freed: tokio::sync::Notify,
 }
 
@@ -362,9 +364,10 @@ struct PendingGuard {
 
 impl Drop for PendingGuard {
     fn drop(&mut self) {
-        let before = self.shared.pending.fetch_sub(self.bytes, Ordering::AcqRel);
+        let before = self.shared.pending.fetch_sub(self.bytes, Ordering::SeqCst);
         let max = self.shared.opts.max_pending_bytes;
         if before > max && before - self.bytes <= max {
+            self.shared.room_generation.fetch_add(1, Ordering::SeqCst);
             self.shared.pending_freed.notify_waiters();
         }
     }
@@ -448,6 +451,7 @@ impl Buffer {
             done: Mutex::new(Some(done_rx)),
             leases: Mutex::new(BTreeMap::new()),
             pending: AtomicU64::new(0),
+            room_generation: AtomicU64::new(0),
             pending_freed: tokio::sync::Notify::new(),
         });
         let w =
@@ -511,7 +515,7 @@ impl Buffer {
             })
         } else {
             let bytes = readings.iter().map(|r| r.memory_len() as u64).sum();
-            self.shared.pending.fetch_add(bytes, Ordering::AcqRel);
+            self.shared.pending.fetch_add(bytes, Ordering::SeqCst);
             let guard = PendingGuard {
                 shared: self.shared.clone(),
                 bytes,
@@ -544,7 +548,7 @@ impl Buffer {
     /// Estimated memory held by readings submitted and not yet answered (see
     /// [`BufferOptions::max_pending_bytes`]).
     pub fn pending_bytes(&self) -> u64 {
-        self.shared.pending.load(Ordering::Acquire)
+        self.shared.pending.load(Ordering::SeqCst)
     }
 
     /// Whether [`Buffer::pending_bytes`] is above [`BufferOptions::max_pending_bytes`].
@@ -552,15 +556,33 @@ impl Buffer {
         self.pending_bytes() > self.shared.opts.max_pending_bytes
     }
 
-    /// Resolves once [`Buffer::pending_bytes`] is at or below the cap: at once if it is.
-    pub async fn pending_room(&self) {
+    /// How often [`Buffer::pending_bytes`] fell from above the cap to the cap or below. A
+    /// caller that pauses reads `g` *before* it finds [`Buffer::pending_over`] true, and may
+    /// go on once this exceeds `g` ([`Buffer::room_since`]), whatever the level is by then:
+    /// so every paused caller gets its turn after each fall, even when others fill the room
+    /// again first.
+    pub fn room_generation(&self) -> u64 {
+        self.shared.room_generation.load(Ordering::SeqCst)
+    }
+
+    /// Resolves once [`Buffer::room_generation`] exceeds `generation`.
+    pub async fn room_since(&self, generation: u64) {
         loop {
-            // Registered before the check, so a release between the two is not missed.
+            // Registered before the check, so a fall between the two is not missed.
             let freed = self.shared.pending_freed.notified();
-            if !self.pending_over() {
+            if self.room_generation() > generation {
                 return;
             }
             freed.await;
+        }
+    }
+
+    /// Resolves once [`Buffer::pending_bytes`] is at or below the cap, or has been since the
+    /// call: at once if it is.
+    pub async fn pending_room(&self) {
+        let g = self.room_generation();
+        if self.pending_over() {
+            self.room_since(g).await;
         }
     }
 

@@ -97,6 +97,7 @@ async fn readings_awaiting_commit_are_counted_until_answered() {
     let b = buf.submit(vec![r2]);
     assert_eq!(buf.pending_bytes(), m1 + m2);
     assert!(buf.pending_over());
+    let g = buf.room_generation();
     // Waiting for room: not before the commit answers.
     let room = buf.pending_room();
     tokio::pin!(room);
@@ -112,8 +113,22 @@ async fn readings_awaiting_commit_are_counted_until_answered() {
     tokio::time::timeout(Duration::from_secs(1), &mut room)
         .await
         .expect("room once under the cap");
+    // That fall below the cap is counted: a caller paused before it may go on, even once
+    // the room is taken again.
+    assert_eq!(buf.room_generation(), g + 1);
+    let b2 = buf.submit(vec![reading(3, 800)]);
+    assert!(buf.pending_over());
+    buf.room_since(g).await;
+    assert!(
+        tokio::time::timeout(Duration::from_millis(100), buf.room_since(g + 1))
+            .await
+            .is_err(),
+        "no second fall yet"
+    );
     let ra = a.await.unwrap();
+    b2.await.unwrap();
     assert_eq!(buf.pending_bytes(), 0);
+    assert_eq!(buf.room_generation(), g + 2);
     assert_eq!(ra.first_id, 1);
     let mut rd = buf.reader("kafka").unwrap();
     let n: usize = rd
@@ -123,7 +138,7 @@ async fn readings_awaiting_commit_are_counted_until_answered() {
         .iter()
         .map(|s| s.readings.len())
         .sum();
-    assert_eq!(n, 2, "the dropped submit's reading is stored too");
+    assert_eq!(n, 3, "the dropped submit's reading is stored too");
     // Answered by a refusal (closed): counted until then, not after.
     buf.close().await;
     assert!(buf.submit(vec![reading(2, 10)]).await.is_err());

@@ -15,7 +15,8 @@
 //! keeps reading (up to `max_inflight` unacknowledged QoS 1/2 publishes). While the readings
 //! of all connections that await their commit are over `buffer.max_pending_bytes` (a stalled
 //! disk), connections stop reading their sockets until a commit frees room, and count it in
-//! `ferry_mqtt_read_pauses_total`; the keep-alive does not run meanwhile.
+//! `ferry_mqtt_read_pauses_total`; the keep-alive does not run meanwhile. Each fall below the
+//! cap gives every connection paused before it one read, so none is starved by the others.
 
 use super::auth::{Auth, AuthConfigError, AuthOutcome};
 use super::stats::{MqttStats, reason};
@@ -632,8 +633,10 @@ impl Session {
         let mut write_by = Instant::now() + write_timeout;
         // Bytes handed to a writer that buffers (TLS) and not yet flushed.
         let mut unflushed = false;
-        // Not reading for `buffer.max_pending_bytes`.
-        let mut paused = false;
+        // Paused for `buffer.max_pending_bytes` at this room generation; `granted`: room was
+        // freed since, one read may go ahead.
+        let mut paused_at: Option<u64> = None;
+        let mut granted = false;
         loop {
             // Frame and handle what is buffered, as far as the inflight window allows.
             while self.can_take_more() {
@@ -650,14 +653,27 @@ impl Session {
             let wants_read = self.can_take_more() && self.out.len() < OUT_HIGH;
             // Readings awaiting commit over `buffer.max_pending_bytes` (a stalled disk): stop
             // reading, so the excess waits in the client and the kernel, not in memory.
-            let was_paused = paused;
-            paused = wants_read && self.ctx.buffer.pending_over();
-            if paused && !was_paused {
-                self.ctx.stats.read_paused();
-            } else if was_paused && !paused {
-                // The client's packets were not read meanwhile: not its silence.
-                last_rx = Instant::now();
+            if wants_read && !granted {
+                match paused_at {
+                    // Room was freed since the pause: one read, even if other connections
+                    // have filled the room again by now, so that none is starved.
+                    Some(g) if self.ctx.buffer.room_generation() > g => {
+                        paused_at = None;
+                        granted = true;
+                        // The client's packets were not read meanwhile: not its silence.
+                        last_rx = Instant::now();
+                    }
+                    Some(_) => {}
+                    None => {
+                        let g = self.ctx.buffer.room_generation();
+                        if self.ctx.buffer.pending_over() {
+                            paused_at = Some(g);
+                            self.ctx.stats.read_paused();
+                        }
+                    }
+                }
             }
+            let paused = paused_at.is_some();
             let reading = wants_read && !paused;
             let writing = !self.out.is_empty() || unflushed;
             if !writing {
@@ -697,8 +713,9 @@ impl Session {
                         return c;
                     }
                 }
-                () = self.ctx.buffer.pending_room(), if paused => {}
+                () = self.ctx.buffer.room_since(paused_at.unwrap_or(0)), if paused && wants_read => {}
                 r = read_some(&mut rd, &mut buf, &mut room), if reading => {
+                    granted = false;
                     match r {
                         Ok(0) => return Close::lost("the client closed the connection without DISCONNECT"),
                         Ok(_) => last_rx = Instant::now(),
