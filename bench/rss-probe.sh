@@ -11,21 +11,14 @@
 # `cargo build --release -p ferry-bench`). FERRY_* variables in the environment reach the
 # gateway, e.g. FERRY_BUFFER_CACHE_BYTES=1048576.
 set -euo pipefail
+. "$(dirname "$0")/probe-lib.sh"
 clients=${1:?CLIENTS}; rate=${2:?RATE}; secs=${3:?SECS}
 bin=${4:-"$(dirname "$0")/../target/release"}
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 d=$(mktemp -d)
 pid=""
 trap '[ -n "$pid" ] && kill "$pid" 2>/dev/null; rm -rf "$d"' EXIT
-: > "$d/ferry.toml"
-FERRY_GATEWAY_DATA_DIR="$d/data" FERRY_GATEWAY_ID=probe FERRY_MQTT_LISTEN=127.0.0.1:0 \
-FERRY_HTTP_LISTEN=127.0.0.1:0 FERRY_MQTT_MAX_CONNECTIONS=4096 FERRY_UPLINK_KAFKA_ENABLED=false \
-FERRY_LOG=warn "$bin/ferry-bench-gateway" run --config "$d/ferry.toml" > "$d/out" 2> "$d/err" &
-pid=$!
-for _ in $(seq 200); do grep -q '^ready' "$d/out" && break; sleep 0.1; done
-addr() { sed -n 's/^ready //p' "$d/out" | python3 -c "import json,sys; print(json.load(sys.stdin)['$1'])"; }
-mqtt=$(addr mqtt); http=$(addr http)
-mem() { grep -E "^($1):" "/proc/$pid/status" | awk '{printf "%s %s kB  ", $1, $2}'; }
+start_ferry "$bin" "$d" "$d/data"
 echo "idle:  $(mem 'VmRSS|RssAnon|RssFile')"
 "$bin/ferry-load" mqtt "$mqtt" --clients "$clients" --rate "$rate" --secs "$secs" > "$d/load" 2>&1
 echo "load:  $(tail -1 "$d/load")"

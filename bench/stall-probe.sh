@@ -14,6 +14,7 @@
 # BIN_DIR holds ferry-bench-gateway and ferry-load (default target/release). FERRY_*
 # variables in the environment reach the gateway, e.g. FERRY_BUFFER_MAX_PENDING_BYTES.
 set -euo pipefail
+. "$(dirname "$0")/probe-lib.sh"
 mount=${1:?MOUNT}; clients=${2:?CLIENTS}; rate=${3:?RATE}; secs=${4:?SECS}
 freeze_at=${5:?FREEZE_AT}; freeze_secs=${6:?FREEZE_SECS}
 bin=${7:-"$(dirname "$0")/../target/release"}
@@ -28,15 +29,7 @@ cleanup() {
     rm -rf "$d" "$data"
 }
 trap cleanup EXIT
-: > "$d/ferry.toml"
-FERRY_GATEWAY_DATA_DIR="$data" FERRY_GATEWAY_ID=probe FERRY_MQTT_LISTEN=127.0.0.1:0 \
-FERRY_HTTP_LISTEN=127.0.0.1:0 FERRY_MQTT_MAX_CONNECTIONS=4096 FERRY_UPLINK_KAFKA_ENABLED=false \
-FERRY_LOG=warn "$bin/ferry-bench-gateway" run --config "$d/ferry.toml" > "$d/out" 2> "$d/err" &
-pid=$!
-for _ in $(seq 200); do grep -q '^ready' "$d/out" && break; sleep 0.1; done
-addr() { sed -n 's/^ready //p' "$d/out" | python3 -c "import json,sys; print(json.load(sys.stdin)['$1'])"; }
-mqtt=$(addr mqtt); http=$(addr http)
-mem() { grep -E "^($1):" "/proc/$pid/status" | awk '{printf "%s %s kB  ", $1, $2}'; }
+start_ferry "$bin" "$d" "$data"
 echo "idle:  $(mem 'VmRSS|RssAnon')"
 "$bin/ferry-load" mqtt "$mqtt" --clients "$clients" --rate "$rate" --secs "$secs" > "$d/load" 2>&1 &
 load=$!
