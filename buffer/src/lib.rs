@@ -577,15 +577,6 @@ impl Buffer {
         }
     }
 
-    /// Resolves once [`Buffer::pending_bytes`] is at or below the cap, or has been since the
-    /// call: at once if it is.
-    pub async fn pending_room(&self) {
-        let g = self.room_generation();
-        if self.pending_over() {
-            self.room_since(g).await;
-        }
-    }
-
     /// A reader for one of the enabled consumers, starting after its last acked segment.
     pub fn reader(&self, consumer: &str) -> Result<Reader, ReadError> {
         Reader::new(consumer, self.clone())
