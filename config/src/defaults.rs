@@ -51,7 +51,7 @@ pub const CONNECT_TIMEOUT_MS: u64 = 10_000;
 pub const WRITE_TIMEOUT_MS: u64 = 30_000;
 /// `mqtt.max_payload_bytes`.
 pub const MQTT_MAX_PAYLOAD_BYTES: usize = 262_144;
-/// `mqtt.max_inflight` and `uplink.mqtt.max_inflight`.
+/// `mqtt.max_inflight` and `max_inflight` of an MQTT uplink.
 pub const MAX_INFLIGHT: u16 = 64;
 /// `mqtt.full_ack_wait_ms`.
 pub const FULL_ACK_WAIT_MS: u64 = 30_000;
@@ -69,24 +69,29 @@ pub const BODY_TIMEOUT_MS: u64 = 30_000;
 /// `http.retry_after_secs`.
 pub const RETRY_AFTER_SECS: u64 = 5;
 
-/// `uplink.kafka.brokers`.
+/// `uplinks.NAME.enabled`.
+pub const UPLINK_ENABLED: bool = true;
+/// `uplinks.NAME.topics`: every reading.
+pub const UPLINK_TOPICS: &[&str] = &["#"];
+
+/// `brokers` of a Kafka uplink.
 pub const KAFKA_BROKERS: &str = "localhost:9092";
-/// `uplink.kafka.topic`.
+/// `topic` of a Kafka uplink.
 pub const KAFKA_TOPIC: &str = "ferry.readings";
-/// `uplink.kafka.message_timeout_ms`.
+/// `message_timeout_ms` of a Kafka uplink.
 pub const MESSAGE_TIMEOUT_MS: u64 = 30_000;
-/// `uplink.kafka.max_inflight_segments`.
+/// `max_inflight_segments` of a Kafka uplink.
 pub const MAX_INFLIGHT_SEGMENTS: usize = 256;
-/// `uplink.kafka.max_inflight_readings`.
+/// `max_inflight_readings` of a Kafka uplink.
 pub const MAX_INFLIGHT_READINGS: usize = 20_000;
-/// `uplink.*.initial_backoff_ms`.
+/// `initial_backoff_ms` of Kafka and MQTT uplinks.
 pub const INITIAL_BACKOFF_MS: u64 = 500;
-/// `uplink.*.max_backoff_ms`.
+/// `max_backoff_ms` of Kafka and MQTT uplinks.
 pub const MAX_BACKOFF_MS: u64 = 60_000;
 
-/// `uplink.mqtt.url`.
+/// `url` of an MQTT uplink.
 pub const MQTT_UPLINK_URL: &str = "mqtt://localhost:1883";
-/// `uplink.mqtt.keep_alive_secs`.
+/// `keep_alive_secs` of an MQTT uplink.
 pub const KEEP_ALIVE_SECS: u64 = 30;
 
 /// `status.stalled_after_secs`.
@@ -102,6 +107,14 @@ pub fn gateway_id() -> String {
         .map(|s| s.trim().to_owned())
         .filter(|s| crate::validate::check_gateway_id(s).is_ok())
         .unwrap_or_else(|| GATEWAY_ID.to_owned())
+}
+
+pub(crate) fn uplink_enabled() -> bool {
+    UPLINK_ENABLED
+}
+
+pub(crate) fn uplink_topics() -> Vec<String> {
+    UPLINK_TOPICS.iter().map(|&t| t.to_owned()).collect()
 }
 
 pub(crate) fn socket_addr(s: &str) -> SocketAddr {

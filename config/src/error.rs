@@ -27,8 +27,8 @@ pub enum ConfigErrorKind {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
     /// Where the problem is: a key path such as `buffer.max_bytes` or
-    /// `uplink.kafka.routes[2].filter`, an environment variable name (for [`ConfigErrorKind::Env`]),
-    /// or `file:line:column` (for [`ConfigErrorKind::Syntax`]).
+    /// `uplinks.cloud.routes[2].filter`, an environment variable name (for
+    /// [`ConfigErrorKind::Env`]), or `file:line:column` (for [`ConfigErrorKind::Syntax`]).
     pub path: String,
     /// What is wrong, as a sentence fragment.
     pub message: String,
@@ -58,6 +58,20 @@ impl fmt::Display for ConfigError {
 }
 
 impl std::error::Error for ConfigError {}
+
+/// `key` as one segment of a key path: as it is when it is a bare TOML key (`A-Z a-z 0-9 _ -`),
+/// else quoted (`uplinks."my uplink"`).
+pub(crate) fn path_segment(key: &str) -> String {
+    if !key.is_empty()
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    {
+        key.to_owned()
+    } else {
+        format!("{key:?}")
+    }
+}
 
 /// Every problem found in a configuration, in the order found. Never empty when returned as an
 /// error. `Display` prints one problem per line.

@@ -59,19 +59,32 @@ pub struct Config {
     pub mqtt: MqttSettings,
     /// The HTTP ingestion endpoint devices POST readings to.
     pub http: HttpSettings,
-    /// Where buffered readings are forwarded to.
-    pub uplink: Uplinks,
+    /// Where buffered readings are forwarded: one `[uplinks.NAME]` table per uplink, any
+    /// number of each type. NAME is 1 to 64 characters of `a-z 0-9 _ -`; it also names the
+    /// uplink's cursor in the buffer, so renaming an uplink makes it start over from the oldest
+    /// buffered reading. No uplink is configured by default: without one, ferry only buffers.
+    /// ferry 0.1's `[uplink.kafka]` and `[uplink.mqtt]` left cursors named `kafka` and `mqtt`:
+    /// uplinks given those names continue where they stopped.
+    pub uplinks: BTreeMap<String, UplinkSettings>,
     /// The status and metrics endpoint.
     pub status: StatusSettings,
 }
 
 impl Config {
-    /// The MQTT client id used by the MQTT uplink: `uplink.mqtt.client_id`, or
-    /// `ferry-<gateway.id>` when it is not set.
-    pub fn uplink_mqtt_client_id(&self) -> String {
-        match &self.uplink.mqtt.client_id {
+    /// The enabled uplinks, by name (BTreeMap order).
+    pub fn enabled_uplinks(&self) -> impl Iterator<Item = (&str, &UplinkSettings)> {
+        self.uplinks
+            .iter()
+            .filter(|(_, u)| u.enabled)
+            .map(|(name, u)| (name.as_str(), u))
+    }
+
+    /// The MQTT client id of the MQTT uplink `name`: its `client_id`, or
+    /// `ferry-<gateway.id>-<name>`.
+    pub fn mqtt_client_id(&self, name: &str, m: &MqttUplink) -> String {
+        match &m.client_id {
             Some(id) => id.clone(),
-            None => format!("ferry-{}", self.gateway.id),
+            None => format!("ferry-{}-{name}", self.gateway.id),
         }
     }
 }
@@ -395,22 +408,67 @@ pub struct HttpTls {
     pub key_path: PathBuf,
 }
 
-/// `[uplink]`: where readings are forwarded.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct Uplinks {
-    /// Forward to Kafka (`[uplink.kafka]`).
-    pub kafka: KafkaUplink,
-    /// Forward to an upstream MQTT broker (`[uplink.mqtt]`).
-    pub mqtt: MqttUplink,
+/// `[uplinks.NAME]`: one uplink. The keys every uplink has, and those of its type.
+///
+/// The config loader checks every key against the uplink's type before deserializing (serde
+/// cannot deny unknown fields next to a flattened enum).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UplinkSettings {
+    /// Whether the uplink runs; `false` switches it off without deleting its table (its
+    /// cursor stays where it is). Default: true.
+    #[serde(default = "defaults::uplink_enabled")]
+    pub enabled: bool,
+    /// MQTT topic filters (`+` matches one level, `#` the rest) of the readings this uplink
+    /// forwards, matched against each reading's source topic (the MQTT topic, or the HTTP
+    /// path). Not empty. Must be `["#"]` for a Kafka uplink with `delivery = "segment"`.
+    /// Default: `["#"]` (every reading).
+    #[serde(default = "defaults::uplink_topics")]
+    pub topics: Vec<String>,
+    /// `type`, required: `"kafka"` or `"mqtt"`. The other keys of the table are those of the
+    /// type.
+    #[serde(flatten)]
+    pub kind: UplinkKind,
 }
 
-/// `[uplink.kafka]`
+impl UplinkSettings {
+    /// An enabled uplink of `kind` that forwards every reading (`topics = ["#"]`).
+    pub fn new(kind: UplinkKind) -> Self {
+        UplinkSettings {
+            enabled: defaults::uplink_enabled(),
+            topics: defaults::uplink_topics(),
+            kind,
+        }
+    }
+}
+
+/// The type of an uplink (its `type` key) and the settings of that type.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum UplinkKind {
+    /// `type = "kafka"`: forward to Kafka.
+    Kafka(KafkaUplink),
+    /// `type = "mqtt"`: forward to an upstream MQTT broker.
+    Mqtt(MqttUplink),
+}
+
+impl UplinkKind {
+    /// Every uplink type, as written in `type`.
+    pub const TYPES: &'static [&'static str] = &["kafka", "mqtt"];
+
+    /// The type as written in `type`: `"kafka"` or `"mqtt"`.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            UplinkKind::Kafka(_) => "kafka",
+            UplinkKind::Mqtt(_) => "mqtt",
+        }
+    }
+}
+
+/// The keys of an uplink of `type = "kafka"`: forward to Kafka.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct KafkaUplink {
-    /// Whether readings are forwarded to Kafka. Default: true.
-    pub enabled: bool,
     /// Comma-separated bootstrap brokers, each `host:port`. Default: `"localhost:9092"`.
     pub brokers: String,
     /// Topic for readings no route matches. Default: `"ferry.readings"`.
@@ -453,7 +511,7 @@ pub struct KafkaUplink {
     /// PEM file with the CA certificates the brokers are verified against (`ssl`, `sasl_ssl`).
     /// Not set: the system trust store.
     pub ssl_ca_path: Option<PathBuf>,
-    /// Per-topic routing (`[[uplink.kafka.routes]]`); the first route whose filter matches the
+    /// Per-topic routing (`[[uplinks.NAME.routes]]`); the first route whose filter matches the
     /// reading's source topic wins.
     pub routes: Vec<KafkaRoute>,
     /// Extra librdkafka producer properties, passed through as is (e.g.
@@ -466,7 +524,6 @@ pub struct KafkaUplink {
 impl Default for KafkaUplink {
     fn default() -> Self {
         KafkaUplink {
-            enabled: true,
             brokers: defaults::KAFKA_BROKERS.to_owned(),
             topic: defaults::KAFKA_TOPIC.to_owned(),
             compression: KafkaCompression::Zstd,
@@ -488,7 +545,8 @@ impl Default for KafkaUplink {
     }
 }
 
-/// `[[uplink.kafka.routes]]`: send readings whose source topic matches `filter` to `topic`.
+/// `[[uplinks.NAME.routes]]` of a Kafka uplink: send readings whose source topic matches
+/// `filter` to `topic`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct KafkaRoute {
@@ -497,8 +555,8 @@ pub struct KafkaRoute {
     pub filter: String,
     /// Kafka topic for matching readings. Required.
     pub topic: String,
-    /// Message key for matching readings (same syntax as `uplink.kafka.key`). Not set:
-    /// `uplink.kafka.key`.
+    /// Message key for matching readings (same syntax as the uplink's `key`). Not set: the
+    /// uplink's `key`.
     pub key: Option<KeyRule>,
 }
 
@@ -663,18 +721,19 @@ impl From<KeyRule> for String {
     }
 }
 
-/// `[uplink.mqtt]`
+/// The keys of an uplink of `type = "mqtt"`: forward to an upstream MQTT broker.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MqttUplink {
-    /// Whether readings are forwarded to an upstream MQTT broker. Default: false.
-    pub enabled: bool,
     /// Broker address, `mqtt://host[:port]` (default port 1883) or `mqtts://host[:port]`
     /// (TLS, default port 8883). Default: `"mqtt://localhost:1883"`.
     pub url: String,
     /// MQTT protocol version: `"v311"` or `"v5"`. Default: `"v311"`.
     pub protocol: MqttProtocol,
-    /// Client id. Not set: `"ferry-<gateway.id>"`.
+    /// Client id. Two enabled MQTT uplinks to the same broker need different ones (the broker
+    /// disconnects a client when another connects with its id). Not set:
+    /// `"ferry-<gateway.id>-<NAME>"` (ferry 0.1 used `"ferry-<gateway.id>"`; set it to keep a
+    /// broker-side session).
     pub client_id: Option<String>,
     /// Username. Not set: connect without credentials.
     pub username: Option<String>,
@@ -686,7 +745,7 @@ pub struct MqttUplink {
     pub qos: u8,
     /// Prepended to every forwarded topic (e.g. `"site-7/"`). Not set: no prefix.
     pub topic_prefix: Option<String>,
-    /// Topic rewrites (`[[uplink.mqtt.rewrites]]`); the first matching rule wins, topics no rule
+    /// Topic rewrites (`[[uplinks.NAME.rewrites]]`); the first matching rule wins, topics no rule
     /// matches are forwarded unchanged.
     pub rewrites: Vec<TopicRewrite>,
     /// Wrap each payload in a JSON envelope carrying the device id, gateway id and receive time
@@ -710,7 +769,6 @@ pub struct MqttUplink {
 impl Default for MqttUplink {
     fn default() -> Self {
         MqttUplink {
-            enabled: false,
             url: defaults::MQTT_UPLINK_URL.to_owned(),
             protocol: MqttProtocol::V311,
             client_id: None,
@@ -738,7 +796,7 @@ impl MqttUplink {
     }
 }
 
-/// A parsed `uplink.mqtt.url`.
+/// A parsed `url` of an MQTT uplink.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MqttEndpoint {
     /// `mqtts://`.
@@ -810,7 +868,7 @@ pub enum MqttProtocol {
     V5,
 }
 
-/// `[[uplink.mqtt.rewrites]]`: rewrite topics matching `filter` to `template`.
+/// `[[uplinks.NAME.rewrites]]` of an MQTT uplink: rewrite topics matching `filter` to `template`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TopicRewrite {

@@ -5,7 +5,7 @@ use serde::Deserialize;
 use toml::{Table, Value};
 
 use super::*;
-use crate::load::{Node, sample, schema};
+use crate::load::{Node, sample, sample_uplinks, schema};
 
 const EXAMPLE: &str = include_str!("../ferry.example.toml");
 
@@ -21,6 +21,30 @@ fn env(vars: &[(&str, &str)]) -> Vec<(String, String)> {
 
 fn paths(errors: &ConfigErrors) -> Vec<&str> {
     errors.iter().map(|e| e.path.as_str()).collect()
+}
+
+/// The message of the error at `path`.
+fn message<'a>(errors: &'a ConfigErrors, path: &str) -> &'a str {
+    &errors
+        .find(path)
+        .unwrap_or_else(|| panic!("no error at {path} in:\n{errors}"))
+        .message
+}
+
+/// The Kafka uplink `name`.
+fn kafka<'a>(config: &'a Config, name: &str) -> &'a KafkaUplink {
+    match config.uplinks.get(name).map(|u| &u.kind) {
+        Some(UplinkKind::Kafka(k)) => k,
+        other => panic!("uplinks.{name} is not a Kafka uplink: {other:?}"),
+    }
+}
+
+/// The MQTT uplink `name`.
+fn mqtt<'a>(config: &'a Config, name: &str) -> &'a MqttUplink {
+    match config.uplinks.get(name).map(|u| &u.kind) {
+        Some(UplinkKind::Mqtt(m)) => m,
+        other => panic!("uplinks.{name} is not an MQTT uplink: {other:?}"),
+    }
 }
 
 /// The example file with every `# key = value` and `# [table]` line uncommented.
@@ -56,9 +80,21 @@ fn uncommented_example() -> String {
         .join("\n")
 }
 
-/// Key paths of `table` that the schema has and `table` lacks.
+/// Key paths of `table` that the schema has and `table` lacks. Every uplink type must be shown
+/// by an uplink of that type, the uplinks of a type must show all its keys between them
+/// (missing: `uplinks.<kafka>.brokers`), and the uplinks all keys every uplink takes
+/// (missing: `uplinks.<name>.topics`).
 fn missing_keys(table: &Table, node: &Node, path: &str, out: &mut Vec<String>) {
     let Node::Table(keys) = node else { return };
+    missing_in(table, keys, path, out);
+}
+
+fn missing_in(
+    table: &Table,
+    keys: &std::collections::BTreeMap<String, Node>,
+    path: &str,
+    out: &mut Vec<String>,
+) {
     for (k, child) in keys {
         let p = if path.is_empty() {
             k.clone()
@@ -68,6 +104,27 @@ fn missing_keys(table: &Table, node: &Node, path: &str, out: &mut Vec<String>) {
         match (table.get(k), child) {
             (None, _) => out.push(p),
             (Some(Value::Table(t)), Node::Table(_)) => missing_keys(t, child, &p, out),
+            (Some(Value::Table(uplinks)), Node::Named { common, types }) => {
+                let mut merged = Table::new();
+                for uplink in uplinks.values().filter_map(Value::as_table) {
+                    merged.extend(uplink.clone());
+                }
+                missing_in(&merged, common, &format!("{p}.<name>"), out);
+                for (type_name, own) in types {
+                    let mut merged = Table::new();
+                    for uplink in uplinks.values().filter_map(Value::as_table) {
+                        if uplink.get("type").and_then(Value::as_str) == Some(type_name) {
+                            merged.extend(uplink.clone());
+                        }
+                    }
+                    let p = format!("{p}.<{type_name}>");
+                    if merged.is_empty() {
+                        out.push(p);
+                    } else {
+                        missing_in(&merged, own, &p, out);
+                    }
+                }
+            }
             (Some(Value::Array(items)), Node::Array(element)) => {
                 // A key is documented when any element has it.
                 let mut merged = Table::new();
@@ -89,8 +146,8 @@ fn defaults_are_valid() {
     assert_eq!(load_str("", no_env()).expect("empty file loads"), config);
     assert_eq!(config.buffer.max_bytes, 512 * 1024 * 1024);
     assert_eq!(config.mqtt.listen.port(), 1883);
-    assert_eq!(config.uplink.kafka.key, KeyRule::Device);
-    assert!(!config.uplink.mqtt.enabled);
+    assert!(config.uplinks.is_empty(), "no uplink is on by default");
+    assert_eq!(config.enabled_uplinks().count(), 0);
     check_gateway_id(&config.gateway.id).expect("default id is valid");
 }
 
@@ -112,6 +169,20 @@ fn example_file_loads_and_validates() {
     let mut expected = Config::default();
     expected.gateway.id = config.gateway.id.clone();
     assert_eq!(config, expected, "the example shows the defaults");
+}
+
+#[test]
+fn example_uplinks_are_a_kafka_and_an_mqtt_uplink() {
+    // Uncommented, the example's uplinks are what its comments say they are.
+    let config: Config = toml::from_str(&uncommented_example()).expect("deserializes");
+    let names: Vec<_> = config.uplinks.keys().map(String::as_str).collect();
+    assert_eq!(names, ["kafka", "local"]);
+    let k = kafka(&config, "kafka");
+    assert_eq!(k.routes.len(), 1);
+    assert_eq!(k.librdkafka["socket.keepalive.enable"], "true");
+    assert_eq!(config.uplinks["kafka"].topics, ["#"]);
+    assert_eq!(mqtt(&config, "local").rewrites.len(), 1);
+    assert_eq!(config.uplinks["local"].topics, ["alarms/#"]);
 }
 
 #[test]
@@ -176,20 +247,24 @@ fn serde_fields<T: for<'de> Deserialize<'de>>() -> BTreeSet<String> {
         .collect()
 }
 
+/// The keys the schema has at `path`; in `[uplinks]`, the segment after `uplinks` is a type.
 fn schema_fields(path: &str) -> BTreeSet<String> {
-    let mut node = schema();
-    for seg in path.split('.').filter(|s| !s.is_empty()) {
-        let Node::Table(keys) = node else {
-            panic!("{path} is not a table")
-        };
-        node = &keys[seg.trim_end_matches("[]")];
+    let mut keys = match schema() {
+        Node::Table(keys) => keys,
+        _ => panic!("the schema is not a table"),
+    };
+    let mut segs = path.split('.').filter(|s| !s.is_empty());
+    while let Some(seg) = segs.next() {
+        let mut node = &keys[seg];
         if let Node::Array(element) = node {
             node = element;
         }
+        keys = match node {
+            Node::Table(keys) => keys,
+            Node::Named { types, .. } => &types[segs.next().expect("a type after uplinks")],
+            _ => panic!("{path} is not a table"),
+        };
     }
-    let Node::Table(keys) = node else {
-        panic!("{path} is not a table")
-    };
     keys.keys().cloned().collect()
 }
 
@@ -207,18 +282,83 @@ fn schema_matches_the_structs() {
         ("http", serde_fields::<HttpSettings>()),
         ("http.tokens", serde_fields::<HttpToken>()),
         ("http.tls", serde_fields::<HttpTls>()),
-        ("uplink", serde_fields::<Uplinks>()),
-        ("uplink.kafka", serde_fields::<KafkaUplink>()),
-        ("uplink.kafka.routes", serde_fields::<KafkaRoute>()),
-        ("uplink.mqtt", serde_fields::<MqttUplink>()),
-        ("uplink.mqtt.rewrites", serde_fields::<TopicRewrite>()),
+        ("uplinks.kafka", serde_fields::<KafkaUplink>()),
+        ("uplinks.kafka.routes", serde_fields::<KafkaRoute>()),
+        ("uplinks.mqtt", serde_fields::<MqttUplink>()),
+        ("uplinks.mqtt.rewrites", serde_fields::<TopicRewrite>()),
         ("status", serde_fields::<StatusSettings>()),
     ];
     for (path, fields) in cases {
         assert_eq!(schema_fields(path), fields, "keys of [{path}]");
     }
-    assert!(key_paths().contains(&"uplink.kafka.routes[].filter".to_owned()));
-    assert!(key_paths().contains(&"uplink.kafka.librdkafka.*".to_owned()));
+    let Node::Table(root) = schema() else {
+        panic!("the schema is not a table")
+    };
+    let Node::Named { common, types } = &root["uplinks"] else {
+        panic!("uplinks is not a table of named uplinks")
+    };
+    assert_eq!(
+        common.keys().map(String::as_str).collect::<Vec<_>>(),
+        ["enabled", "topics"]
+    );
+    assert_eq!(types.keys().copied().collect::<Vec<_>>(), UplinkKind::TYPES);
+}
+
+#[test]
+fn every_uplink_type_has_a_sample_and_valid_defaults() {
+    let sampled: Vec<_> = sample_uplinks()
+        .iter()
+        .map(|u| u.kind.type_name())
+        .collect();
+    assert_eq!(sampled, UplinkKind::TYPES);
+    for u in sample_uplinks() {
+        let t = u.kind.type_name();
+        // `type` is what serde writes and reads.
+        let table = Table::try_from(&u).expect("serializes");
+        assert_eq!(table["type"].as_str(), Some(t));
+        // An uplink of a type with nothing else set is valid (the loader relies on it for an
+        // uplink whose type is missing or unknown).
+        let config = load_str(&format!("[uplinks.x]\ntype = \"{t}\"\n"), no_env())
+            .unwrap_or_else(|e| panic!("{t}: {e}"));
+        assert_eq!(config.uplinks["x"].kind.type_name(), t);
+    }
+}
+
+#[test]
+fn key_paths_of_uplinks() {
+    let paths = key_paths();
+    for p in [
+        "uplinks.<name>.type",
+        "uplinks.<name>.enabled",
+        "uplinks.<name>.topics",
+        "uplinks.<name>.brokers",
+        "uplinks.<name>.routes[].filter",
+        "uplinks.<name>.librdkafka.*",
+        "uplinks.<name>.url",
+        "uplinks.<name>.rewrites[].template",
+        "uplinks.<name>.initial_backoff_ms",
+    ] {
+        assert!(paths.contains(&p.to_owned()), "{p} missing from {paths:?}");
+    }
+    let unique: BTreeSet<_> = paths.iter().collect();
+    assert_eq!(
+        unique.len(),
+        paths.len(),
+        "a key shared by types is listed once"
+    );
+    let uplink_keys = paths.iter().filter(|p| p.starts_with("uplinks.")).count();
+    let expected = 1
+        + 2
+        + serde_fields::<KafkaUplink>()
+            .union(&serde_fields::<MqttUplink>())
+            .map(|k| match k.as_str() {
+                "routes" => serde_fields::<KafkaRoute>().len(),
+                "rewrites" => serde_fields::<TopicRewrite>().len(),
+                _ => 1,
+            })
+            .sum::<usize>();
+    assert_eq!(uplink_keys, expected, "{paths:?}");
+    assert!(!paths.iter().any(|p| p.starts_with("uplink.")));
 }
 
 #[test]
@@ -245,19 +385,20 @@ compression_level = 12
 [mqtt]
 max_inflight = 70000
 
-[uplink.kafka]
+[uplinks.kafka]
+type = "kafka"
 compression = "brotli"
 brokers = "a:9092,b"
 
-[[uplink.kafka.routes]]
+[[uplinks.kafka.routes]]
 filter = "sensors/#"
 topic = "all"
 
-[[uplink.kafka.routes]]
+[[uplinks.kafka.routes]]
 filter = "a/+/b"
 topic = "ab"
 
-[[uplink.kafka.routes]]
+[[uplinks.kafka.routes]]
 filter = "sensors/temp+/x"
 topic = "temp"
 
@@ -287,13 +428,17 @@ fn bad_file_reports_every_problem() {
         ),
         ("mqtt.max_inflight", ConfigErrorKind::InvalidType, "u16"),
         (
-            "uplink.kafka.compression",
+            "uplinks.kafka.compression",
             ConfigErrorKind::InvalidType,
             "brotli",
         ),
-        ("uplink.kafka.brokers", ConfigErrorKind::InvalidValue, "'b'"),
         (
-            "uplink.kafka.routes[2].filter",
+            "uplinks.kafka.brokers",
+            ConfigErrorKind::InvalidValue,
+            "'b'",
+        ),
+        (
+            "uplinks.kafka.routes[2].filter",
             ConfigErrorKind::InvalidValue,
             "'+' must stand alone in a level",
         ),
@@ -372,12 +517,13 @@ fn env_overrides() {
         env(&[
             ("FERRY_BUFFER_MAX_BYTES", "4194304"),
             ("FERRY_BUFFER_MAX_BATCH_BYTES", "1000"),
-            ("FERRY_UPLINK_KAFKA_BROKERS", "a:9092,b:9092"),
+            ("FERRY_UPLINKS_KAFKA_TYPE", "kafka"),
+            ("FERRY_UPLINKS_KAFKA_BROKERS", "a:9092,b:9092"),
             ("FERRY_GATEWAY_DATA_DIR", "/var/lib/ferry"),
             ("FERRY_GATEWAY_ID", "1234"),
             ("FERRY_MQTT_ENABLED", "false"),
             ("FERRY_MQTT_DEVICE_FROM_TOPIC_LEVEL", "2"),
-            ("FERRY_UPLINK_KAFKA_KEY", "level:1"),
+            ("FERRY_UPLINKS_KAFKA_KEY", "level:1"),
             (
                 "FERRY_HTTP_TOKENS",
                 r#"[{ token = "s3cret", name = "ci" }]"#,
@@ -391,12 +537,12 @@ fn env_overrides() {
     .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(config.buffer.max_bytes, 4_194_304);
     assert_eq!(config.buffer.max_batch_bytes, 1000);
-    assert_eq!(config.uplink.kafka.brokers, "a:9092,b:9092");
+    assert_eq!(kafka(&config, "kafka").brokers, "a:9092,b:9092");
     assert_eq!(config.gateway.data_dir, Path::new("/var/lib/ferry"));
     assert_eq!(config.gateway.id, "1234", "string keys take the text as is");
     assert!(!config.mqtt.enabled);
     assert_eq!(config.mqtt.device_from_topic_level, Some(2));
-    assert_eq!(config.uplink.kafka.key, KeyRule::Level(1));
+    assert_eq!(kafka(&config, "kafka").key, KeyRule::Level(1));
     assert_eq!(config.http.tokens.len(), 1);
     assert_eq!(config.http.tokens[0].token.expose(), "s3cret");
     assert_eq!(
@@ -453,13 +599,21 @@ fn secret_debug_hides_the_value() {
     assert_eq!(s.expose(), "hunter2");
 
     let mut config = sample();
-    config.uplink.kafka.sasl_password = Some("kafka-pw-42".into());
+    let Some(UplinkKind::Kafka(k)) = config.uplinks.get_mut("kafka").map(|u| &mut u.kind) else {
+        panic!("the sample has a Kafka uplink")
+    };
+    k.sasl_password = Some("kafka-pw-42".into());
+    let Some(UplinkKind::Mqtt(m)) = config.uplinks.get_mut("mqtt").map(|u| &mut u.kind) else {
+        panic!("the sample has an MQTT uplink")
+    };
+    m.password = Some("upstream-pw-42".into());
     config.http.tokens[0].token = "http-token-42".into();
     config.mqtt.users[0].password = Some("mqtt-pw-42".into());
     config.status.token = Some("status-token-42".into());
     let debug = format!("{config:?} {config:#?}");
     for secret in [
         "kafka-pw-42",
+        "upstream-pw-42",
         "http-token-42",
         "mqtt-pw-42",
         "status-token-42",
@@ -493,8 +647,9 @@ fn key_rule_round_trip() {
     ] {
         assert!(bad.parse::<KeyRule>().is_err(), "{bad}");
     }
-    let errors = load_str("[uplink.kafka]\nkey = \"level\"\n", no_env()).expect_err("bad");
-    assert_eq!(paths(&errors), ["uplink.kafka.key"]);
+    let errors =
+        load_str("[uplinks.k]\ntype = \"kafka\"\nkey = \"level\"\n", no_env()).expect_err("bad");
+    assert_eq!(paths(&errors), ["uplinks.k.key"]);
 }
 
 #[test]
@@ -529,21 +684,21 @@ fn gateway_ids() {
 #[test]
 fn rewrites_and_mqtt_uplink() {
     let text = r#"
-[uplink.mqtt]
-enabled = true
+[uplinks.up]
+type = "mqtt"
 url = "mqtts://broker.example:8884"
 qos = 2
 client_cert_path = "c.pem"
 
-[[uplink.mqtt.rewrites]]
+[[uplinks.up.rewrites]]
 filter = "sensors/+/+"
 template = "site/{2}/{1}"
 
-[[uplink.mqtt.rewrites]]
+[[uplinks.up.rewrites]]
 filter = "sensors/+/#"
 template = "site/{2}"
 
-[[uplink.mqtt.rewrites]]
+[[uplinks.up.rewrites]]
 filter = "a/#/b"
 template = "x/{0}"
 "#;
@@ -551,11 +706,11 @@ template = "x/{0}"
     assert_eq!(
         paths(&errors),
         [
-            "uplink.mqtt.qos",
-            "uplink.mqtt.client_key_path",
-            "uplink.mqtt.rewrites[1].template",
-            "uplink.mqtt.rewrites[2].filter",
-            "uplink.mqtt.rewrites[2].template",
+            "uplinks.up.qos",
+            "uplinks.up.client_key_path",
+            "uplinks.up.rewrites[1].template",
+            "uplinks.up.rewrites[2].filter",
+            "uplinks.up.rewrites[2].template",
         ],
         "{errors}"
     );
@@ -607,7 +762,8 @@ token = "t"
 [[http.tokens]]
 token = "t"
 
-[uplink.kafka]
+[uplinks.kafka]
+type = "kafka"
 security_protocol = "sasl_ssl"
 sasl_mechanism = "SCRAM-SHA-256"
 initial_backoff_ms = 10
@@ -627,10 +783,10 @@ listen = "0.0.0.0:8080"
             "mqtt.users[1].password_hash",
             "http.max_decompressed_bytes",
             "http.tokens[1].token",
-            "uplink.kafka.topic",
-            "uplink.kafka.initial_backoff_ms",
-            "uplink.kafka.sasl_username",
-            "uplink.kafka.sasl_password",
+            "uplinks.kafka.topic",
+            "uplinks.kafka.initial_backoff_ms",
+            "uplinks.kafka.sasl_username",
+            "uplinks.kafka.sasl_password",
             "status.listen",
         ],
         "{errors}"
@@ -676,26 +832,26 @@ fn group_commit_limits() {
 #[test]
 fn kafka_inflight_windows() {
     let errors = load_str(
-        "[uplink.kafka]\nmax_inflight_segments = 0\nmax_inflight_readings = 0\n",
+        "[uplinks.k]\ntype = \"kafka\"\nmax_inflight_segments = 0\nmax_inflight_readings = 0\n",
         no_env(),
     )
     .expect_err("bad");
     assert_eq!(
         paths(&errors),
         [
-            "uplink.kafka.max_inflight_segments",
-            "uplink.kafka.max_inflight_readings"
+            "uplinks.k.max_inflight_segments",
+            "uplinks.k.max_inflight_readings"
         ],
         "{errors}"
     );
     let config = load_str(
-        "[uplink.kafka]\nmax_inflight_readings = 1\n",
-        env(&[("FERRY_UPLINK_KAFKA_MAX_INFLIGHT_SEGMENTS", "3")]),
+        "[uplinks.k]\ntype = \"kafka\"\nmax_inflight_readings = 1\n",
+        env(&[("FERRY_UPLINKS_K_MAX_INFLIGHT_SEGMENTS", "3")]),
     )
     .expect("valid");
-    let k = &config.uplink.kafka;
+    let k = kafka(&config, "k");
     assert_eq!((k.max_inflight_segments, k.max_inflight_readings), (3, 1));
-    let d = Config::default().uplink.kafka;
+    let d = KafkaUplink::default();
     assert_eq!(
         (d.max_inflight_segments, d.max_inflight_readings),
         (256, 20_000)
@@ -706,7 +862,8 @@ fn kafka_inflight_windows() {
 fn sasl_mechanism_names() {
     let config = load_str(
         r#"
-[uplink.kafka]
+[uplinks.kafka]
+type = "kafka"
 security_protocol = "sasl_plaintext"
 sasl_mechanism = "SCRAM-SHA-512"
 sasl_username = "u"
@@ -716,11 +873,15 @@ sasl_password = "p"
     )
     .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(
-        config.uplink.kafka.sasl_mechanism,
+        kafka(&config, "kafka").sasl_mechanism,
         Some(SaslMechanism::ScramSha512)
     );
-    let errors = load_str("[uplink.kafka]\nsasl_mechanism = \"plain\"\n", no_env())
-        .expect_err("lower case is wrong");
+    let errors = load_str(
+        "[uplinks.kafka]\ntype = \"kafka\"\nsasl_mechanism = \"plain\"\n",
+        no_env(),
+    )
+    .expect_err("lower case is wrong");
+    assert_eq!(paths(&errors), ["uplinks.kafka.sasl_mechanism"]);
     assert_eq!(errors.0[0].kind, ConfigErrorKind::InvalidType);
 }
 
@@ -728,9 +889,10 @@ sasl_password = "p"
 fn client_id_default() {
     let mut config = Config::default();
     config.gateway.id = "gw1".into();
-    assert_eq!(config.uplink_mqtt_client_id(), "ferry-gw1");
-    config.uplink.mqtt.client_id = Some("x".into());
-    assert_eq!(config.uplink_mqtt_client_id(), "x");
+    let mut m = MqttUplink::default();
+    assert_eq!(config.mqtt_client_id("local", &m), "ferry-gw1-local");
+    m.client_id = Some("x".into());
+    assert_eq!(config.mqtt_client_id("local", &m), "x");
 }
 
 #[cfg(unix)]
@@ -745,7 +907,9 @@ fn private_keys_others_can_read_are_refused_and_an_open_data_dir_warns() {
     let toml = format!(
         "[gateway]\ndata_dir = {data:?}\n[mqtt.tls]\ncert_path = \"c.pem\"\nkey_path = {key:?}\n\
          [http.tls]\ncert_path = \"c.pem\"\nkey_path = {key:?}\n\
-         [uplink.mqtt]\nclient_cert_path = \"c.pem\"\nclient_key_path = {key:?}\n"
+         [uplinks.up]\ntype = \"mqtt\"\nclient_cert_path = \"c.pem\"\nclient_key_path = {key:?}\n\
+         [uplinks.off]\ntype = \"mqtt\"\nenabled = false\nclient_id = \"other\"\n\
+         client_cert_path = \"c.pem\"\nclient_key_path = {key:?}\n"
     );
     let set = |p: &Path, mode: u32| {
         std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap()
@@ -757,7 +921,8 @@ fn private_keys_others_can_read_are_refused_and_an_open_data_dir_warns() {
         [
             "mqtt.tls.key_path",
             "http.tls.key_path",
-            "uplink.mqtt.client_key_path"
+            "uplinks.off.client_key_path",
+            "uplinks.up.client_key_path"
         ]
     );
     let e = &errors.errors()[0];
@@ -784,7 +949,7 @@ fn private_keys_others_can_read_are_refused_and_an_open_data_dir_warns() {
 fn a_secret_of_the_wrong_type_is_not_echoed() {
     let errors = load_str(
         "[[mqtt.users]]\nusername = \"u\"\npassword = 987654321\n[status]\ntoken = 1234567\n\
-         [uplink.kafka]\nsasl_password = 7654321\n",
+         [uplinks.kafka]\ntype = \"kafka\"\nsasl_password = 7654321\n",
         no_env(),
     )
     .unwrap_err();
@@ -793,4 +958,585 @@ fn a_secret_of_the_wrong_type_is_not_echoed() {
         assert!(!text.contains(secret), "{text}");
     }
     assert!(text.contains("mqtt.users[0].password: invalid type: integer, expected a string"));
+}
+
+#[test]
+fn no_uplink_is_valid() {
+    let config = load_str("[gateway]\nid = \"gw\"\n", no_env()).unwrap_or_else(|e| panic!("{e}"));
+    assert!(config.uplinks.is_empty());
+    config.validate().expect("valid");
+}
+
+#[test]
+fn two_uplinks_of_the_same_type() {
+    let config = load_str(
+        r#"
+[uplinks.cloud]
+type = "kafka"
+brokers = "k1:9092"
+
+[uplinks.backup]
+type = "kafka"
+brokers = "k2:9092"
+delivery = "segment"
+enabled = false
+
+[uplinks.local]
+type = "mqtt"
+topics = ["alarms/#", "sensors/+/temp"]
+"#,
+        no_env(),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(kafka(&config, "cloud").brokers, "k1:9092");
+    assert_eq!(kafka(&config, "backup").brokers, "k2:9092");
+    assert_eq!(kafka(&config, "backup").delivery, Delivery::Segment);
+    assert_eq!(kafka(&config, "cloud").delivery, Delivery::Reading);
+    assert_eq!(
+        config.uplinks["local"].topics,
+        ["alarms/#", "sensors/+/temp"]
+    );
+    let enabled: Vec<_> = config.enabled_uplinks().map(|(name, _)| name).collect();
+    assert_eq!(enabled, ["cloud", "local"]);
+}
+
+#[test]
+fn uplink_defaults() {
+    let config = load_str("[uplinks.x]\ntype = \"mqtt\"\n", no_env()).expect("valid");
+    let x = &config.uplinks["x"];
+    assert!(x.enabled);
+    assert_eq!(x.topics, ["#"]);
+    assert_eq!(x.kind, UplinkKind::Mqtt(MqttUplink::default()));
+    assert_eq!(
+        *x,
+        UplinkSettings::new(UplinkKind::Mqtt(MqttUplink::default()))
+    );
+    assert_eq!(x.kind.type_name(), "mqtt");
+}
+
+#[test]
+fn a_variant_still_denies_unknown_fields() {
+    // The loader checks keys before serde sees them; serde's own check is the backstop.
+    let ok: UplinkSettings =
+        toml::from_str("type = \"kafka\"\nbrokers = \"k:1\"\nenabled = false\n").expect("valid");
+    assert!(!ok.enabled);
+    for text in [
+        "type = \"kafka\"\nbogus = 1\n",
+        "type = \"kafka\"\nurl = \"mqtt://x\"\n",
+    ] {
+        let e = toml::from_str::<UplinkSettings>(text).expect_err(text);
+        assert!(e.message().contains("unknown field"), "{e}");
+    }
+    let e = toml::from_str::<UplinkSettings>("brokers = \"k:1\"\n").expect_err("no type");
+    assert!(e.message().contains("type"), "{e}");
+}
+
+#[test]
+fn missing_type() {
+    let errors = load_str(
+        r#"
+[uplinks.Cloud]
+brokers = "k1:9092"
+url = 5
+broker = "x"
+topics = ["a/#/b"]
+"#,
+        no_env(),
+    )
+    .expect_err("bad");
+    assert_eq!(
+        paths(&errors),
+        [
+            "uplinks.Cloud.type",
+            "uplinks.Cloud.broker",
+            "uplinks.Cloud",
+            "uplinks.Cloud.topics[0]",
+        ],
+        "keys of a type are not reported (nor their types checked) without a type: {errors}"
+    );
+    assert_eq!(
+        message(&errors, "uplinks.Cloud.type"),
+        "missing; one of kafka, mqtt"
+    );
+    assert_eq!(
+        message(&errors, "uplinks.Cloud.broker"),
+        "unknown key; did you mean 'brokers'?"
+    );
+    let e = errors.find("uplinks.Cloud.type").expect("error");
+    assert_eq!(e.kind, ConfigErrorKind::InvalidValue);
+}
+
+#[test]
+fn unknown_type() {
+    let errors = load_str(
+        "[uplinks.a]\ntype = \"kafkaa\"\nbrokers = \"k:1\"\nenabled = \"yes\"\n\
+         [uplinks.b]\ntype = \"kinesis\"\n[uplinks.c]\ntype = 3\n",
+        no_env(),
+    )
+    .expect_err("bad");
+    assert_eq!(
+        paths(&errors),
+        [
+            "uplinks.a.type",
+            "uplinks.a.enabled",
+            "uplinks.b.type",
+            "uplinks.c.type"
+        ],
+        "{errors}"
+    );
+    assert_eq!(
+        message(&errors, "uplinks.a.type"),
+        "unknown uplink type 'kafkaa'; did you mean 'kafka'? (types: kafka, mqtt)"
+    );
+    assert_eq!(
+        message(&errors, "uplinks.b.type"),
+        "unknown uplink type 'kinesis' (types: kafka, mqtt)"
+    );
+    assert_eq!(
+        message(&errors, "uplinks.c.type"),
+        "invalid type: integer, expected a string: one of kafka, mqtt"
+    );
+    assert!(
+        errors
+            .iter()
+            .all(|e| e.kind == ConfigErrorKind::InvalidType),
+        "{errors:?}"
+    );
+}
+
+#[test]
+fn a_key_of_another_type() {
+    let errors = load_str(
+        "[uplinks.cloud]\ntype = \"kafka\"\nurl = \"mqtt://x\"\n\
+         [uplinks.local]\ntype = \"mqtt\"\nbrokers = \"k:1\"\ntopic = \"t\"\n",
+        no_env(),
+    )
+    .expect_err("bad");
+    assert_eq!(
+        paths(&errors),
+        [
+            "uplinks.cloud.url",
+            "uplinks.local.brokers",
+            "uplinks.local.topic"
+        ],
+        "{errors}"
+    );
+    assert_eq!(
+        message(&errors, "uplinks.cloud.url"),
+        "`url` is a key of type mqtt; this uplink is type kafka"
+    );
+    assert_eq!(
+        message(&errors, "uplinks.local.brokers"),
+        "`brokers` is a key of type kafka; this uplink is type mqtt"
+    );
+    assert_eq!(
+        message(&errors, "uplinks.local.topic"),
+        "`topic` is a key of type kafka; this uplink is type mqtt; did you mean 'topics'?"
+    );
+    assert!(errors.iter().all(|e| e.kind == ConfigErrorKind::UnknownKey));
+}
+
+#[test]
+fn typos_inside_an_uplink() {
+    let errors = load_str(
+        "[uplinks.cloud]\ntype = \"kafka\"\nbrokerz = \"k:1\"\ntopicss = [\"#\"]\n\
+         [uplinks.local]\ntype = \"mqtt\"\nclientid = \"c\"\nzzzzzz = 1\n",
+        no_env(),
+    )
+    .expect_err("bad");
+    assert_eq!(
+        message(&errors, "uplinks.cloud.brokerz"),
+        "unknown key; did you mean 'brokers'?"
+    );
+    assert_eq!(
+        message(&errors, "uplinks.cloud.topicss"),
+        "unknown key; did you mean 'topics'?"
+    );
+    assert_eq!(
+        message(&errors, "uplinks.local.clientid"),
+        "unknown key; did you mean 'client_id'?"
+    );
+    let list = message(&errors, "uplinks.local.zzzzzz");
+    assert!(
+        list.starts_with("unknown key; valid keys here are ")
+            && list.contains("'url'")
+            && list.contains("'topics'")
+            && list.contains("'type'")
+            && !list.contains("'brokers'"),
+        "{list}"
+    );
+    assert_eq!(errors.len(), 4, "{errors}");
+}
+
+#[test]
+fn errors_inside_an_uplink_have_full_paths() {
+    let errors = load_str(
+        r#"
+[uplinks.cloud]
+type = "kafka"
+max_inflight_segments = "many"
+sasl_password = 7654321
+
+[[uplinks.cloud.routes]]
+filter = 5
+topic = "t"
+topc = "x"
+
+[[uplinks.cloud.routes]]
+filter = "a/#/b"
+topic = "t"
+
+[uplinks.cloud.librdkafka]
+"socket.keepalive.enable" = true
+"#,
+        no_env(),
+    )
+    .expect_err("bad");
+    assert_eq!(
+        paths(&errors),
+        [
+            "uplinks.cloud.librdkafka.\"socket.keepalive.enable\"",
+            "uplinks.cloud.max_inflight_segments",
+            "uplinks.cloud.routes[0].filter",
+            "uplinks.cloud.routes[0].topc",
+            "uplinks.cloud.sasl_password",
+            "uplinks.cloud.routes[1].filter",
+        ],
+        "{errors}"
+    );
+    assert!(
+        message(&errors, "uplinks.cloud.max_inflight_segments").contains("expected usize"),
+        "{errors}"
+    );
+    assert_eq!(
+        message(&errors, "uplinks.cloud.routes[0].topc"),
+        "unknown key; did you mean 'topic'?"
+    );
+    assert!(!errors.to_string().contains("7654321"), "{errors}");
+
+    let errors = load_str("[uplinks]\nx = 5\n", no_env()).expect_err("bad");
+    assert_eq!(paths(&errors), ["uplinks.x"]);
+    assert_eq!(
+        message(&errors, "uplinks.x"),
+        "expected a table, found integer"
+    );
+    let errors = load_str("uplinks = 5\n", no_env()).expect_err("bad");
+    assert_eq!(paths(&errors), ["uplinks"]);
+}
+
+#[test]
+fn the_uplink_tables_of_ferry_0_1_are_explained() {
+    let errors = load_str(
+        "[uplink.kafka]\nbrokers = \"k:1\"\n[uplink.mqtt]\nenabled = true\n",
+        no_env(),
+    )
+    .expect_err("old shape");
+    assert_eq!(paths(&errors), ["uplink.kafka", "uplink.mqtt"], "{errors}");
+    assert_eq!(
+        message(&errors, "uplink.kafka"),
+        "[uplink.kafka] is now [uplinks.kafka] with type = \"kafka\" (uplinks are named now; \
+         the name kafka keeps the buffer cursor of ferry 0.1)"
+    );
+    let m = message(&errors, "uplink.mqtt");
+    assert!(
+        m.starts_with("[uplink.mqtt] is now [uplinks.mqtt] with type = \"mqtt\"")
+            && m.contains("on unless enabled = false"),
+        "{m}"
+    );
+    assert!(errors.iter().all(|e| e.kind == ConfigErrorKind::UnknownKey));
+
+    let errors = load_str("uplink = 3\n", no_env()).expect_err("old shape");
+    assert_eq!(paths(&errors), ["uplink"]);
+    assert!(
+        message(&errors, "uplink").contains("[uplinks.NAME] tables now"),
+        "{errors}"
+    );
+}
+
+#[test]
+fn env_sets_a_key_of_an_uplink_of_the_file() {
+    let config = load_str(
+        "[uplinks.cloud]\ntype = \"kafka\"\nbrokers = \"a:1\"\n",
+        env(&[
+            ("FERRY_UPLINKS_CLOUD_BROKERS", "k1:9092,k2:9092"),
+            ("FERRY_UPLINKS_CLOUD_TOPICS", r#"["a/#", "b/+"]"#),
+            ("FERRY_UPLINKS_CLOUD_ENABLED", "false"),
+            ("FERRY_UPLINKS_CLOUD_MAX_INFLIGHT_SEGMENTS", "3"),
+            ("FERRY_UPLINKS_CLOUD_TOPIC", "1234"),
+        ]),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(config.uplinks.len(), 1);
+    let cloud = &config.uplinks["cloud"];
+    assert!(!cloud.enabled);
+    assert_eq!(cloud.topics, ["a/#", "b/+"]);
+    let k = kafka(&config, "cloud");
+    assert_eq!(k.brokers, "k1:9092,k2:9092");
+    assert_eq!(k.max_inflight_segments, 3);
+    assert_eq!(k.topic, "1234", "string keys take the text as is");
+
+    let errors = load_str(
+        "[uplinks.cloud]\ntype = \"kafka\"\n",
+        env(&[
+            ("FERRY_UPLINKS_CLOUD_URL", "mqtt://x"),
+            ("FERRY_UPLINKS_CLOUD_MAX_INFLIGHT_READINGS", "0"),
+        ]),
+    )
+    .expect_err("bad");
+    assert_eq!(
+        message(&errors, "uplinks.cloud.url"),
+        "`url` is a key of type mqtt; this uplink is type kafka (set by FERRY_UPLINKS_CLOUD_URL)"
+    );
+    assert!(
+        message(&errors, "uplinks.cloud.max_inflight_readings")
+            .ends_with("(set by FERRY_UPLINKS_CLOUD_MAX_INFLIGHT_READINGS)"),
+        "{errors}"
+    );
+}
+
+#[test]
+fn env_creates_an_uplink() {
+    let config = load_str(
+        "",
+        env(&[
+            ("FERRY_UPLINKS_EDGE_TYPE", "mqtt"),
+            ("FERRY_UPLINKS_EDGE_URL", "mqtt://broker:1884"),
+            ("FERRY_UPLINKS_EDGE_CLIENT_ID", "1234"),
+            ("FERRY_UPLINKS_EDGE_TOPICS", r#"["alarms/#"]"#),
+        ]),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let m = mqtt(&config, "edge");
+    assert_eq!(m.url, "mqtt://broker:1884");
+    assert_eq!(m.client_id.as_deref(), Some("1234"));
+    assert_eq!(config.uplinks["edge"].topics, ["alarms/#"]);
+
+    // Without a type.
+    let errors = load_str("", env(&[("FERRY_UPLINKS_EDGE_BROKERS", "k:1")])).expect_err("bad");
+    assert_eq!(paths(&errors), ["uplinks.edge.type"]);
+    assert_eq!(
+        message(&errors, "uplinks.edge.type"),
+        "missing; one of kafka, mqtt (uplinks.edge is created by FERRY_UPLINKS_EDGE_BROKERS)"
+    );
+}
+
+#[test]
+fn env_refers_to_uplinks_by_upper_cased_name() {
+    // `-` is written `_`, and a NAME of the file wins over a longer key.
+    let config = load_str(
+        "[uplinks.site-a]\ntype = \"mqtt\"\n[uplinks.x_sasl]\ntype = \"mqtt\"\n",
+        env(&[
+            ("FERRY_UPLINKS_SITE_A_URL", "mqtt://a"),
+            ("FERRY_UPLINKS_X_SASL_USERNAME", "u"),
+        ]),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        config.uplinks.keys().collect::<Vec<_>>(),
+        ["site-a", "x_sasl"]
+    );
+    assert_eq!(mqtt(&config, "site-a").url, "mqtt://a");
+    assert_eq!(mqtt(&config, "x_sasl").username.as_deref(), Some("u"));
+
+    // Without such an uplink in the file, the longest key wins.
+    let config = load_str(
+        "",
+        env(&[
+            ("FERRY_UPLINKS_X_SASL_USERNAME", "u"),
+            ("FERRY_UPLINKS_X_SASL_PASSWORD", "p"),
+            ("FERRY_UPLINKS_X_SASL_MECHANISM", "PLAIN"),
+            ("FERRY_UPLINKS_X_SECURITY_PROTOCOL", "sasl_ssl"),
+            ("FERRY_UPLINKS_X_TYPE", "kafka"),
+        ]),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(config.uplinks.keys().collect::<Vec<_>>(), ["x"]);
+    assert_eq!(kafka(&config, "x").sasl_username.as_deref(), Some("u"));
+
+    // Two uplinks of the file with the same variable name.
+    let errors = load_str(
+        "[uplinks.a-b]\ntype = \"mqtt\"\n[uplinks.a_b]\ntype = \"mqtt\"\n",
+        env(&[("FERRY_UPLINKS_A_B_URL", "mqtt://a")]),
+    )
+    .expect_err("ambiguous");
+    assert_eq!(paths(&errors), ["FERRY_UPLINKS_A_B_URL"]);
+    assert!(
+        message(&errors, "FERRY_UPLINKS_A_B_URL").contains("'a-b' and 'a_b'"),
+        "{errors}"
+    );
+}
+
+#[test]
+fn env_errors_of_uplinks() {
+    let errors = load_str(
+        "",
+        env(&[
+            ("FERRY_UPLINK_KAFKA_BROKERS", "k:1"),
+            ("FERRY_UPLINK_MQTT_ENABLED", "true"),
+            ("FERRY_UPLINKS_CLOUD_BROKRS", "k:1"),
+            ("FERRY_UPLINKS_BROKERS", "k:1"),
+            ("FERRY_UPLINKS_CLOUD", "k:1"),
+        ]),
+    )
+    .expect_err("bad");
+    assert_eq!(
+        paths(&errors),
+        [
+            "FERRY_UPLINKS_BROKERS",
+            "FERRY_UPLINKS_CLOUD",
+            "FERRY_UPLINKS_CLOUD_BROKRS",
+            "FERRY_UPLINK_KAFKA_BROKERS",
+            "FERRY_UPLINK_MQTT_ENABLED",
+        ],
+        "{errors}"
+    );
+    assert!(errors.iter().all(|e| e.kind == ConfigErrorKind::Env));
+    assert_eq!(
+        message(&errors, "FERRY_UPLINK_KAFKA_BROKERS"),
+        "[uplink.kafka] is now [uplinks.kafka] with type = \"kafka\": set \
+         FERRY_UPLINKS_KAFKA_BROKERS instead (and FERRY_UPLINKS_KAFKA_TYPE=kafka unless the file \
+         has [uplinks.kafka])"
+    );
+    assert!(
+        message(&errors, "FERRY_UPLINK_MQTT_ENABLED").contains("set FERRY_UPLINKS_MQTT_ENABLED"),
+        "{errors}"
+    );
+    assert_eq!(
+        message(&errors, "FERRY_UPLINKS_CLOUD_BROKRS"),
+        "unknown environment variable; did you mean 'FERRY_UPLINKS_CLOUD_BROKERS'?"
+    );
+    assert!(
+        message(&errors, "FERRY_UPLINKS_BROKERS").starts_with("names no uplink"),
+        "{errors}"
+    );
+    assert!(
+        message(&errors, "FERRY_UPLINKS_CLOUD")
+            .starts_with("unknown environment variable: no key of an uplink ends it"),
+        "{errors}"
+    );
+}
+
+#[test]
+fn uplink_names() {
+    assert!(check_uplink_name("cloud_2-b").is_ok());
+    assert!(check_uplink_name(&"x".repeat(64)).is_ok());
+    for bad in ["", "Cloud", "a b", "a.b", "ü", &"x".repeat(65)] {
+        assert!(check_uplink_name(bad).is_err(), "{bad}");
+    }
+    let long = "x".repeat(65);
+    let text = format!(
+        "[uplinks.Cloud]\ntype = \"kafka\"\n[uplinks.\"a b\"]\ntype = \"kafka\"\n\
+         [uplinks.{long}]\ntype = \"kafka\"\n[uplinks.ok-1_a]\ntype = \"kafka\"\n"
+    );
+    let errors = load_str(&text, no_env()).expect_err("bad names");
+    let long_path = format!("uplinks.{long}");
+    assert_eq!(
+        paths(&errors),
+        ["uplinks.Cloud", "uplinks.\"a b\"", long_path.as_str()],
+        "{errors}"
+    );
+    assert!(
+        message(&errors, "uplinks.Cloud").contains("'C'"),
+        "{errors}"
+    );
+    assert!(message(&errors, &long_path).contains("got 65"), "{errors}");
+}
+
+#[test]
+fn uplink_topics() {
+    let errors = load_str(
+        "[uplinks.a]\ntype = \"mqtt\"\ntopics = []\n\
+         [uplinks.b]\ntype = \"mqtt\"\ntopics = [\"a/#\", \"a/#/b\", \"\"]\n",
+        no_env(),
+    )
+    .expect_err("bad");
+    assert_eq!(
+        paths(&errors),
+        [
+            "uplinks.a.topics",
+            "uplinks.b.topics[1]",
+            "uplinks.b.topics[2]"
+        ],
+        "{errors}"
+    );
+    let m = message(&errors, "uplinks.a.topics");
+    assert!(
+        m.contains("forwards nothing") && m.contains("enabled = false"),
+        "{m}"
+    );
+    assert!(
+        message(&errors, "uplinks.b.topics[1]").contains("'#' must be the last level"),
+        "{errors}"
+    );
+    let errors = load_str("[uplinks.a]\ntype = \"mqtt\"\ntopics = \"a/#\"\n", no_env())
+        .expect_err("not a list");
+    assert_eq!(paths(&errors), ["uplinks.a.topics"]);
+    assert_eq!(errors.0[0].kind, ConfigErrorKind::InvalidType);
+}
+
+#[test]
+fn segment_delivery_takes_every_topic() {
+    let errors = load_str(
+        "[uplinks.k]\ntype = \"kafka\"\ndelivery = \"segment\"\ntopics = [\"a/#\"]\n",
+        no_env(),
+    )
+    .expect_err("bad");
+    assert_eq!(paths(&errors), ["uplinks.k.topics"]);
+    assert!(
+        message(&errors, "uplinks.k.topics").contains("delivery = \"segment\""),
+        "{errors}"
+    );
+    for ok in [
+        "[uplinks.k]\ntype = \"kafka\"\ndelivery = \"segment\"\n",
+        "[uplinks.k]\ntype = \"kafka\"\ndelivery = \"segment\"\ntopics = [\"#\"]\n",
+        "[uplinks.k]\ntype = \"kafka\"\ndelivery = \"reading\"\ntopics = [\"a/#\"]\n",
+    ] {
+        load_str(ok, no_env()).unwrap_or_else(|e| panic!("{ok}: {e}"));
+    }
+}
+
+#[test]
+fn mqtt_uplinks_with_one_client_id_on_one_broker() {
+    let two = |a: &str, b: &str| {
+        format!(
+            "[gateway]\nid = \"gw\"\n[uplinks.a]\ntype = \"mqtt\"\n{a}\n[uplinks.b]\ntype = \"mqtt\"\n{b}\n"
+        )
+    };
+    let errors = load_str(
+        &two(
+            "url = \"mqtt://Broker\"\nclient_id = \"same\"",
+            "url = \"mqtt://broker:1883\"\nclient_id = \"same\"",
+        ),
+        no_env(),
+    )
+    .expect_err("clash");
+    assert_eq!(paths(&errors), ["uplinks.b.client_id"]);
+    assert_eq!(
+        message(&errors, "uplinks.b.client_id"),
+        "'same' is also the client id of uplinks.a on the same broker (broker:1883): the broker \
+         would disconnect one whenever the other connects; give each a client_id of its own"
+    );
+    // The default client id: ferry-gw-a against an explicit one.
+    let errors = load_str(
+        &two(
+            "url = \"mqtt://h\"",
+            "url = \"mqtt://h\"\nclient_id = \"ferry-gw-a\"",
+        ),
+        no_env(),
+    )
+    .expect_err("clash");
+    assert_eq!(paths(&errors), ["uplinks.b.client_id"]);
+    for ok in [
+        two("url = \"mqtt://h\"", "url = \"mqtt://h\""),
+        two(
+            "url = \"mqtt://h\"\nclient_id = \"same\"",
+            "url = \"mqtt://h:1884\"\nclient_id = \"same\"",
+        ),
+        two(
+            "url = \"mqtt://h\"\nclient_id = \"same\"",
+            "url = \"mqtt://h\"\nclient_id = \"same\"\nenabled = false",
+        ),
+    ] {
+        load_str(&ok, no_env()).unwrap_or_else(|e| panic!("{ok}: {e}"));
+    }
 }

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 
 use crate::defaults::{BUFFER_MIN_MAX_BYTES, MAX_FLUSH_DELAY_LIMIT_MS, MIB};
-use crate::error::{ConfigError, ConfigErrorKind, ConfigErrors};
+use crate::error::{ConfigError, ConfigErrorKind, ConfigErrors, path_segment};
 use crate::model::*;
 
 /// Checks a gateway id: 1 to 64 characters of `A-Z a-z 0-9 . _ -`.
@@ -19,6 +19,26 @@ pub fn check_gateway_id(id: &str) -> Result<(), String> {
     {
         return Err(format!(
             "invalid character {c:?}; allowed are A-Z, a-z, 0-9, '.', '_' and '-'"
+        ));
+    }
+    Ok(())
+}
+
+/// Checks an uplink name (the NAME of `[uplinks.NAME]`, also the name of its buffer cursor):
+/// 1 to 64 characters of `a-z 0-9 _ -`.
+pub fn check_uplink_name(name: &str) -> Result<(), String> {
+    let len = name.chars().count();
+    if !(1..=64).contains(&len) {
+        return Err(format!(
+            "invalid uplink name: must be 1 to 64 characters long, got {len}"
+        ));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '_' | '-')))
+    {
+        return Err(format!(
+            "invalid character {c:?} in uplink name; allowed are a-z, 0-9, '_' and '-'"
         ));
     }
     Ok(())
@@ -151,7 +171,7 @@ impl Problems {
         }
     }
 
-    fn at_least(&mut self, path: &str, value: u64, min: u64) {
+    fn at_least(&mut self, path: impl Into<String>, value: u64, min: u64) {
         if value < min {
             self.invalid(path, format!("must be at least {min}, got {value}"));
         }
@@ -163,7 +183,7 @@ impl Problems {
         }
     }
 
-    fn non_empty_opt(&mut self, path: &str, value: Option<&str>) {
+    fn non_empty_opt(&mut self, path: impl Into<String>, value: Option<&str>) {
         if value == Some("") {
             self.invalid(path, "must not be empty when set");
         }
@@ -178,8 +198,7 @@ impl Config {
         self.validate_buffer(&mut p);
         self.validate_mqtt(&mut p);
         self.validate_http(&mut p);
-        self.validate_kafka(&mut p);
-        self.validate_mqtt_uplink(&mut p);
+        self.validate_uplinks(&mut p);
         self.validate_status(&mut p);
         self.validate_listeners(&mut p);
         self.validate_key_files(&mut p);
@@ -210,20 +229,24 @@ impl Config {
     /// A private key file other users can read is refused, as OpenSSH and PostgreSQL do. Only
     /// files that exist are checked; a missing file is reported when it is loaded.
     fn validate_key_files(&self, p: &mut Problems) {
-        let keys = [
+        let mut keys = vec![
             (
-                "mqtt.tls.key_path",
+                "mqtt.tls.key_path".to_owned(),
                 self.mqtt.tls.as_ref().map(|t| &t.key_path),
             ),
             (
-                "http.tls.key_path",
+                "http.tls.key_path".to_owned(),
                 self.http.tls.as_ref().map(|t| &t.key_path),
             ),
-            (
-                "uplink.mqtt.client_key_path",
-                self.uplink.mqtt.client_key_path.as_ref(),
-            ),
         ];
+        for (name, u) in &self.uplinks {
+            if let UplinkKind::Mqtt(m) = &u.kind {
+                keys.push((
+                    format!("{}.client_key_path", uplink_path(name)),
+                    m.client_key_path.as_ref(),
+                ));
+            }
+        }
         for (path, file) in keys {
             let Some(file) = file.filter(|f| !f.as_os_str().is_empty()) else {
                 continue;
@@ -372,8 +395,8 @@ impl Config {
                     "duplicate token (each token must be unique)",
                 );
             }
-            p.non_empty_opt(&format!("{base}.device"), t.device.as_deref());
-            p.non_empty_opt(&format!("{base}.name"), t.name.as_deref());
+            p.non_empty_opt(format!("{base}.device"), t.device.as_deref());
+            p.non_empty_opt(format!("{base}.name"), t.name.as_deref());
         }
         if let Some(tls) = &h.tls {
             p.path_required("http.tls.cert_path", &tls.cert_path);
@@ -381,161 +404,63 @@ impl Config {
         }
     }
 
-    fn validate_kafka(&self, p: &mut Problems) {
-        let k = &self.uplink.kafka;
-        if k.brokers.trim().is_empty() {
-            p.invalid("uplink.kafka.brokers", "must not be empty");
-        } else {
-            for entry in k.brokers.split(',') {
-                p.check("uplink.kafka.brokers", check_host_port(entry.trim()));
-            }
-        }
-        p.check("uplink.kafka.topic", check_kafka_topic(&k.topic));
-        p.at_least(
-            "uplink.kafka.max_inflight_segments",
-            k.max_inflight_segments as u64,
-            1,
-        );
-        p.at_least(
-            "uplink.kafka.max_inflight_readings",
-            k.max_inflight_readings as u64,
-            1,
-        );
-        p.at_least("uplink.kafka.message_timeout_ms", k.message_timeout_ms, 1);
-        if k.initial_backoff_ms > k.max_backoff_ms {
-            p.invalid(
-                "uplink.kafka.initial_backoff_ms",
-                format!(
-                    "must be at most uplink.kafka.max_backoff_ms ({}), got {}",
-                    k.max_backoff_ms, k.initial_backoff_ms
-                ),
-            );
-        }
-        let proto = k.security_protocol.as_str();
-        if k.security_protocol.is_sasl() {
-            if k.sasl_mechanism.is_none() {
+    fn validate_uplinks(&self, p: &mut Problems) {
+        for (name, u) in &self.uplinks {
+            let base = uplink_path(name);
+            p.check(base.clone(), check_uplink_name(name));
+            if u.topics.is_empty() {
                 p.invalid(
-                    "uplink.kafka.sasl_mechanism",
-                    format!("is required with security_protocol = \"{proto}\""),
+                    format!("{base}.topics"),
+                    "must not be empty: an uplink without topics forwards nothing (to switch it off, set enabled = false)",
                 );
             }
-            if k.sasl_username.as_deref().unwrap_or("").is_empty() {
-                p.invalid(
-                    "uplink.kafka.sasl_username",
-                    format!("is required with security_protocol = \"{proto}\""),
-                );
+            for (i, filter) in u.topics.iter().enumerate() {
+                p.check(format!("{base}.topics[{i}]"), check_topic_filter(filter));
             }
-            if k.sasl_password
-                .as_ref()
-                .is_none_or(|s| s.expose().is_empty())
-            {
-                p.invalid(
-                    "uplink.kafka.sasl_password",
-                    format!("is required with security_protocol = \"{proto}\""),
-                );
-            }
-        } else {
-            for (set, key) in [
-                (k.sasl_mechanism.is_some(), "sasl_mechanism"),
-                (k.sasl_username.is_some(), "sasl_username"),
-                (k.sasl_password.is_some(), "sasl_password"),
-            ] {
-                if set {
-                    p.invalid(
-                        format!("uplink.kafka.{key}"),
-                        format!(
-                            "is only used with security_protocol \"sasl_plaintext\" or \"sasl_ssl\", not \"{proto}\""
-                        ),
-                    );
+            match &u.kind {
+                UplinkKind::Kafka(k) => {
+                    if k.delivery == Delivery::Segment && u.topics != ["#"] {
+                        p.invalid(
+                            format!("{base}.topics"),
+                            "must be [\"#\"] with delivery = \"segment\": a segment holds readings of any topic, so it cannot be filtered by topic",
+                        );
+                    }
+                    validate_kafka(&base, k, p);
                 }
+                UplinkKind::Mqtt(m) => validate_mqtt_uplink(&base, m, p),
             }
         }
-        for (i, route) in k.routes.iter().enumerate() {
-            let base = format!("uplink.kafka.routes[{i}]");
-            p.check(format!("{base}.filter"), check_topic_filter(&route.filter));
-            p.check(format!("{base}.topic"), check_kafka_topic(&route.topic));
-        }
-        for key in k.librdkafka.keys() {
-            if key.trim().is_empty() {
-                p.invalid(
-                    "uplink.kafka.librdkafka",
-                    "property names must not be empty",
-                );
-            }
-        }
+        self.validate_mqtt_client_ids(p);
     }
 
-    fn validate_mqtt_uplink(&self, p: &mut Problems) {
-        let m = &self.uplink.mqtt;
-        p.check("uplink.mqtt.url", MqttEndpoint::parse(&m.url));
-        if m.qos > 1 {
-            p.invalid("uplink.mqtt.qos", format!("must be 0 or 1, got {}", m.qos));
-        }
-        p.at_least("uplink.mqtt.max_inflight", u64::from(m.max_inflight), 1);
-        p.non_empty_opt("uplink.mqtt.client_id", m.client_id.as_deref());
-        p.non_empty_opt("uplink.mqtt.username", m.username.as_deref());
-        if m.password.is_some() && m.username.is_none() {
-            p.invalid("uplink.mqtt.password", "needs uplink.mqtt.username");
-        }
-        if let Some(prefix) = &m.topic_prefix
-            && prefix.contains(['+', '#', '\0'])
-        {
-            p.invalid(
-                "uplink.mqtt.topic_prefix",
-                "must not contain '+', '#' or NUL",
-            );
-        }
-        match (&m.client_cert_path, &m.client_key_path) {
-            (Some(_), None) => p.invalid(
-                "uplink.mqtt.client_key_path",
-                "is required when client_cert_path is set",
-            ),
-            (None, Some(_)) => p.invalid(
-                "uplink.mqtt.client_cert_path",
-                "is required when client_key_path is set",
-            ),
-            _ => {}
-        }
-        if m.initial_backoff_ms > m.max_backoff_ms {
-            p.invalid(
-                "uplink.mqtt.initial_backoff_ms",
-                format!(
-                    "must be at most uplink.mqtt.max_backoff_ms ({}), got {}",
-                    m.max_backoff_ms, m.initial_backoff_ms
-                ),
-            );
-        }
-        for (i, rw) in m.rewrites.iter().enumerate() {
-            let base = format!("uplink.mqtt.rewrites[{i}]");
-            let plus = match check_topic_filter(&rw.filter) {
-                Ok(n) => Some(n),
-                Err(e) => {
-                    p.invalid(format!("{base}.filter"), e);
-                    None
-                }
+    /// Two enabled MQTT uplinks with the same client id on the same broker would take turns:
+    /// the broker disconnects a client whenever another connects with its id.
+    fn validate_mqtt_client_ids(&self, p: &mut Problems) {
+        let mut seen: Vec<(&str, String, MqttEndpoint)> = Vec::new();
+        for (name, u) in self.enabled_uplinks() {
+            let UplinkKind::Mqtt(m) = &u.kind else {
+                continue;
             };
-            if rw.template.is_empty() {
-                p.invalid(format!("{base}.template"), "is required");
-            } else if rw.template.contains(['+', '#', '\0']) {
+            let Ok(mut endpoint) = m.endpoint() else {
+                continue; // reported at its url
+            };
+            endpoint.host.make_ascii_lowercase();
+            let id = self.mqtt_client_id(name, m);
+            let same = seen
+                .iter()
+                .find(|(_, i, e)| *i == id && e.host == endpoint.host && e.port == endpoint.port);
+            if let Some((other, _, _)) = same {
                 p.invalid(
-                    format!("{base}.template"),
-                    "must not contain '+', '#' or NUL",
+                    format!("{}.client_id", uplink_path(name)),
+                    format!(
+                        "'{id}' is also the client id of {} on the same broker ({}:{}): the broker would disconnect one whenever the other connects; give each a client_id of its own",
+                        uplink_path(other),
+                        endpoint.host,
+                        endpoint.port
+                    ),
                 );
-            }
-            for n in template_placeholders(&rw.template) {
-                if n == 0 {
-                    p.invalid(
-                        format!("{base}.template"),
-                        "placeholders are 1-based: use {1} for the first '+'",
-                    );
-                } else if let Some(plus) = plus
-                    && n > plus
-                {
-                    p.invalid(
-                        format!("{base}.template"),
-                        format!("{{{n}}} refers to wildcard {n}, but the filter has {plus} '+'"),
-                    );
-                }
+            } else {
+                seen.push((name, id, endpoint));
             }
         }
     }
@@ -577,6 +502,174 @@ impl Config {
             });
             if let Some((other_path, _)) = clash {
                 p.invalid(*path, format!("{addr} clashes with {other_path}"));
+            }
+        }
+    }
+}
+
+fn uplink_path(name: &str) -> String {
+    format!("uplinks.{}", path_segment(name))
+}
+
+fn validate_kafka(base: &str, k: &KafkaUplink, p: &mut Problems) {
+    if k.brokers.trim().is_empty() {
+        p.invalid(format!("{base}.brokers"), "must not be empty");
+    } else {
+        for entry in k.brokers.split(',') {
+            p.check(format!("{base}.brokers"), check_host_port(entry.trim()));
+        }
+    }
+    p.check(format!("{base}.topic"), check_kafka_topic(&k.topic));
+    p.at_least(
+        format!("{base}.max_inflight_segments"),
+        k.max_inflight_segments as u64,
+        1,
+    );
+    p.at_least(
+        format!("{base}.max_inflight_readings"),
+        k.max_inflight_readings as u64,
+        1,
+    );
+    p.at_least(
+        format!("{base}.message_timeout_ms"),
+        k.message_timeout_ms,
+        1,
+    );
+    if k.initial_backoff_ms > k.max_backoff_ms {
+        p.invalid(
+            format!("{base}.initial_backoff_ms"),
+            format!(
+                "must be at most {base}.max_backoff_ms ({}), got {}",
+                k.max_backoff_ms, k.initial_backoff_ms
+            ),
+        );
+    }
+    let proto = k.security_protocol.as_str();
+    if k.security_protocol.is_sasl() {
+        if k.sasl_mechanism.is_none() {
+            p.invalid(
+                format!("{base}.sasl_mechanism"),
+                format!("is required with security_protocol = \"{proto}\""),
+            );
+        }
+        if k.sasl_username.as_deref().unwrap_or("").is_empty() {
+            p.invalid(
+                format!("{base}.sasl_username"),
+                format!("is required with security_protocol = \"{proto}\""),
+            );
+        }
+        if k.sasl_password
+            .as_ref()
+            .is_none_or(|s| s.expose().is_empty())
+        {
+            p.invalid(
+                format!("{base}.sasl_password"),
+                format!("is required with security_protocol = \"{proto}\""),
+            );
+        }
+    } else {
+        for (set, key) in [
+            (k.sasl_mechanism.is_some(), "sasl_mechanism"),
+            (k.sasl_username.is_some(), "sasl_username"),
+            (k.sasl_password.is_some(), "sasl_password"),
+        ] {
+            if set {
+                p.invalid(
+                        format!("{base}.{key}"),
+                        format!(
+                            "is only used with security_protocol \"sasl_plaintext\" or \"sasl_ssl\", not \"{proto}\""
+                        ),
+                    );
+            }
+        }
+    }
+    for (i, route) in k.routes.iter().enumerate() {
+        let base = format!("{base}.routes[{i}]");
+        p.check(format!("{base}.filter"), check_topic_filter(&route.filter));
+        p.check(format!("{base}.topic"), check_kafka_topic(&route.topic));
+    }
+    for key in k.librdkafka.keys() {
+        if key.trim().is_empty() {
+            p.invalid(
+                format!("{base}.librdkafka"),
+                "property names must not be empty",
+            );
+        }
+    }
+}
+
+fn validate_mqtt_uplink(base: &str, m: &MqttUplink, p: &mut Problems) {
+    p.check(format!("{base}.url"), MqttEndpoint::parse(&m.url));
+    if m.qos > 1 {
+        p.invalid(
+            format!("{base}.qos"),
+            format!("must be 0 or 1, got {}", m.qos),
+        );
+    }
+    p.at_least(format!("{base}.max_inflight"), u64::from(m.max_inflight), 1);
+    p.non_empty_opt(format!("{base}.client_id"), m.client_id.as_deref());
+    p.non_empty_opt(format!("{base}.username"), m.username.as_deref());
+    if m.password.is_some() && m.username.is_none() {
+        p.invalid(format!("{base}.password"), format!("needs {base}.username"));
+    }
+    if let Some(prefix) = &m.topic_prefix
+        && prefix.contains(['+', '#', '\0'])
+    {
+        p.invalid(
+            format!("{base}.topic_prefix"),
+            "must not contain '+', '#' or NUL",
+        );
+    }
+    match (&m.client_cert_path, &m.client_key_path) {
+        (Some(_), None) => p.invalid(
+            format!("{base}.client_key_path"),
+            "is required when client_cert_path is set",
+        ),
+        (None, Some(_)) => p.invalid(
+            format!("{base}.client_cert_path"),
+            "is required when client_key_path is set",
+        ),
+        _ => {}
+    }
+    if m.initial_backoff_ms > m.max_backoff_ms {
+        p.invalid(
+            format!("{base}.initial_backoff_ms"),
+            format!(
+                "must be at most {base}.max_backoff_ms ({}), got {}",
+                m.max_backoff_ms, m.initial_backoff_ms
+            ),
+        );
+    }
+    for (i, rw) in m.rewrites.iter().enumerate() {
+        let base = format!("{base}.rewrites[{i}]");
+        let plus = match check_topic_filter(&rw.filter) {
+            Ok(n) => Some(n),
+            Err(e) => {
+                p.invalid(format!("{base}.filter"), e);
+                None
+            }
+        };
+        if rw.template.is_empty() {
+            p.invalid(format!("{base}.template"), "is required");
+        } else if rw.template.contains(['+', '#', '\0']) {
+            p.invalid(
+                format!("{base}.template"),
+                "must not contain '+', '#' or NUL",
+            );
+        }
+        for n in template_placeholders(&rw.template) {
+            if n == 0 {
+                p.invalid(
+                    format!("{base}.template"),
+                    "placeholders are 1-based: use {1} for the first '+'",
+                );
+            } else if let Some(plus) = plus
+                && n > plus
+            {
+                p.invalid(
+                    format!("{base}.template"),
+                    format!("{{{n}}} refers to wildcard {n}, but the filter has {plus} '+'"),
+                );
             }
         }
     }

@@ -1,17 +1,41 @@
 //! Property tests of the config loader, the stable-toolchain twin of the `config_load` fuzz
 //! target (fuzz/fuzz_targets/config_load.rs): on TOML built from real key paths with values of
 //! any type, on `FERRY_*` overrides, and on arbitrary text, `load_str` never panics; an error
-//! list is never empty and every error names its problem; a loaded config validates again.
+//! list is never empty and every error names its problem and its place; a loaded config
+//! validates again.
 
-use ferry_config::{ConfigErrors, env_var_name, key_paths, load_str};
+use ferry_config::{ConfigErrors, UplinkKind, env_var_name, key_paths, load_str};
 use proptest::prelude::*;
 
-/// The key paths that take one value (no `[]` list element, no free-form `.*` table).
+/// The names uplink keys are tried under: two uplinks, so that the keys of both types meet,
+/// one with a name that variables write differently (`EDGE_1`).
+const UPLINK_NAMES: &[&str] = &["kafka", "edge-1"];
+
+/// The key paths that take one value (no `[]` list element, no free-form `.*` table), with
+/// the `<name>` of an uplink replaced by each of [`UPLINK_NAMES`].
 fn scalar_paths() -> Vec<String> {
     key_paths()
         .into_iter()
         .filter(|p| !p.contains("[]") && !p.ends_with(".*"))
+        .flat_map(|p| match p.contains("<name>") {
+            true => UPLINK_NAMES
+                .iter()
+                .map(|n| p.replace("<name>", n))
+                .collect(),
+            false => vec![p],
+        })
         .collect()
+}
+
+/// The `type` of each uplink of [`UPLINK_NAMES`]: none (the uplink exists only if a key of it
+/// is picked, and then lacks its type), a type, or an unknown one.
+fn uplink_types() -> impl Strategy<Value = Vec<Option<&'static str>>> {
+    let mut types = UplinkKind::TYPES.to_vec();
+    types.push("kinesis");
+    proptest::collection::vec(
+        proptest::option::of(prop::sample::select(types)),
+        UPLINK_NAMES.len(),
+    )
 }
 
 /// A TOML value of any type, biased towards values ferry's keys take.
@@ -36,11 +60,17 @@ fn value() -> impl Strategy<Value = String> {
             "info",
             "json",
             "/tmp/x",
+            "kafka",
+            "mqtt",
+            "mqtt://h:1883",
+            "h:9092",
             "",
         ])
         .prop_map(|s| format!("{s:?}")),
         "[a-z0-9_.:/+#{}-]{0,12}".prop_map(|s| format!("{s:?}")),
         proptest::collection::vec(0u32..10, 0..3).prop_map(|v| format!("{v:?}")),
+        Just("[\"#\"]".to_string()),
+        Just("[\"a/+\", \"b/#\"]".to_string()),
         Just("[{ filter = \"#\", topic = \"t\" }]".to_string()),
         Just("{ a = 1 }".to_string()),
     ]
@@ -56,6 +86,9 @@ fn check(result: Result<ferry_config::Config, ConfigErrors>) -> Result<(), TestC
             prop_assert!(!errors.0.is_empty(), "an empty error list");
             for e in &errors.0 {
                 prop_assert!(!e.message.is_empty(), "an error without a message: {e:?}");
+                // An error without a place is the deserialization backstop: the key and type
+                // checks missed something.
+                prop_assert!(!e.path.is_empty(), "an error without a path: {e:?}");
             }
         }
     }
@@ -78,10 +111,18 @@ proptest! {
     fn known_keys_with_any_values(
         picks in proptest::collection::vec((any::<prop::sample::Index>(), value()), 0..6),
         env in proptest::collection::vec((any::<prop::sample::Index>(), value()), 0..3),
+        types in uplink_types(),
     ) {
         let paths = scalar_paths();
         let mut toml = String::new();
         let mut used = std::collections::HashSet::new();
+        for (name, t) in UPLINK_NAMES.iter().zip(types) {
+            if let Some(t) = t {
+                let p = format!("uplinks.{name}.type");
+                toml.push_str(&format!("{p} = {t:?}\n"));
+                used.insert(p);
+            }
+        }
         for (at, v) in picks {
             let p = at.get::<String>(&paths);
             if used.insert(p.clone()) {
@@ -90,7 +131,11 @@ proptest! {
         }
         let env: Vec<(String, String)> = env
             .into_iter()
-            .map(|(at, v)| (env_var_name(at.get::<String>(&paths)), v.trim_matches('"').to_string()))
+            .map(|(at, v)| {
+                // An uplink's name is written upper-cased with `-` as `_`.
+                let name = env_var_name(&at.get::<String>(&paths).replace('-', "_"));
+                (name, v.trim_matches('"').to_string())
+            })
             .collect();
         check(load_str(&toml, env))?;
     }
