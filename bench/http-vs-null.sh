@@ -21,7 +21,7 @@ cp "$work/single.lua" "$work/null.lua"
 start_ferry() {
     rm -rf "$work/data"
     FERRY_GATEWAY_DATA_DIR="$work/data" FERRY_HTTP_LISTEN=127.0.0.1:0 FERRY_MQTT_ENABLED=false \
-    FERRY_UPLINK_KAFKA_ENABLED=false FERRY_HTTP_MAX_CONNECTIONS=4096 FERRY_LOG=warn \
+    FERRY_HTTP_MAX_CONNECTIONS=4096 FERRY_LOG=warn \
         target/release/ferry run > "$work/ferry.out" 2> "$work/ferry.err" &
     pid=$!
     for _ in $(seq 100); do grep -q '^ready' "$work/ferry.out" 2>/dev/null && break; sleep 0.1; done

@@ -21,7 +21,7 @@ rss_kib() { awk '/VmHWM/ {print $2}' "/proc/$1/status"; }
 start_ferry() {
     rm -rf "$work/ferry-data"
     FERRY_GATEWAY_DATA_DIR="$work/ferry-data" FERRY_MQTT_LISTEN="127.0.0.1:0" FERRY_HTTP_LISTEN="127.0.0.1:0" \
-    FERRY_UPLINK_KAFKA_ENABLED=false FERRY_MQTT_MAX_CONNECTIONS=4096 FERRY_LOG=warn \
+    FERRY_MQTT_MAX_CONNECTIONS=4096 FERRY_LOG=warn \
         target/release/ferry run > "$work/ferry.out" 2> "$work/ferry.err" &
     ferry_pid=$!
     for _ in $(seq 100); do grep -q '^ready' "$work/ferry.out" 2>/dev/null && break; sleep 0.1; done

@@ -9,7 +9,7 @@ start_ferry() {
     local bin=$1 work=$2 data=$3
     : > "$work/ferry.toml"
     FERRY_GATEWAY_DATA_DIR="$data" FERRY_GATEWAY_ID=probe FERRY_MQTT_LISTEN=127.0.0.1:0 \
-    FERRY_HTTP_LISTEN=127.0.0.1:0 FERRY_MQTT_MAX_CONNECTIONS=4096 FERRY_UPLINK_KAFKA_ENABLED=false \
+    FERRY_HTTP_LISTEN=127.0.0.1:0 FERRY_MQTT_MAX_CONNECTIONS=4096 \
     FERRY_LOG=warn "$bin/ferry-bench-gateway" run --config "$work/ferry.toml" > "$work/out" 2> "$work/err" &
     pid=$!
     for _ in $(seq 200); do grep -q '^ready' "$work/out" && break; sleep 0.1; done

@@ -31,7 +31,7 @@ run check-config deploy/ferry.toml
 
 start_and_idle() {   # $1: command prefix ("" for native), $2: binary, [$3: config]; prints "pid addr"
     FERRY_GATEWAY_DATA_DIR="$work/data" FERRY_HTTP_LISTEN=127.0.0.1:0 FERRY_MQTT_LISTEN=127.0.0.1:0 \
-    FERRY_UPLINK_KAFKA_ENABLED="${KAFKA:-false}" FERRY_LOG=warn \
+    FERRY_UPLINKS_KAFKA_ENABLED="${KAFKA:-false}" FERRY_LOG=warn \
         $1 "$2" run --config "${3:-deploy/ferry.toml}" > "$work/out" 2> "$work/err" &
     local pid=$!
     for _ in $(seq 300); do grep -q '^ready' "$work/out" 2>/dev/null && break; sleep 0.1; done
@@ -59,7 +59,7 @@ echo "== ferry buffer stats: 1 reading stored"
 # The bundled librdkafka on the target: its mock cluster stands in for the brokers.
 rm -rf "$work/data" "$work/out"
 cp deploy/ferry.toml "$work/kafka.toml"
-printf '\n[uplink.kafka.librdkafka]\n"test.mock.num.brokers" = "1"\n' >> "$work/kafka.toml"
+printf '\n[uplinks.kafka.librdkafka]\n"test.mock.num.brokers" = "1"\n' >> "$work/kafka.toml"
 read -r kpid kaddr < <(KAFKA=true start_and_idle "$qemu" "$bin" "$work/kafka.toml")
 curl -s -o /dev/null -X POST -H 'content-type: application/json' --data '{"temp":21.5}' \
     "http://$kaddr/v1/readings/site/pi/temp"

@@ -1,7 +1,25 @@
-//! Wiring and shutdown: open the buffer, bind the listeners, start the uplinks, wait for a
-//! signal, then drain in order within `gateway.shutdown_grace_ms`.
+//! Composition, running and shutdown: open the buffer, bind every component, build the
+//! status hub once, start the uplinks, wait for a signal, then drain in order within
+//! `gateway.shutdown_grace_ms`.
 //!
-//! Shutdown order:
+//! ## Composition
+//! ```text
+//! Gateway::start(config)
+//!   buffer      = Buffer::open(data_dir, buffer_options(config))     consumers = uplink names
+//!   mqtt        = mqtt::MqttListeners::bind(&config.mqtt, deps)        (when enabled)
+//!   http        = http::HttpListener::bind(deps)                       (when enabled)
+//!   status      = status::StatusListener::bind(&config.status)         (with status.listen)
+//!   uplinks     = ferry_uplink::from_config(&config, &buffer)          Vec<Box<dyn Uplink>>
+//!   hub         = status::Hub::new(HubParts { listener stats, uplink statuses, addresses })
+//! Gateway::run(shutdown)
+//!   spawns every listener's run (HTTP with the status routes merged, unless status.listen),
+//!   the status sampler, the systemd watchdog and every uplink's run
+//! ```
+//! Components know nothing of the gateway: each exposes `bind(settings, deps)` and
+//! `run(self, shutdown)`, and only this module assembles them. A component that cannot
+//! start stops the start-up with its own error as the source of [`StartError`].
+//!
+//! ## Shutdown order
 //! 1. listeners stop accepting and finish the acks they owe (each listener's `run` returns
 //!    once its connections have drained or been told to go);
 //! 2. uplinks stop reading, flush what is in flight and ack what the upstream confirmed
@@ -11,8 +29,11 @@
 //! Each stage gets what is left of the grace period; a task still running at the end is
 //! aborted and named in the log. Nothing acknowledged is at risk from an abort: it is on disk.
 
+use crate::status::{DeviceTable, Hub, HubParts, StatusState};
+use crate::{http, mqtt, status};
 use ferry_buffer::{Buffer, BufferOptions, Compression, OpenError, WhenFull};
 use ferry_config::Config;
+use ferry_uplink::Uplink;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -28,8 +49,6 @@ pub type Task = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
 /// The shutdown future handed to each component's `run`.
 pub type Shutdown = WaitForCancellationFutureOwned;
 type Starter = Box<dyn FnOnce(Shutdown) -> Task + Send>;
-/// A component's live figures as JSON, for `/api/status` and the status page.
-pub type StatusSource = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
 
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]
@@ -38,26 +57,26 @@ pub enum StartError {
     /// The buffer could not be opened.
     #[error(transparent)]
     Buffer(#[from] OpenError),
-    /// A listener could not bind or load its TLS material.
-    #[error("{component}: {message}")]
-    Component {
-        /// Which component.
-        component: &'static str,
-        /// What went wrong.
-        message: String,
-    },
+    /// The task opening the buffer panicked.
+    #[error("opening the buffer failed: {0}")]
+    BufferTask(#[source] tokio::task::JoinError),
+    /// The MQTT listener could not start.
+    #[error("mqtt: {0}")]
+    Mqtt(#[source] mqtt::BindError),
+    /// The HTTP listener could not start.
+    #[error("http: {0}")]
+    Http(#[source] http::BindError),
+    /// The status listener could not start.
+    #[error("status: {0}")]
+    Status(#[source] status::BindError),
+    /// An uplink could not be built.
+    #[error(transparent)]
+    Uplink(#[from] ferry_uplink::BuildError),
 }
 
-/// Maps `[buffer]` to the buffer's options.
+/// Maps `[buffer]` to the buffer's options; the consumers are the enabled uplinks.
 pub fn buffer_options(config: &Config) -> BufferOptions {
     let b = &config.buffer;
-    let mut consumers = Vec::new();
-    if config.uplink.kafka.enabled {
-        consumers.push("kafka".to_string());
-    }
-    if config.uplink.mqtt.enabled {
-        consumers.push("mqtt".to_string());
-    }
     BufferOptions {
         max_bytes: b.max_bytes,
         when_full: match b.when_full {
@@ -77,37 +96,39 @@ pub fn buffer_options(config: &Config) -> BufferOptions {
         },
         max_age: (b.max_age_secs > 0).then(|| Duration::from_secs(b.max_age_secs)),
         cache_bytes: b.cache_bytes as usize,
-        consumers,
+        consumers: ferry_uplink::consumers(config),
         quick_repair: false,
         max_pending_bytes: b.max_pending_bytes,
     }
 }
 
-/// A started gateway: buffer open, listeners bound, nothing running yet.
+/// A started gateway: buffer open, listeners bound, uplinks built, nothing running yet.
 pub struct Gateway {
     /// The validated config.
     pub config: Arc<Config>,
     /// The buffer.
     pub buffer: Buffer,
-    /// When the gateway started.
-    pub started: Instant,
+    /// What the status page reads.
+    pub status: Hub,
     addrs: BTreeMap<&'static str, SocketAddr>,
-    listeners: Vec<(&'static str, Starter)>,
-    uplinks: Vec<(&'static str, Starter)>,
-    /// What the status page reads: components' figures, uplink handles, listeners, devices.
-    pub status: crate::status::Hub,
+    mqtt: Option<mqtt::MqttListeners>,
+    http: Option<http::HttpListener>,
+    status_listener: Option<status::StatusListener>,
+    uplinks: Vec<Box<dyn Uplink>>,
 }
 
 impl std::fmt::Debug for Gateway {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Gateway")
             .field("addrs", &self.addrs)
+            .field("uplinks", &self.uplinks)
             .finish_non_exhaustive()
     }
 }
 
 impl Gateway {
-    /// Opens the buffer and binds every enabled listener. Fails before anything runs.
+    /// Opens the buffer, binds every enabled listener and builds every enabled uplink. Fails
+    /// before anything runs.
     pub async fn start(config: Config) -> Result<Gateway, StartError> {
         // First, so the figures the buffer and uplinks emit from the start are recorded.
         crate::status::metrics::install();
@@ -117,10 +138,7 @@ impl Gateway {
         let opts = buffer_options(&config);
         let buffer = tokio::task::spawn_blocking(move || Buffer::open(data_dir, opts))
             .await
-            .map_err(|e| StartError::Component {
-                component: "buffer",
-                message: e.to_string(),
-            })??;
+            .map_err(StartError::BufferTask)??;
         let st = buffer.stats();
         if !st.quarantined.is_empty() {
             tracing::error!(
@@ -134,79 +152,88 @@ impl Gateway {
             bytes = st.used_bytes(),
             "The buffer is open."
         );
-        let gw = Gateway {
-            status: crate::status::Hub::new(config.status.max_devices, started),
+
+        let devices = DeviceTable::new(config.status.max_devices);
+        let grace = Duration::from_millis(config.gateway.shutdown_grace_ms);
+        let mut addrs = BTreeMap::new();
+        let mqtt = if config.mqtt.enabled {
+            let deps = mqtt::Deps {
+                buffer: buffer.clone(),
+                devices: devices.clone(),
+                reject_when_full: matches!(config.buffer.when_full, ferry_config::WhenFull::Reject),
+                grace,
+            };
+            let m = mqtt::MqttListeners::bind(&config.mqtt, deps)
+                .await
+                .map_err(StartError::Mqtt)?;
+            addrs.insert("mqtt", m.tcp.local_addr());
+            if let Some(t) = &m.tls {
+                addrs.insert("mqtts", t.local_addr());
+            }
+            Some(m)
+        } else {
+            None
+        };
+        let http = if config.http.enabled {
+            let deps = http::Deps {
+                buffer: buffer.clone(),
+                config: config.clone(),
+                devices: devices.clone(),
+            };
+            let h = http::HttpListener::bind(deps)
+                .await
+                .map_err(StartError::Http)?;
+            addrs.insert("http", h.local_addr());
+            Some(h)
+        } else {
+            None
+        };
+        let status_listener = status::StatusListener::bind(&config.status)
+            .await
+            .map_err(StartError::Status)?;
+        if let Some(s) = &status_listener {
+            addrs.insert("status", s.local_addr());
+        }
+        let uplinks = ferry_uplink::from_config(&config, &buffer)?;
+        if uplinks.is_empty() {
+            tracing::warn!(
+                "No uplink is enabled: ferry buffers readings and forwards nothing. Add an [uplinks.NAME] table to forward them."
+            );
+        }
+        for u in &uplinks {
+            tracing::info!(
+                uplink = u.name(),
+                r#type = u.kind(),
+                "An uplink is enabled."
+            );
+        }
+        let hub = Hub::new(HubParts {
+            started,
+            devices,
+            mqtt: mqtt.as_ref().map(|m| m.stats.clone()),
+            http: http.as_ref().map(http::HttpListener::stats),
+            uplinks: uplinks.iter().map(|u| u.status()).collect(),
+            listeners: addrs.clone(),
+        });
+        Ok(Gateway {
             config,
             buffer,
-            started,
-            addrs: BTreeMap::new(),
-            listeners: Vec::new(),
-            uplinks: Vec::new(),
-        };
-        Ok(gw)
+            status: hub,
+            addrs,
+            mqtt,
+            http,
+            status_listener,
+            uplinks,
+        })
     }
 
-    /// Registers a bound listener; its `run` starts in [`Gateway::run`].
-    pub fn add_listener(
-        &mut self,
-        name: &'static str,
-        addr: SocketAddr,
-        start: impl FnOnce(Shutdown) -> Task + Send + 'static,
-    ) {
-        self.addrs.insert(name, addr);
-        self.status.listener_bound(name, addr);
-        self.listeners.push((name, Box::new(start)));
-    }
-
-    /// Registers a background task with no address (e.g. the status sampler); it starts and
-    /// stops with the listeners.
-    pub fn add_task(
-        &mut self,
-        name: &'static str,
-        start: impl FnOnce(Shutdown) -> Task + Send + 'static,
-    ) {
-        self.listeners.push((name, Box::new(start)));
-    }
-
-    /// Registers an uplink; its `run` starts in [`Gateway::run`].
-    pub fn add_uplink(
-        &mut self,
-        name: &'static str,
-        start: impl FnOnce(Shutdown) -> Task + Send + 'static,
-    ) {
-        self.uplinks.push((name, Box::new(start)));
-    }
-
-    /// Registers a component's live figures for the status page.
-    pub fn add_status_source(&mut self, name: &'static str, source: StatusSource) {
-        self.status.add_source(name, source);
-    }
-
-    /// Registers an uplink's status handle (state, acks, errors) for the status page; its
-    /// buffer lag is read per request.
-    pub fn add_uplink_status(&mut self, status: ferry_uplink::status::UplinkStatus) {
-        self.status.add_uplink(status);
-    }
-
-    /// The registered status sources.
-    pub fn status_sources(&self) -> Vec<(&'static str, StatusSource)> {
-        self.status.sources()
-    }
-
-    /// Binds and registers every enabled component from the config: the MQTT listener, the
-    /// HTTP listener (and with it the status page), the uplinks, and the status sampler (and
-    /// the status listener, with `status.listen`).
-    pub async fn build(&mut self) -> Result<(), StartError> {
-        crate::mqtt::register(self).await?;
-        crate::http::register(self).await?;
-        crate::uplinks::register(self).await?;
-        crate::status::register(self).await?;
-        if let Some(wd) = crate::systemd::Watchdog::from_env(self.buffer.clone()) {
-            self.add_task("systemd-watchdog", move |shutdown| {
-                Box::pin(wd.run(shutdown))
-            });
-        }
-        Ok(())
+    /// The state the status handlers read.
+    pub fn status_state(&self) -> StatusState {
+        StatusState::new(
+            self.status.clone(),
+            self.buffer.clone(),
+            self.config.clone(),
+        )
     }
 
     /// The bound addresses, by listener name.
@@ -214,24 +241,78 @@ impl Gateway {
         &self.addrs
     }
 
+    /// The listeners and background tasks, ready to be started.
+    fn listener_tasks(&mut self) -> Vec<(&'static str, Starter)> {
+        let mut out: Vec<(&'static str, Starter)> = Vec::new();
+        let routes = status::router(self.status_state());
+        if let Some(m) = self.mqtt.take() {
+            let tcp = m.tcp;
+            out.push(("mqtt", Box::new(move |sd| Box::pin(tcp.run(sd)))));
+            if let Some(tls) = m.tls {
+                out.push(("mqtts", Box::new(move |sd| Box::pin(tls.run(sd)))));
+            }
+        }
+        match (self.status_listener.take(), self.http.take()) {
+            (Some(s), http) => {
+                tracing::info!(addr = %s.local_addr(), token = self.config.status.token.is_some(),
+                    "The status page has its own listener.");
+                let r = routes.clone();
+                out.push(("status", Box::new(move |sd| Box::pin(s.run(r, sd)))));
+                if let Some(h) = http {
+                    out.push(("http", Box::new(move |sd| Box::pin(h.run(None, sd)))));
+                }
+            }
+            (None, Some(h)) => {
+                tracing::info!(
+                    token = self.config.status.token.is_some(),
+                    "The status page is served on the HTTP listener."
+                );
+                out.push((
+                    "http",
+                    Box::new(move |sd| Box::pin(h.run(Some(routes), sd))),
+                ));
+            }
+            (None, None) => tracing::warn!(
+                "The status page is not served: the HTTP listener is disabled and status.listen is not set."
+            ),
+        }
+        let sampler = status::history::Sampler {
+            hub: self.status.clone(),
+            buffer: self.buffer.clone(),
+        };
+        out.push((
+            "status-sampler",
+            Box::new(move |sd| Box::pin(sampler.run(sd))),
+        ));
+        if let Some(wd) = crate::systemd::Watchdog::from_env(self.buffer.clone()) {
+            out.push(("systemd-watchdog", Box::new(move |sd| Box::pin(wd.run(sd)))));
+        }
+        out
+    }
+
     /// Runs every component until `shutdown` resolves, then drains in order.
-    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
+    pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
         let grace = Duration::from_millis(self.config.gateway.shutdown_grace_ms);
         let listen_token = CancellationToken::new();
         let uplink_token = CancellationToken::new();
         let mut listeners = JoinSet::new();
-        for (name, start) in self.listeners {
+        for (name, start) in self.listener_tasks() {
             let task = start(listen_token.clone().cancelled_owned());
             listeners.spawn(async move {
                 task.await;
-                name
+                name.to_string()
             });
         }
         let mut uplinks = JoinSet::new();
-        for (name, start) in self.uplinks {
-            let task = start(uplink_token.clone().cancelled_owned());
+        for uplink in std::mem::take(&mut self.uplinks) {
+            let name = uplink.name().to_string();
+            let kind = uplink.kind();
+            let task = uplink.run(Box::pin(uplink_token.clone().cancelled_owned()));
             uplinks.spawn(async move {
-                task.await;
+                if let Err(e) = task.await {
+                    tracing::error!(uplink = %name, r#type = kind, error = %e,
+                        "The uplink stopped with an error; its readings stay in the buffer.");
+                }
                 name
             });
         }
@@ -279,11 +360,11 @@ impl Gateway {
     }
 }
 
-async fn drain(kind: &str, set: &mut JoinSet<&'static str>, deadline: Instant) {
+async fn drain(kind: &str, set: &mut JoinSet<String>, deadline: Instant) {
     loop {
         match tokio::time::timeout_at(deadline, set.join_next()).await {
             Ok(None) => return,
-            Ok(Some(Ok(name))) => tracing::debug!(component = name, "A {kind} stopped."),
+            Ok(Some(Ok(name))) => tracing::debug!(component = %name, "A {kind} stopped."),
             Ok(Some(Err(e))) => tracing::error!(error = %e, "A {kind} task failed."),
             Err(_) => {
                 tracing::warn!(

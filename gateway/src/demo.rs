@@ -12,7 +12,7 @@
 
 use crate::app::{Gateway, StartError};
 use crate::cli::DemoArgs;
-use crate::status::{StatusState, api};
+use crate::status::api;
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::DefaultProducerContext;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
@@ -61,13 +61,21 @@ pub fn config(data_dir: &std::path::Path, brokers: &str) -> ferry_config::Config
     c.gateway.shutdown_grace_ms = 3000;
     c.mqtt.listen = port_or_free(1883);
     c.http.listen = port_or_free(8080);
-    c.uplink.kafka.enabled = true;
-    c.uplink.kafka.brokers = brokers.to_string();
-    c.uplink.kafka.topic = TOPIC.into();
-    c.uplink.kafka.message_timeout_ms = 4000;
-    c.uplink.kafka.initial_backoff_ms = 500;
-    c.uplink.kafka.max_backoff_ms = 3000;
-    c.uplink.mqtt.enabled = false;
+    c.uplinks.insert(
+        "kafka".into(),
+        ferry_config::UplinkSettings {
+            enabled: true,
+            topics: vec!["#".into()],
+            kind: ferry_config::UplinkKind::Kafka(ferry_config::KafkaUplink {
+                brokers: brokers.to_string(),
+                topic: TOPIC.into(),
+                message_timeout_ms: 4000,
+                initial_backoff_ms: 500,
+                max_backoff_ms: 3000,
+                ..Default::default()
+            }),
+        },
+    );
     c.status.stalled_after_secs = 20;
     c
 }
@@ -172,9 +180,8 @@ pub async fn run(args: DemoArgs) -> Result<(), DemoError> {
     quiet.log_level = "warn".into();
     crate::telemetry::init(&quiet);
 
-    let mut gw = Gateway::start(config).await?;
-    gw.build().await?;
-    let st = StatusState::of(&gw);
+    let gw = Gateway::start(config).await?;
+    let st = gw.status_state();
     let addrs = gw.addrs().clone();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let gateway = tokio::spawn(gw.run(async {

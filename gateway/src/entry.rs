@@ -140,8 +140,7 @@ fn run(config: ferry_config::Config) -> Result<(), BoxError> {
         .thread_name("ferry")
         .build()?;
     rt.block_on(async {
-        let mut gateway = app::Gateway::start(config).await?;
-        gateway.build().await?;
+        let gateway = app::Gateway::start(config).await?;
         gateway.run(app::shutdown_signal()).await?;
         Ok::<(), BoxError>(())
     })

@@ -20,4 +20,3 @@ pub mod mqtt;
 pub mod status;
 pub mod systemd;
 pub mod telemetry;
-pub mod uplinks;

@@ -1,25 +1,58 @@
-//! What one reading looks like upstream: v5 properties, or the v3.1.1 JSON envelope.
+//! What every uplink says about a reading besides its payload: the `ferry-*` fields and the
+//! JSON envelope. Each uplink carries them in its own way (Kafka headers, MQTT v5 user
+//! properties, the envelope where there are no headers), but the fields and their values are
+//! defined here, once.
+//!
+//! | field | value |
+//! |---|---|
+//! | the device's own MQTT v5 user properties | first, in the order it sent them |
+//! | `ferry-id` | `<gateway id>-<reading id>`, stable across re-sends: de-duplicate on it |
+//! | `ferry-device` | the device id |
+//! | `ferry-topic` | the source topic (MQTT topic or HTTP path topic) |
+//! | `ferry-received-at` | ms since the Unix epoch, decimal |
+//! | `ferry-source` | `mqtt`, `mqtt-will`, `http` or `requeue` |
+//!
+//! The content type is not one of them: Kafka sends it as the `content-type` header, MQTT v5
+//! as its content-type property, the envelope as `content_type`.
 
 use base64::Engine as _;
 use ferry_buffer::Reading;
+use std::fmt::Write as _;
 
 /// The stable id of a reading across re-sends: `<gateway id>-<reading id>`.
 pub fn ferry_id(gateway_id: &str, r: &Reading) -> String {
     format!("{gateway_id}-{}", r.id)
 }
 
-/// MQTT v5 user properties for `r`: the device's own user properties first (in the order it
-/// sent them), then `ferry-id`, `ferry-device`, `ferry-topic` (the source topic),
-/// `ferry-received-at` (ms since the epoch, decimal) and `ferry-source`. The content type
-/// travels as the v5 content-type property, not as a user property.
+/// Calls `f` with each metadata field of `r` (name, value), in the order of the table above.
+/// `scratch` is reused for the formatted values, so a caller on a hot path allocates nothing.
+pub fn for_each_field(
+    gateway_id: &str,
+    r: &Reading,
+    scratch: &mut String,
+    mut f: impl FnMut(&str, &str),
+) {
+    for (k, v) in &r.properties {
+        f(k, v);
+    }
+    scratch.clear();
+    let _ = write!(scratch, "{gateway_id}-{}", r.id);
+    let id_end = scratch.len();
+    let _ = write!(scratch, "{}", r.received_at_ms);
+    let (id, at) = scratch.split_at(id_end);
+    f("ferry-id", id);
+    f("ferry-device", &r.device);
+    f("ferry-topic", &r.topic);
+    f("ferry-received-at", at);
+    f("ferry-source", r.source.as_str());
+}
+
+/// The fields of [`for_each_field`] as owned pairs (MQTT v5 user properties).
 pub fn user_properties(gateway_id: &str, r: &Reading) -> Vec<(String, String)> {
     let mut p = Vec::with_capacity(r.properties.len() + 5);
-    p.extend(r.properties.iter().cloned());
-    p.push(("ferry-id".into(), ferry_id(gateway_id, r)));
-    p.push(("ferry-device".into(), r.device.clone()));
-    p.push(("ferry-topic".into(), r.topic.clone()));
-    p.push(("ferry-received-at".into(), r.received_at_ms.to_string()));
-    p.push(("ferry-source".into(), r.source.as_str().into()));
+    for_each_field(gateway_id, r, &mut String::new(), |k, v| {
+        p.push((k.to_owned(), v.to_owned()))
+    });
     p
 }
 
@@ -60,7 +93,7 @@ fn json_str(s: &str) -> String {
     serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into())
 }
 
-/// The JSON envelope for `r` (`uplink.mqtt.envelope = true`):
+/// The JSON envelope for `r` (MQTT's `envelope = true`, and any uplink without headers):
 ///
 /// ```json
 /// {"ferry_id":"gw1-42","gateway":"gw1","device":"dev-1","topic":"sensors/dev-1/temp",

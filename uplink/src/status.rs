@@ -1,19 +1,21 @@
 //! The status handle every uplink updates and the status page reads.
 //!
 //! [`UplinkStatus`] is cheap to clone (an `Arc`); the uplink task records events on it and the
-//! status page calls [`UplinkStatus::snapshot`], or [`report`] to add the buffer lag, an ETA
-//! and the stalled decision. Counters are also emitted as metrics, per event batch:
+//! status page calls [`UplinkStatus::snapshot`] (and adds the buffer lag, the ETA and the
+//! stalled decision itself, in the gateway's status module). Counters are also emitted as
+//! metrics, per event batch:
 //!
 //! | metric                                   | kind    | meaning                                   |
 //! |------------------------------------------|---------|-------------------------------------------|
 //! | `ferry_uplink_acked_total{uplink}`       | counter | readings confirmed upstream and acked     |
+//! | `ferry_uplink_skipped_total{uplink}`     | counter | readings the uplink's `topics` do not take |
 //! | `ferry_uplink_retries_total{uplink}`     | counter | transient failures that led to a retry    |
 //! | `ferry_uplink_dead_lettered_total{uplink}` | counter | readings moved to the dead-letter table |
 //! | `ferry_uplink_resent_total{uplink}`      | counter | readings sent again after a retry         |
 //! | `ferry_uplink_in_flight_readings{uplink}`| gauge   | readings handed to the producer, unacked  |
 //! | `ferry_uplink_state{uplink}`             | gauge   | 0 connecting, 1 connected, 2 backing_off, 3 offline |
 
-use ferry_buffer::{Buffer, ReadError, now_ms};
+use ferry_buffer::now_ms;
 use serde::Serialize;
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -22,9 +24,6 @@ use tokio::time::Instant;
 
 /// The drain rate is averaged over this sliding window.
 pub const DRAIN_WINDOW: Duration = Duration::from_secs(10);
-
-/// An uplink with unsent readings that has acked nothing for this long is reported stalled.
-pub const STALL_AFTER: Duration = Duration::from_secs(60);
 
 /// The connection state of an uplink.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -58,6 +57,9 @@ impl LinkState {
 pub struct UplinkSnapshot {
     /// The uplink's name (also its buffer consumer name), e.g. `"kafka"`.
     pub name: String,
+    /// The uplink's type, e.g. `"kafka"` or `"mqtt"`.
+    #[serde(rename = "type")]
+    pub kind: &'static str,
     /// Connection state.
     pub state: LinkState,
     /// The most recent error, with secrets removed.
@@ -68,6 +70,8 @@ pub struct UplinkSnapshot {
     pub next_retry_ms: Option<u64>,
     /// Readings confirmed upstream and acked in the buffer.
     pub acked_total: u64,
+    /// Readings the uplink's `topics` do not take, acked without sending.
+    pub skipped_total: u64,
     /// Transient failures that led to a backoff and a retry.
     pub retried_total: u64,
     /// Readings moved to the dead-letter table.
@@ -77,31 +81,12 @@ pub struct UplinkSnapshot {
     pub resent_total: u64,
     /// Readings handed to the upstream client and not yet acked.
     pub in_flight_readings: u64,
-    /// Readings acked per second over the last [`DRAIN_WINDOW`].
+    /// Readings acked per second (confirmed or skipped: the speed of the buffer cursor) over
+    /// the last [`DRAIN_WINDOW`].
     pub drain_rate: f64,
-    /// Milliseconds since the last ack (or since the uplink started, if none yet). The input of
-    /// the stalled decision in [`report`].
+    /// Milliseconds since the last ack (or since the uplink started, if none yet): the input
+    /// of the status page's stalled decision.
     pub ms_since_progress: u64,
-}
-
-/// A snapshot plus the buffer lag, as shown on the status page.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct UplinkReport {
-    /// The uplink's own status.
-    #[serde(flatten)]
-    pub status: UplinkSnapshot,
-    /// Readings not yet acked by this uplink.
-    pub lag_readings: u64,
-    /// Their stored bytes.
-    pub lag_bytes: u64,
-    /// When the oldest unsent reading was received, in ms since the epoch.
-    pub oldest_unsent_ms: Option<u64>,
-    /// Its age in ms.
-    pub oldest_unsent_age_ms: Option<u64>,
-    /// Seconds to drain the lag at the current drain rate, when the rate is positive.
-    pub eta_secs: Option<f64>,
-    /// Unsent readings and no progress for [`STALL_AFTER`].
-    pub stalled: bool,
 }
 
 #[derive(Debug)]
@@ -111,6 +96,7 @@ struct State {
     last_ack_ms: Option<u64>,
     next_retry_ms: Option<u64>,
     acked_total: u64,
+    skipped_total: u64,
     retried_total: u64,
     dead_lettered_total: u64,
     resent_total: u64,
@@ -123,6 +109,7 @@ struct State {
 #[derive(Debug)]
 struct Inner {
     name: String,
+    kind: &'static str,
     secrets: Vec<String>,
     state: Mutex<State>,
 }
@@ -134,13 +121,14 @@ pub struct UplinkStatus {
 }
 
 impl UplinkStatus {
-    /// A fresh status in state `connecting`. `secrets` (passwords, tokens) are replaced by
-    /// `***` in every recorded error.
-    pub fn new(name: impl Into<String>, secrets: Vec<String>) -> Self {
+    /// A fresh status in state `connecting` for the uplink `name` of type `kind`. `secrets`
+    /// (passwords, tokens) are replaced by `***` in every recorded error.
+    pub fn new(name: impl Into<String>, kind: &'static str, secrets: Vec<String>) -> Self {
         let now = Instant::now();
         let s = UplinkStatus {
             inner: Arc::new(Inner {
                 name: name.into(),
+                kind,
                 secrets: secrets.into_iter().filter(|s| !s.is_empty()).collect(),
                 state: Mutex::new(State {
                     state: LinkState::Connecting,
@@ -148,6 +136,7 @@ impl UplinkStatus {
                     last_ack_ms: None,
                     next_retry_ms: None,
                     acked_total: 0,
+                    skipped_total: 0,
                     retried_total: 0,
                     dead_lettered_total: 0,
                     resent_total: 0,
@@ -165,6 +154,11 @@ impl UplinkStatus {
     /// The uplink's name.
     pub fn name(&self) -> &str {
         &self.inner.name
+    }
+
+    /// The uplink's type.
+    pub fn kind(&self) -> &'static str {
+        self.inner.kind
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -212,26 +206,42 @@ impl UplinkStatus {
         self.lock().last_error = Some(e);
     }
 
-    /// Records that `readings` were confirmed upstream and acked in the buffer.
-    pub fn record_acked(&self, readings: u64) {
+    /// Records an ack committed in the buffer: `delivered` readings the upstream confirmed and
+    /// `skipped` ones the uplink does not take. Both move the cursor (the drain rate and the
+    /// stalled decision count them); only a confirmation proves the link works (last ack,
+    /// state `connected`).
+    pub fn record_acked(&self, delivered: u64, skipped: u64) {
         let now = Instant::now();
         let changed = {
             let mut g = self.lock();
-            g.acked_total += readings;
-            g.last_ack_ms = Some(now_ms());
-            g.last_progress = now;
-            g.window.push_back((now, readings));
-            prune(&mut g.window, now);
-            let changed = g.state != LinkState::Connected;
-            g.state = LinkState::Connected;
-            g.next_retry_ms = None;
-            changed
+            g.acked_total += delivered;
+            g.skipped_total += skipped;
+            if delivered + skipped > 0 {
+                g.last_progress = now;
+                g.window.push_back((now, delivered + skipped));
+                prune(&mut g.window, now);
+            }
+            if delivered == 0 {
+                false
+            } else {
+                g.last_ack_ms = Some(now_ms());
+                let changed = g.state != LinkState::Connected;
+                g.state = LinkState::Connected;
+                g.next_retry_ms = None;
+                changed
+            }
         };
         if changed {
             self.gauge_state(LinkState::Connected);
         }
-        metrics::counter!("ferry_uplink_acked_total", "uplink" => self.inner.name.clone())
-            .increment(readings);
+        if delivered > 0 {
+            metrics::counter!("ferry_uplink_acked_total", "uplink" => self.inner.name.clone())
+                .increment(delivered);
+        }
+        if skipped > 0 {
+            metrics::counter!("ferry_uplink_skipped_total", "uplink" => self.inner.name.clone())
+                .increment(skipped);
+        }
     }
 
     /// Records a transient failure: state `backing_off` (or `offline` when `offline`), the
@@ -303,11 +313,13 @@ impl UplinkStatus {
         let sum: u64 = g.window.iter().map(|e| e.1).sum();
         UplinkSnapshot {
             name: self.inner.name.clone(),
+            kind: self.inner.kind,
             state: g.state,
             last_error: g.last_error.clone(),
             last_ack_ms: g.last_ack_ms,
             next_retry_ms: g.next_retry_ms,
             acked_total: g.acked_total,
+            skipped_total: g.skipped_total,
             retried_total: g.retried_total,
             dead_lettered_total: g.dead_lettered_total,
             resent_total: g.resent_total,
@@ -328,40 +340,18 @@ fn prune(window: &mut VecDeque<(Instant, u64)>, now: Instant) {
     }
 }
 
-/// The status snapshot combined with the uplink's lag in `buffer` (the status name is the
-/// buffer consumer name), the ETA and the stalled decision.
-pub async fn report(status: &UplinkStatus, buffer: &Buffer) -> Result<UplinkReport, ReadError> {
-    let lag = buffer.lag(status.name()).await?;
-    let snap = status.snapshot();
-    Ok(combine(snap, lag, now_ms()))
-}
-
-fn combine(snap: UplinkSnapshot, lag: ferry_buffer::Lag, now: u64) -> UplinkReport {
-    let eta_secs = (snap.drain_rate > 0.0).then(|| lag.readings as f64 / snap.drain_rate);
-    let stalled = lag.readings > 0 && snap.ms_since_progress >= STALL_AFTER.as_millis() as u64;
-    UplinkReport {
-        lag_readings: lag.readings,
-        lag_bytes: lag.bytes,
-        oldest_unsent_ms: lag.oldest_received_ms,
-        oldest_unsent_age_ms: lag.oldest_received_ms.map(|o| now.saturating_sub(o)),
-        eta_secs,
-        stalled,
-        status: snap,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[tokio::test(start_paused = true)]
     async fn drain_rate_is_a_sliding_window() {
-        let s = UplinkStatus::new("kafka", vec![]);
+        let s = UplinkStatus::new("kafka", "kafka", vec![]);
         assert_eq!(s.snapshot().drain_rate, 0.0);
         // 1000 readings per second for 20 s.
         for _ in 0..20 {
             tokio::time::advance(Duration::from_secs(1)).await;
-            s.record_acked(1000);
+            s.record_acked(1000, 0);
         }
         let snap = s.snapshot();
         assert_eq!(snap.acked_total, 20_000);
@@ -378,16 +368,16 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn early_rate_uses_the_elapsed_time_not_the_whole_window() {
-        let s = UplinkStatus::new("kafka", vec![]);
+        let s = UplinkStatus::new("kafka", "kafka", vec![]);
         tokio::time::advance(Duration::from_secs(2)).await;
-        s.record_acked(500);
+        s.record_acked(500, 0);
         let r = s.snapshot().drain_rate;
         assert!((r - 250.0).abs() < 1.0, "{r}");
     }
 
     #[tokio::test]
     async fn states_errors_and_secrets() {
-        let s = UplinkStatus::new("kafka", vec!["hunter2".into(), String::new()]);
+        let s = UplinkStatus::new("kafka", "kafka", vec!["hunter2".into(), String::new()]);
         assert_eq!(s.state(), LinkState::Connecting);
         s.record_retry(
             "SASL authentication failed for password hunter2",
@@ -404,7 +394,7 @@ mod tests {
         assert!(due >= now_ms() + 4000 && due <= now_ms() + 5000);
         s.record_retry("all brokers down", Duration::from_secs(1), true);
         assert_eq!(s.state(), LinkState::Offline);
-        s.record_acked(3);
+        s.record_acked(3, 0);
         let snap = s.snapshot();
         assert_eq!(snap.state, LinkState::Connected);
         assert_eq!(snap.next_retry_ms, None);
@@ -423,6 +413,26 @@ mod tests {
         );
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn skipped_readings_move_the_cursor_but_prove_no_link() {
+        let s = UplinkStatus::new("alarms", "mqtt", vec![]);
+        tokio::time::advance(Duration::from_secs(5)).await;
+        s.record_acked(0, 40);
+        let snap = s.snapshot();
+        assert_eq!((snap.acked_total, snap.skipped_total), (0, 40));
+        assert_eq!(snap.state, LinkState::Connecting, "nothing was confirmed");
+        assert_eq!(snap.last_ack_ms, None);
+        assert_eq!(snap.ms_since_progress, 0, "the cursor moved");
+        assert!((snap.drain_rate - 8.0).abs() < 0.01, "{}", snap.drain_rate);
+        s.record_acked(2, 0);
+        assert_eq!(s.snapshot().state, LinkState::Connected);
+        let v = serde_json::to_value(s.snapshot()).unwrap();
+        assert_eq!(
+            (v["type"].as_str(), v["skipped_total"].as_u64()),
+            (Some("mqtt"), Some(40))
+        );
+    }
+
     #[test]
     fn snapshot_serializes_snake_case() {
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -430,49 +440,13 @@ mod tests {
             .build()
             .unwrap();
         let _g = rt.enter();
-        let s = UplinkStatus::new("kafka", vec![]);
+        let s = UplinkStatus::new("kafka", "kafka", vec![]);
         s.record_retry("x", Duration::from_secs(1), false);
         let v = serde_json::to_value(s.snapshot()).unwrap();
         assert_eq!(v["state"], "backing_off");
         assert_eq!(v["name"], "kafka");
         s.record_retry("x", Duration::from_secs(1), true);
         let v = serde_json::to_value(s.snapshot()).unwrap();
-        assert_eq!(v["state"], "offline");
-    }
-
-    #[test]
-    fn stalled_and_eta() {
-        let snap = |rate: f64, since: u64| UplinkSnapshot {
-            name: "kafka".into(),
-            state: LinkState::Offline,
-            last_error: None,
-            last_ack_ms: None,
-            next_retry_ms: None,
-            acked_total: 0,
-            retried_total: 0,
-            dead_lettered_total: 0,
-            resent_total: 0,
-            in_flight_readings: 0,
-            drain_rate: rate,
-            ms_since_progress: since,
-        };
-        let lag = ferry_buffer::Lag {
-            readings: 1000,
-            bytes: 10,
-            segments: 1,
-            oldest_received_ms: Some(1_000),
-        };
-        let r = combine(snap(0.0, 61_000), lag, 5_000);
-        assert!(r.stalled);
-        assert_eq!(r.eta_secs, None);
-        assert_eq!(r.oldest_unsent_age_ms, Some(4_000));
-        let r = combine(snap(100.0, 1_000), lag, 5_000);
-        assert!(!r.stalled);
-        assert_eq!(r.eta_secs, Some(10.0));
-        let r = combine(snap(0.0, 600_000), ferry_buffer::Lag::default(), 5_000);
-        assert!(!r.stalled, "nothing to send is not a stall");
-        let v = serde_json::to_value(&r).unwrap();
-        assert_eq!(v["lag_readings"], 0);
         assert_eq!(v["state"], "offline");
     }
 }

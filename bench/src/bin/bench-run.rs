@@ -379,7 +379,6 @@ fn start_ferry(ctx: &Ctx, data_dir: &Path, env: &[(&str, &str)]) -> Res<Gw> {
         .env("FERRY_HTTP_LISTEN", "127.0.0.1:0")
         .env("FERRY_MQTT_MAX_CONNECTIONS", "4096")
         .env("FERRY_HTTP_MAX_CONNECTIONS", "4096")
-        .env("FERRY_UPLINK_KAFKA_ENABLED", "false")
         .env("FERRY_LOG", "warn")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -991,7 +990,7 @@ fn drain_cluster(topic: &str) -> Res<MockCluster<'static, DefaultProducerContext
     Ok(mock)
 }
 
-/// ferry drains a copy of the backlog with `uplink.kafka.delivery = delivery`; seconds from its
+/// ferry drains a copy of the backlog with a Kafka uplink's `delivery = delivery`; seconds from its
 /// ready line until the buffer is empty.
 fn drain_ferry(ctx: &Ctx, n: u64, delivery: &str) -> Res<Drained> {
     let dir = copy_backlog(ctx, "drain")?;
@@ -1001,9 +1000,9 @@ fn drain_ferry(ctx: &Ctx, n: u64, delivery: &str) -> Res<Drained> {
         ctx,
         &dir,
         &[
-            ("FERRY_UPLINK_KAFKA_ENABLED", "true"),
-            ("FERRY_UPLINK_KAFKA_BROKERS", &bootstrap),
-            ("FERRY_UPLINK_KAFKA_DELIVERY", delivery),
+            ("FERRY_UPLINKS_KAFKA_TYPE", "kafka"),
+            ("FERRY_UPLINKS_KAFKA_BROKERS", &bootstrap),
+            ("FERRY_UPLINKS_KAFKA_DELIVERY", delivery),
             ("FERRY_MQTT_ENABLED", "false"),
         ],
     )?;
@@ -1224,8 +1223,8 @@ fn recovery_run(ctx: &Ctx) -> Res<Vec<Row>> {
     // The Kafka uplink points at a closed port, so the backlog stays put.
     let dead = format!("127.0.0.1:{}", free_port()?);
     let env = [
-        ("FERRY_UPLINK_KAFKA_ENABLED", "true"),
-        ("FERRY_UPLINK_KAFKA_BROKERS", dead.as_str()),
+        ("FERRY_UPLINKS_KAFKA_TYPE", "kafka"),
+        ("FERRY_UPLINKS_KAFKA_BROKERS", dead.as_str()),
     ];
     let gw = start_ferry(ctx, &dir, &env)?;
     // Some live QoS1 traffic, then SIGKILL in the middle of it.

@@ -1,7 +1,8 @@
 //! # The HTTP ingest listener
 //!
 //! Devices and scripts that cannot speak MQTT post readings here (axum on hyper 1, on
-//! `http.listen`). The status page will merge its routes onto [`router`] on the same listener.
+//! `http.listen`). Unless `status.listen` gives them their own listener, the status page's
+//! routes are merged onto [`router`] on the same listener ([`HttpListener::run`]).
 //!
 //! ## The promise
 //! **A `202 Accepted` means the readings are on disk.** Every request is committed with exactly
@@ -50,7 +51,6 @@ pub mod stats;
 #[cfg(test)]
 mod tests;
 
-use crate::app::{Gateway, StartError};
 use auth::Tokens;
 use axum::Router;
 use axum::http::{HeaderValue, header};
@@ -171,54 +171,115 @@ pub fn router(state: HttpState) -> Router {
         .with_state(state)
 }
 
-/// Binds the HTTP listener if enabled and registers it with the gateway as `"http"`.
-pub async fn register(gw: &mut Gateway) -> Result<(), StartError> {
-    let config = gw.config.clone();
-    let http = &config.http;
-    if !http.enabled {
-        return Ok(());
+/// Why the HTTP listener could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BindError {
+    /// `[http.tls]`'s files could not be loaded.
+    #[error(transparent)]
+    Tls(#[from] server::TlsError),
+    /// `http.listen` could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What the HTTP listener needs from the rest of the gateway.
+#[derive(Debug, Clone)]
+pub struct Deps {
+    /// Where readings go.
+    pub buffer: Buffer,
+    /// The whole config.
+    pub config: Arc<Config>,
+    /// The status page's device table.
+    pub devices: crate::status::DeviceTable,
+}
+
+/// The bound HTTP listener (`"http"`), not yet serving.
+pub struct HttpListener {
+    listener: tokio::net::TcpListener,
+    addr: std::net::SocketAddr,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    state: HttpState,
+}
+
+impl std::fmt::Debug for HttpListener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpListener")
+            .field("addr", &self.addr)
+            .field("tls", &self.tls.is_some())
+            .finish_non_exhaustive()
     }
-    let component_err = |message: String| StartError::Component {
-        component: "http",
-        message,
-    };
-    let tls = http
-        .tls
-        .as_ref()
-        .map(server::load_tls)
-        .transpose()
-        .map_err(|e| component_err(e.to_string()))?;
-    let listener = tokio::net::TcpListener::bind(http.listen)
-        .await
-        .map_err(|e| component_err(format!("cannot listen on {}: {e}", http.listen)))?;
-    let addr = listener
-        .local_addr()
-        .map_err(|e| component_err(e.to_string()))?;
-    let mut state = HttpState::new(gw.buffer.clone(), config.clone());
-    state.devices = gw.status.devices.clone();
-    if state.is_open() {
-        tracing::warn!(
-            addr = %addr,
-            "HTTP ingest is open: no [[http.tokens]] are configured, so anyone who can reach the listener can submit readings."
-        );
-    } else {
-        tracing::info!(
-            addr = %addr,
-            tokens = http.tokens.len(),
-            "HTTP ingest requires a bearer token."
-        );
+}
+
+impl HttpListener {
+    /// Loads the TLS files and binds `http.listen`.
+    pub async fn bind(deps: Deps) -> Result<Self, BindError> {
+        let http = &deps.config.http;
+        let tls = http.tls.as_ref().map(server::load_tls).transpose()?;
+        let listener = tokio::net::TcpListener::bind(http.listen)
+            .await
+            .map_err(|source| BindError::Listen {
+                addr: http.listen,
+                source,
+            })?;
+        let addr = listener.local_addr().map_err(|source| BindError::Listen {
+            addr: http.listen,
+            source,
+        })?;
+        let mut state = HttpState::new(deps.buffer, deps.config.clone());
+        state.devices = deps.devices;
+        if state.is_open() {
+            tracing::warn!(
+                addr = %addr,
+                "HTTP ingest is open: no [[http.tokens]] are configured, so anyone who can reach the listener can submit readings."
+            );
+        } else {
+            tracing::info!(
+                addr = %addr,
+                tokens = http.tokens.len(),
+                "HTTP ingest requires a bearer token."
+            );
+        }
+        Ok(HttpListener {
+            listener,
+            addr,
+            tls,
+            state,
+        })
     }
-    let stats = state.stats.clone();
-    let source_stats = stats.clone();
-    gw.add_status_source("http", Arc::new(move || source_stats.to_json()));
-    // The status page, /api/status, /metrics and the health endpoints share this listener
-    // unless status.listen gives them their own.
-    let app = match crate::status::http_routes(gw) {
-        Some(status) => router(state).merge(status),
-        None => router(state),
-    };
-    let server = HttpServer::new(listener, app, http, tls, stats);
-    tracing::info!(addr = %addr, tls = http.tls.is_some(), "The HTTP listener is bound.");
-    gw.add_listener("http", addr, move |shutdown| Box::pin(server.run(shutdown)));
-    Ok(())
+
+    /// The bound address.
+    pub fn local_addr(&self) -> std::net::SocketAddr {
+        self.addr
+    }
+
+    /// The listener's counters.
+    pub fn stats(&self) -> Arc<HttpStats> {
+        self.state.stats.clone()
+    }
+
+    /// Serves ingest, and `status` routes merged onto it when given, until `shutdown`
+    /// resolves.
+    pub async fn run(
+        self,
+        status: Option<Router>,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) {
+        let stats = self.state.stats.clone();
+        let config = self.state.config.clone();
+        let app = match status {
+            Some(status) => router(self.state).merge(status),
+            None => router(self.state),
+        };
+        tracing::info!(addr = %self.addr, tls = self.tls.is_some(), "The HTTP listener is bound.");
+        HttpServer::new(self.listener, app, &config.http, self.tls, stats)
+            .run(shutdown)
+            .await;
+    }
 }

@@ -135,53 +135,16 @@ impl HttpStats {
             .map_or(0, |i| self.by_reason[i].load(Relaxed))
     }
 
-    fn quantile_us(&self, counts: &[u64], q: f64) -> Option<u64> {
-        let total: u64 = counts.iter().sum();
-        if total == 0 {
-            return None;
-        }
-        let rank = ((total as f64) * q).ceil().max(1.0) as u64;
-        let mut seen = 0;
-        for (i, c) in counts.iter().enumerate() {
-            seen += c;
-            if seen >= rank {
-                return Some(LATENCY_BOUNDS_US[i]);
-            }
-        }
-        None
-    }
-
-    /// The figures as JSON, for `/api/status`. Latency quantiles are bucket upper bounds.
-    pub fn to_json(&self) -> serde_json::Value {
-        let counts: Vec<u64> = self.latency.iter().map(|a| a.load(Relaxed)).collect();
-        let total: u64 = counts.iter().sum();
-        let by_status: serde_json::Map<String, serde_json::Value> = STATUS_LABELS
-            .iter()
-            .zip(&self.by_status)
-            .filter_map(|(l, a)| {
-                let n = a.load(Relaxed);
-                (n > 0).then(|| (l.to_string(), n.into()))
-            })
-            .collect();
-        let by_reason: serde_json::Map<String, serde_json::Value> = REASONS
+    /// Requests rejected so far, by reason (reasons with none left out).
+    pub fn rejections_by_reason(&self) -> std::collections::BTreeMap<&'static str, u64> {
+        REASONS
             .iter()
             .zip(&self.by_reason)
-            .filter_map(|(l, a)| {
+            .filter_map(|(r, a)| {
                 let n = a.load(Relaxed);
-                (n > 0).then(|| (l.to_string(), n.into()))
+                (n > 0).then_some((*r, n))
             })
-            .collect();
-        serde_json::json!({
-            "requests_total": total,
-            "requests_by_status": by_status,
-            "rejections_by_reason": by_reason,
-            "requests_accepted": self.requests_accepted.load(Relaxed),
-            "readings_accepted": self.readings_accepted.load(Relaxed),
-            "connections": self.connections.load(Relaxed),
-            "latency_mean_us": self.latency_sum_us.load(Relaxed).checked_div(total).unwrap_or(0),
-            "latency_p50_us_at_most": self.quantile_us(&counts, 0.50),
-            "latency_p99_us_at_most": self.quantile_us(&counts, 0.99),
-        })
+            .collect()
     }
 }
 

@@ -46,59 +46,84 @@ pub mod tls;
 #[cfg(test)]
 mod tests;
 
-use crate::app::{Gateway, StartError};
+use crate::status::DeviceTable;
+use ferry_buffer::Buffer;
+use ferry_config::MqttSettings;
 use std::sync::Arc;
+use std::time::Duration;
 
-pub use listener::MqttListener;
+pub use listener::{ListenError, MqttListener};
 pub use session::Ctx;
 pub use stats::MqttStats;
 
-/// Binds the MQTT listener(s) if enabled and registers them with the gateway: `"mqtt"` on
-/// `mqtt.listen` and, with `[mqtt.tls]`, `"mqtts"` on `mqtt.tls.listen`.
-pub async fn register(gw: &mut Gateway) -> Result<(), StartError> {
-    let config = gw.config.clone();
-    let settings = &config.mqtt;
-    if !settings.enabled {
-        return Ok(());
+/// Why the MQTT listeners could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BindError {
+    /// `[[mqtt.users]]` could not be read.
+    #[error(transparent)]
+    Auth(#[from] auth::AuthConfigError),
+    /// `[mqtt.tls]`'s files could not be loaded.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    /// A listen address could not be bound.
+    #[error(transparent)]
+    Listen(#[from] ListenError),
+}
+
+/// What the MQTT listeners need from the rest of the gateway.
+#[derive(Debug, Clone)]
+pub struct Deps {
+    /// Where readings go.
+    pub buffer: Buffer,
+    /// The status page's device table.
+    pub devices: DeviceTable,
+    /// `buffer.when_full = "reject"`: a full buffer refuses publishes (v5 reason code).
+    pub reject_when_full: bool,
+    /// How long sessions get to finish their acks at shutdown.
+    pub grace: Duration,
+}
+
+/// The bound MQTT listeners: `"mqtt"` on `mqtt.listen` and, with `[mqtt.tls]`, `"mqtts"` on
+/// `mqtt.tls.listen`. They share one session table and one set of counters.
+#[derive(Debug)]
+pub struct MqttListeners {
+    /// The plain TCP listener.
+    pub tcp: MqttListener,
+    /// The TLS listener.
+    pub tls: Option<MqttListener>,
+    /// Their counters.
+    pub stats: MqttStats,
+}
+
+impl MqttListeners {
+    /// Loads the users and TLS files and binds the listen addresses.
+    pub async fn bind(settings: &MqttSettings, deps: Deps) -> Result<Self, BindError> {
+        let mut ctx = Ctx::new(settings.clone(), deps.buffer, deps.reject_when_full)?;
+        ctx.devices = deps.devices;
+        let ctx = Arc::new(ctx);
+        let tcp =
+            MqttListener::bind("mqtt", settings.listen, None, ctx.clone(), deps.grace).await?;
+        let tls = match &settings.tls {
+            Some(t) => {
+                let acceptor = tls::acceptor(t)?;
+                Some(
+                    MqttListener::bind(
+                        "mqtts",
+                        t.listen,
+                        Some((acceptor, t.device_from_cert_cn)),
+                        ctx.clone(),
+                        deps.grace,
+                    )
+                    .await?,
+                )
+            }
+            None => None,
+        };
+        Ok(MqttListeners {
+            tcp,
+            tls,
+            stats: ctx.stats.clone(),
+        })
     }
-    let err = |message: String| StartError::Component {
-        component: "mqtt",
-        message,
-    };
-    let mut ctx = Ctx::new(
-        settings.clone(),
-        gw.buffer.clone(),
-        matches!(config.buffer.when_full, ferry_config::WhenFull::Reject),
-    )
-    .map_err(|e| err(e.to_string()))?;
-    ctx.devices = gw.status.devices.clone();
-    let ctx = Arc::new(ctx);
-    let grace = std::time::Duration::from_millis(config.gateway.shutdown_grace_ms);
-
-    let tcp = MqttListener::bind("mqtt", settings.listen, None, ctx.clone(), grace)
-        .await
-        .map_err(|e| err(e.to_string()))?;
-    gw.add_listener("mqtt", tcp.local_addr(), move |shutdown| {
-        Box::pin(tcp.run(shutdown))
-    });
-
-    if let Some(tls_settings) = &settings.tls {
-        let acceptor = tls::acceptor(tls_settings).map_err(|e| err(e.to_string()))?;
-        let tls = MqttListener::bind(
-            "mqtts",
-            tls_settings.listen,
-            Some((acceptor, tls_settings.device_from_cert_cn)),
-            ctx.clone(),
-            grace,
-        )
-        .await
-        .map_err(|e| err(e.to_string()))?;
-        gw.add_listener("mqtts", tls.local_addr(), move |shutdown| {
-            Box::pin(tls.run(shutdown))
-        });
-    }
-
-    let stats = ctx.stats.clone();
-    gw.add_status_source("mqtt", Arc::new(move || stats.to_json()));
-    Ok(())
 }

@@ -161,22 +161,6 @@ impl MqttStats {
         let pick = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize] as u64;
         Some((pick(0.5), pick(0.99)))
     }
-
-    /// The figures as JSON for `/api/status`.
-    pub fn to_json(&self) -> serde_json::Value {
-        let r = self.readings();
-        let lat = self.ack_latency_us();
-        serde_json::json!({
-            "connected_clients": self.connected_clients(),
-            "connects_total": self.0.connects.load(Relaxed),
-            "disconnects_total": self.0.disconnects.load(Relaxed),
-            "readings_total": { "qos0": r[0], "qos1": r[1], "qos2": r[2] },
-            "wills_total": self.0.wills.load(Relaxed),
-            "rejected_total": self.rejections(),
-            "ack_latency_p50_us": lat.map(|l| l.0),
-            "ack_latency_p99_us": lat.map(|l| l.1),
-        })
-    }
 }
 
 const QOS: [&str; 3] = ["0", "1", "2"];

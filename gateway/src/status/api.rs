@@ -5,8 +5,8 @@
 //! No secret (token, password) is ever part of it: configured values are not copied, and
 //! uplink errors are scrubbed by the uplinks.
 
+use super::StatusState;
 use super::history::{self, Totals};
-use super::{Hub, StatusState};
 use ferry_buffer::now_ms;
 use ferry_uplink::status::{LinkState, UplinkStatus};
 use serde::{Deserialize, Serialize};
@@ -143,8 +143,11 @@ pub enum UplinkState {
 /// One uplink.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct Uplink {
-    /// `kafka` or `mqtt`.
+    /// The name of its `[uplinks.NAME]` table (also its buffer cursor).
     pub name: String,
+    /// Its type: `kafka` or `mqtt`.
+    #[serde(rename = "type")]
+    pub kind: String,
     /// Connection state.
     pub state: UplinkState,
     /// Connected, readings wait, and nothing was acked for `status.stalled_after_secs`: the
@@ -160,6 +163,8 @@ pub struct Uplink {
     pub next_retry_ms: Option<u64>,
     /// Readings confirmed upstream since start.
     pub acked_total: u64,
+    /// Readings its `topics` do not take, passed over since start.
+    pub skipped_total: u64,
     /// Failures that led to a retry.
     pub retried_total: u64,
     /// Readings moved to the dead-letter table.
@@ -176,7 +181,7 @@ pub struct Uplink {
     pub oldest_unsent_ms: Option<u64>,
     /// Its age.
     pub oldest_unsent_age_ms: Option<u64>,
-    /// Readings acked per second over the last 10 s.
+    /// Readings acked (confirmed or skipped) per second over the last 10 s.
     pub drain_rate_per_sec: f64,
     /// Seconds to send the lag at that rate, while connected and the rate is positive.
     pub eta_secs: Option<f64>,
@@ -308,6 +313,7 @@ async fn uplink(st: &StatusState, u: &UplinkStatus, now: u64) -> Uplink {
         state == UplinkState::Connected && lag.readings > 0 && snap.ms_since_progress >= stall_ms;
     Uplink {
         name: snap.name,
+        kind: snap.kind.to_string(),
         state,
         stalled,
         last_error: snap.last_error,
@@ -315,6 +321,7 @@ async fn uplink(st: &StatusState, u: &UplinkStatus, now: u64) -> Uplink {
         last_ack_age_ms: snap.last_ack_ms.map(|t| now.saturating_sub(t)),
         next_retry_ms: snap.next_retry_ms,
         acked_total: snap.acked_total,
+        skipped_total: snap.skipped_total,
         retried_total: snap.retried_total,
         dead_lettered_total: snap.dead_lettered_total,
         resent_total: snap.resent_total,
@@ -412,7 +419,9 @@ fn summarize(uplinks: &[Uplink], buffer: &BufferInfo, started_ms: u64, now: u64)
     let (mut level, mut headline, since) = if uplinks.is_empty() {
         (
             Level::Idle,
-            format!("No uplink is enabled: readings stay in the buffer; {wait}."),
+            format!(
+                "No uplink is enabled: readings stay in the buffer; {wait}. Add an [uplinks.NAME] table to forward them."
+            ),
             None,
         )
     } else if !not_out.is_empty() {
@@ -499,22 +508,16 @@ fn summarize(uplinks: &[Uplink], buffer: &BufferInfo, started_ms: u64, now: u64)
     }
 }
 
-fn merge_rejections(out: &mut BTreeMap<String, u64>, prefix: &str, v: Option<&serde_json::Value>) {
-    if let Some(serde_json::Value::Object(m)) = v {
-        for (k, n) in m {
-            if let Some(n) = n.as_u64().filter(|n| *n > 0) {
-                *out.entry(format!("{prefix}.{k}")).or_default() += n;
-            }
+/// Adds a listener's rejections, as `<listener>.<reason>`.
+fn merge_rejections(
+    out: &mut BTreeMap<String, u64>,
+    prefix: &str,
+    by_reason: BTreeMap<&'static str, u64>,
+) {
+    for (k, n) in by_reason {
+        if n > 0 {
+            *out.entry(format!("{prefix}.{k}")).or_default() += n;
         }
-    }
-}
-
-impl Hub {
-    fn source(&self, name: &str) -> Option<serde_json::Value> {
-        self.sources()
-            .into_iter()
-            .find(|(n, _)| *n == name)
-            .map(|(_, f)| f())
     }
 }
 
@@ -525,7 +528,7 @@ pub async fn collect(st: &StatusState, device_limit: usize) -> StatusReport {
     let started_ms = hub.started_ms();
     let mut uplinks = Vec::new();
     for u in hub.uplinks() {
-        uplinks.push(uplink(st, &u, now).await);
+        uplinks.push(uplink(st, u, now).await);
     }
     let bs = st.buffer.stats();
     let buffer = BufferInfo {
@@ -568,20 +571,12 @@ pub async fn collect(st: &StatusState, device_limit: usize) -> StatusReport {
             rejected.insert(k.to_string(), v);
         }
     }
-    let mqtt_json = hub.source("mqtt");
-    let http_json = hub.source("http");
-    merge_rejections(
-        &mut rejected,
-        "mqtt",
-        mqtt_json.as_ref().and_then(|m| m.get("rejected_total")),
-    );
-    merge_rejections(
-        &mut rejected,
-        "http",
-        http_json
-            .as_ref()
-            .and_then(|m| m.get("rejections_by_reason")),
-    );
+    if let Some(m) = hub.mqtt() {
+        merge_rejections(&mut rejected, "mqtt", m.rejections());
+    }
+    if let Some(h) = hub.http() {
+        merge_rejections(&mut rejected, "http", h.rejections_by_reason());
+    }
     let losses = Losses {
         dropped_total: dropped.values().sum(),
         rejected_total: rejected.values().sum(),
@@ -651,11 +646,8 @@ pub async fn collect(st: &StatusState, device_limit: usize) -> StatusReport {
             count: bs.dead_letters,
             bytes: bs.dead_letter_bytes,
         },
-        mqtt: mqtt_json.map(|m| MqttInfo {
-            connected_clients: m
-                .get("connected_clients")
-                .and_then(|v| v.as_i64())
-                .unwrap_or(0),
+        mqtt: hub.mqtt().map(|m| MqttInfo {
+            connected_clients: m.connected_clients(),
         }),
         devices,
         disk,
@@ -669,7 +661,7 @@ pub async fn collect(st: &StatusState, device_limit: usize) -> StatusReport {
         },
         listeners: hub
             .listeners()
-            .into_iter()
+            .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect(),
         buffer,
@@ -706,6 +698,7 @@ mod tests {
     fn up(name: &str, state: UplinkState, lag: u64, last_ack: Option<u64>) -> Uplink {
         Uplink {
             name: name.into(),
+            kind: "kafka".into(),
             state,
             stalled: false,
             last_error: None,
@@ -713,6 +706,7 @@ mod tests {
             last_ack_age_ms: None,
             next_retry_ms: None,
             acked_total: 0,
+            skipped_total: 0,
             retried_total: 0,
             dead_lettered_total: 0,
             resent_total: 0,

@@ -16,6 +16,7 @@
 //! | `ferry_buffer_oldest_reading_age_seconds` | gauge | age of the oldest buffered reading (0 when empty) |
 //! | `ferry_buffer_writable` | gauge | 1 if the last commit succeeded |
 //! | `ferry_buffer_quarantined_files` | gauge | corrupt buffer files moved aside |
+//! | `ferry_uplink_info{uplink,type}` | gauge | 1 for each enabled uplink: its name and type |
 //! | `ferry_uplink_lag_readings{uplink}`, `ferry_uplink_lag_bytes{uplink}` | gauge | unsent backlog |
 //! | `ferry_uplink_oldest_unsent_age_seconds{uplink}` | gauge | age of the oldest unsent reading |
 //! | `ferry_uplink_drain_readings_per_second{uplink}` | gauge | acks per second over 10 s |
@@ -75,6 +76,7 @@ pub fn render(report: &StatusReport) -> String {
     metrics::gauge!("ferry_buffer_quarantined_files").set(report.quarantine.files.len() as f64);
     for u in &report.uplinks {
         let l = || u.name.clone();
+        metrics::gauge!("ferry_uplink_info", "uplink" => l(), "type" => u.kind.clone()).set(1.0);
         metrics::gauge!("ferry_uplink_lag_readings", "uplink" => l()).set(u.lag_readings as f64);
         metrics::gauge!("ferry_uplink_lag_bytes", "uplink" => l()).set(u.lag_bytes as f64);
         metrics::gauge!("ferry_uplink_oldest_unsent_age_seconds", "uplink" => l())

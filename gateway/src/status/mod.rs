@@ -20,10 +20,11 @@
 //! `Authorization: Bearer <token>` (compared in constant time; 401 otherwise).
 //!
 //! ## Where the figures come from
-//! - [`Hub`]: what the gateway registers while it is built, shared with the handlers: the
-//!   components' JSON status sources (MQTT and HTTP listener counters), the uplinks'
-//!   [`ferry_uplink::status::UplinkStatus`] handles, the bound listeners, the ready flag, and
-//!   the [`DeviceTable`] that the MQTT and HTTP ingest paths feed once per committed batch.
+//! - [`Hub`]: built once by the gateway after every component is bound ([`HubParts`]), shared
+//!   with the handlers: the MQTT and HTTP listeners' counters ([`MqttStats`],
+//!   [`HttpStats`]), the uplinks' [`ferry_uplink::status::UplinkStatus`] handles (name and
+//!   type), the bound listeners, the ready flag, and the [`DeviceTable`] that the MQTT and
+//!   HTTP ingest paths feed once per committed batch.
 //! - [`history::Sampler`]: a background task that reads the ingest and forwarded counters every
 //!   second into a ring of 10-second buckets over 15 minutes (the chart) and runs the
 //!   Prometheus recorder's upkeep.
@@ -43,7 +44,8 @@ pub mod page;
 #[cfg(test)]
 mod tests;
 
-use crate::app::{Gateway, StartError, StatusSource};
+use crate::http::stats::HttpStats;
+use crate::mqtt::MqttStats;
 use axum::Router;
 use axum::extract::{Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
@@ -56,7 +58,7 @@ use ferry_uplink::status::UplinkStatus;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use subtle::ConstantTimeEq;
 use tokio::time::Instant;
@@ -66,14 +68,32 @@ pub use devices::{DeviceBatch, DeviceTable};
 struct HubInner {
     started: Instant,
     started_ms: u64,
-    sources: RwLock<Vec<(&'static str, StatusSource)>>,
-    uplinks: RwLock<Vec<UplinkStatus>>,
-    listeners: RwLock<BTreeMap<&'static str, SocketAddr>>,
+    mqtt: Option<MqttStats>,
+    http: Option<Arc<HttpStats>>,
+    uplinks: Vec<UplinkStatus>,
+    listeners: BTreeMap<&'static str, SocketAddr>,
     ready: AtomicBool,
     history: Mutex<history::History>,
 }
 
-/// What the status endpoints read, registered by the gateway's components. Cheap to clone.
+/// What the hub is built from, once every component is bound.
+#[derive(Debug)]
+pub struct HubParts {
+    /// When the gateway started.
+    pub started: Instant,
+    /// The device table the listeners feed.
+    pub devices: DeviceTable,
+    /// The MQTT listener's counters, when it is enabled.
+    pub mqtt: Option<MqttStats>,
+    /// The HTTP listener's counters, when it is enabled.
+    pub http: Option<Arc<HttpStats>>,
+    /// The uplinks' status handles, in the order they are shown.
+    pub uplinks: Vec<UplinkStatus>,
+    /// The bound listeners: name to address.
+    pub listeners: BTreeMap<&'static str, SocketAddr>,
+}
+
+/// What the status endpoints read. Cheap to clone.
 #[derive(Clone)]
 pub struct Hub {
     inner: Arc<HubInner>,
@@ -85,63 +105,48 @@ impl std::fmt::Debug for Hub {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Hub")
             .field("devices", &self.devices.len())
+            .field("uplinks", &self.inner.uplinks.len())
             .finish_non_exhaustive()
     }
 }
 
-fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
-    l.read().unwrap_or_else(|p| p.into_inner())
-}
-fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
-    l.write().unwrap_or_else(|p| p.into_inner())
-}
-
 impl Hub {
-    /// A hub for a gateway that started `started`, tracking at most `max_devices` devices.
-    pub fn new(max_devices: usize, started: Instant) -> Hub {
-        let since = Instant::now().saturating_duration_since(started);
+    /// The hub of a gateway whose components are `parts`.
+    pub fn new(parts: HubParts) -> Hub {
+        let since = Instant::now().saturating_duration_since(parts.started);
         Hub {
             inner: Arc::new(HubInner {
-                started,
+                started: parts.started,
                 started_ms: now_ms().saturating_sub(since.as_millis() as u64),
-                sources: RwLock::new(Vec::new()),
-                uplinks: RwLock::new(Vec::new()),
-                listeners: RwLock::new(BTreeMap::new()),
+                mqtt: parts.mqtt,
+                http: parts.http,
+                uplinks: parts.uplinks,
+                listeners: parts.listeners,
                 ready: AtomicBool::new(false),
                 history: Mutex::new(history::History::default()),
             }),
-            devices: DeviceTable::new(max_devices),
+            devices: parts.devices,
         }
     }
 
-    /// Registers a component's JSON figures.
-    pub fn add_source(&self, name: &'static str, source: StatusSource) {
-        write(&self.inner.sources).push((name, source));
+    /// The MQTT listener's counters, when it is enabled.
+    pub fn mqtt(&self) -> Option<&MqttStats> {
+        self.inner.mqtt.as_ref()
     }
 
-    /// The registered JSON sources.
-    pub fn sources(&self) -> Vec<(&'static str, StatusSource)> {
-        read(&self.inner.sources).clone()
-    }
-
-    /// Registers an uplink's status handle.
-    pub fn add_uplink(&self, status: UplinkStatus) {
-        write(&self.inner.uplinks).push(status);
+    /// The HTTP listener's counters, when it is enabled.
+    pub fn http(&self) -> Option<&HttpStats> {
+        self.inner.http.as_deref()
     }
 
     /// The uplinks' status handles.
-    pub fn uplinks(&self) -> Vec<UplinkStatus> {
-        read(&self.inner.uplinks).clone()
-    }
-
-    /// Records a bound listener.
-    pub fn listener_bound(&self, name: &'static str, addr: SocketAddr) {
-        write(&self.inner.listeners).insert(name, addr);
+    pub fn uplinks(&self) -> &[UplinkStatus] {
+        &self.inner.uplinks
     }
 
     /// The bound listeners.
-    pub fn listeners(&self) -> BTreeMap<&'static str, SocketAddr> {
-        read(&self.inner.listeners).clone()
+    pub fn listeners(&self) -> &BTreeMap<&'static str, SocketAddr> {
+        &self.inner.listeners
     }
 
     /// Set when every listener runs; cleared when shutdown starts.
@@ -204,11 +209,6 @@ impl StatusState {
             config,
             token,
         }
-    }
-
-    /// State for `gw`'s handlers.
-    pub fn of(gw: &Gateway) -> StatusState {
-        StatusState::new(gw.status.clone(), gw.buffer.clone(), gw.config.clone())
     }
 }
 
@@ -280,16 +280,6 @@ pub fn router(st: StatusState) -> Router {
         .with_state(st)
 }
 
-/// The status routes for the HTTP listener to merge, or `None` when `status.listen` gives
-/// them their own listener.
-pub fn http_routes(gw: &Gateway) -> Option<Router> {
-    gw.config
-        .status
-        .listen
-        .is_none()
-        .then(|| router(StatusState::of(gw)))
-}
-
 /// The OpenAPI paths and schemas of the status endpoints, merged into `/v1/openapi.json`.
 #[derive(utoipa::OpenApi, Debug)]
 #[openapi(
@@ -314,52 +304,60 @@ impl utoipa::Modify for TokenScheme {
     }
 }
 
-/// Starts the sampler and, with `status.listen`, binds the status listener. Call after the
-/// other components are registered.
-pub async fn register(gw: &mut Gateway) -> Result<(), StartError> {
-    let sampler = history::Sampler {
-        hub: gw.status.clone(),
-        buffer: gw.buffer.clone(),
-    };
-    gw.add_task("status-sampler", move |shutdown| {
-        Box::pin(sampler.run(shutdown))
-    });
-    let config = gw.config.clone();
-    match config.status.listen {
-        Some(addr) => {
-            let listener =
-                tokio::net::TcpListener::bind(addr)
-                    .await
-                    .map_err(|e| StartError::Component {
-                        component: "status",
-                        message: format!("cannot listen on {addr}: {e}"),
-                    })?;
-            let bound = listener.local_addr().map_err(|e| StartError::Component {
-                component: "status",
-                message: e.to_string(),
-            })?;
-            let app = router(StatusState::of(gw));
-            tracing::info!(addr = %bound, token = config.status.token.is_some(), "The status page has its own listener.");
-            gw.add_listener("status", bound, move |shutdown| {
-                Box::pin(async move {
-                    if let Err(e) = axum::serve(listener, app)
-                        .with_graceful_shutdown(shutdown)
-                        .await
-                    {
-                        tracing::error!(error = %e, "The status listener failed.");
-                    }
-                })
-            });
-        }
-        None if config.http.enabled => {
-            tracing::info!(
-                token = config.status.token.is_some(),
-                "The status page is served on the HTTP listener."
-            );
-        }
-        None => tracing::warn!(
-            "The status page is not served: the HTTP listener is disabled and status.listen is not set."
-        ),
+/// Why the status listener could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BindError {
+    /// `status.listen` could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The status page's own listener (`status.listen`), bound, not yet serving.
+#[derive(Debug)]
+pub struct StatusListener {
+    listener: tokio::net::TcpListener,
+    addr: SocketAddr,
+}
+
+impl StatusListener {
+    /// Binds `status.listen`; `None` when it is not set (the HTTP listener serves the status
+    /// routes, or nothing does when HTTP is disabled too).
+    pub async fn bind(settings: &ferry_config::StatusSettings) -> Result<Option<Self>, BindError> {
+        let Some(addr) = settings.listen else {
+            return Ok(None);
+        };
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| BindError::Listen { addr, source })?;
+        let addr = listener
+            .local_addr()
+            .map_err(|source| BindError::Listen { addr, source })?;
+        Ok(Some(StatusListener { listener, addr }))
     }
-    Ok(())
+
+    /// The bound address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Serves `routes` ([`router`]) until `shutdown` resolves.
+    pub async fn run(
+        self,
+        routes: Router,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) {
+        if let Err(e) = axum::serve(self.listener, routes)
+            .with_graceful_shutdown(shutdown)
+            .await
+        {
+            tracing::error!(error = %e, "The status listener failed.");
+        }
+    }
 }

@@ -13,13 +13,21 @@ struct Fixture {
 }
 
 fn fixture(token: Option<&str>) -> Fixture {
+    fixture_with(token, Vec::new(), None)
+}
+
+/// A status state whose hub holds `uplinks` and the MQTT counters `mqtt`.
+fn fixture_with(
+    token: Option<&str>,
+    uplinks: Vec<UplinkStatus>,
+    mqtt: Option<MqttStats>,
+) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let mut config = Config::default();
     config.gateway.id = "gw-test".into();
     config.gateway.data_dir = dir.path().to_path_buf();
     config.status.token = token.map(Into::into);
     config.status.max_devices = 3;
-    config.uplink.kafka.sasl_password = Some("kafka-secret-pw".into());
     let buffer = Buffer::open(
         dir.path(),
         BufferOptions {
@@ -29,7 +37,14 @@ fn fixture(token: Option<&str>) -> Fixture {
         },
     )
     .unwrap();
-    let hub = Hub::new(config.status.max_devices, Instant::now());
+    let hub = Hub::new(HubParts {
+        started: Instant::now(),
+        devices: DeviceTable::new(config.status.max_devices),
+        mqtt,
+        http: None,
+        uplinks,
+        listeners: BTreeMap::new(),
+    });
     Fixture {
         state: StatusState::new(hub, buffer, Arc::new(config)),
         _dir: dir,
@@ -74,14 +89,14 @@ async fn ingest(st: &StatusState, devices: &[&str]) {
 
 #[tokio::test]
 async fn status_json_under_traffic() {
-    let f = fixture(None);
+    let kafka = UplinkStatus::new("kafka", "kafka", vec!["kafka-secret-pw".into()]);
+    let mqtt = MqttStats::default();
+    for _ in 0..4 {
+        mqtt.connected();
+    }
+    mqtt.rejected("bad_credentials", 2);
+    let f = fixture_with(None, vec![kafka.clone()], Some(mqtt));
     let st = &f.state;
-    let kafka = UplinkStatus::new("kafka", vec!["kafka-secret-pw".into()]);
-    st.hub.add_uplink(kafka.clone());
-    st.hub.add_source(
-        "mqtt",
-        Arc::new(|| serde_json::json!({"connected_clients": 4, "rejected_total": {"bad_credentials": 2}})),
-    );
     ingest(st, &["a", "b", "a"]).await;
     ingest(st, &["c", "d"]).await;
     kafka.record_retry(
@@ -102,6 +117,7 @@ async fn status_json_under_traffic() {
     assert_eq!(v["buffer"]["writable"], true);
     let u = &v["uplinks"][0];
     assert_eq!(u["name"], "kafka");
+    assert_eq!(u["type"], "kafka");
     assert_eq!(u["state"], "offline");
     assert_eq!(u["lag_readings"], 5);
     assert_eq!(u["stalled"], false, "offline is not stalled");
@@ -138,7 +154,8 @@ async fn status_json_under_traffic() {
 
 #[tokio::test]
 async fn stalled_means_connected_with_data_waiting_and_no_ack() {
-    let f = fixture(None);
+    let kafka = UplinkStatus::new("kafka", "kafka", vec![]);
+    let f = fixture_with(None, vec![kafka.clone()], None);
     let mut config = (*f.state.config).clone();
     config.status.stalled_after_secs = 1;
     let st = StatusState::new(
@@ -146,9 +163,7 @@ async fn stalled_means_connected_with_data_waiting_and_no_ack() {
         f.state.buffer.clone(),
         Arc::new(config),
     );
-    let kafka = UplinkStatus::new("kafka", vec![]);
-    st.hub.add_uplink(kafka.clone());
-    kafka.record_acked(0);
+    kafka.set_state(ferry_uplink::LinkState::Connected);
     ingest(&st, &["a"]).await;
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let r = api::collect(&st, 10).await;
@@ -164,10 +179,9 @@ async fn stalled_means_connected_with_data_waiting_and_no_ack() {
 
 #[tokio::test]
 async fn metrics_cover_the_page() {
-    let f = fixture(Some("s3cret-status-token"));
+    let kafka = UplinkStatus::new("kafka", "kafka", vec![]);
+    let f = fixture_with(Some("s3cret-status-token"), vec![kafka.clone()], None);
     let st = &f.state;
-    let kafka = UplinkStatus::new("kafka", vec![]);
-    st.hub.add_uplink(kafka.clone());
     ingest(st, &["a"]).await;
     let (code, headers, body) = get(st, "/metrics", Some("Bearer s3cret-status-token")).await;
     assert_eq!(code, StatusCode::OK);
@@ -191,6 +205,8 @@ async fn metrics_cover_the_page() {
         "ferry_uplink_stalled",
         "ferry_uplink_eta_seconds{uplink=\"kafka\"} NaN",
         "ferry_uplink_state",
+        "type=\"kafka\"",
+        "ferry_uplink_info{",
         "ferry_disk_free_bytes",
         "ferry_devices_tracked",
     ] {

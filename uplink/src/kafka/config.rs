@@ -1,11 +1,11 @@
-//! Builds the librdkafka producer configuration from `[uplink.kafka]`.
+//! Builds the librdkafka producer configuration from a Kafka uplink's table.
 //!
 //! ferry sets, in this order:
 //!
 //! 1. `bootstrap.servers`, `client.id`, `compression.type`, `message.timeout.ms`,
 //!    `security.protocol`, and when configured `sasl.mechanism`, `sasl.username`,
 //!    `sasl.password`, `ssl.ca.location`;
-//! 2. the `[uplink.kafka.librdkafka]` passthrough map, which may override anything of (1);
+//! 2. the uplink's `librdkafka` passthrough table, which may override anything of (1);
 //! 3. the **safety settings**, which always win: `enable.idempotence = true`, `acks = all`.
 //!
 //! A passthrough entry that would weaken delivery safety is ignored with a warning:
@@ -74,7 +74,7 @@ pub fn client_config(cfg: &KafkaUplink, client_id: &str) -> ClientConfig {
                 key = %key,
                 value = %value,
                 reason = why,
-                "A [uplink.kafka.librdkafka] setting would weaken delivery safety and is ignored."
+                "A librdkafka passthrough setting would weaken delivery safety and is ignored."
             );
             continue;
         }

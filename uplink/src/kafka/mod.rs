@@ -1,8 +1,9 @@
-//! The Kafka uplink (`[uplink.kafka]`).
+//! The Kafka uplink (`[uplinks.NAME]` with `type = "kafka"`).
 //!
 //! ## Flow
-//! [`KafkaSink::run`] reads segments of the buffer consumer `"kafka"` oldest first and keeps
-//! them in flight in an idempotent producer (`enable.idempotence=true`, `acks=all`, see
+//! [`KafkaSink::run`] reads segments of its buffer consumer (the uplink's name) oldest first,
+//! through the shared buffer task ([`crate::feed`]), and keeps the readings its `topics` take
+//! in flight in an idempotent producer (`enable.idempotence=true`, `acks=all`, see
 //! [`config`]): up to `max_inflight_readings` readings, `max_inflight_segments` segments and
 //! an eighth of `buffer.max_bytes` (stored), and always at least one segment. (`drop_oldest`
 //! spares segments in flight while older ones are left; a window covering the whole cap
@@ -15,8 +16,8 @@
 //! - **Transient failures** (timeouts, brokers down, not enough replicas, …): everything
 //!   librdkafka still holds is purged (its queue is never the storage), the state goes to
 //!   `backing_off` (`offline` after 3 failures in a row or when librdkafka reports every
-//!   broker down), the uplink waits with exponential backoff and full jitter (capped at
-//!   `max_backoff_ms`), rewinds to the last ack and sends again. Readings sent again are
+//!   broker down), the uplink waits as [`crate::retry`] says, rewinds to the last ack and
+//!   sends again. Readings sent again are
 //!   counted (`resent_total`); each may be a duplicate upstream.
 //! - **Permanent failures of one reading** ([`ErrorClass::Permanent`]: message too large,
 //!   invalid record, topic authorization failed, …): the reading goes to the dead-letter table
@@ -25,13 +26,13 @@
 //!
 //! ## Record layout, `delivery = "reading"` (default)
 //! One record per reading, on the topic chosen by [`routing`]; key by the key rule; value =
-//! payload bytes; headers `ferry-id` (`<gateway id>-<reading id>`), `ferry-topic`,
-//! `ferry-device`, `ferry-received-at` (ms since the epoch, decimal), `ferry-source` (`mqtt`,
-//! `mqtt-will`, `http`, `requeue`) and `content-type` when the device gave one.
+//! payload bytes; headers: the metadata fields of [`crate::meta`] (the device's own MQTT v5
+//! user properties, then `ferry-id`, `ferry-device`, `ferry-topic`, `ferry-received-at`,
+//! `ferry-source`), then `content-type` when the device gave one.
 //!
 //! ## Record layout, `delivery = "segment"`
-//! One record per buffer segment, on `uplink.kafka.topic` (routes do not apply; a segment
-//! mixes topics), keyed by the gateway id so a gateway's segments stay in order in one
+//! One record per buffer segment, on the uplink's `topic` (routes and `topics` filters do not
+//! apply: a segment mixes topics), keyed by the gateway id so a gateway's segments stay in order in one
 //! partition. The value is the stored segment exactly as in the buffer, with headers
 //! `content-encoding` (`gzip`, or `identity` when the buffer stores uncompressed),
 //! `ferry-segment` (segment id, stable across re-sends: de-duplicate on it together with
@@ -61,7 +62,6 @@
 //! that is the whole segment, so keep `buffer.max_batch_bytes` below the topic limit.
 
 pub mod config;
-mod feed;
 mod pump;
 pub mod routing;
 mod sink;
@@ -71,4 +71,4 @@ mod track;
 mod tests;
 
 pub use ferry_buffer::segment::decode_segment;
-pub use sink::{CONSUMER, DEFAULT_SHUTDOWN_GRACE, ErrorClass, KafkaSink, KafkaSinkError, classify};
+pub use sink::{ErrorClass, KIND, KafkaSink, KafkaSinkError, classify};

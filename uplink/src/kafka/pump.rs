@@ -14,14 +14,15 @@
 
 use super::routing::{Router, key_for};
 use super::sink::{ErrorClass, Kp, classify};
-use super::track::{Failure, Tracker};
+use super::track::Tracker;
+use crate::settle::Failure;
+use crate::topics::Selection;
 use ferry_buffer::{Reading, Segment};
 use ferry_config::Delivery;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, Producer, PurgeConfig};
 use std::collections::VecDeque;
-use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError, TryRecvError};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -60,10 +61,12 @@ impl Gate {
     }
 }
 
-/// One segment to send: its records are numbered `first..first + len`.
+/// One segment to send: its records (the readings `sel` picks, or the whole segment) are
+/// numbered `first..first + len`.
 pub(crate) struct Job {
     pub(crate) epoch: u64,
     pub(crate) seg: Arc<Segment>,
+    pub(crate) sel: Selection,
     pub(crate) first: usize,
     pub(crate) len: usize,
 }
@@ -225,11 +228,11 @@ impl Thread {
             self.next = 0;
             return false;
         }
-        let (seg, first, len) = (job.seg.clone(), job.first, job.len);
+        let (seg, sel, first, len) = (job.seg.clone(), job.sel.clone(), job.first, job.len);
         let end = len.min(self.next + CHUNK);
         while self.next < end {
             let seq = first.wrapping_add(self.next);
-            match self.send(&seg, self.next, seq) {
+            match self.send(&seg, sel.reading(self.next), seq) {
                 Sent::Queued => {}
                 Sent::Full => return true,
                 Sent::Refused(e) => self.tracker.report(seq, Err(&e)),
@@ -248,8 +251,8 @@ impl Thread {
         false
     }
 
-    /// Hands record `i` of `seg` (record 0 is the whole segment with `delivery = "segment"`)
-    /// to librdkafka, numbered `seq`.
+    /// Hands reading `i` of `seg` (the whole segment with `delivery = "segment"`) to
+    /// librdkafka as the record numbered `seq`.
     fn send(&mut self, seg: &Segment, i: usize, seq: usize) -> Sent {
         let l = &self.layout;
         let result = if l.delivery == Delivery::Segment {
@@ -283,33 +286,21 @@ impl Thread {
     }
 }
 
+/// The record's headers: the metadata fields of [`crate::meta`], then `content-type` when the
+/// device gave one.
 fn reading_headers(gateway_id: &str, r: &Reading, scratch: &mut String) -> OwnedHeaders {
-    scratch.clear();
-    let _ = write!(scratch, "{gateway_id}-{}", r.id);
-    let id_end = scratch.len();
-    let _ = write!(scratch, "{}", r.received_at_ms);
-    let (id, at) = scratch.split_at(id_end);
-    let h = OwnedHeaders::new_with_capacity(6)
-        .insert(Header {
-            key: "ferry-id",
-            value: Some(id),
-        })
-        .insert(Header {
-            key: "ferry-topic",
-            value: Some(r.topic.as_str()),
-        })
-        .insert(Header {
-            key: "ferry-device",
-            value: Some(r.device.as_str()),
-        })
-        .insert(Header {
-            key: "ferry-received-at",
-            value: Some(at),
-        })
-        .insert(Header {
-            key: "ferry-source",
-            value: Some(r.source.as_str()),
+    // `insert` takes the headers by value: an `Option` moves them through the closure without
+    // building a throwaway `OwnedHeaders` (a librdkafka allocation) per field.
+    let mut h = Some(OwnedHeaders::new_with_capacity(6 + r.properties.len()));
+    crate::meta::for_each_field(gateway_id, r, scratch, |key, value| {
+        h = h.take().map(|h| {
+            h.insert(Header {
+                key,
+                value: Some(value),
+            })
         });
+    });
+    let h = h.unwrap_or_default();
     match &r.content_type {
         Some(ct) => h.insert(Header {
             key: "content-type",

@@ -13,13 +13,16 @@
 //!   the buffer task without waiting for the commit; it handles failures and shutdown.
 
 use super::config::client_config;
-use super::feed::{self, AckResult, Acked, Cmd};
 use super::pump::{Gate, Job, Layout, Pump};
 use super::routing::Router;
-use super::track::{Failure, Tracker};
-use crate::backoff::Backoff;
+use super::track::Tracker;
+use crate::Common;
+use crate::feed::{self, Acked};
+use crate::retry::Retry;
+use crate::settle::{Failure, Settled};
 use crate::status::{LinkState, UplinkStatus};
-use ferry_buffer::{AckError, Buffer, ReadError, Segment};
+use crate::topics::Selection;
+use ferry_buffer::{AckError, ReadError, Segment};
 use ferry_config::{Delivery, KafkaUplink};
 use rdkafka::ClientConfig;
 use rdkafka::client::ClientContext;
@@ -30,18 +33,9 @@ use rdkafka::producer::{BaseProducer, Producer, ProducerContext, PurgeConfig};
 use std::collections::VecDeque;
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
-use tokio::sync::mpsc;
 
-/// The buffer consumer name of the Kafka uplink.
-pub const CONSUMER: &str = "kafka";
-
-/// How long [`KafkaSink::run`] waits for in-flight deliveries at shutdown, unless
-/// [`KafkaSink::shutdown_grace`] says otherwise.
-pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
-
-/// After this many failed tries in a row the state is `offline` rather than `backing_off`.
-const OFFLINE_AFTER_FAILURES: u32 = 3;
+/// The type name of the Kafka uplink.
+pub const KIND: &str = "kafka";
 
 /// Why the Kafka uplink could not start or stopped.
 #[derive(Debug, thiserror::Error)]
@@ -50,7 +44,7 @@ pub enum KafkaSinkError {
     /// librdkafka refused the configuration (for example an unknown passthrough property).
     #[error("cannot create the Kafka producer: {0}")]
     Producer(#[source] KafkaError),
-    /// The buffer has no `kafka` consumer, or could not be read.
+    /// The buffer has no consumer of the uplink's name, or could not be read.
     #[error("cannot read the buffer for the Kafka uplink: {0}")]
     Read(#[from] ReadError),
     /// The producer thread could not be started.
@@ -177,8 +171,8 @@ pub fn classify(e: &KafkaError) -> ErrorClass {
     }
 }
 
-/// The Kafka uplink: forwards the buffer's `kafka` consumer to Kafka and acks what Kafka
-/// confirmed. Build it with [`KafkaSink::new`], keep [`KafkaSink::status`], then spawn
+/// The Kafka uplink: forwards its buffer consumer to Kafka and acks what Kafka confirmed.
+/// Build it with [`KafkaSink::new`], keep [`KafkaSink::status`], then spawn
 /// [`KafkaSink::run`].
 pub struct KafkaSink {
     cfg: KafkaUplink,
@@ -186,39 +180,33 @@ pub struct KafkaSink {
     producer: Kp,
     tracker: Arc<Tracker>,
     router: Arc<Router>,
-    gateway_id: Arc<str>,
-    buffer: Buffer,
+    common: Common,
     status: UplinkStatus,
-    grace: Duration,
 }
 
 impl std::fmt::Debug for KafkaSink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("KafkaSink")
             .field("brokers", &self.cfg.brokers)
-            .field("gateway_id", &self.gateway_id)
-            .field("grace", &self.grace)
+            .field("name", &self.common.name)
+            .field("grace", &self.common.grace)
             .finish_non_exhaustive()
     }
 }
 
 impl KafkaSink {
     /// Builds the producer (librdkafka validates the configuration here; brokers are contacted
-    /// later) and checks that the buffer has a `kafka` consumer.
-    pub fn new(
-        cfg: &KafkaUplink,
-        gateway_id: &str,
-        buffer: Buffer,
-    ) -> Result<KafkaSink, KafkaSinkError> {
+    /// later) and checks that the buffer has the uplink's consumer.
+    pub fn new(cfg: &KafkaUplink, common: Common) -> Result<KafkaSink, KafkaSinkError> {
         // Fails early when the buffer was opened without the consumer.
-        drop(buffer.reader(CONSUMER)?);
+        drop(common.reader()?);
         let secrets = cfg
             .sasl_password
             .iter()
             .map(|p| p.expose().to_string())
             .collect();
-        let status = UplinkStatus::new(CONSUMER, secrets);
-        let client_config = client_config(cfg, &format!("ferry-{gateway_id}"));
+        let status = common.status(KIND, secrets);
+        let client_config = client_config(cfg, &format!("ferry-{}", common.gateway_id));
         let tracker = Arc::new(Tracker::default());
         let producer =
             create_producer(&client_config, &status, &tracker).map_err(KafkaSinkError::Producer)?;
@@ -228,17 +216,9 @@ impl KafkaSink {
             producer,
             tracker,
             router: Arc::new(Router::new(cfg)),
-            gateway_id: gateway_id.into(),
-            buffer,
+            common,
             status,
-            grace: DEFAULT_SHUTDOWN_GRACE,
         })
-    }
-
-    /// How long [`KafkaSink::run`] waits for in-flight deliveries once shutdown starts.
-    pub fn shutdown_grace(mut self, grace: Duration) -> Self {
-        self.grace = grace;
-        self
     }
 
     /// The status handle (clone it before calling [`KafkaSink::run`]).
@@ -256,12 +236,11 @@ impl KafkaSink {
             producer,
             tracker,
             router,
-            gateway_id,
-            buffer,
+            common,
             status,
-            grace,
         } = self;
-        let reader = buffer.reader(CONSUMER)?;
+        let reader = common.reader()?;
+        let (gateway_id, buffer, grace) = (common.gateway_id.clone(), &common.buffer, common.grace);
         let delivery = cfg.delivery;
         let layout = || Layout {
             router: router.clone(),
@@ -279,41 +258,38 @@ impl KafkaSink {
         // read ahead would cover the whole cap and the newest readings would be evicted
         // instead of the oldest.
         let max_bytes = (buffer.stats().max_bytes / IN_FLIGHT_SHARE_OF_BUFFER).max(1);
-        let mut backoff = Backoff::new(
-            Duration::from_millis(cfg.initial_backoff_ms),
-            Duration::from_millis(cfg.max_backoff_ms),
-        );
-        let (seg_tx, mut seg_rx) = mpsc::channel(READ_AHEAD_SEGMENTS);
-        let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
-        let (ack_tx, mut ack_rx) = mpsc::unbounded_channel();
+        let mut retry = Retry::new(cfg.initial_backoff_ms, cfg.max_backoff_ms);
         let sent_upto = reader.acked();
-        let feed = tokio::spawn(feed::run(
+        let feed::Feed {
+            segs: mut seg_rx,
+            cmds: cmd_tx,
+            acks: mut ack_rx,
+            task: feed,
+        } = feed::spawn(
             reader,
-            buffer.commits(),
+            buffer,
             // Each read brings about a quarter of the window: many small segments at once
             // (a slow site's backlog is made of them), a big one alone.
             ((max_readings / 4).max(1), (max_bytes / 4).max(1)),
-            seg_tx,
-            cmd_rx,
-            ack_tx,
+            READ_AHEAD_SEGMENTS,
             status.clone(),
-        ));
+        );
         let mut run = Run {
             inflight: VecDeque::new(),
             in_flight_readings: 0,
             in_flight_bytes: 0,
             sent_upto,
-            failures: 0,
             next_seq: 0,
-            epoch: 0,
-            acks_pending: 0,
+
             delivery,
+            topics: common.topics.clone(),
             status: status.clone(),
             tracker: tracker.clone(),
-            cmds: cmd_tx,
+            acks: feed::Acks::new(cmd_tx),
         };
         tokio::pin!(shutdown);
-        tracing::info!(brokers = %cfg.brokers, topic = %cfg.topic, "The Kafka uplink is starting.");
+        tracing::info!(uplink = %common.name, brokers = %cfg.brokers, topic = %cfg.topic,
+            "The Kafka uplink is starting.");
 
         enum Ev {
             Shutdown,
@@ -337,12 +313,12 @@ impl KafkaSink {
             let failure = match ev {
                 Ev::Shutdown => break,
                 Ev::Reports => run.settle(),
-                Ev::Acked(a) => run.on_acked(a, &mut backoff),
+                Ev::Acked(a) => run.on_acked(a, &mut retry),
                 Ev::Read(None) | Ev::Read(Some((_, Err(ReadError::Closed)))) => {
-                    tracing::info!("The buffer closed; the Kafka uplink stops reading.");
+                    tracing::info!(uplink = %common.name, "The buffer closed; the Kafka uplink stops reading.");
                     break;
                 }
-                Ev::Read(Some((epoch, _))) if epoch != run.epoch => None,
+                Ev::Read(Some((epoch, _))) if epoch != run.acks.epoch() => None,
                 Ev::Read(Some((_, Ok(segs)))) => run.start(&pump, segs),
                 Ev::Read(Some((_, Err(e)))) => Some(Failure {
                     message: format!("cannot read the buffer: {e}"),
@@ -356,17 +332,16 @@ impl KafkaSink {
             // librdkafka still holds (its queue is never our storage), wait, and send again
             // from the last acked segment.
             run.abandon();
-            gate.abandon(run.epoch, &producer);
+            gate.abandon(run.acks.epoch(), &producer);
             let fatal = failure.fatal || producer.client().fatal_error().is_some();
-            let delay = backoff.next_delay();
-            run.failures += 1;
-            let offline =
-                run.failures >= OFFLINE_AFTER_FAILURES || status.state() == LinkState::Offline;
-            status.record_retry(&failure.message, delay, offline);
+            // librdkafka's "all brokers down" has already set the state to offline.
+            let unreachable = status.state() == LinkState::Offline;
+            let delay = retry.fail(&status, &failure.message, unreachable);
             tracing::warn!(
+                uplink = %common.name,
                 error = %status.scrub(&failure.message),
                 retry_in_ms = delay.as_millis() as u64,
-                attempt = run.failures,
+                attempt = retry.failures(),
                 "Kafka delivery failed; the unconfirmed segments stay in the buffer and will be sent again."
             );
             if fatal {
@@ -379,12 +354,13 @@ impl KafkaSink {
                     biased;
                     () = &mut shutdown => {
                         retire(pump, producer).await;
-                        finish(run, feed, tokio::time::Instant::now() + grace).await;
+                        drop(run);
+                        feed::finish(feed, tokio::time::Instant::now() + grace, &common.name).await;
                         return Ok(());
                     }
                     Some(a) = ack_rx.recv() => {
                         // A failed ack of this epoch is covered by the rewind to come.
-                        let _ = run.on_acked(a, &mut backoff);
+                        let _ = run.on_acked(a, &mut retry);
                     }
                     () = &mut sleep => break,
                 }
@@ -403,12 +379,12 @@ impl KafkaSink {
                     match started {
                         Ok(started) => break started,
                         Err(message) => {
-                            let delay = backoff.next_delay();
-                            status.record_retry(&message, delay, true);
+                            let delay = retry.fail(&status, &message, true);
                             tokio::select! {
                                 biased;
                                 () = &mut shutdown => {
-                                    finish(run, feed, tokio::time::Instant::now() + grace).await;
+                                    drop(run);
+                                    feed::finish(feed, tokio::time::Instant::now() + grace, &common.name).await;
                                     return Ok(());
                                 }
                                 () = tokio::time::sleep(delay) => {}
@@ -418,18 +394,18 @@ impl KafkaSink {
                 };
             }
             // Queued behind the acks sent before it, so it goes back to the last committed one.
-            let _ = run.cmds.send(Cmd::Rewind { epoch: run.epoch });
+            run.acks.rewind();
         }
 
         // Shutdown: no new segments; settle what completes within the grace period.
         let deadline = tokio::time::Instant::now() + grace;
         drop(seg_rx);
-        while !run.inflight.is_empty() || run.acks_pending > 0 {
+        while !run.inflight.is_empty() || run.acks.pending() > 0 {
             let failure = tokio::select! {
                 biased;
                 () = tokio::time::sleep_until(deadline) => break,
                 () = tracker.wake.notified() => run.settle(),
-                Some(a) = ack_rx.recv() => run.on_acked(a, &mut backoff),
+                Some(a) = ack_rx.recv() => run.on_acked(a, &mut retry),
             };
             if failure.is_some() {
                 break;
@@ -437,38 +413,33 @@ impl KafkaSink {
         }
         if !run.inflight.is_empty() {
             tracing::warn!(
+                uplink = %common.name,
                 segments = run.inflight.len(),
                 readings = run.in_flight_readings,
                 "Shutdown grace ran out; unconfirmed Kafka deliveries stay in the buffer."
             );
         }
         run.abandon();
-        gate.abandon(run.epoch, &producer);
+        gate.abandon(run.acks.epoch(), &producer);
         retire(pump, producer).await;
-        finish(run, feed, deadline).await;
-        tracing::info!("The Kafka uplink stopped.");
+        drop(run);
+        feed::finish(feed, deadline, &common.name).await;
+        tracing::info!(uplink = %common.name, "The Kafka uplink stopped.");
         Ok(())
     }
 }
+
+impl_uplink!(KafkaSink, KIND);
 
 /// Segments the buffer task reads ahead of the producer.
 const READ_AHEAD_SEGMENTS: usize = 2;
 /// At most this part (1/8) of `buffer.max_bytes` is in flight (stored bytes).
 const IN_FLIGHT_SHARE_OF_BUFFER: u64 = 8;
 
-/// Stops the buffer task: it finishes the commits it was sent, until `deadline`.
-async fn finish(run: Run, mut feed: tokio::task::JoinHandle<()>, deadline: tokio::time::Instant) {
-    drop(run);
-    if tokio::time::timeout_at(deadline, &mut feed).await.is_err() {
-        tracing::warn!("Shutdown grace ran out while the Kafka uplink was committing acks.");
-        feed.abort();
-        let _ = feed.await;
-    }
-}
-
 /// One segment handed to the producer thread.
 struct InFlight {
     seg: Arc<Segment>,
+    sel: Selection,
 }
 
 /// The mutable state of one run.
@@ -480,17 +451,15 @@ struct Run {
     in_flight_bytes: u64,
     /// Highest segment id handed to the producer; sending one at or below it again is a re-send.
     sent_upto: u64,
-    failures: u32,
     /// Sequence number of the next record.
     next_seq: usize,
-    /// Bumped at every abandon: segments read before it are not sent.
-    epoch: u64,
-    /// Acks sent to the buffer task and not answered yet.
-    acks_pending: usize,
     delivery: Delivery,
+    topics: crate::topics::TopicFilter,
     status: UplinkStatus,
     tracker: Arc<Tracker>,
-    cmds: mpsc::UnboundedSender<Cmd>,
+    /// Acks to the buffer task, and the epoch (bumped at every abandon: segments read before
+    /// it are not sent).
+    acks: feed::Acks,
 }
 
 impl Run {
@@ -505,19 +474,29 @@ impl Run {
             self.sent_upto = self.sent_upto.max(seg.id);
             self.in_flight_readings += n;
             self.in_flight_bytes += seg.stored.len() as u64;
-            let len = if self.delivery == Delivery::Segment {
-                1
+            let sel = if self.delivery == Delivery::Segment {
+                Selection::Whole
             } else {
-                seg.readings.len()
+                self.topics.select(&seg)
             };
+            let len = sel.records(seg.readings.len());
             let first = self.next_seq;
             self.next_seq = self.next_seq.wrapping_add(len);
             self.tracker.register(first, len);
             let seg = Arc::new(seg);
-            self.inflight.push_back(InFlight { seg: seg.clone() });
+            self.inflight.push_back(InFlight {
+                seg: seg.clone(),
+                sel: sel.clone(),
+            });
+            if len == 0 {
+                // Nothing this uplink takes: settled already, no report will wake the loop.
+                self.tracker.wake.notify_one();
+                continue;
+            }
             let job = Job {
-                epoch: self.epoch,
+                epoch: self.acks.epoch(),
                 seg,
+                sel,
                 first,
                 len,
             };
@@ -538,7 +517,7 @@ impl Run {
         self.inflight.clear();
         self.in_flight_readings = 0;
         self.in_flight_bytes = 0;
-        self.epoch += 1;
+        self.acks.abandon();
         self.status.set_in_flight(0);
     }
 
@@ -550,88 +529,46 @@ impl Run {
         let mut failure = None;
         {
             let mut segs = self.tracker.lock();
-            while segs.front().is_some_and(|s| s.settled()) {
+            while segs.front().is_some_and(|s| s.track.settled()) {
                 let Some(s) = segs.pop_front() else { break };
-                if s.failure.is_some() {
-                    failure = s.failure;
+                if s.track.failure.is_some() {
+                    failure = s.track.failure;
                     break;
                 }
-                done.push(s);
+                done.push(s.track);
             }
         }
         if done.is_empty() {
             return failure;
         }
-        let (mut delivered, mut dead, mut ack_to) = (0u64, Vec::new(), 0);
-        for s in done {
+        let mut settled = Settled::default();
+        for track in done {
             let Some(f) = self.inflight.pop_front() else {
                 break;
             };
             // The producer thread is done with a settled segment: this is the last reference.
             let seg = Arc::try_unwrap(f.seg).unwrap_or_else(|seg| (*seg).clone());
-            let count = seg.readings.len() as u64;
-            self.in_flight_readings -= count;
+            self.in_flight_readings -= seg.readings.len() as u64;
             self.in_flight_bytes -= seg.stored.len() as u64;
-            ack_to = seg.id;
-            if self.delivery == Delivery::Segment {
-                // One record carries every reading of the segment.
-                match s.dead.into_iter().next() {
-                    None => delivered += count,
-                    Some((_, reason)) => {
-                        dead.extend(seg.readings.into_iter().map(|r| (r, reason.clone())))
-                    }
-                }
-            } else {
-                delivered += s.delivered;
-                if !s.dead.is_empty() {
-                    let mut refused = s.dead;
-                    refused.sort_by_key(|d| d.0);
-                    let mut readings = seg.readings.into_iter().enumerate();
-                    for (i, reason) in refused {
-                        for (j, r) in readings.by_ref() {
-                            if j == i {
-                                dead.push((r, reason));
-                                break;
-                            }
-                        }
-                    }
-                }
-            }
+            settled.add(seg, &f.sel, track);
         }
         self.status.set_in_flight(self.in_flight_readings);
-        for (r, why) in &dead {
-            tracing::warn!(reading = r.id, device = %r.device, topic = %r.topic, reason = %why,
-                "Kafka refused a reading permanently; it moves to the dead-letter table.");
+        if let Err(e) = self.acks.send(&self.status, settled) {
+            return Some(ack_failure(e));
         }
-        let sent = self.cmds.send(Cmd::Ack {
-            epoch: self.epoch,
-            to: ack_to,
-            delivered,
-            dead,
-        });
-        if sent.is_err() {
-            return Some(ack_failure(AckError::Closed));
-        }
-        self.acks_pending += 1;
         failure
     }
 
-    /// Notes an answer of the buffer task (which counted the commit in the status). Returns a failure when an ack of the current
-    /// epoch could not be committed.
-    fn on_acked(&mut self, a: Acked, backoff: &mut Backoff) -> Option<Failure> {
-        self.acks_pending = self.acks_pending.saturating_sub(1);
-        match a.result {
-            AckResult::Done => {
-                self.failures = 0;
-                backoff.reset();
+    /// Notes an answer of the buffer task. Returns a failure when an ack of the current epoch
+    /// could not be committed.
+    fn on_acked(&mut self, a: Acked, retry: &mut Retry) -> Option<Failure> {
+        match self.acks.answered(a) {
+            Ok(true) => {
+                retry.progress();
                 None
             }
-            AckResult::Folded | AckResult::Skipped => None,
-            AckResult::Failed(e) if a.epoch == self.epoch => Some(ack_failure(e)),
-            AckResult::Failed(e) => {
-                tracing::debug!(error = %e, "An ack of an abandoned run failed; the rewind covers it.");
-                None
-            }
+            Ok(false) => None,
+            Err(e) => Some(ack_failure(e)),
         }
     }
 }

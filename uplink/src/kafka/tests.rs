@@ -2,6 +2,7 @@
 //! real rdkafka consumer (and `kcat`) reading back what arrived.
 
 use super::*;
+use crate::Common;
 use crate::status::{LinkState, UplinkSnapshot, UplinkStatus};
 use ferry_buffer::{Buffer, BufferOptions, Compression, Reading, Source};
 use ferry_config::{Delivery, KafkaRoute, KafkaUplink, KeyRule};
@@ -61,9 +62,11 @@ fn uplink(bootstrap: &str) -> KafkaUplink {
 type Running = crate::test_util::Running<KafkaSinkError>;
 
 fn start(cfg: &KafkaUplink, buffer: &Buffer, grace: Duration) -> Running {
-    let sink = KafkaSink::new(cfg, "gw1", buffer.clone())
-        .unwrap()
-        .shutdown_grace(grace);
+    let sink = KafkaSink::new(
+        cfg,
+        Common::new("kafka", "gw1", buffer.clone()).grace(grace),
+    )
+    .unwrap();
     let status = sink.status();
     let (stop, rx) = oneshot::channel::<()>();
     let task = tokio::spawn(sink.run(async move {
@@ -235,6 +238,8 @@ async fn normal_flow_headers_keys_routing_and_acks() {
                 format!("x{batch}-{i}").into_bytes(),
             ));
         }
+        // The device's own MQTT v5 user properties travel as headers, as over MQTT.
+        rs[0].properties = vec![("unit".into(), "C".into()), ("fw".into(), "1.2".into())];
         let receipt = buffer.append(rs.clone()).await.unwrap();
         for (r, id) in rs.iter_mut().zip(receipt.first_id..) {
             r.id = id;
@@ -272,6 +277,9 @@ async fn normal_flow_headers_keys_routing_and_acks() {
         assert_eq!(rec.h("ferry-received-at"), r.received_at_ms.to_string());
         assert_eq!(rec.h("ferry-source"), r.source.as_str());
         assert_eq!(rec.headers.get("content-type"), r.content_type.as_ref());
+        for (k, v) in &r.properties {
+            assert_eq!(rec.h(k), v, "property {k} of {r:?}");
+        }
         let (topic, key) = if r.topic.ends_with("/temp") {
             ("temps", r.topic.split('/').nth(1).unwrap().to_string())
         } else if r.topic.starts_with("sensors/") {
@@ -286,6 +294,52 @@ async fn normal_flow_headers_keys_routing_and_acks() {
     for (k, ids) in first_arrivals_per_key(&recs) {
         assert!(ids.windows(2).all(|w| w[0] < w[1]), "{k:?}: {ids:?}");
     }
+    buffer.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topics_filter_skips_the_rest_without_holding_segments_back() {
+    let mock = Mock::new(1).unwrap();
+    mock.create_topic("readings", 1, 1).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let buffer = open_buffer(dir.path(), Compression::None);
+    let cfg = uplink(&mock.bootstrap_servers());
+    let common = Common::new("kafka", "gw1", buffer.clone())
+        .topics(crate::topics::TopicFilter::new(&["alarms/#".into()]))
+        .grace(Duration::from_secs(2));
+    let sink = KafkaSink::new(&cfg, common).unwrap();
+    let status = sink.status();
+    let (stop, rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(sink.run(async move {
+        let _ = rx.await;
+    }));
+    let run = Running { status, stop, task };
+    // Segments of telemetry only, of alarms only, and mixed.
+    let mut alarms = HashSet::new();
+    for batch in 0..6u32 {
+        let rs: Vec<Reading> = (0..5u32)
+            .map(|i| match (batch % 3, i % 2) {
+                (0, _) | (2, 0) => reading("d", "tele/t", format!("t{batch}-{i}")),
+                _ => reading("d", "alarms/fire", format!("a{batch}-{i}")),
+            })
+            .collect();
+        let receipt = buffer.append(rs.clone()).await.unwrap();
+        for (r, id) in rs.iter().zip(receipt.first_id..) {
+            if r.topic.starts_with("alarms/") {
+                alarms.insert(format!("gw1-{id}"));
+            }
+        }
+    }
+    wait_empty(&buffer, &run.status, Duration::from_secs(10)).await;
+    let want = alarms.len() as u64;
+    wait_acked(&run.status, want).await;
+    let snap = run.status.snapshot();
+    assert_eq!((snap.acked_total, snap.skipped_total), (want, 30 - want));
+    run.stop().await;
+    let recs = consume(&mock.bootstrap_servers(), &[("readings", 1)], alarms.len()).await;
+    let got: HashSet<String> = recs.iter().map(|r| r.h("ferry-id").to_string()).collect();
+    assert_eq!(got, alarms, "exactly the alarms arrive");
+    assert!(recs.iter().all(|r| r.h("ferry-topic") == "alarms/fire"));
     buffer.close().await;
 }
 
@@ -617,7 +671,11 @@ async fn a_buffer_without_the_kafka_consumer_is_refused() {
         },
     )
     .unwrap();
-    let err = KafkaSink::new(&KafkaUplink::default(), "gw1", buffer.clone()).unwrap_err();
+    let err = KafkaSink::new(
+        &KafkaUplink::default(),
+        Common::new("kafka", "gw1", buffer.clone()),
+    )
+    .unwrap_err();
     assert!(matches!(err, KafkaSinkError::Read(_)), "{err}");
     buffer.close().await;
 }
@@ -628,7 +686,7 @@ async fn an_unknown_librdkafka_property_is_refused_at_construction() {
     let buffer = open_buffer(dir.path(), Compression::None);
     let mut cfg = KafkaUplink::default();
     cfg.librdkafka.insert("no.such.thing".into(), "1".into());
-    let err = KafkaSink::new(&cfg, "gw1", buffer.clone()).unwrap_err();
+    let err = KafkaSink::new(&cfg, Common::new("kafka", "gw1", buffer.clone())).unwrap_err();
     assert!(matches!(err, KafkaSinkError::Producer(_)), "{err}");
     buffer.close().await;
 }

@@ -10,83 +10,53 @@
 //! window of `usize`, so the wrapping comparisons stay unambiguous.
 
 use super::sink::{ErrorClass, classify};
+use crate::settle::{Failure, Outcome, SegTrack};
 use rdkafka::error::KafkaError;
 use std::collections::VecDeque;
 use std::sync::{Mutex, MutexGuard};
 use tokio::sync::Notify;
 
-/// A transient failure of one segment: the uplink backs off and sends again from the last ack.
-#[derive(Debug, Clone)]
-pub(crate) struct Failure {
-    pub(crate) message: String,
-    pub(crate) fatal: bool,
+/// What a delivery report (or a refusal at enqueue time) means for the record.
+pub(crate) fn outcome(result: Result<(), &KafkaError>) -> Outcome {
+    match result {
+        Ok(()) => Outcome::Delivered,
+        Err(e) => match classify(e) {
+            ErrorClass::Permanent => Outcome::Refused(e.to_string()),
+            class => Outcome::Failed(Failure {
+                message: format!("delivery failed: {e}"),
+                fatal: class == ErrorClass::Fatal,
+            }),
+        },
+    }
 }
 
-/// The delivery reports of one segment so far.
+/// One segment in flight: its first sequence number and its outcomes.
 #[derive(Debug)]
-pub(crate) struct SegTrack {
+pub(crate) struct Tracked {
     /// Sequence number of the segment's record 0.
     pub(crate) first: usize,
-    /// Records in the segment (its readings, or 1 with `delivery = "segment"`).
-    pub(crate) len: usize,
-    /// Records with a report (delivered, refused for good, or failed).
-    pub(crate) reported: usize,
-    /// Records with a successful delivery report.
-    pub(crate) delivered: u64,
-    /// Index of each record refused for good, with the reason.
-    pub(crate) dead: Vec<(usize, String)>,
-    /// The first transient failure.
-    pub(crate) failure: Option<Failure>,
-}
-
-impl SegTrack {
-    /// Whether the segment needs no more reports: complete, or failed.
-    pub(crate) fn settled(&self) -> bool {
-        self.failure.is_some() || self.reported >= self.len
-    }
-
-    fn record(&mut self, index: usize, result: Result<(), &KafkaError>) {
-        self.reported += 1;
-        match result {
-            Ok(()) => self.delivered += 1,
-            Err(e) => match classify(e) {
-                ErrorClass::Permanent => self.dead.push((index, e.to_string())),
-                class => {
-                    if self.failure.is_none() {
-                        self.failure = Some(Failure {
-                            message: format!("delivery failed: {e}"),
-                            fatal: class == ErrorClass::Fatal,
-                        });
-                    }
-                }
-            },
-        }
-    }
+    pub(crate) track: SegTrack,
 }
 
 /// The segments in flight, oldest first, shared by the run loop and the producer's polling
 /// thread.
 #[derive(Debug, Default)]
 pub(crate) struct Tracker {
-    segs: Mutex<VecDeque<SegTrack>>,
+    segs: Mutex<VecDeque<Tracked>>,
     /// Woken when a segment becomes settled.
     pub(crate) wake: Notify,
 }
 
 impl Tracker {
-    pub(crate) fn lock(&self) -> MutexGuard<'_, VecDeque<SegTrack>> {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, VecDeque<Tracked>> {
         self.segs.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Registers a segment of `len` records numbered from `first`.
     pub(crate) fn register(&self, first: usize, len: usize) {
-        self.lock().push_back(SegTrack {
+        self.lock().push_back(Tracked {
             first,
-            len,
-            reported: 0,
-            delivered: 0,
-            dead: Vec::new(),
-            failure: None,
+            track: SegTrack::new(len),
         });
     }
 
@@ -98,9 +68,9 @@ impl Tracker {
             let Some(s) = find(&mut segs, seq) else {
                 return;
             };
-            let was = s.settled();
-            s.record(seq.wrapping_sub(s.first), result);
-            !was && s.settled()
+            let was = s.track.settled();
+            s.track.record(seq.wrapping_sub(s.first), outcome(result));
+            !was && s.track.settled()
         };
         if settled {
             self.wake.notify_one();
@@ -114,7 +84,7 @@ impl Tracker {
             let Some(s) = find(&mut segs, seq) else {
                 return;
             };
-            s.failure.get_or_insert(failure);
+            s.track.failure.get_or_insert(failure);
         }
         self.wake.notify_one();
     }
@@ -128,12 +98,12 @@ impl Tracker {
 /// The segment holding record `seq`. The segments' ranges follow each other in registration
 /// order, so their offsets from the oldest one grow: a binary search, not a scan of the
 /// (up to `max_inflight_segments`) segments in flight.
-fn find(segs: &mut VecDeque<SegTrack>, seq: usize) -> Option<&mut SegTrack> {
+fn find(segs: &mut VecDeque<Tracked>, seq: usize) -> Option<&mut Tracked> {
     let base = segs.front()?.first;
     let at = seq.wrapping_sub(base);
-    let i = segs.partition_point(|s| s.first.wrapping_sub(base) + s.len <= at);
+    let i = segs.partition_point(|s| s.first.wrapping_sub(base) + s.track.len <= at);
     segs.get_mut(i)
-        .filter(|s| seq.wrapping_sub(s.first) < s.len)
+        .filter(|s| seq.wrapping_sub(s.first) < s.track.len)
 }
 
 #[cfg(test)]
@@ -155,8 +125,11 @@ mod tests {
         t.report(first.wrapping_sub(1), Ok(()));
         t.report(first.wrapping_add(8), Ok(()));
         let segs = t.lock();
-        let got: Vec<(usize, u64)> = segs.iter().map(|s| (s.reported, s.delivered)).collect();
+        let got: Vec<(usize, u64)> = segs
+            .iter()
+            .map(|s| (s.track.reported, s.track.delivered))
+            .collect();
         assert_eq!(got, vec![(1, 1), (1, 1), (4, 4)]);
-        assert!(!segs[0].settled() && segs[1].settled() && segs[2].settled());
+        assert!(!segs[0].track.settled() && segs[1].track.settled() && segs[2].track.settled());
     }
 }

@@ -1,4 +1,4 @@
-//! Builds the rumqttc client options and the rustls configuration from `[uplink.mqtt]`.
+//! Builds the rumqttc client options and the rustls configuration from an MQTT uplink's table.
 //!
 //! - **Session**: `clean_session = false` (v3.1.1), or clean start off with a session expiry
 //!   of [`SESSION_EXPIRY_SECS`] (v5), so the broker keeps the session across reconnects. ferry
@@ -12,7 +12,7 @@
 //!   TLS 1.2 and 1.3. Server certificates are checked against `ca_path` (PEM, every certificate
 //!   in it), or the system trust store when it is not set. `client_cert_path` +
 //!   `client_key_path` (PEM; PKCS#8, PKCS#1 or SEC1 key) add a client certificate, as AWS IoT
-//!   Core requires. The server name checked is the host of `uplink.mqtt.url`.
+//!   Core requires. The server name checked is the host of `url`.
 
 use ferry_config::{MqttEndpoint, MqttUplink};
 use rustls::RootCertStore;
@@ -36,7 +36,7 @@ pub enum TlsSetupError {
     /// A PEM file could not be read or holds nothing usable.
     #[error("cannot read {what} from {}: {message}", path.display())]
     File {
-        /// Which file (`uplink.mqtt.ca_path`, …).
+        /// Which file (`ca_path`, …).
         what: &'static str,
         /// Its path.
         path: PathBuf,
@@ -47,7 +47,7 @@ pub enum TlsSetupError {
     #[error("the TLS configuration is invalid: {0}")]
     Rustls(#[from] rustls::Error),
     /// Only one of `client_cert_path` and `client_key_path` is set.
-    #[error("uplink.mqtt.client_cert_path and uplink.mqtt.client_key_path must be set together")]
+    #[error("client_cert_path and client_key_path must be set together")]
     HalfClientAuth,
 }
 
@@ -78,7 +78,7 @@ pub fn tls_config(cfg: &MqttUplink) -> Result<rustls::ClientConfig, TlsSetupErro
     let mut roots = RootCertStore::empty();
     match &cfg.ca_path {
         Some(path) => {
-            for cert in read_certs("the CA certificates (uplink.mqtt.ca_path)", path)? {
+            for cert in read_certs("the CA certificates (ca_path)", path)? {
                 roots.add(cert)?;
             }
         }
@@ -90,7 +90,7 @@ pub fn tls_config(cfg: &MqttUplink) -> Result<rustls::ClientConfig, TlsSetupErro
             let (added, _ignored) = roots.add_parsable_certificates(native.certs);
             if added == 0 {
                 tracing::warn!(
-                    "The system trust store is empty; set uplink.mqtt.ca_path to verify the broker."
+                    "The system trust store is empty; set ca_path to verify the broker."
                 );
             }
         }
@@ -101,12 +101,9 @@ pub fn tls_config(cfg: &MqttUplink) -> Result<rustls::ClientConfig, TlsSetupErro
         .with_root_certificates(roots);
     let config = match (&cfg.client_cert_path, &cfg.client_key_path) {
         (Some(cert), Some(key)) => {
-            let chain = read_certs(
-                "the client certificate (uplink.mqtt.client_cert_path)",
-                cert,
-            )?;
+            let chain = read_certs("the client certificate (client_cert_path)", cert)?;
             let key = PrivateKeyDer::from_pem_file(key)
-                .map_err(|e| file_err("the client key (uplink.mqtt.client_key_path)", key, e))?;
+                .map_err(|e| file_err("the client key (client_key_path)", key, e))?;
             builder.with_client_auth_cert(chain, key)?
         }
         (None, None) => builder.with_no_client_auth(),
@@ -238,7 +235,7 @@ mod tests {
         };
         let e = tls_config(&cfg).unwrap_err().to_string();
         assert!(
-            e.contains("/nonexistent/ca.pem") && e.contains("uplink.mqtt.ca_path"),
+            e.contains("/nonexistent/ca.pem") && e.contains("ca_path"),
             "{e}"
         );
         let dir = tempfile::tempdir().unwrap();

@@ -1,11 +1,11 @@
 //! Which upstream topic a reading is published to.
 //!
-//! `[[uplink.mqtt.rewrites]]` are tried in order against the reading's source topic; the first
+//! An MQTT uplink's `[[uplinks.NAME.rewrites]]` are tried in order against the reading's source topic; the first
 //! rule whose `filter` matches wins, and its `template` gives the new topic, with `{N}`
 //! replaced by what the N-th (1-based) `+` of the filter matched. A `#` at the end of a filter
 //! matches the rest of the topic and can be referred to as `{#}`. Topics no rule matches keep
-//! their source topic. `uplink.mqtt.topic_prefix` is then prepended to every topic, rewritten
-//! or not. Filters follow MQTT matching ([`crate::kafka::routing::topic_matches`]): wildcards
+//! their source topic. Its `topic_prefix` is then prepended to every topic, rewritten
+//! or not. Filters follow MQTT matching ([`crate::topics::matches`]): wildcards
 //! at the first level do not match topics starting with `$`.
 
 use ferry_config::MqttUplink;
@@ -53,7 +53,7 @@ struct Captures<'a> {
 
 /// Matches `topic` against the MQTT filter `filter`, returning what each wildcard matched.
 fn captures<'a>(filter: &str, topic: &'a str) -> Option<Captures<'a>> {
-    if !crate::kafka::routing::topic_matches(filter, topic) {
+    if !crate::topics::matches(filter, topic) {
         return None;
     }
     let mut plus = Vec::new();

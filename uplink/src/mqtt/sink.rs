@@ -1,12 +1,17 @@
-//! The MQTT uplink task: buffer segments in, PUBACKs in, buffer acks out.
+//! The MQTT uplink task: buffer segments in (through the shared buffer task), PUBACKs in,
+//! buffer acks out (committed by the buffer task, never on this loop).
 
 use super::config::{ConnectSettings, TlsSetupError, tls_config};
 use super::link::{Link, LinkEvent, Message, Refusal};
-use super::message::{envelope, user_properties};
 use super::routing::Rewriter;
-use crate::backoff::Backoff;
-use crate::status::UplinkStatus;
-use ferry_buffer::{AckError, Buffer, ReadError, Reader, Reading, Segment};
+use crate::Common;
+use crate::feed::{self, Acked, Feed};
+use crate::meta::{envelope, user_properties};
+use crate::retry::Retry;
+use crate::settle::{Outcome, SegTrack, Settled};
+use crate::status::{LinkState, UplinkStatus};
+use crate::topics::{Selection, TopicFilter};
+use ferry_buffer::{ReadError, Reading, Segment};
 use ferry_config::{MqttProtocol, MqttUplink};
 use rumqttc::QoS;
 use std::collections::{HashMap, VecDeque};
@@ -15,33 +20,26 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
 
-/// The buffer consumer name of the MQTT uplink.
-pub const CONSUMER: &str = "mqtt";
+/// The type name of the MQTT uplink.
+pub const KIND: &str = "mqtt";
 
-/// How long [`MqttSink::run`] waits for outstanding PUBACKs at shutdown, unless
-/// [`MqttSink::shutdown_grace`] says otherwise.
-pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
-
-/// After this many failed connections in a row the state is `offline` rather than
-/// `backing_off`.
-const OFFLINE_AFTER_FAILURES: u32 = 3;
-
-/// A connection that stayed up this long resets the backoff even if it confirmed nothing
-/// (nothing to send). A connection that fails sooner without an ack keeps backing off, so a
-/// broker that accepts and then drops every connection cannot cause a tight loop.
-const STABLE_AFTER: Duration = Duration::from_secs(10);
+/// Segment batches the buffer task reads ahead of the window.
+const READ_AHEAD: usize = 2;
+/// At most this part (1/8) of `buffer.max_bytes` is read ahead at once (stored bytes), as for
+/// Kafka: `drop_oldest` spares segments in flight.
+const IN_FLIGHT_SHARE_OF_BUFFER: u64 = 8;
 
 /// Why the MQTT uplink could not start or stopped.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum MqttSinkError {
-    /// `uplink.mqtt.url` is not `mqtt://host[:port]` or `mqtts://host[:port]`.
-    #[error("invalid uplink.mqtt.url: {0}")]
+    /// `url` is not `mqtt://host[:port]` or `mqtts://host[:port]`.
+    #[error("invalid url: {0}")]
     Url(String),
     /// The TLS files could not be loaded.
     #[error("cannot set up TLS for the MQTT uplink: {0}")]
     Tls(#[from] TlsSetupError),
-    /// The buffer has no `mqtt` consumer, or could not be read.
+    /// The buffer has no consumer of the uplink's name, or could not be read.
     #[error("cannot read the buffer for the MQTT uplink: {0}")]
     Read(#[from] ReadError),
 }
@@ -110,40 +108,29 @@ impl Composer {
 /// One buffer segment being delivered.
 #[derive(Debug)]
 struct Seg {
-    id: u64,
-    readings: Vec<Reading>,
-    /// Index of the next reading to publish.
+    seg: Segment,
+    /// The readings this uplink takes.
+    sel: Selection,
+    /// Index of the next record to publish.
     next: usize,
-    /// Readings confirmed (PUBACK, written at QoS 0, or dead-lettered).
-    confirmed: usize,
-    /// Readings confirmed by the broker.
-    delivered: u64,
-    /// Indexes of readings to dead-letter, with the reason.
-    dead: Vec<(usize, String)>,
+    track: SegTrack,
 }
 
 impl Seg {
     fn fully_published(&self) -> bool {
-        self.next >= self.readings.len()
+        self.next >= self.track.len
     }
 }
 
-/// What [`Window::take_settled`] hands back: the buffer ack to make.
-#[derive(Debug)]
-struct Settled {
-    ack_to: u64,
-    delivered: u64,
-    dead: Vec<(Reading, String)>,
-}
-
-/// The in-flight window of one connection: segments in order, readings handed to the client
+/// The in-flight window of one connection: segments in order, records handed to the client
 /// (waiting for their packet id), and packet ids waiting for their PUBACK.
 #[derive(Debug)]
 struct Window {
     max: usize,
     qos: QoS,
+    topics: TopicFilter,
     segs: VecDeque<Seg>,
-    /// Handed to the client, in order, no packet id known yet.
+    /// Handed to the client, in order, no packet id known yet: (segment id, record).
     unsent: VecDeque<(u64, usize)>,
     /// Written with this packet id, waiting for the PUBACK.
     by_pkid: HashMap<u16, (u64, usize)>,
@@ -152,10 +139,11 @@ struct Window {
 }
 
 impl Window {
-    fn new(max: usize, qos: QoS) -> Self {
+    fn new(max: usize, qos: QoS, topics: TopicFilter) -> Self {
         Window {
             max: max.max(1),
             qos,
+            topics,
             segs: VecDeque::new(),
             unsent: VecDeque::new(),
             by_pkid: HashMap::new(),
@@ -167,47 +155,44 @@ impl Window {
         self.unsent.len() + self.by_pkid.len()
     }
 
-    /// Read another segment only when every held one is fully published and there is room,
-    /// so memory stays at about one segment beyond the window.
+    /// Take more segments only when every held one is fully published and there is room, so
+    /// memory stays at about one read beyond the window.
     fn wants_segment(&self) -> bool {
         self.in_flight() < self.max && self.segs.iter().all(Seg::fully_published)
     }
 
     fn push(&mut self, seg: Segment) {
+        let sel = self.topics.select(&seg);
+        let track = SegTrack::new(sel.records(seg.readings.len()));
         self.segs.push_back(Seg {
-            id: seg.id,
-            readings: seg.readings,
+            seg,
+            sel,
             next: 0,
-            confirmed: 0,
-            delivered: 0,
-            dead: Vec::new(),
+            track,
         });
     }
 
-    fn confirm(&mut self, seg: u64, idx: usize, dead: Option<String>) {
-        if let Some(s) = self.segs.iter_mut().find(|s| s.id == seg) {
-            s.confirmed += 1;
-            match dead {
-                Some(reason) => s.dead.push((idx, reason)),
-                None => s.delivered += 1,
-            }
+    fn confirm(&mut self, seg: u64, record: usize, outcome: Outcome) {
+        if let Some(s) = self.segs.iter_mut().find(|s| s.seg.id == seg) {
+            s.track.record(record, outcome);
         }
     }
 
-    /// Publishes readings while the window has room.
+    /// Publishes records while the window has room.
     fn pump(&mut self, link: &Link, composer: &Composer) -> Result<(), String> {
         while self.in_flight() < self.max {
             let Some(s) = self.segs.iter_mut().find(|s| !s.fully_published()) else {
                 break;
             };
-            let (id, idx) = (s.id, s.next);
+            let (id, record) = (s.seg.id, s.next);
             s.next += 1;
-            match composer.compose(&s.readings[idx], self.max_packet) {
+            let reading = &s.seg.readings[s.sel.reading(record)];
+            match composer.compose(reading, self.max_packet) {
                 Ok(m) => {
                     link.publish(self.qos, m)?;
-                    self.unsent.push_back((id, idx));
+                    self.unsent.push_back((id, record));
                 }
-                Err(reason) => self.confirm(id, idx, Some(reason)),
+                Err(reason) => self.confirm(id, record, Outcome::Refused(reason)),
             }
         }
         Ok(())
@@ -215,15 +200,15 @@ impl Window {
 
     /// The client wrote the oldest unsent publish with packet id `pkid`.
     fn on_sent(&mut self, pkid: u16) -> Result<(), String> {
-        let Some((seg, idx)) = self.unsent.pop_front() else {
+        let Some((seg, record)) = self.unsent.pop_front() else {
             return Err(format!(
                 "the MQTT client reported a publish (packet id {pkid}) ferry did not hand it"
             ));
         };
         if self.qos == QoS::AtMostOnce || pkid == 0 {
             // QoS 0: written to the socket is all the confirmation there is.
-            self.confirm(seg, idx, None);
-        } else if self.by_pkid.insert(pkid, (seg, idx)).is_some() {
+            self.confirm(seg, record, Outcome::Delivered);
+        } else if self.by_pkid.insert(pkid, (seg, record)).is_some() {
             return Err(format!(
                 "the MQTT client reused packet id {pkid} before its PUBACK"
             ));
@@ -233,45 +218,31 @@ impl Window {
 
     /// The broker acknowledged `pkid`. A retryable v5 refusal fails the connection.
     fn on_ack(&mut self, pkid: u16, refused: Option<Refusal>) -> Result<(), String> {
-        let Some((seg, idx)) = self.by_pkid.remove(&pkid) else {
+        let Some((seg, record)) = self.by_pkid.remove(&pkid) else {
             // rumqttc rejects unsolicited PUBACKs itself; nothing of ours to settle.
             return Ok(());
         };
         match refused {
-            None => self.confirm(seg, idx, None),
-            Some(r) if r.permanent => self.confirm(seg, idx, Some(r.reason)),
+            None => self.confirm(seg, record, Outcome::Delivered),
+            Some(r) if r.permanent => self.confirm(seg, record, Outcome::Refused(r.reason)),
             Some(r) => return Err(r.reason),
         }
         Ok(())
     }
 
-    /// Removes the leading segments whose every reading is confirmed.
+    /// Removes the leading segments whose every record is confirmed.
     fn take_settled(&mut self) -> Option<Settled> {
         let mut out: Option<Settled> = None;
         while self
             .segs
             .front()
-            .is_some_and(|s| s.fully_published() && s.confirmed >= s.readings.len())
+            .is_some_and(|s| s.fully_published() && s.track.settled())
         {
-            let Some(mut s) = self.segs.pop_front() else {
+            let Some(s) = self.segs.pop_front() else {
                 break;
             };
-            let o = out.get_or_insert(Settled {
-                ack_to: s.id,
-                delivered: 0,
-                dead: Vec::new(),
-            });
-            o.ack_to = s.id;
-            o.delivered += s.delivered;
-            if !s.dead.is_empty() {
-                s.dead.sort_by_key(|d| d.0);
-                let mut readings: Vec<Option<Reading>> = s.readings.into_iter().map(Some).collect();
-                for (i, why) in s.dead {
-                    if let Some(r) = readings.get_mut(i).and_then(Option::take) {
-                        o.dead.push((r, why));
-                    }
-                }
-            }
+            out.get_or_insert_with(Settled::default)
+                .add(s.seg, &s.sel, s.track);
         }
         out
     }
@@ -284,39 +255,38 @@ enum Exit {
     Failed(String),
 }
 
-/// The MQTT uplink: forwards the buffer's `mqtt` consumer to an upstream broker and acks what
-/// the broker confirmed. Build it with [`MqttSink::new`], keep [`MqttSink::status`], then spawn
+/// The MQTT uplink: forwards its buffer consumer to an upstream broker and acks what the
+/// broker confirmed. Build it with [`MqttSink::new`], keep [`MqttSink::status`], then spawn
 /// [`MqttSink::run`].
 pub struct MqttSink {
     settings: ConnectSettings,
     composer: Composer,
     qos: QoS,
-    buffer: Buffer,
+    common: Common,
     status: UplinkStatus,
-    grace: Duration,
 }
 
 impl std::fmt::Debug for MqttSink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MqttSink")
+            .field("name", &self.common.name)
             .field("url", &self.settings.cfg.url)
             .field("client_id", &self.settings.client_id)
-            .field("grace", &self.grace)
+            .field("grace", &self.common.grace)
             .finish_non_exhaustive()
     }
 }
 
 impl MqttSink {
-    /// Parses the URL, loads the TLS files (for `mqtts://`) and checks that the buffer has an
-    /// `mqtt` consumer. The broker is contacted later, by [`MqttSink::run`]. `client_id` is
-    /// [`ferry_config::Config::uplink_mqtt_client_id`].
+    /// Parses the URL, loads the TLS files (for `mqtts://`) and checks that the buffer has the
+    /// uplink's consumer. The broker is contacted later, by [`MqttSink::run`]. `client_id` is
+    /// [`ferry_config::Config::mqtt_client_id`].
     pub fn new(
         cfg: &MqttUplink,
-        gateway_id: &str,
         client_id: &str,
-        buffer: Buffer,
+        common: Common,
     ) -> Result<MqttSink, MqttSinkError> {
-        drop(buffer.reader(CONSUMER)?);
+        drop(common.reader()?);
         let endpoint = cfg.endpoint().map_err(MqttSinkError::Url)?;
         let tls = if endpoint.tls {
             Some(Arc::new(tls_config(cfg)?))
@@ -337,7 +307,7 @@ impl MqttSink {
             },
             composer: Composer {
                 rewriter: Rewriter::new(cfg),
-                gateway_id: gateway_id.into(),
+                gateway_id: common.gateway_id.clone(),
                 envelope: cfg.envelope,
                 v5: cfg.protocol == MqttProtocol::V5,
             },
@@ -346,16 +316,9 @@ impl MqttSink {
             } else {
                 QoS::AtLeastOnce
             },
-            buffer,
-            status: UplinkStatus::new(CONSUMER, secrets),
-            grace: DEFAULT_SHUTDOWN_GRACE,
+            status: common.status(KIND, secrets),
+            common,
         })
-    }
-
-    /// How long [`MqttSink::run`] waits for outstanding PUBACKs once shutdown starts.
-    pub fn shutdown_grace(mut self, grace: Duration) -> Self {
-        self.grace = grace;
-        self
     }
 
     /// The status handle (clone it before calling [`MqttSink::run`]).
@@ -372,70 +335,94 @@ impl MqttSink {
             settings,
             composer,
             qos,
-            buffer,
+            common,
             status,
-            grace,
         } = self;
         let cfg = &settings.cfg;
-        let mut reader = buffer.reader(CONSUMER)?;
-        let mut backoff = Backoff::new(
-            Duration::from_millis(cfg.initial_backoff_ms),
-            Duration::from_millis(cfg.max_backoff_ms),
+        let reader = common.reader()?;
+        let mut retry = Retry::new(cfg.initial_backoff_ms, cfg.max_backoff_ms);
+        let max_bytes = (common.buffer.stats().max_bytes / IN_FLIGHT_SHARE_OF_BUFFER).max(1);
+        let sent_upto = reader.acked();
+        let Feed {
+            mut segs,
+            cmds,
+            mut acks,
+            task,
+        } = feed::spawn(
+            reader,
+            &common.buffer,
+            (u64::from(cfg.max_inflight).max(1), max_bytes),
+            READ_AHEAD,
+            status.clone(),
         );
-        let mut failures = 0u32;
-        let mut sent_upto = reader.acked();
+        let mut run = Run {
+            status: &status,
+            composer: &composer,
+            retry: &mut retry,
+            acks: feed::Acks::new(cmds),
+            sent_upto,
+        };
         tokio::pin!(shutdown);
-        tracing::info!(url = %cfg.url, client_id = %settings.client_id, protocol = ?cfg.protocol,
-            "The MQTT uplink is starting.");
+        tracing::info!(uplink = %common.name, url = %cfg.url, client_id = %settings.client_id,
+            protocol = ?cfg.protocol, "The MQTT uplink is starting.");
 
         loop {
             let mut link = Link::open(&settings);
-            let mut win = Window::new(usize::from(cfg.max_inflight), qos);
-            // Everything after the last ack is sent again on a new connection.
-            reader.rewind();
-            let mut session = Session {
-                reader: &mut reader,
-                status: &status,
-                composer: &composer,
-                sent_upto: &mut sent_upto,
-                acked_any: false,
-            };
+            let mut win = Window::new(usize::from(cfg.max_inflight), qos, common.topics.clone());
             let started = Instant::now();
-            let exit = session.run(&mut link, &mut win, &mut shutdown).await;
-            let progressed = session.acked_any || started.elapsed() >= STABLE_AFTER;
+            let exit = run
+                .connection(&mut link, &mut win, &mut segs, &mut acks, &mut shutdown)
+                .await;
             match exit {
                 Exit::Shutdown => {
-                    session.drain(&mut link, &mut win, grace).await;
+                    let deadline = Instant::now() + common.grace;
+                    run.drain(&mut link, &mut win, &mut acks, deadline).await;
                     status.set_in_flight(0);
-                    tracing::info!("The MQTT uplink stopped.");
+                    drop(run);
+                    feed::finish(task, deadline, &common.name).await;
+                    tracing::info!(uplink = %common.name, "The MQTT uplink stopped.");
                     return Ok(());
                 }
                 Exit::BufferClosed => {
-                    tracing::info!("The buffer closed; the MQTT uplink stops.");
+                    tracing::info!(uplink = %common.name, "The buffer closed; the MQTT uplink stops.");
                     link.disconnect();
                     status.set_in_flight(0);
+                    drop(run);
+                    feed::finish(task, Instant::now() + common.grace, &common.name).await;
                     return Ok(());
                 }
                 Exit::Failed(message) => {
                     drop(link);
                     status.set_in_flight(0);
-                    if progressed {
-                        backoff.reset();
-                        failures = 0;
-                    }
-                    failures += 1;
-                    let delay = backoff.next_delay();
-                    status.record_retry(&message, delay, failures >= OFFLINE_AFTER_FAILURES);
+                    run.retry.connection_lasted(started.elapsed());
+                    let delay = run.retry.fail(&status, &message, false);
                     tracing::warn!(
+                        uplink = %common.name,
                         error = %status.scrub(&message),
                         retry_in_ms = delay.as_millis() as u64,
-                        attempt = failures,
+                        attempt = run.retry.failures(),
                         "The MQTT uplink lost its broker; unconfirmed readings stay in the buffer and will be sent again."
                     );
-                    tokio::select! {
-                        biased;
-                        () = &mut shutdown => return Ok(()),
-                        () = tokio::time::sleep(delay) => {}
+                    // Queued behind the acks sent before it: the buffer task goes back to the
+                    // last committed ack, and batches read before now are dropped.
+                    run.acks.abandon();
+                    run.acks.rewind();
+                    let sleep = tokio::time::sleep(delay);
+                    tokio::pin!(sleep);
+                    loop {
+                        tokio::select! {
+                            biased;
+                            () = &mut shutdown => {
+                                drop(run);
+                                feed::finish(task, Instant::now() + common.grace, &common.name).await;
+                                return Ok(());
+                            }
+                            Some(a) = acks.recv() => {
+                                // A failed ack is covered by the rewind.
+                                let _ = run.on_acked(a);
+                            }
+                            () = &mut sleep => break,
+                        }
                     }
                 }
             }
@@ -443,20 +430,28 @@ impl MqttSink {
     }
 }
 
-/// The per-connection loop.
-struct Session<'a> {
-    reader: &'a mut Reader,
+impl_uplink!(MqttSink, KIND);
+
+/// The state of one `run` that outlives its connections.
+struct Run<'a> {
     status: &'a UplinkStatus,
     composer: &'a Composer,
-    sent_upto: &'a mut u64,
-    acked_any: bool,
+    retry: &'a mut Retry,
+    /// Acks to the buffer task, and the epoch (bumped at every rewind: batches read before it
+    /// are not sent).
+    acks: feed::Acks,
+    /// Highest segment id published; publishing one at or below it again is a re-send.
+    sent_upto: u64,
 }
 
-impl Session<'_> {
-    async fn run(
+impl Run<'_> {
+    /// One connection, until it fails, the buffer closes or shutdown starts.
+    async fn connection(
         &mut self,
         link: &mut Link,
         win: &mut Window,
+        segs: &mut tokio::sync::mpsc::Receiver<feed::Batch>,
+        acks: &mut tokio::sync::mpsc::UnboundedReceiver<Acked>,
         shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
     ) -> Exit {
         let mut connected = false;
@@ -473,8 +468,8 @@ impl Session<'_> {
                         LinkEvent::Connected { max_packet_size } => {
                             connected = true;
                             win.max_packet = max_packet_size;
-                            self.status.set_state(crate::status::LinkState::Connected);
-                            tracing::info!("The MQTT uplink is connected to its broker.");
+                            self.status.set_state(LinkState::Connected);
+                            tracing::info!(uplink = %self.status.name(), "The MQTT uplink is connected to its broker.");
                         }
                         LinkEvent::Sent(pkid) => {
                             if let Err(e) = win.on_sent(pkid) {
@@ -489,61 +484,72 @@ impl Session<'_> {
                         LinkEvent::Failed(e) => return Exit::Failed(e),
                     }
                 }
-                segs = self.reader.next(1), if want => match segs {
-                    Ok(segs) => {
+                Some(a) = acks.recv() => {
+                    if let Some(exit) = self.on_acked(a) {
+                        return exit;
+                    }
+                }
+                batch = segs.recv(), if want => match batch {
+                    None | Some((_, Err(ReadError::Closed))) => return Exit::BufferClosed,
+                    Some((epoch, _)) if epoch != self.acks.epoch() => {}
+                    Some((_, Ok(batch))) => {
                         let mut resent = 0;
-                        for seg in segs {
-                            if seg.id <= *self.sent_upto {
+                        for seg in batch {
+                            if seg.id <= self.sent_upto {
                                 resent += seg.readings.len() as u64;
                             }
-                            *self.sent_upto = (*self.sent_upto).max(seg.id);
+                            self.sent_upto = self.sent_upto.max(seg.id);
                             win.push(seg);
                         }
                         self.status.record_resent(resent);
                     }
-                    Err(ReadError::Closed) => return Exit::BufferClosed,
-                    Err(e) => return Exit::Failed(format!("cannot read the buffer: {e}")),
+                    Some((_, Err(e))) => return Exit::Failed(format!("cannot read the buffer: {e}")),
                 },
             }
             if connected && let Err(e) = win.pump(link, self.composer) {
                 return Exit::Failed(e);
             }
-            if let Some(exit) = self.settle(win).await {
+            if let Some(exit) = self.settle(win) {
                 return exit;
             }
             self.status.set_in_flight(win.in_flight() as u64);
         }
     }
 
-    /// Dead-letters and acks the confirmed prefix of the window.
-    async fn settle(&mut self, win: &mut Window) -> Option<Exit> {
-        let s = win.take_settled()?;
-        let dead_n = s.dead.len() as u64;
-        let reason = s.dead.first().map(|d| d.1.clone());
-        if !s.dead.is_empty() {
-            for (r, why) in &s.dead {
-                tracing::warn!(reading = r.id, device = %r.device, topic = %r.topic, reason = %why,
-                    "The MQTT broker cannot take a reading; it moves to the dead-letter table.");
-            }
-            if let Err(e) = self.reader.dead_letter(s.dead).await {
-                return Some(ack_exit(e));
-            }
-        }
-        if let Err(e) = self.reader.ack(s.ack_to).await {
-            return Some(ack_exit(e));
-        }
-        if let Some(reason) = reason {
-            self.status.record_dead_lettered(dead_n, &reason);
-        }
-        self.status.record_acked(s.delivered);
-        self.acked_any = true;
-        None
+    /// Sends the ack of the confirmed prefix of the window (with its dead letters) to the
+    /// buffer task.
+    fn settle(&mut self, win: &mut Window) -> Option<Exit> {
+        let settled = win.take_settled()?;
+        self.acks
+            .send(self.status, settled)
+            .err()
+            .map(|_| Exit::BufferClosed)
     }
 
-    /// Shutdown: publish nothing new, settle what the broker confirms within `grace`, then
-    /// disconnect.
-    async fn drain(&mut self, link: &mut Link, win: &mut Window, grace: Duration) {
-        let deadline = Instant::now() + grace;
+    /// Notes an answer of the buffer task.
+    fn on_acked(&mut self, a: Acked) -> Option<Exit> {
+        match self.acks.answered(a) {
+            Ok(true) => {
+                self.retry.progress();
+                None
+            }
+            Ok(false) => None,
+            Err(ferry_buffer::AckError::Closed) => Some(Exit::BufferClosed),
+            Err(e) => Some(Exit::Failed(format!(
+                "cannot record the ack in the buffer: {e}"
+            ))),
+        }
+    }
+
+    /// Shutdown: publish nothing new, settle what the broker confirms until `deadline`, wait
+    /// for those acks' commits, then disconnect.
+    async fn drain(
+        &mut self,
+        link: &mut Link,
+        win: &mut Window,
+        acks: &mut tokio::sync::mpsc::UnboundedReceiver<Acked>,
+        deadline: Instant,
+    ) {
         while win.in_flight() > 0 {
             let ev = match tokio::time::timeout_at(deadline, link.events.recv()).await {
                 Ok(Some(ev)) => ev,
@@ -555,28 +561,30 @@ impl Session<'_> {
                 LinkEvent::Connected { .. } => true,
                 LinkEvent::Failed(_) => false,
             };
-            if !ok || self.settle(win).await.is_some() {
+            if !ok || self.settle(win).is_some() {
                 break;
             }
         }
         if win.in_flight() > 0 {
             tracing::warn!(
+                uplink = %self.status.name(),
                 readings = win.in_flight(),
                 "Shutdown grace ran out; unconfirmed MQTT publishes stay in the buffer."
             );
         }
         link.disconnect();
+        while self.acks.pending() > 0 {
+            match tokio::time::timeout_at(deadline, acks.recv()).await {
+                Ok(Some(a)) => {
+                    let _ = self.on_acked(a);
+                }
+                Ok(None) | Err(_) => break,
+            }
+        }
         let rest = deadline
             .saturating_duration_since(Instant::now())
             .min(Duration::from_secs(1));
         let _ = tokio::time::timeout(rest, link.closed()).await;
-    }
-}
-
-fn ack_exit(e: AckError) -> Exit {
-    match e {
-        AckError::Closed => Exit::BufferClosed,
-        e => Exit::Failed(format!("cannot record the ack in the buffer: {e}")),
     }
 }
 
@@ -586,18 +594,10 @@ mod tests {
     use ferry_buffer::Source;
 
     fn seg(id: u64, n: usize) -> Segment {
-        Segment {
-            id,
-            readings: (0..n)
-                .map(|i| {
-                    let mut r = Reading::new(Source::Mqtt, "d", "t", vec![i as u8]);
-                    r.id = id * 100 + i as u64;
-                    r
-                })
-                .collect(),
-            stored: Vec::new(),
-        }
+        seg_on(id, &vec!["t"; n])
     }
+
+    use crate::test_util::segment as seg_on;
 
     /// Publishes without a link: what `pump` does, minus the client.
     fn fake_pump(w: &mut Window) -> usize {
@@ -606,9 +606,9 @@ mod tests {
             let Some(s) = w.segs.iter_mut().find(|s| !s.fully_published()) else {
                 break;
             };
-            let (id, idx) = (s.id, s.next);
+            let (id, record) = (s.seg.id, s.next);
             s.next += 1;
-            w.unsent.push_back((id, idx));
+            w.unsent.push_back((id, record));
             n += 1;
         }
         n
@@ -616,7 +616,7 @@ mod tests {
 
     #[test]
     fn acks_in_segment_order_only_when_every_reading_is_confirmed() {
-        let mut w = Window::new(3, QoS::AtLeastOnce);
+        let mut w = Window::new(3, QoS::AtLeastOnce, TopicFilter::all());
         w.push(seg(1, 2));
         w.push(seg(2, 2));
         assert!(!w.wants_segment());
@@ -646,7 +646,7 @@ mod tests {
 
     #[test]
     fn permanent_refusals_are_dead_lettered_and_retryable_ones_fail() {
-        let mut w = Window::new(10, QoS::AtLeastOnce);
+        let mut w = Window::new(10, QoS::AtLeastOnce, TopicFilter::all());
         w.push(seg(5, 3));
         fake_pump(&mut w);
         for pkid in [1, 2, 3] {
@@ -673,7 +673,7 @@ mod tests {
         assert_eq!(e, "quota");
         assert!(w.take_settled().is_none());
         // A new window after the reconnect: everything is sent again; now all succeed.
-        let mut w = Window::new(10, QoS::AtLeastOnce);
+        let mut w = Window::new(10, QoS::AtLeastOnce, TopicFilter::all());
         w.push(seg(5, 3));
         fake_pump(&mut w);
         for pkid in [1, 2, 3] {
@@ -696,8 +696,30 @@ mod tests {
     }
 
     #[test]
+    fn readings_the_topics_do_not_take_are_skipped_in_order() {
+        let mut w = Window::new(10, QoS::AtLeastOnce, TopicFilter::new(&["alarms/#".into()]));
+        w.push(seg_on(1, &["tele/a", "alarms/a", "tele/b"]));
+        w.push(seg_on(2, &["tele/c"]));
+        w.push(seg_on(3, &["alarms/b"]));
+        assert_eq!(fake_pump(&mut w), 2, "only the two alarms are published");
+        w.on_sent(1).unwrap();
+        w.on_sent(2).unwrap();
+        // Segment 3's alarm is confirmed first: nothing settles before segment 1's.
+        w.on_ack(2, None).unwrap();
+        assert!(w.take_settled().is_none());
+        w.on_ack(1, None).unwrap();
+        let s = w.take_settled().unwrap();
+        assert_eq!((s.ack_to, s.delivered, s.skipped), (3, 2, 3));
+        // A segment with nothing to publish settles on its own.
+        w.push(seg_on(4, &["tele/d", "tele/e"]));
+        assert_eq!(fake_pump(&mut w), 0);
+        let s = w.take_settled().unwrap();
+        assert_eq!((s.ack_to, s.delivered, s.skipped), (4, 0, 2));
+    }
+
+    #[test]
     fn qos0_confirms_on_write_and_packet_id_reuse_is_an_error() {
-        let mut w = Window::new(4, QoS::AtMostOnce);
+        let mut w = Window::new(4, QoS::AtMostOnce, TopicFilter::all());
         w.push(seg(1, 2));
         fake_pump(&mut w);
         w.on_sent(0).unwrap();
@@ -705,7 +727,7 @@ mod tests {
         assert_eq!(w.take_settled().unwrap().delivered, 2);
         assert!(w.on_sent(0).is_err(), "nothing handed to the client");
 
-        let mut w = Window::new(4, QoS::AtLeastOnce);
+        let mut w = Window::new(4, QoS::AtLeastOnce, TopicFilter::all());
         w.push(seg(1, 2));
         fake_pump(&mut w);
         w.on_sent(7).unwrap();

@@ -5,6 +5,7 @@
 //! `FERRY_REQUIRE_TOOLS=1` (as in CI), where they fail.
 
 use super::*;
+use crate::Common;
 use crate::kafka::KafkaSink;
 use crate::status::{LinkState, UplinkStatus};
 use ferry_buffer::{Buffer, BufferOptions, Reading, Source};
@@ -244,7 +245,6 @@ fn open_buffer(dir: &Path, consumers: &[&str]) -> Buffer {
 
 fn uplink(port: u16, protocol: MqttProtocol) -> MqttUplink {
     MqttUplink {
-        enabled: true,
         url: format!("mqtt://127.0.0.1:{port}"),
         protocol,
         keep_alive_secs: 5,
@@ -258,9 +258,8 @@ fn uplink(port: u16, protocol: MqttProtocol) -> MqttUplink {
 type Running = crate::test_util::Running<MqttSinkError>;
 
 fn start(cfg: &MqttUplink, buffer: &Buffer) -> Running {
-    let sink = MqttSink::new(cfg, "gw1", "ferry-gw1", buffer.clone())
-        .unwrap()
-        .shutdown_grace(Duration::from_secs(2));
+    let common = Common::new("mqtt", "gw1", buffer.clone()).grace(Duration::from_secs(2));
+    let sink = MqttSink::new(cfg, "ferry-gw1", common).unwrap();
     let status = sink.status();
     let (stop, rx) = oneshot::channel::<()>();
     let task = tokio::spawn(sink.run(async move {
@@ -719,7 +718,7 @@ async fn kafka_down_mqtt_keeps_flowing_and_the_buffer_keeps_kafkas_share() {
         max_backoff_ms: 200,
         ..KafkaUplink::default()
     };
-    let kafka = KafkaSink::new(&kafka_cfg, "gw1", buffer.clone()).unwrap();
+    let kafka = KafkaSink::new(&kafka_cfg, Common::new("kafka", "gw1", buffer.clone())).unwrap();
     let kafka_status = kafka.status();
     let (kstop, krx) = oneshot::channel::<()>();
     let ktask = tokio::spawn(kafka.run(async move {
