@@ -352,3 +352,66 @@ pub fn buffered_readings(data_dir: &Path, consumer: &str) -> Vec<ferry_buffer::R
         out
     })
 }
+
+/// A Debian mosquitto broker on 127.0.0.1 accepting anonymous clients, killed on drop (check
+/// [`require_tool`] first).
+#[derive(Debug)]
+pub struct Mosquitto {
+    child: std::process::Child,
+    /// Its port.
+    pub port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts mosquitto on a free port.
+pub fn mosquitto() -> Mosquitto {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    mosquitto_on(port)
+}
+
+/// Starts mosquitto on `port` (e.g. again after a simulated outage).
+pub fn mosquitto_on(port: u16) -> Mosquitto {
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("mosquitto.conf");
+    std::fs::write(
+        &conf,
+        format!("user root\nlistener {port} 127.0.0.1\nallow_anonymous true\n"),
+    )
+    .unwrap();
+    let bin = if std::path::Path::new("/usr/sbin/mosquitto").exists() {
+        "/usr/sbin/mosquitto"
+    } else {
+        "mosquitto"
+    };
+    let child = std::process::Command::new(bin)
+        .arg("-c")
+        .arg(&conf)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(5),
+            "mosquitto did not start"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    Mosquitto {
+        child,
+        port,
+        _dir: dir,
+    }
+}

@@ -21,7 +21,7 @@ fn check_config_accepts_the_example_and_lists_every_error_with_exit_64() {
     std::fs::write(
         &bad,
         "[buffer]\nmax_byte = 10\nwhen_full = \"sometimes\"\n\n[mqtt]\nmax_inflight = \"lots\"\n\n\
-         [uplink.kafka]\ntopic = \"bad topic!\"\n\n[[uplink.kafka.routes]]\nfilter = \"a/#/b\"\ntopic = \"t\"\n",
+         [uplinks.kafka]\ntype = \"kafka\"\ntopic = \"bad topic!\"\n\n[[uplinks.kafka.routes]]\nfilter = \"a/#/b\"\ntopic = \"t\"\n",
     )
     .unwrap();
     let (code, _, err) = Ferry::cli(&["check-config", bad.to_str().unwrap()]);
@@ -31,8 +31,8 @@ fn check_config_accepts_the_example_and_lists_every_error_with_exit_64() {
         "did you mean 'max_bytes'",
         "buffer.when_full",
         "mqtt.max_inflight",
-        "uplink.kafka.topic",
-        "uplink.kafka.routes[0].filter",
+        "uplinks.kafka.topic",
+        "uplinks.kafka.routes[0].filter",
     ] {
         assert!(err.contains(needle), "missing '{needle}' in:\n{err}");
     }

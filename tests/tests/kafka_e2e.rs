@@ -24,8 +24,8 @@ id = "kafka-e2e"
 [mqtt]
 enabled = false
 
-[uplink.kafka]
-enabled = true
+[uplinks.kafka]
+type = "kafka"
 brokers = "{bootstrap}"
 topic = "readings"
 message_timeout_ms = 3000

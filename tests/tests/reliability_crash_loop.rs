@@ -45,8 +45,8 @@ id = "crash-loop"
 [buffer]
 max_batch_readings = {MAX_BATCH_READINGS}
 
-[uplink.kafka]
-enabled = true
+[uplinks.kafka]
+type = "kafka"
 brokers = "{bootstrap}"
 topic = "readings"
 max_inflight_segments = {MAX_INFLIGHT_SEGMENTS}

@@ -56,8 +56,8 @@ when_full = "{when_full}"
 [mqtt]
 enabled = false
 
-[uplink.kafka]
-enabled = true
+[uplinks.kafka]
+type = "kafka"
 brokers = "{bootstrap}"
 topic = "readings"
 message_timeout_ms = 2000

@@ -80,8 +80,8 @@ name = "fleet"
 [status]
 token = "{STATUS_TOKEN}"
 
-[uplink.kafka]
-enabled = true
+[uplinks.kafka]
+type = "kafka"
 # Nothing listens on the discard port: the uplink can never deliver.
 brokers = "127.0.0.1:9"
 security_protocol = "sasl_plaintext"
@@ -92,8 +92,8 @@ message_timeout_ms = 1500
 initial_backoff_ms = 200
 max_backoff_ms = 1000
 
-[uplink.mqtt]
-enabled = true
+[uplinks.mqtt]
+type = "mqtt"
 url = "mqtt://{upstream}"
 username = "ferry-up"
 password = "{UPLINK_PW}"
@@ -245,7 +245,7 @@ async fn secrets_are_never_shown() {
     std::fs::write(
         &broken,
         "[[mqtt.users]]\nusername = \"u\"\npassword = 7791234\n[status]\ntoken = [\"Zq7X\"]\n\
-         [uplink.kafka]\nsasl_password = 7791234\nsasl_pasword = \"x-Zq7X\"\n[[http.tokens]]\ntoken = \"t-Zq7X\"\n\
+         [uplinks.kafka]\ntype = \"kafka\"\nsasl_password = 7791234\nsasl_pasword = \"x-Zq7X\"\n[[http.tokens]]\ntoken = \"t-Zq7X\"\n\
          [[http.tokens]]\ntoken = \"t-Zq7X\"\n",
     )
     .unwrap();
@@ -335,7 +335,7 @@ fn private_keys_other_users_can_read_are_refused() {
          [mqtt.tls]\nlisten = \"127.0.0.1:0\"\ncert_path = {cert:?}\nkey_path = {key:?}\n\
          [http]\nlisten = \"127.0.0.1:0\"\n\
          [http.tls]\ncert_path = {cert:?}\nkey_path = {key:?}\n\
-         [uplink.mqtt]\nurl = \"mqtts://127.0.0.1:1\"\nclient_cert_path = {cert:?}\nclient_key_path = {key:?}\n",
+         [uplinks.mqtt]\ntype = \"mqtt\"\nurl = \"mqtts://127.0.0.1:1\"\nclient_cert_path = {cert:?}\nclient_key_path = {key:?}\n",
         dir.path().join("data")
     );
     let cfg = dir.path().join("ferry.toml");
@@ -346,7 +346,7 @@ fn private_keys_other_users_can_read_are_refused() {
     for k in [
         "mqtt.tls.key_path",
         "http.tls.key_path",
-        "uplink.mqtt.client_key_path",
+        "uplinks.mqtt.client_key_path",
     ] {
         assert!(
             err.contains(&format!("{k}: the private key {}", key.display())),

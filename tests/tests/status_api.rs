@@ -28,8 +28,8 @@ token = "{INGEST_TOKEN}"
 [status]
 token = "{STATUS_TOKEN}"
 
-[uplink.kafka]
-enabled = true
+[uplinks.kafka]
+type = "kafka"
 # Nothing listens on the discard port: the uplink can never deliver, so readings wait.
 brokers = "127.0.0.1:9"
 security_protocol = "sasl_plaintext"
@@ -246,8 +246,6 @@ async fn status_listen_gives_the_status_its_own_listener_and_ferry_status_reads_
 [status]
 listen = "127.0.0.1:0"
 
-[uplink.kafka]
-enabled = false
 "#,
     );
     let status_base = format!("http://{}", ferry.addr("status"));

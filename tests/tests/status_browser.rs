@@ -138,8 +138,8 @@ async fn status_page_in_chromium_shows_live_numbers_and_an_outage() {
 [gateway]
 id = "browser-test"
 
-[uplink.kafka]
-enabled = true
+[uplinks.kafka]
+type = "kafka"
 brokers = "{}"
 topic = "readings"
 message_timeout_ms = 1500

@@ -7,7 +7,9 @@
 //! layout makes this build unable to read it, this test fails: bump the format version and
 //! write a migration instead.
 
-use ferry_tests::{Ferry, buffered_readings};
+mod support;
+
+use ferry_tests::{Ferry, buffered_readings, mosquitto, require_tool};
 use redb::ReadableDatabase;
 use serde_json::Value;
 use std::io::Read;
@@ -88,6 +90,88 @@ fn this_build_reads_a_format_1_buffer_and_continues_it() {
     let mut want = want;
     want.push((6, "new-6".into()));
     assert_eq!(keys(&data_dir), want);
+}
+
+/// The cursors of a 0.1 buffer are those of uplinks named `kafka` and `mqtt`: configured
+/// under those names, they pick up where 0.1 left off and drain it.
+#[test]
+fn a_format_1_buffer_drains_to_uplinks_named_kafka_and_mqtt() {
+    let test = "a_format_1_buffer_drains_to_uplinks_named_kafka_and_mqtt";
+    if !require_tool("mosquitto", test) {
+        return;
+    }
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::message::Message;
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    install_fixture(&data_dir);
+    let mock = rdkafka::mocking::MockCluster::new(1).unwrap();
+    mock.create_topic("readings", 1, 1).unwrap();
+    let broker = mosquitto();
+    let mut ferry = Ferry::start_in(
+        &format!(
+            r#"
+[mqtt]
+enabled = false
+
+[uplinks.kafka]
+type = "kafka"
+brokers = "{}"
+topic = "readings"
+
+[uplinks.mqtt]
+type = "mqtt"
+url = "mqtt://127.0.0.1:{}"
+"#,
+            mock.bootstrap_servers(),
+            broker.port
+        ),
+        &[],
+        Some(&data_dir),
+    );
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let t = Instant::now();
+    let st = loop {
+        let st = rt.block_on(support::status(&ferry.http_url()));
+        let acked = |name: &str| {
+            st["uplinks"]
+                .as_array()
+                .and_then(|a| a.iter().find(|u| u["name"] == name))
+                .map(|u| u["acked_total"].as_u64().unwrap_or(0))
+        };
+        if st["buffer"]["readings"] == 0 && acked("kafka") == Some(5) && acked("mqtt") == Some(5) {
+            break st;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "the 0.1 buffer did not drain: {st:#}\n{}",
+            ferry.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(st["uplinks"][0]["type"], "kafka", "{st:#}");
+    ferry
+        .terminate(Duration::from_secs(10))
+        .expect("clean exit");
+    // Kafka got the five readings of the 0.1 buffer, with the ids 0.1 gave them.
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", mock.bootstrap_servers())
+        .set("group.id", "upgrade")
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    consumer.subscribe(&["readings"]).unwrap();
+    let mut got = std::collections::BTreeSet::new();
+    let t = Instant::now();
+    while got.len() < 5 && t.elapsed() < Duration::from_secs(15) {
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
+            let v: Value = serde_json::from_slice(m.payload().unwrap_or_default()).unwrap();
+            got.insert(v["k"].as_str().unwrap_or_default().to_string());
+        }
+    }
+    let want: std::collections::BTreeSet<String> =
+        (1..=5).map(|i| format!("fixture-{i}")).collect();
+    assert_eq!(got, want);
 }
 
 #[test]
