@@ -120,3 +120,10 @@ pub(crate) fn uplink_topics() -> Vec<String> {
 pub(crate) fn socket_addr(s: &str) -> SocketAddr {
     s.parse().expect("default socket addresses are valid")
 }
+
+/// Kinesis and Pub/Sub: requests in flight at once.
+pub const HTTP_UPLINK_MAX_INFLIGHT_REQUESTS: usize = 4;
+/// Kinesis and Pub/Sub: readings in flight.
+pub const HTTP_UPLINK_MAX_INFLIGHT_READINGS: usize = 5_000;
+/// Kinesis and Pub/Sub: the time one request may take.
+pub const HTTP_UPLINK_REQUEST_TIMEOUT_MS: u64 = 30_000;

@@ -16,8 +16,10 @@
 //! ├── uplinks        BTreeMap<String, UplinkSettings>
 //! │   └── NAME       UplinkSettings    [uplinks.NAME]: type, enabled, topics
 //! │       └── kind   UplinkKind        the keys of the type:
-//! │                  ├── Kafka(KafkaUplink)  type = "kafka", routes[] = [[uplinks.NAME.routes]]
-//! │                  └── Mqtt(MqttUplink)    type = "mqtt", rewrites[] = [[uplinks.NAME.rewrites]]
+//! │                  ├── Kafka(KafkaUplink)      type = "kafka", routes[] = [[uplinks.NAME.routes]]
+//! │                  ├── Kinesis(KinesisUplink)  type = "kinesis": an Amazon Kinesis data stream
+//! │                  ├── Mqtt(MqttUplink)        type = "mqtt", rewrites[] = [[uplinks.NAME.rewrites]]
+//! │                  └── Pubsub(PubsubUplink)    type = "pubsub": a Google Cloud Pub/Sub topic
 //! └── status         StatusSettings    /status and /metrics
 //! ```
 //!
@@ -33,16 +35,26 @@
 //! type = "mqtt"
 //! topics = ["alarms/#"]
 //! url = "mqtt://broker.lan"
+//!
+//! [uplinks.aws]
+//! type = "kinesis"
+//! stream = "arn:aws:kinesis:eu-west-1:123456789012:stream/readings"
+//!
+//! [uplinks.gcp]
+//! type = "pubsub"
+//! project = "my-project"
+//! topic = "readings"
 //! ```
 //!
 //! NAME (1 to 64 characters of `a-z 0-9 _ -`) also names the uplink's cursor in the buffer.
 //! No uplink is configured by default; without one, ferry only buffers.
 //!
-//! Every key except an uplink's `type` is optional and has a default (see [`defaults`]);
-//! `Config::default()` is a valid configuration. The `///` comment on each field is its user
-//! documentation, and `config/ferry.example.toml` lists every key. Units are part of key names
-//! (`_ms`, `_secs`, `_bytes`). Secrets (passwords, tokens) are [`Secret`]s, which print as `***`
-//! in `Debug` output.
+//! Every key except an uplink's `type` and the names only the user knows (a Kinesis uplink's
+//! `stream`, a Pub/Sub uplink's `project` and `topic`) is optional and has a default (see
+//! [`defaults`]); `Config::default()` is a valid configuration. The `///` comment on each field
+//! is its user documentation, and `config/ferry.example.toml` lists every key. Units are part
+//! of key names (`_ms`, `_secs`, `_bytes`). Secrets (passwords, tokens, AWS secret keys) are
+//! [`Secret`]s, which print as `***` in `Debug` output and are never echoed in errors.
 //!
 //! # Loading order
 //!
@@ -102,6 +114,6 @@ pub use load::{
 };
 pub use model::*;
 pub use validate::{
-    check_gateway_id, check_kafka_topic, check_topic_filter, check_uplink_name,
+    check_endpoint, check_gateway_id, check_kafka_topic, check_topic_filter, check_uplink_name,
     template_placeholders,
 };

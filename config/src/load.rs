@@ -219,7 +219,8 @@ pub(crate) fn sample() -> Config {
     c
 }
 
-/// One uplink of every type, with every optional value set and every list holding one element.
+/// One uplink of every type, in the order of [`UplinkKind::TYPES`], with every optional value
+/// set and every list holding one element.
 pub(crate) fn sample_uplinks() -> Vec<UplinkSettings> {
     let k = KafkaUplink {
         sasl_mechanism: Some(SaslMechanism::Plain),
@@ -248,10 +249,34 @@ pub(crate) fn sample_uplinks() -> Vec<UplinkSettings> {
         client_key_path: Some("k.pem".into()),
         ..MqttUplink::default()
     };
-    [UplinkKind::Kafka(k), UplinkKind::Mqtt(m)]
-        .into_iter()
-        .map(UplinkSettings::new)
-        .collect()
+    let kinesis = KinesisUplink {
+        stream: "s".into(),
+        region: Some("r".into()),
+        endpoint: Some("http://e".into()),
+        access_key_id: Some("a".into()),
+        secret_access_key: Some("s".into()),
+        session_token: Some("t".into()),
+        profile: Some("p".into()),
+        ca_path: Some("ca.pem".into()),
+        ..KinesisUplink::default()
+    };
+    let pubsub = PubsubUplink {
+        project: "p".into(),
+        topic: "t".into(),
+        endpoint: Some("http://e".into()),
+        credentials_file: Some("k.json".into()),
+        ca_path: Some("ca.pem".into()),
+        ..PubsubUplink::default()
+    };
+    [
+        UplinkKind::Kafka(k),
+        UplinkKind::Kinesis(kinesis),
+        UplinkKind::Mqtt(m),
+        UplinkKind::Pubsub(pubsub),
+    ]
+    .into_iter()
+    .map(UplinkSettings::new)
+    .collect()
 }
 
 pub(crate) fn schema() -> &'static Node {
@@ -398,7 +423,12 @@ fn plain_message(message: &str) -> String {
 fn is_secret_key(key: &str) -> bool {
     matches!(
         key,
-        "password" | "password_hash" | "token" | "sasl_password"
+        "password"
+            | "password_hash"
+            | "token"
+            | "sasl_password"
+            | "secret_access_key"
+            | "session_token"
     )
 }
 

@@ -450,17 +450,25 @@ pub enum UplinkKind {
     Kafka(KafkaUplink),
     /// `type = "mqtt"`: forward to an upstream MQTT broker.
     Mqtt(MqttUplink),
+    /// `type = "kinesis"`: forward to an Amazon Kinesis data stream.
+    Kinesis(KinesisUplink),
+    /// `type = "pubsub"`: forward to a Google Cloud Pub/Sub topic.
+    Pubsub(PubsubUplink),
 }
 
 impl UplinkKind {
-    /// Every uplink type, as written in `type`.
-    pub const TYPES: &'static [&'static str] = &["kafka", "mqtt"];
+    /// Every uplink type, as written in `type`, in alphabetical order (the order of the
+    /// loader's messages). The first is the type an uplink whose `type` is missing or unknown
+    /// is checked as, with its defaults: they must be valid on their own.
+    pub const TYPES: &'static [&'static str] = &["kafka", "kinesis", "mqtt", "pubsub"];
 
-    /// The type as written in `type`: `"kafka"` or `"mqtt"`.
+    /// The type as written in `type`, one of [`UplinkKind::TYPES`].
     pub fn type_name(&self) -> &'static str {
         match self {
             UplinkKind::Kafka(_) => "kafka",
             UplinkKind::Mqtt(_) => "mqtt",
+            UplinkKind::Kinesis(_) => "kinesis",
+            UplinkKind::Pubsub(_) => "pubsub",
         }
     }
 }
@@ -903,6 +911,149 @@ impl Default for StatusSettings {
             token: None,
             stalled_after_secs: defaults::STALLED_AFTER_SECS,
             max_devices: defaults::MAX_DEVICES,
+        }
+    }
+}
+
+/// How a reading becomes a record on an upstream without headers (Kinesis).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RecordFormat {
+    /// The JSON envelope: the reading's metadata (`ferry_id`, gateway, device, topic, receive
+    /// time, source, content type, the device's properties) with the payload embedded.
+    #[default]
+    Envelope,
+    /// The payload bytes alone. Every piece of metadata, including the `ferry-id` consumers
+    /// de-duplicate on, is lost upstream.
+    Raw,
+}
+
+/// The keys of an uplink of `type = "kinesis"`: forward to an Amazon Kinesis data stream
+/// with `PutRecords`, signed with AWS Signature Version 4.
+///
+/// Credentials, in this order: `access_key_id` + `secret_access_key` (+ `session_token`) here;
+/// the `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY` and `AWS_SESSION_TOKEN` variables; the
+/// shared credentials file (`AWS_SHARED_CREDENTIALS_FILE`, else `~/.aws/credentials`), section
+/// `profile` (else `AWS_PROFILE`, else `default`); the ECS container endpoint
+/// (`AWS_CONTAINER_CREDENTIALS_RELATIVE_URI`); the EC2 instance metadata service (IMDSv2).
+/// Credentials that expire are fetched again before they do.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KinesisUplink {
+    /// The stream: its name, or its ARN (`arn:aws:kinesis:REGION:ACCOUNT:stream/NAME`).
+    /// Required.
+    pub stream: String,
+    /// The AWS region, e.g. `"eu-west-1"`. Required unless `stream` is an ARN (whose region is
+    /// then used) or `AWS_REGION` is set.
+    pub region: Option<String>,
+    /// The endpoint, `https://host[:port]` (or `http://` for a local test server). Not set:
+    /// `https://kinesis.<region>.amazonaws.com`.
+    pub endpoint: Option<String>,
+    /// The partition key: `"device"`, `"topic"` or `"level:N"` (as Kafka's key; `"none"` is not
+    /// possible: Kinesis needs one). Readings with the same key go to the same shard, in order.
+    /// Default: `"device"`.
+    pub partition_key: KeyRule,
+    /// `"envelope"` (the JSON envelope with the metadata) or `"raw"` (the payload alone; the
+    /// metadata, `ferry-id` included, is lost). Default: `"envelope"`.
+    pub format: RecordFormat,
+    /// AWS access key id. Not set: the other sources of credentials (see above).
+    pub access_key_id: Option<String>,
+    /// AWS secret access key (requires `access_key_id`).
+    pub secret_access_key: Option<Secret>,
+    /// AWS session token, for temporary credentials (requires `access_key_id`).
+    pub session_token: Option<Secret>,
+    /// The section of the shared credentials file. Not set: `AWS_PROFILE`, else `"default"`.
+    pub profile: Option<String>,
+    /// PEM file with the CA certificates the endpoint is verified against. Not set: the system
+    /// trust store.
+    pub ca_path: Option<PathBuf>,
+    /// Most `PutRecords` requests in flight at once. At least 1. Default: 4.
+    pub max_inflight_requests: usize,
+    /// Most readings in flight (sent, not yet confirmed). At least 1. Default: 5000.
+    pub max_inflight_readings: usize,
+    /// How long one request may take before it counts as failed. Default: 30000.
+    pub request_timeout_ms: u64,
+    /// First delay after a failed request; doubles up to `max_backoff_ms`. Default: 500.
+    pub initial_backoff_ms: u64,
+    /// Longest delay between retries. Default: 60000.
+    pub max_backoff_ms: u64,
+}
+
+impl Default for KinesisUplink {
+    fn default() -> Self {
+        KinesisUplink {
+            stream: String::new(),
+            region: None,
+            endpoint: None,
+            partition_key: KeyRule::Device,
+            format: RecordFormat::Envelope,
+            access_key_id: None,
+            secret_access_key: None,
+            session_token: None,
+            profile: None,
+            ca_path: None,
+            max_inflight_requests: defaults::HTTP_UPLINK_MAX_INFLIGHT_REQUESTS,
+            max_inflight_readings: defaults::HTTP_UPLINK_MAX_INFLIGHT_READINGS,
+            request_timeout_ms: defaults::HTTP_UPLINK_REQUEST_TIMEOUT_MS,
+            initial_backoff_ms: defaults::INITIAL_BACKOFF_MS,
+            max_backoff_ms: defaults::MAX_BACKOFF_MS,
+        }
+    }
+}
+
+/// The keys of an uplink of `type = "pubsub"`: forward to a Google Cloud Pub/Sub topic with
+/// the REST `publish` method.
+///
+/// Credentials: a service account key file (`credentials_file`, else
+/// `GOOGLE_APPLICATION_CREDENTIALS`), from which ferry signs its own access tokens (JWTs with
+/// the Pub/Sub API as audience), or else the GCE metadata server's token. A custom `endpoint`
+/// with `http://` (the emulator) needs no credentials.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PubsubUplink {
+    /// The Google Cloud project id. Required.
+    pub project: String,
+    /// The topic id (not its full name). Required.
+    pub topic: String,
+    /// The endpoint, `https://host[:port]` (or `http://host:port` for the emulator). Not set:
+    /// `https://pubsub.googleapis.com`.
+    pub endpoint: Option<String>,
+    /// The ordering key: `"none"`, `"device"`, `"topic"` or `"level:N"`. With a key, Pub/Sub
+    /// delivers messages of one key in order (to subscriptions with message ordering on).
+    /// Default: `"none"`.
+    pub ordering_key: KeyRule,
+    /// A service account key (JSON). Not set: `GOOGLE_APPLICATION_CREDENTIALS`, else the GCE
+    /// metadata server.
+    pub credentials_file: Option<PathBuf>,
+    /// PEM file with the CA certificates the endpoint is verified against. Not set: the system
+    /// trust store.
+    pub ca_path: Option<PathBuf>,
+    /// Most publish requests in flight at once. At least 1. Default: 4.
+    pub max_inflight_requests: usize,
+    /// Most readings in flight (sent, not yet confirmed). At least 1. Default: 5000.
+    pub max_inflight_readings: usize,
+    /// How long one request may take before it counts as failed. Default: 30000.
+    pub request_timeout_ms: u64,
+    /// First delay after a failed request; doubles up to `max_backoff_ms`. Default: 500.
+    pub initial_backoff_ms: u64,
+    /// Longest delay between retries. Default: 60000.
+    pub max_backoff_ms: u64,
+}
+
+impl Default for PubsubUplink {
+    fn default() -> Self {
+        PubsubUplink {
+            project: String::new(),
+            topic: String::new(),
+            endpoint: None,
+            ordering_key: KeyRule::None,
+            credentials_file: None,
+            ca_path: None,
+            max_inflight_requests: defaults::HTTP_UPLINK_MAX_INFLIGHT_REQUESTS,
+            max_inflight_readings: defaults::HTTP_UPLINK_MAX_INFLIGHT_READINGS,
+            request_timeout_ms: defaults::HTTP_UPLINK_REQUEST_TIMEOUT_MS,
+            initial_backoff_ms: defaults::INITIAL_BACKOFF_MS,
+            max_backoff_ms: defaults::MAX_BACKOFF_MS,
         }
     }
 }

@@ -47,6 +47,22 @@ fn mqtt<'a>(config: &'a Config, name: &str) -> &'a MqttUplink {
     }
 }
 
+/// The Kinesis uplink `name`.
+fn kinesis<'a>(config: &'a Config, name: &str) -> &'a KinesisUplink {
+    match config.uplinks.get(name).map(|u| &u.kind) {
+        Some(UplinkKind::Kinesis(k)) => k,
+        other => panic!("uplinks.{name} is not a Kinesis uplink: {other:?}"),
+    }
+}
+
+/// The Pub/Sub uplink `name`.
+fn pubsub<'a>(config: &'a Config, name: &str) -> &'a PubsubUplink {
+    match config.uplinks.get(name).map(|u| &u.kind) {
+        Some(UplinkKind::Pubsub(g)) => g,
+        other => panic!("uplinks.{name} is not a Pub/Sub uplink: {other:?}"),
+    }
+}
+
 /// The example file with every `# key = value` and `# [table]` line uncommented.
 fn uncommented_example() -> String {
     EXAMPLE
@@ -172,17 +188,75 @@ fn example_file_loads_and_validates() {
 }
 
 #[test]
-fn example_uplinks_are_a_kafka_and_an_mqtt_uplink() {
-    // Uncommented, the example's uplinks are what its comments say they are.
+fn example_uplinks_are_what_their_comments_say() {
+    // Uncommented, the example's uplinks are what its comments say they are: one of each type.
     let config: Config = toml::from_str(&uncommented_example()).expect("deserializes");
     let names: Vec<_> = config.uplinks.keys().map(String::as_str).collect();
-    assert_eq!(names, ["kafka", "local"]);
+    assert_eq!(names, ["aws", "gcp", "kafka", "local"]);
     let k = kafka(&config, "kafka");
     assert_eq!(k.routes.len(), 1);
     assert_eq!(k.librdkafka["socket.keepalive.enable"], "true");
     assert_eq!(config.uplinks["kafka"].topics, ["#"]);
     assert_eq!(mqtt(&config, "local").rewrites.len(), 1);
     assert_eq!(config.uplinks["local"].topics, ["alarms/#"]);
+    let aws = kinesis(&config, "aws");
+    assert_eq!(aws.stream, "ferry-readings");
+    assert_eq!(aws.region.as_deref(), Some("eu-west-1"));
+    assert_eq!(config.uplinks["aws"].topics, ["sensors/#"]);
+    let gcp = pubsub(&config, "gcp");
+    assert_eq!(
+        (gcp.project.as_str(), gcp.topic.as_str()),
+        ("my-project", "ferry-readings")
+    );
+    assert_eq!(gcp.endpoint.as_deref(), Some("http://127.0.0.1:8085"));
+    // The uplinks the example shows are valid, and the values it shows for keys with a default
+    // are those defaults.
+    let mut both = Config::default();
+    for name in ["aws", "gcp"] {
+        both.uplinks
+            .insert(name.into(), config.uplinks[name].clone());
+    }
+    both.validate().unwrap_or_else(|e| panic!("{e}"));
+    let d = KinesisUplink::default();
+    assert_eq!(
+        (
+            aws.partition_key,
+            aws.format,
+            aws.max_inflight_requests,
+            aws.max_inflight_readings,
+            aws.request_timeout_ms,
+            aws.initial_backoff_ms,
+            aws.max_backoff_ms
+        ),
+        (
+            d.partition_key,
+            d.format,
+            d.max_inflight_requests,
+            d.max_inflight_readings,
+            d.request_timeout_ms,
+            d.initial_backoff_ms,
+            d.max_backoff_ms
+        )
+    );
+    let d = PubsubUplink::default();
+    assert_eq!(
+        (
+            gcp.ordering_key,
+            gcp.max_inflight_requests,
+            gcp.max_inflight_readings,
+            gcp.request_timeout_ms,
+            gcp.initial_backoff_ms,
+            gcp.max_backoff_ms
+        ),
+        (
+            d.ordering_key,
+            d.max_inflight_requests,
+            d.max_inflight_readings,
+            d.request_timeout_ms,
+            d.initial_backoff_ms,
+            d.max_backoff_ms
+        )
+    );
 }
 
 #[test]
@@ -284,8 +358,10 @@ fn schema_matches_the_structs() {
         ("http.tls", serde_fields::<HttpTls>()),
         ("uplinks.kafka", serde_fields::<KafkaUplink>()),
         ("uplinks.kafka.routes", serde_fields::<KafkaRoute>()),
+        ("uplinks.kinesis", serde_fields::<KinesisUplink>()),
         ("uplinks.mqtt", serde_fields::<MqttUplink>()),
         ("uplinks.mqtt.rewrites", serde_fields::<TopicRewrite>()),
+        ("uplinks.pubsub", serde_fields::<PubsubUplink>()),
         ("status", serde_fields::<StatusSettings>()),
     ];
     for (path, fields) in cases {
@@ -304,6 +380,17 @@ fn schema_matches_the_structs() {
     assert_eq!(types.keys().copied().collect::<Vec<_>>(), UplinkKind::TYPES);
 }
 
+/// The keys an uplink of type `t` cannot do without (names only the user knows), with a
+/// valid value each.
+fn required_keys(t: &str) -> &'static [(&'static str, &'static str)] {
+    match t {
+        "kafka" | "mqtt" => &[],
+        "kinesis" => &[("stream", "s")],
+        "pubsub" => &[("project", "p"), ("topic", "t-1")],
+        _ => panic!("type {t} is new: list its required keys in required_keys()"),
+    }
+}
+
 #[test]
 fn every_uplink_type_has_a_sample_and_valid_defaults() {
     let sampled: Vec<_> = sample_uplinks()
@@ -316,11 +403,35 @@ fn every_uplink_type_has_a_sample_and_valid_defaults() {
         // `type` is what serde writes and reads.
         let table = Table::try_from(&u).expect("serializes");
         assert_eq!(table["type"].as_str(), Some(t));
-        // An uplink of a type with nothing else set is valid (the loader relies on it for an
-        // uplink whose type is missing or unknown).
-        let config = load_str(&format!("[uplinks.x]\ntype = \"{t}\"\n"), no_env())
-            .unwrap_or_else(|e| panic!("{t}: {e}"));
+        // An uplink of a type with its required keys and nothing else is valid: the defaults
+        // of the other keys are.
+        let required = required_keys(t);
+        let with = |skip: Option<&str>| {
+            let mut text = format!("[uplinks.x]\ntype = \"{t}\"\n");
+            for (k, v) in required.iter().filter(|(k, _)| Some(*k) != skip) {
+                text.push_str(&format!("{k} = \"{v}\"\n"));
+            }
+            load_str(&text, no_env())
+        };
+        let config = with(None).unwrap_or_else(|e| panic!("{t}: {e}"));
         assert_eq!(config.uplinks["x"].kind.type_name(), t);
+        // ... and each of them is required.
+        for (k, _) in required {
+            let errors = with(Some(k)).expect_err(k);
+            let path = format!("uplinks.x.{k}");
+            assert_eq!(paths(&errors), [path.as_str()], "{t}: {errors}");
+            assert!(
+                message(&errors, &path).starts_with("is required"),
+                "{errors}"
+            );
+        }
+    }
+    // An uplink whose type is missing or unknown is checked as one of the first type with its
+    // defaults: they must be valid alone, so that only the type is reported.
+    assert!(required_keys(UplinkKind::TYPES[0]).is_empty());
+    for text in ["[uplinks.x]\n", "[uplinks.x]\ntype = \"eventhubs\"\n"] {
+        let errors = load_str(text, no_env()).expect_err(text);
+        assert_eq!(paths(&errors), ["uplinks.x.type"], "{errors}");
     }
 }
 
@@ -337,6 +448,13 @@ fn key_paths_of_uplinks() {
         "uplinks.<name>.url",
         "uplinks.<name>.rewrites[].template",
         "uplinks.<name>.initial_backoff_ms",
+        "uplinks.<name>.stream",
+        "uplinks.<name>.partition_key",
+        "uplinks.<name>.secret_access_key",
+        "uplinks.<name>.project",
+        "uplinks.<name>.ordering_key",
+        "uplinks.<name>.credentials_file",
+        "uplinks.<name>.max_inflight_requests",
     ] {
         assert!(paths.contains(&p.to_owned()), "{p} missing from {paths:?}");
     }
@@ -347,10 +465,19 @@ fn key_paths_of_uplinks() {
         "a key shared by types is listed once"
     );
     let uplink_keys = paths.iter().filter(|p| p.starts_with("uplinks.")).count();
+    let type_keys: BTreeSet<String> = [
+        serde_fields::<KafkaUplink>(),
+        serde_fields::<KinesisUplink>(),
+        serde_fields::<MqttUplink>(),
+        serde_fields::<PubsubUplink>(),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
     let expected = 1
         + 2
-        + serde_fields::<KafkaUplink>()
-            .union(&serde_fields::<MqttUplink>())
+        + type_keys
+            .iter()
             .map(|k| match k.as_str() {
                 "routes" => serde_fields::<KafkaRoute>().len(),
                 "rewrites" => serde_fields::<TopicRewrite>().len(),
@@ -607,6 +734,12 @@ fn secret_debug_hides_the_value() {
         panic!("the sample has an MQTT uplink")
     };
     m.password = Some("upstream-pw-42".into());
+    let Some(UplinkKind::Kinesis(k)) = config.uplinks.get_mut("kinesis").map(|u| &mut u.kind)
+    else {
+        panic!("the sample has a Kinesis uplink")
+    };
+    k.secret_access_key = Some("aws-secret-42".into());
+    k.session_token = Some("aws-session-42".into());
     config.http.tokens[0].token = "http-token-42".into();
     config.mqtt.users[0].password = Some("mqtt-pw-42".into());
     config.status.token = Some("status-token-42".into());
@@ -614,6 +747,8 @@ fn secret_debug_hides_the_value() {
     for secret in [
         "kafka-pw-42",
         "upstream-pw-42",
+        "aws-secret-42",
+        "aws-session-42",
         "http-token-42",
         "mqtt-pw-42",
         "status-token-42",
@@ -1056,7 +1191,7 @@ topics = ["a/#/b"]
     );
     assert_eq!(
         message(&errors, "uplinks.Cloud.type"),
-        "missing; one of kafka, mqtt"
+        "missing; one of kafka, kinesis, mqtt, pubsub"
     );
     assert_eq!(
         message(&errors, "uplinks.Cloud.broker"),
@@ -1070,7 +1205,7 @@ topics = ["a/#/b"]
 fn unknown_type() {
     let errors = load_str(
         "[uplinks.a]\ntype = \"kafkaa\"\nbrokers = \"k:1\"\nenabled = \"yes\"\n\
-         [uplinks.b]\ntype = \"kinesis\"\n[uplinks.c]\ntype = 3\n",
+         [uplinks.b]\ntype = \"eventhubs\"\n[uplinks.c]\ntype = 3\n",
         no_env(),
     )
     .expect_err("bad");
@@ -1086,15 +1221,15 @@ fn unknown_type() {
     );
     assert_eq!(
         message(&errors, "uplinks.a.type"),
-        "unknown uplink type 'kafkaa'; did you mean 'kafka'? (types: kafka, mqtt)"
+        "unknown uplink type 'kafkaa'; did you mean 'kafka'? (types: kafka, kinesis, mqtt, pubsub)"
     );
     assert_eq!(
         message(&errors, "uplinks.b.type"),
-        "unknown uplink type 'kinesis' (types: kafka, mqtt)"
+        "unknown uplink type 'eventhubs' (types: kafka, kinesis, mqtt, pubsub)"
     );
     assert_eq!(
         message(&errors, "uplinks.c.type"),
-        "invalid type: integer, expected a string: one of kafka, mqtt"
+        "invalid type: integer, expected a string: one of kafka, kinesis, mqtt, pubsub"
     );
     assert!(
         errors
@@ -1131,7 +1266,7 @@ fn a_key_of_another_type() {
     );
     assert_eq!(
         message(&errors, "uplinks.local.topic"),
-        "`topic` is a key of type kafka; this uplink is type mqtt; did you mean 'topics'?"
+        "`topic` is a key of type kafka, pubsub; this uplink is type mqtt; did you mean 'topics'?"
     );
     assert!(errors.iter().all(|e| e.kind == ConfigErrorKind::UnknownKey));
 }
@@ -1316,7 +1451,8 @@ fn env_creates_an_uplink() {
     assert_eq!(paths(&errors), ["uplinks.edge.type"]);
     assert_eq!(
         message(&errors, "uplinks.edge.type"),
-        "missing; one of kafka, mqtt (uplinks.edge is created by FERRY_UPLINKS_EDGE_BROKERS)"
+        "missing; one of kafka, kinesis, mqtt, pubsub (uplinks.edge is created by \
+         FERRY_UPLINKS_EDGE_BROKERS)"
     );
 }
 
@@ -1539,4 +1675,534 @@ fn mqtt_uplinks_with_one_client_id_on_one_broker() {
     ] {
         load_str(&ok, no_env()).unwrap_or_else(|e| panic!("{ok}: {e}"));
     }
+}
+
+/// `[uplinks.aws]` of type kinesis with `stream = "s"` and `extra`.
+fn kinesis_with(extra: &str) -> String {
+    format!("[uplinks.aws]\ntype = \"kinesis\"\nstream = \"s\"\n{extra}\n")
+}
+
+/// `[uplinks.gcp]` of type pubsub with `project = "p"`, `topic = "t-1"` and `extra`.
+fn pubsub_with(extra: &str) -> String {
+    format!("[uplinks.gcp]\ntype = \"pubsub\"\nproject = \"p\"\ntopic = \"t-1\"\n{extra}\n")
+}
+
+#[test]
+fn kinesis_streams() {
+    let errors = load_str("[uplinks.aws]\ntype = \"kinesis\"\n", no_env()).expect_err("no stream");
+    assert_eq!(paths(&errors), ["uplinks.aws.stream"]);
+    assert_eq!(
+        message(&errors, "uplinks.aws.stream"),
+        "is required: the stream's name or ARN"
+    );
+    assert_eq!(errors.0[0].kind, ConfigErrorKind::InvalidValue);
+
+    let good_name = "x".repeat(128);
+    for ok in [
+        "readings",
+        "Ferry_readings.v1-a",
+        good_name.as_str(),
+        "arn:aws:kinesis:eu-west-1:123456789012:stream/readings",
+        "arn:aws-cn:kinesis:cn-north-1:123456789012:stream/r",
+    ] {
+        let config = load_str(
+            &format!("[uplinks.aws]\ntype = \"kinesis\"\nstream = \"{ok}\"\n"),
+            no_env(),
+        )
+        .unwrap_or_else(|e| panic!("{ok}: {e}"));
+        assert_eq!(kinesis(&config, "aws").stream, ok);
+    }
+
+    let long_name = "x".repeat(129);
+    for (bad, says) in [
+        ("a b", "a stream name has 1 to 128 characters"),
+        ("a/b", "a stream name has 1 to 128 characters"),
+        ("ström", "a stream name has 1 to 128 characters"),
+        (long_name.as_str(), "a stream name has 1 to 128 characters"),
+        (
+            "arn:aws:kinesis:eu-west-1:123456789012:table/x",
+            "is not a Kinesis stream ARN",
+        ),
+        (
+            "arn:aws:s3:eu-west-1:123456789012:stream/x",
+            "is not a Kinesis stream ARN",
+        ),
+        (
+            "arn:aws:kinesis::123456789012:stream/x",
+            "is not a Kinesis stream ARN",
+        ),
+        (
+            "arn:aws:kinesis:eu-west-1:123456789012:stream/",
+            "is not a Kinesis stream ARN",
+        ),
+        (
+            "arn:aws:kinesis:eu-west-1:stream/x",
+            "is not a Kinesis stream ARN",
+        ),
+    ] {
+        let errors = load_str(
+            &format!("[uplinks.aws]\ntype = \"kinesis\"\nstream = \"{bad}\"\n"),
+            no_env(),
+        )
+        .expect_err(bad);
+        assert_eq!(paths(&errors), ["uplinks.aws.stream"], "{bad}: {errors}");
+        assert!(
+            message(&errors, "uplinks.aws.stream").starts_with(says),
+            "{bad}: {errors}"
+        );
+    }
+}
+
+#[test]
+fn kinesis_keys_and_credentials() {
+    let errors = load_str(&kinesis_with("partition_key = \"none\""), no_env())
+        .expect_err("no partition key");
+    assert_eq!(paths(&errors), ["uplinks.aws.partition_key"]);
+    assert!(
+        message(&errors, "uplinks.aws.partition_key").contains("Kinesis needs a partition key"),
+        "{errors}"
+    );
+    for (rule, key) in [
+        ("device", KeyRule::Device),
+        ("topic", KeyRule::Topic),
+        ("level:2", KeyRule::Level(2)),
+    ] {
+        let config = load_str(
+            &kinesis_with(&format!("partition_key = \"{rule}\"")),
+            no_env(),
+        )
+        .unwrap_or_else(|e| panic!("{rule}: {e}"));
+        assert_eq!(kinesis(&config, "aws").partition_key, key);
+    }
+    let config = load_str(&kinesis_with("format = \"raw\""), no_env()).expect("raw");
+    assert_eq!(kinesis(&config, "aws").format, RecordFormat::Raw);
+    let errors = load_str(&kinesis_with("format = \"json\""), no_env()).expect_err("json");
+    assert_eq!(paths(&errors), ["uplinks.aws.format"]);
+    assert_eq!(errors.0[0].kind, ConfigErrorKind::InvalidType);
+
+    // access_key_id and secret_access_key come together; session_token needs them.
+    for (extra, path) in [
+        ("access_key_id = \"AKIA1\"", "uplinks.aws.secret_access_key"),
+        ("secret_access_key = \"s\"", "uplinks.aws.secret_access_key"),
+        ("session_token = \"t\"", "uplinks.aws.session_token"),
+        ("region = \"\"", "uplinks.aws.region"),
+        ("profile = \"\"", "uplinks.aws.profile"),
+    ] {
+        let errors = load_str(&kinesis_with(extra), no_env()).expect_err(extra);
+        assert_eq!(paths(&errors), [path], "{extra}: {errors}");
+        assert_eq!(errors.0[0].kind, ConfigErrorKind::InvalidValue);
+    }
+    assert_eq!(
+        message(
+            &load_str(&kinesis_with("session_token = \"t\""), no_env()).expect_err("token"),
+            "uplinks.aws.session_token"
+        ),
+        "needs access_key_id"
+    );
+    let config = load_str(
+        &kinesis_with(
+            "access_key_id = \"AKIA1\"\nsecret_access_key = \"s\"\nsession_token = \"t\"",
+        ),
+        no_env(),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let k = kinesis(&config, "aws");
+    assert_eq!(k.access_key_id.as_deref(), Some("AKIA1"));
+    assert_eq!(k.secret_access_key.as_ref().map(Secret::expose), Some("s"));
+    assert_eq!(k.session_token.as_ref().map(Secret::expose), Some("t"));
+    load_str(
+        &kinesis_with("access_key_id = \"AKIA1\"\nsecret_access_key = \"s\""),
+        no_env(),
+    )
+    .unwrap_or_else(|e| panic!("without a session token: {e}"));
+}
+
+#[test]
+fn endpoints() {
+    for ok in [
+        "https://kinesis.eu-west-1.amazonaws.com",
+        "https://pubsub.googleapis.com/",
+        "http://127.0.0.1:8085",
+        "http://localhost:4566/",
+        "https://h:65535",
+        "http://[::1]:8085",
+        "http://[::1]",
+    ] {
+        assert_eq!(check_endpoint(ok), Ok(()), "{ok}");
+    }
+    for bad in [
+        "",
+        "kinesis.eu-west-1.amazonaws.com",
+        "ftp://h",
+        "HTTPS://h",
+        "https://",
+        "https:///",
+        "https://h/path",
+        "https://h//",
+        "https://h?x=1",
+        "https://h#f",
+        "https://user:pw@h",
+        "https://h x",
+        "https://h:",
+        "https://h:0",
+        "https://h:65536",
+        "https://h:+1",
+        "https://h:port",
+        "https://:443",
+        "http://::1:8085",
+        "http://[::1",
+        "http://[::1]x",
+    ] {
+        assert!(check_endpoint(bad).is_err(), "{bad}");
+    }
+    // In a config, for both HTTP uplink types.
+    for text in [
+        kinesis_with("endpoint = \"kinesis.local:4566\""),
+        pubsub_with("endpoint = \"http://emulator:8085/v1\""),
+    ] {
+        let errors = load_str(&text, no_env()).expect_err(&text);
+        assert_eq!(errors.len(), 1, "{errors}");
+        assert!(errors.0[0].path.ends_with(".endpoint"), "{errors}");
+        assert_eq!(errors.0[0].kind, ConfigErrorKind::InvalidValue);
+    }
+    let config = load_str(
+        &pubsub_with("endpoint = \"http://127.0.0.1:8085\""),
+        no_env(),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        pubsub(&config, "gcp").endpoint.as_deref(),
+        Some("http://127.0.0.1:8085")
+    );
+}
+
+#[test]
+fn pubsub_projects_and_topics() {
+    let errors = load_str("[uplinks.gcp]\ntype = \"pubsub\"\n", no_env()).expect_err("bad");
+    assert_eq!(
+        paths(&errors),
+        ["uplinks.gcp.project", "uplinks.gcp.topic"],
+        "{errors}"
+    );
+    assert!(message(&errors, "uplinks.gcp.project").starts_with("is required"));
+    assert!(message(&errors, "uplinks.gcp.topic").starts_with("is required"));
+
+    let project = |p: &str| {
+        load_str(
+            &format!("[uplinks.gcp]\ntype = \"pubsub\"\nproject = \"{p}\"\ntopic = \"t-1\"\n"),
+            no_env(),
+        )
+    };
+    for ok in ["my-project-42", "example.com:my-project"] {
+        project(ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
+    }
+    for bad in ["My-Project", "my_project", "my project", "prøject"] {
+        let errors = project(bad).expect_err(bad);
+        assert_eq!(paths(&errors), ["uplinks.gcp.project"], "{bad}: {errors}");
+    }
+
+    let topic = |t: &str| {
+        load_str(
+            &format!("[uplinks.gcp]\ntype = \"pubsub\"\nproject = \"p\"\ntopic = \"{t}\"\n"),
+            no_env(),
+        )
+    };
+    let longest = format!("t{}", "x".repeat(254));
+    for ok in [
+        "abc",
+        "Readings",
+        "a-_.~+%9",
+        "gogo",
+        "a-goog",
+        longest.as_str(),
+    ] {
+        let config = topic(ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
+        assert_eq!(pubsub(&config, "gcp").topic, ok);
+    }
+    let too_long = format!("t{}", "x".repeat(255));
+    for bad in [
+        "ab",
+        "1abc",
+        "-abc",
+        "goog",
+        "google-readings",
+        "a b c",
+        "a/b/c",
+        "projects/p/topics/t",
+        too_long.as_str(),
+    ] {
+        let errors = topic(bad).expect_err(bad);
+        assert_eq!(paths(&errors), ["uplinks.gcp.topic"], "{bad}: {errors}");
+    }
+    assert!(
+        message(&topic("goog-x").expect_err("goog"), "uplinks.gcp.topic")
+            .contains("not with \"goog\""),
+    );
+
+    for (rule, key) in [
+        ("none", KeyRule::None),
+        ("device", KeyRule::Device),
+        ("level:0", KeyRule::Level(0)),
+    ] {
+        let config = load_str(
+            &pubsub_with(&format!("ordering_key = \"{rule}\"")),
+            no_env(),
+        )
+        .unwrap_or_else(|e| panic!("{rule}: {e}"));
+        assert_eq!(pubsub(&config, "gcp").ordering_key, key);
+    }
+}
+
+#[test]
+fn http_uplink_windows_and_backoff() {
+    for text in [kinesis_with, pubsub_with] {
+        let errors = load_str(
+            &text(
+                "max_inflight_requests = 0\nmax_inflight_readings = 0\nrequest_timeout_ms = 0\n\
+                 initial_backoff_ms = 2000\nmax_backoff_ms = 1000",
+            ),
+            no_env(),
+        )
+        .expect_err("bad");
+        let name = errors.0[0]
+            .path
+            .split('.')
+            .nth(1)
+            .expect("a name")
+            .to_owned();
+        let expected: Vec<String> = [
+            "max_inflight_requests",
+            "max_inflight_readings",
+            "request_timeout_ms",
+            "initial_backoff_ms",
+        ]
+        .iter()
+        .map(|k| format!("uplinks.{name}.{k}"))
+        .collect();
+        assert_eq!(paths(&errors), expected, "{errors}");
+        assert_eq!(message(&errors, &expected[0]), "must be at least 1, got 0");
+        let config = load_str(
+            &text("max_inflight_requests = 1\nmax_inflight_readings = 1\nrequest_timeout_ms = 1"),
+            no_env(),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(config.uplinks.len(), 1);
+    }
+    let k = KinesisUplink::default();
+    let g = PubsubUplink::default();
+    for (requests, readings, timeout) in [
+        (
+            k.max_inflight_requests,
+            k.max_inflight_readings,
+            k.request_timeout_ms,
+        ),
+        (
+            g.max_inflight_requests,
+            g.max_inflight_readings,
+            g.request_timeout_ms,
+        ),
+    ] {
+        assert_eq!((requests, readings, timeout), (4, 5000, 30_000));
+    }
+    assert_eq!(
+        (k.partition_key, k.format),
+        (KeyRule::Device, RecordFormat::Envelope)
+    );
+    assert_eq!(g.ordering_key, KeyRule::None);
+}
+
+#[test]
+fn full_kinesis_and_pubsub_uplinks_load() {
+    let config = load_str(
+        r#"
+[uplinks.aws]
+type = "kinesis"
+topics = ["sensors/#"]
+enabled = false
+stream = "arn:aws:kinesis:eu-west-1:123456789012:stream/readings"
+region = "eu-west-1"
+endpoint = "https://kinesis.eu-west-1.amazonaws.com"
+partition_key = "level:1"
+format = "raw"
+access_key_id = "AKIAIOSFODNN7EXAMPLE"
+secret_access_key = "aws-secret"
+session_token = "aws-token"
+profile = "ferry"
+ca_path = "/etc/ferry/aws-ca.pem"
+max_inflight_requests = 2
+max_inflight_readings = 100
+request_timeout_ms = 5000
+initial_backoff_ms = 100
+max_backoff_ms = 1000
+
+[uplinks.gcp]
+type = "pubsub"
+topics = ["alarms/#"]
+project = "my-project"
+topic = "ferry-readings"
+endpoint = "http://127.0.0.1:8085"
+ordering_key = "device"
+credentials_file = "/etc/ferry/gcp-key.json"
+ca_path = "/etc/ferry/gcp-ca.pem"
+max_inflight_requests = 8
+max_inflight_readings = 200
+request_timeout_ms = 6000
+initial_backoff_ms = 200
+max_backoff_ms = 2000
+"#,
+        no_env(),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        *kinesis(&config, "aws"),
+        KinesisUplink {
+            stream: "arn:aws:kinesis:eu-west-1:123456789012:stream/readings".into(),
+            region: Some("eu-west-1".into()),
+            endpoint: Some("https://kinesis.eu-west-1.amazonaws.com".into()),
+            partition_key: KeyRule::Level(1),
+            format: RecordFormat::Raw,
+            access_key_id: Some("AKIAIOSFODNN7EXAMPLE".into()),
+            secret_access_key: Some("aws-secret".into()),
+            session_token: Some("aws-token".into()),
+            profile: Some("ferry".into()),
+            ca_path: Some("/etc/ferry/aws-ca.pem".into()),
+            max_inflight_requests: 2,
+            max_inflight_readings: 100,
+            request_timeout_ms: 5000,
+            initial_backoff_ms: 100,
+            max_backoff_ms: 1000,
+        }
+    );
+    assert!(!config.uplinks["aws"].enabled);
+    assert_eq!(config.uplinks["aws"].topics, ["sensors/#"]);
+    assert_eq!(
+        *pubsub(&config, "gcp"),
+        PubsubUplink {
+            project: "my-project".into(),
+            topic: "ferry-readings".into(),
+            endpoint: Some("http://127.0.0.1:8085".into()),
+            ordering_key: KeyRule::Device,
+            credentials_file: Some("/etc/ferry/gcp-key.json".into()),
+            ca_path: Some("/etc/ferry/gcp-ca.pem".into()),
+            max_inflight_requests: 8,
+            max_inflight_readings: 200,
+            request_timeout_ms: 6000,
+            initial_backoff_ms: 200,
+            max_backoff_ms: 2000,
+        }
+    );
+    assert_eq!(config.uplinks["gcp"].topics, ["alarms/#"]);
+    let enabled: Vec<_> = config.enabled_uplinks().map(|(name, _)| name).collect();
+    assert_eq!(enabled, ["gcp"]);
+
+    // Keys of the other HTTP type are named as such.
+    let errors = load_str(&kinesis_with("credentials_file = \"k.json\""), no_env())
+        .expect_err("a pubsub key");
+    assert_eq!(
+        message(&errors, "uplinks.aws.credentials_file"),
+        "`credentials_file` is a key of type pubsub; this uplink is type kinesis"
+    );
+}
+
+#[test]
+fn env_creates_a_kinesis_uplink() {
+    let config = load_str(
+        "",
+        env(&[
+            ("FERRY_UPLINKS_AWS_TYPE", "kinesis"),
+            ("FERRY_UPLINKS_AWS_STREAM", "s"),
+            ("FERRY_UPLINKS_AWS_REGION", "eu-west-1"),
+        ]),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(config.uplinks.keys().collect::<Vec<_>>(), ["aws"]);
+    let k = kinesis(&config, "aws");
+    assert_eq!(k.stream, "s");
+    assert_eq!(k.region.as_deref(), Some("eu-west-1"));
+    assert_eq!(
+        *k,
+        KinesisUplink {
+            stream: "s".into(),
+            region: Some("eu-west-1".into()),
+            ..KinesisUplink::default()
+        }
+    );
+    config.validate().expect("valid");
+
+    // Keys with underscores, secrets included; the type missing.
+    let config = load_str(
+        "[uplinks.aws]\ntype = \"kinesis\"\n",
+        env(&[
+            ("FERRY_UPLINKS_AWS_STREAM", "12345"),
+            ("FERRY_UPLINKS_AWS_ACCESS_KEY_ID", "AKIA1"),
+            ("FERRY_UPLINKS_AWS_SECRET_ACCESS_KEY", "s3cret"),
+            ("FERRY_UPLINKS_AWS_SESSION_TOKEN", "tok"),
+            ("FERRY_UPLINKS_AWS_MAX_INFLIGHT_REQUESTS", "2"),
+        ]),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let k = kinesis(&config, "aws");
+    assert_eq!(k.stream, "12345", "string keys take the text as is");
+    assert_eq!(
+        k.secret_access_key.as_ref().map(Secret::expose),
+        Some("s3cret")
+    );
+    assert_eq!(k.session_token.as_ref().map(Secret::expose), Some("tok"));
+    assert_eq!(k.max_inflight_requests, 2);
+
+    let errors = load_str(
+        "",
+        env(&[
+            ("FERRY_UPLINKS_AWS_STREAM", "s"),
+            ("FERRY_UPLINKS_GCP_TYPE", "pubsub"),
+            ("FERRY_UPLINKS_GCP_PROJECT", "p"),
+        ]),
+    )
+    .expect_err("bad");
+    assert_eq!(
+        paths(&errors),
+        ["uplinks.aws.type", "uplinks.gcp.topic"],
+        "{errors}"
+    );
+}
+
+#[test]
+fn secrets_of_http_uplinks_of_the_wrong_type_are_not_echoed() {
+    let errors = load_str(
+        "[uplinks.aws]\ntype = \"kinesis\"\nstream = \"s\"\naccess_key_id = \"AKIA1\"\n\
+         secret_access_key = 123\nsession_token = 98765432\n",
+        no_env(),
+    )
+    .unwrap_err();
+    assert_eq!(
+        paths(&errors),
+        ["uplinks.aws.secret_access_key", "uplinks.aws.session_token"],
+        "{errors}"
+    );
+    assert!(
+        errors
+            .iter()
+            .all(|e| e.kind == ConfigErrorKind::InvalidType)
+    );
+    let text = errors.to_string();
+    for secret in ["123", "98765432"] {
+        assert!(!text.contains(secret), "{text}");
+    }
+    assert!(
+        text.contains("uplinks.aws.secret_access_key: invalid type: integer, expected a string"),
+        "{text}"
+    );
+    // From the environment, a key holding a string takes the text as is, whatever it looks like.
+    let config = load_str(
+        "[uplinks.aws]\ntype = \"kinesis\"\nstream = \"s\"\naccess_key_id = \"AKIA1\"\n",
+        env(&[("FERRY_UPLINKS_AWS_SECRET_ACCESS_KEY", "[55512345]")]),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        kinesis(&config, "aws")
+            .secret_access_key
+            .as_ref()
+            .map(Secret::expose),
+        Some("[55512345]")
+    );
 }

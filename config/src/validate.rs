@@ -428,6 +428,8 @@ impl Config {
                     validate_kafka(&base, k, p);
                 }
                 UplinkKind::Mqtt(m) => validate_mqtt_uplink(&base, m, p),
+                UplinkKind::Kinesis(k) => validate_kinesis(&base, k, p),
+                UplinkKind::Pubsub(g) => validate_pubsub(&base, g, p),
             }
         }
         self.validate_mqtt_client_ids(p);
@@ -673,4 +675,187 @@ fn validate_mqtt_uplink(base: &str, m: &MqttUplink, p: &mut Problems) {
             }
         }
     }
+}
+
+/// An `endpoint` override: `http://` or `https://`, a host, an optional port, nothing else.
+pub fn check_endpoint(endpoint: &str) -> Result<(), String> {
+    let rest = endpoint
+        .strip_prefix("https://")
+        .or_else(|| endpoint.strip_prefix("http://"))
+        .ok_or_else(|| format!("'{endpoint}' must start with https:// or http://"))?;
+    let authority = rest.strip_suffix('/').unwrap_or(rest);
+    if authority.is_empty() || authority.contains(['/', '?', '#', '@', ' ']) {
+        return Err(format!(
+            "'{endpoint}' must be scheme://host[:port], with no path, query or credentials"
+        ));
+    }
+    // An IPv6 address is bracketed ("[::1]:8085"); otherwise the last ':' starts the port.
+    let (host, port) = match authority.strip_prefix('[') {
+        Some(v6) => match v6.split_once(']') {
+            Some((addr, "")) => (addr, None),
+            Some((addr, tail)) => match tail.strip_prefix(':') {
+                Some(port) => (addr, Some(port)),
+                None => ("", None),
+            },
+            None => ("", None),
+        },
+        None => match authority.rsplit_once(':') {
+            Some((host, port)) => (host, Some(port)),
+            None => (authority, None),
+        },
+    };
+    if host.is_empty() || (!authority.starts_with('[') && host.contains(':')) {
+        return Err(format!("'{endpoint}' has no valid host"));
+    }
+    let valid_port =
+        |p: &str| p.bytes().all(|b| b.is_ascii_digit()) && p.parse::<u16>().is_ok_and(|n| n > 0);
+    if let Some(port) = port.filter(|p| !valid_port(p)) {
+        return Err(format!(
+            "'{endpoint}': the port must be a number from 1 to 65535, got '{port}'"
+        ));
+    }
+    Ok(())
+}
+
+/// The rules every HTTP-based uplink (Kinesis, Pub/Sub) shares: endpoint, windows, backoff.
+fn validate_http_uplink(
+    base: &str,
+    endpoint: Option<&str>,
+    (max_requests, max_readings, timeout_ms): (usize, usize, u64),
+    (initial_backoff_ms, max_backoff_ms): (u64, u64),
+    p: &mut Problems,
+) {
+    if let Some(e) = endpoint {
+        p.check(format!("{base}.endpoint"), check_endpoint(e));
+    }
+    p.at_least(
+        format!("{base}.max_inflight_requests"),
+        max_requests as u64,
+        1,
+    );
+    p.at_least(
+        format!("{base}.max_inflight_readings"),
+        max_readings as u64,
+        1,
+    );
+    p.at_least(format!("{base}.request_timeout_ms"), timeout_ms, 1);
+    if initial_backoff_ms > max_backoff_ms {
+        p.invalid(
+            format!("{base}.initial_backoff_ms"),
+            format!(
+                "must be at most {base}.max_backoff_ms ({max_backoff_ms}), got {initial_backoff_ms}"
+            ),
+        );
+    }
+}
+
+fn validate_kinesis(base: &str, k: &KinesisUplink, p: &mut Problems) {
+    let arn = k.stream.starts_with("arn:");
+    if k.stream.is_empty() {
+        p.invalid(
+            format!("{base}.stream"),
+            "is required: the stream's name or ARN",
+        );
+    } else if arn {
+        let parts: Vec<&str> = k.stream.split(':').collect();
+        let ok = parts.len() == 6
+            && parts[2] == "kinesis"
+            && !parts[3].is_empty()
+            && parts[5]
+                .strip_prefix("stream/")
+                .is_some_and(|n| !n.is_empty());
+        if !ok {
+            p.invalid(
+                format!("{base}.stream"),
+                "is not a Kinesis stream ARN (arn:aws:kinesis:REGION:ACCOUNT:stream/NAME)",
+            );
+        }
+    } else if k.stream.len() > 128
+        || !k
+            .stream
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+    {
+        p.invalid(
+            format!("{base}.stream"),
+            "a stream name has 1 to 128 characters of a-z A-Z 0-9 _ . -",
+        );
+    }
+    p.non_empty_opt(format!("{base}.region"), k.region.as_deref());
+    if k.partition_key == KeyRule::None {
+        p.invalid(
+            format!("{base}.partition_key"),
+            "Kinesis needs a partition key: use \"device\", \"topic\" or \"level:N\"",
+        );
+    }
+    if k.access_key_id.is_some() != k.secret_access_key.is_some() {
+        p.invalid(
+            format!("{base}.secret_access_key"),
+            "access_key_id and secret_access_key are set together",
+        );
+    }
+    if k.session_token.is_some() && k.access_key_id.is_none() {
+        p.invalid(format!("{base}.session_token"), "needs access_key_id");
+    }
+    p.non_empty_opt(format!("{base}.profile"), k.profile.as_deref());
+    validate_http_uplink(
+        base,
+        k.endpoint.as_deref(),
+        (
+            k.max_inflight_requests,
+            k.max_inflight_readings,
+            k.request_timeout_ms,
+        ),
+        (k.initial_backoff_ms, k.max_backoff_ms),
+        p,
+    );
+}
+
+fn validate_pubsub(base: &str, g: &PubsubUplink, p: &mut Problems) {
+    // Project ids: 6 to 30 characters of a-z 0-9 -; older ones may hold '.' and ':' (domain
+    // projects), so only the characters are checked.
+    if g.project.is_empty() {
+        p.invalid(
+            format!("{base}.project"),
+            "is required: the Google Cloud project id",
+        );
+    } else if !g
+        .project
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'.' | b':'))
+    {
+        p.invalid(
+            format!("{base}.project"),
+            "a project id has the characters a-z 0-9 - (and . : for domain projects)",
+        );
+    }
+    // Topic ids: 3 to 255 characters, starting with a letter, of A-Z a-z 0-9 - _ . ~ + %, not
+    // starting with "goog".
+    let t = &g.topic;
+    if t.is_empty() {
+        p.invalid(format!("{base}.topic"), "is required: the topic id");
+    } else if t.len() < 3
+        || t.len() > 255
+        || !t.as_bytes()[0].is_ascii_alphabetic()
+        || t.starts_with("goog")
+        || !t.bytes().all(|b| {
+            b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~' | b'+' | b'%')
+        })
+    {
+        p.invalid(
+            format!("{base}.topic"),
+            "a topic id has 3 to 255 characters of A-Z a-z 0-9 - _ . ~ + %, starts with a letter and not with \"goog\"",
+        );
+    }
+    validate_http_uplink(
+        base,
+        g.endpoint.as_deref(),
+        (
+            g.max_inflight_requests,
+            g.max_inflight_readings,
+            g.request_timeout_ms,
+        ),
+        (g.initial_backoff_ms, g.max_backoff_ms),
+        p,
+    );
 }

@@ -31,7 +31,7 @@ fn scalar_paths() -> Vec<String> {
 /// is picked, and then lacks its type), a type, or an unknown one.
 fn uplink_types() -> impl Strategy<Value = Vec<Option<&'static str>>> {
     let mut types = UplinkKind::TYPES.to_vec();
-    types.push("kinesis");
+    types.push("eventhubs"); // no such type
     proptest::collection::vec(
         proptest::option::of(prop::sample::select(types)),
         UPLINK_NAMES.len(),
@@ -62,7 +62,10 @@ fn value() -> impl Strategy<Value = String> {
             "/tmp/x",
             "kafka",
             "mqtt",
+            "kinesis",
+            "pubsub",
             "mqtt://h:1883",
+            "http://h:8085",
             "h:9092",
             "",
         ])
