@@ -18,11 +18,14 @@
 //! - [`meta`]: the `ferry-*` metadata fields and the JSON envelope;
 //! - [`topics`]: the `topics` filters (a reading an uplink does not take counts as delivered
 //!   for it, `skipped`);
-//! - [`status`]: the [`status::UplinkStatus`] handle the status page reads.
+//! - [`status`]: the [`status::UplinkStatus`] handle the status page reads;
+//! - [`tls`] and [`http`]: rustls on ring for every uplink, and the HTTPS client of the
+//!   uplinks that speak HTTP.
 //!
 //! ## Types
 //! - [`kafka`]: Kafka ([`kafka::KafkaSink`]).
 //! - [`mqtt`]: an upstream MQTT broker ([`mqtt::MqttSink`]).
+//! - [`kinesis`]: Amazon Kinesis Data Streams ([`kinesis::KinesisSink`]), on [`batch`].
 //!
 //! ## Adding a type
 //! A folder `src/<type>/` with its sink (a struct built from its config struct and a
@@ -54,13 +57,17 @@ macro_rules! impl_uplink {
 }
 
 pub mod backoff;
+pub mod batch;
 pub(crate) mod feed;
+pub mod http;
 pub mod kafka;
+pub mod kinesis;
 pub mod meta;
 pub mod mqtt;
 pub mod retry;
 pub(crate) mod settle;
 pub mod status;
+pub mod tls;
 pub mod topics;
 
 pub use backoff::Backoff;
@@ -193,6 +200,7 @@ pub fn from_config(config: &Config, buffer: &Buffer) -> Result<Vec<Box<dyn Uplin
                 &config.mqtt_client_id(name, c),
                 common,
             )),
+            UplinkKind::Kinesis(c) => boxed(kinesis::KinesisSink::new(c, common)),
             _ => Err(format!("this build of ferry has no uplink of type {kind}").into()),
         };
         out.push(built.map_err(|source| BuildError {

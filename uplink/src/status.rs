@@ -10,6 +10,7 @@
 //! | `ferry_uplink_acked_total{uplink}`       | counter | readings confirmed upstream and acked     |
 //! | `ferry_uplink_skipped_total{uplink}`     | counter | readings the uplink's `topics` do not take |
 //! | `ferry_uplink_retries_total{uplink}`     | counter | transient failures that led to a retry    |
+//! | `ferry_uplink_throttled_total{uplink}`   | counter | records the upstream refused for its rate |
 //! | `ferry_uplink_dead_lettered_total{uplink}` | counter | readings moved to the dead-letter table |
 //! | `ferry_uplink_resent_total{uplink}`      | counter | readings sent again after a retry         |
 //! | `ferry_uplink_in_flight_readings{uplink}`| gauge   | readings handed to the producer, unacked  |
@@ -74,6 +75,8 @@ pub struct UplinkSnapshot {
     pub skipped_total: u64,
     /// Transient failures that led to a backoff and a retry.
     pub retried_total: u64,
+    /// Records the upstream did not take because it was over its rate (sent again).
+    pub throttled_total: u64,
     /// Readings moved to the dead-letter table.
     pub dead_lettered_total: u64,
     /// Readings sent again after a retry. Each may or may not be a duplicate upstream
@@ -98,6 +101,7 @@ struct State {
     acked_total: u64,
     skipped_total: u64,
     retried_total: u64,
+    throttled_total: u64,
     dead_lettered_total: u64,
     resent_total: u64,
     in_flight: u64,
@@ -138,6 +142,7 @@ impl UplinkStatus {
                     acked_total: 0,
                     skipped_total: 0,
                     retried_total: 0,
+                    throttled_total: 0,
                     dead_lettered_total: 0,
                     resent_total: 0,
                     in_flight: 0,
@@ -269,6 +274,16 @@ impl UplinkStatus {
             .increment(1);
     }
 
+    /// Records `n` records the upstream refused for its rate (they are sent again).
+    pub fn record_throttled(&self, n: u64) {
+        if n == 0 {
+            return;
+        }
+        self.lock().throttled_total += n;
+        metrics::counter!("ferry_uplink_throttled_total", "uplink" => self.inner.name.clone())
+            .increment(n);
+    }
+
     /// Records readings moved to the dead-letter table.
     pub fn record_dead_lettered(&self, readings: u64, reason: &str) {
         if readings == 0 {
@@ -321,6 +336,7 @@ impl UplinkStatus {
             acked_total: g.acked_total,
             skipped_total: g.skipped_total,
             retried_total: g.retried_total,
+            throttled_total: g.throttled_total,
             dead_lettered_total: g.dead_lettered_total,
             resent_total: g.resent_total,
             in_flight_readings: g.in_flight,

@@ -167,6 +167,8 @@ pub struct Uplink {
     pub skipped_total: u64,
     /// Failures that led to a retry.
     pub retried_total: u64,
+    /// Records the upstream refused for its rate (sent again).
+    pub throttled_total: u64,
     /// Readings moved to the dead-letter table.
     pub dead_lettered_total: u64,
     /// Readings sent again after a retry.
@@ -323,6 +325,7 @@ async fn uplink(st: &StatusState, u: &UplinkStatus, now: u64) -> Uplink {
         acked_total: snap.acked_total,
         skipped_total: snap.skipped_total,
         retried_total: snap.retried_total,
+        throttled_total: snap.throttled_total,
         dead_lettered_total: snap.dead_lettered_total,
         resent_total: snap.resent_total,
         in_flight_readings: snap.in_flight_readings,
@@ -708,6 +711,7 @@ mod tests {
             acked_total: 0,
             skipped_total: 0,
             retried_total: 0,
+            throttled_total: 0,
             dead_lettered_total: 0,
             resent_total: 0,
             in_flight_readings: 0,
