@@ -65,9 +65,9 @@ end=$(date +%s)
 bin="${CARGO_TARGET_DIR:-target}/$target/release/ferry"
 size=$(stat -c %s "$bin")
 echo "built $bin: $size bytes in $((end - start)) s"
-# Issue 7's budget for the Pi binary: 15 MB.
-if [ "$target" = aarch64-unknown-linux-gnu ] && [ "$size" -gt 15000000 ]; then
-    echo "warning: $bin is over the 15 MB (15000000 bytes) budget" >&2
+# The budget for the Pi binary with every uplink type (Kafka, MQTT, Kinesis, Pub/Sub): 16 MB.
+if [ "$target" = aarch64-unknown-linux-gnu ] && [ "$size" -gt 16000000 ]; then
+    echo "warning: $bin is over the 16 MB (16000000 bytes) budget" >&2
 fi
 
 if [ "${DEB:-0}" = "1" ]; then
