@@ -19,12 +19,12 @@
 //!   again, and the run is never abandoned for a failure the upstream reported per record.
 //! - The run rewinds to the last ack only when the buffer task reports a read error.
 
+use crate::Common;
 use crate::feed::{self, Feed};
 use crate::retry::Retry;
 use crate::settle::{Outcome, SegTrack, Settled};
 use crate::status::UplinkStatus;
 use crate::topics::Selection;
-use crate::Common;
 use ferry_buffer::{ReadError, Reading, Segment};
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use std::collections::{HashSet, VecDeque};
@@ -120,7 +120,11 @@ struct Entry {
 type Request<R> = (Option<u64>, Vec<Pending<R>>);
 
 /// What a finished request hands back: its epoch, its records and the answer.
-type Done<R> = (u64, Vec<Pending<R>>, Result<Vec<RecordOutcome>, RequestError>);
+type Done<R> = (
+    u64,
+    Vec<Pending<R>>,
+    Result<Vec<RecordOutcome>, RequestError>,
+);
 type InFlight<R> = FuturesUnordered<Pin<Box<dyn Future<Output = Done<R>> + Send>>>;
 
 /// The state of one run.
@@ -269,10 +273,16 @@ impl<A: BatchApi> State<A> {
             let outcome = match outcome {
                 RecordOutcome::Delivered => Outcome::Delivered,
                 RecordOutcome::Refused(reason) => Outcome::Refused(reason),
-                RecordOutcome::Retry { reason, throttled: t } => {
+                RecordOutcome::Retry {
+                    reason,
+                    throttled: t,
+                } => {
                     throttled += u64::from(t);
                     if failure.as_ref().is_none_or(|f| f.throttled && !t) {
-                        failure = Some(RequestError { message: reason, throttled: t });
+                        failure = Some(RequestError {
+                            message: reason,
+                            throttled: t,
+                        });
                     }
                     again.push(p);
                     continue;
@@ -584,7 +594,11 @@ mod tests {
         while i < n {
             let rs: Vec<Reading> = (i..n.min(i + 9))
                 .map(|j| {
-                    let size = if big_every > 0 && j % big_every == big_every - 1 { 200 } else { 8 };
+                    let size = if big_every > 0 && j % big_every == big_every - 1 {
+                        200
+                    } else {
+                        8
+                    };
                     Reading::new(Source::Http, format!("d{}", j % 4), "t", vec![b'x'; size])
                 })
                 .collect();
@@ -624,7 +638,11 @@ mod tests {
         };
         let t = Instant::now();
         while buffer.stats().readings > 0 {
-            assert!(t.elapsed() < Duration::from_secs(20), "{:?}", status.snapshot());
+            assert!(
+                t.elapsed() < Duration::from_secs(20),
+                "{:?}",
+                status.snapshot()
+            );
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         let _ = stop.send(());
@@ -707,7 +725,10 @@ mod tests {
             let s = seen.lock().unwrap();
             (s.overlap, s.taken.clone())
         };
-        assert_eq!(overlap, 1, "two requests of one lane were in flight at once");
+        assert_eq!(
+            overlap, 1,
+            "two requests of one lane were in flight at once"
+        );
         assert_eq!(taken.len(), 120);
         // Per device (lane), taken in the order appended.
         for d in 0..4 {

@@ -93,4 +93,3 @@ pub fn client_config(
     };
     Ok(config)
 }
-

@@ -133,11 +133,12 @@ impl Kinesis {
 
     /// One signed call, answered per record.
     async fn put(&self, records: &[Arc<Record>]) -> Result<Vec<RecordOutcome>, Fail> {
-        let creds = self
-            .creds
-            .get()
-            .await
-            .map_err(|e| Fail::Request(RequestError { message: e.to_string(), throttled: false }))?;
+        let creds = self.creds.get().await.map_err(|e| {
+            Fail::Request(RequestError {
+                message: e.to_string(),
+                throttled: false,
+            })
+        })?;
         let body = self.body(records);
         let amz_date = sigv4::amz_date(ferry_buffer::now_ms() / 1000);
         let target = "Kinesis_20131202.PutRecords";
@@ -177,7 +178,12 @@ impl Kinesis {
         let req = req
             .header("authorization", auth)
             .body(Bytes::from(body))
-            .map_err(|e| Fail::Request(RequestError { message: e.to_string(), throttled: false }))?;
+            .map_err(|e| {
+                Fail::Request(RequestError {
+                    message: e.to_string(),
+                    throttled: false,
+                })
+            })?;
         let resp = self.http.send(req).await.map_err(|e| {
             Fail::Request(RequestError {
                 message: format!("Kinesis at {} did not answer: {e}", self.endpoint),

@@ -104,8 +104,7 @@ impl Chain {
         if let Some(k) = &self.configured.keys {
             return Ok((k.clone(), None));
         }
-        if let (Some(id), Some(secret)) = (env("AWS_ACCESS_KEY_ID"), env("AWS_SECRET_ACCESS_KEY"))
-        {
+        if let (Some(id), Some(secret)) = (env("AWS_ACCESS_KEY_ID"), env("AWS_SECRET_ACCESS_KEY")) {
             let creds = Credentials {
                 access_key_id: id,
                 secret_access_key: secret,
@@ -207,7 +206,10 @@ impl Chain {
                 .map_err(|e| format!("{what}: {e}"))
         };
         let roles = self
-            .fetch(get("/latest/meta-data/iam/security-credentials/".into())?, what)
+            .fetch(
+                get("/latest/meta-data/iam/security-credentials/".into())?,
+                what,
+            )
             .await?;
         let role = String::from_utf8_lossy(&roles)
             .lines()
@@ -320,12 +322,18 @@ mod tests {
                     [site]\naws_access_key_id=AKIDSITE\n aws_secret_access_key = ssite \naws_session_token=tok\n\
                     [half]\naws_access_key_id=AKIDHALF\n";
         let d = parse_profile(text, "default").unwrap();
-        assert_eq!((d.access_key_id.as_str(), d.secret_access_key.as_str()), ("AKIDDEF", "sdef"));
+        assert_eq!(
+            (d.access_key_id.as_str(), d.secret_access_key.as_str()),
+            ("AKIDDEF", "sdef")
+        );
         assert_eq!(d.session_token, None);
         let s = parse_profile(text, "site").unwrap();
         assert_eq!(s.secret_access_key, "ssite");
         assert_eq!(s.session_token.as_deref(), Some("tok"));
-        assert!(parse_profile(text, "half").is_none(), "no secret: no credentials");
+        assert!(
+            parse_profile(text, "half").is_none(),
+            "no secret: no credentials"
+        );
         assert!(parse_profile(text, "missing").is_none());
     }
 
@@ -347,7 +355,11 @@ mod tests {
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
         let hour = Duration::from_secs(3600);
         assert_eq!(renew_at(now, Some(now + hour)), now + hour - REFRESH_BEFORE);
-        assert_eq!(renew_at(now, Some(now + Duration::from_secs(60))), now, "due at once");
+        assert_eq!(
+            renew_at(now, Some(now + Duration::from_secs(60))),
+            now,
+            "due at once"
+        );
         assert_eq!(renew_at(now, None), now + REREAD_AFTER);
     }
 
@@ -372,22 +384,37 @@ mod tests {
                     let n = sock.read(&mut buf).await.unwrap_or(0);
                     let req = String::from_utf8_lossy(&buf[..n]).to_string();
                     let first = req.lines().next().unwrap_or_default().to_string();
-                    let has_token = req.to_ascii_lowercase().contains("x-aws-ec2-metadata-token: tok-1");
+                    let has_token = req
+                        .to_ascii_lowercase()
+                        .contains("x-aws-ec2-metadata-token: tok-1");
                     let (status, body) = if first.starts_with("PUT /latest/api/token") {
                         ("200 OK", "tok-1".to_string())
                     } else if !has_token {
                         ("401 Unauthorized", String::new())
-                    } else if first.starts_with("GET /latest/meta-data/iam/security-credentials/ ") {
+                    } else if first.starts_with("GET /latest/meta-data/iam/security-credentials/ ")
+                    {
                         ("200 OK", "ferry-role\n".to_string())
-                    } else if first.starts_with("GET /latest/meta-data/iam/security-credentials/ferry-role ") {
+                    } else if first
+                        .starts_with("GET /latest/meta-data/iam/security-credentials/ferry-role ")
+                    {
                         let n = c.fetch_add(1, Ordering::SeqCst);
                         let exp = time::OffsetDateTime::now_utc() + time::Duration::seconds(60);
-                        let exp = exp.format(&time::format_description::well_known::Rfc3339).unwrap();
-                        ("200 OK", format!(r#"{{"AccessKeyId":"ASIA{n}","SecretAccessKey":"s","Token":"t","Expiration":"{exp}"}}"#))
+                        let exp = exp
+                            .format(&time::format_description::well_known::Rfc3339)
+                            .unwrap();
+                        (
+                            "200 OK",
+                            format!(
+                                r#"{{"AccessKeyId":"ASIA{n}","SecretAccessKey":"s","Token":"t","Expiration":"{exp}"}}"#
+                            ),
+                        )
                     } else {
                         ("404 Not Found", String::new())
                     };
-                    let resp = format!("HTTP/1.1 {status}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len());
+                    let resp = format!(
+                        "HTTP/1.1 {status}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
                     let _ = sock.write_all(resp.as_bytes()).await;
                 });
             }

@@ -49,10 +49,10 @@ pub mod sigv4;
 #[cfg(test)]
 mod tests;
 
+use crate::Common;
 use crate::batch::{self, Window};
 use crate::retry::Retry;
 use crate::status::UplinkStatus;
-use crate::Common;
 use api::{Kinesis, KinesisApi};
 use credentials::{Chain, Configured};
 use ferry_buffer::ReadError;
@@ -151,9 +151,15 @@ impl KinesisSink {
             .map(|s| s.expose().to_string())
             .collect();
         let stream_field = if cfg.stream.starts_with("arn:") {
-            format!("\"StreamARN\":{}", serde_json::Value::from(cfg.stream.as_str()))
+            format!(
+                "\"StreamARN\":{}",
+                serde_json::Value::from(cfg.stream.as_str())
+            )
         } else {
-            format!("\"StreamName\":{}", serde_json::Value::from(cfg.stream.as_str()))
+            format!(
+                "\"StreamName\":{}",
+                serde_json::Value::from(cfg.stream.as_str())
+            )
         };
         let api = Kinesis {
             http: crate::http::HttpClient::new(

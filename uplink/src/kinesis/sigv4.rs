@@ -208,6 +208,9 @@ mod tests {
             }
         );
         assert!(shown.contains("AKIDEXAMPLE"), "{shown}");
-        assert!(!shown.contains("EXAMPLEKEY") && !shown.contains("tok-secret"), "{shown}");
+        assert!(
+            !shown.contains("EXAMPLEKEY") && !shown.contains("tok-secret"),
+            "{shown}"
+        );
     }
 }

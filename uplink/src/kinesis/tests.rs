@@ -1008,3 +1008,155 @@ async fn a_slow_call_is_not_overtaken_by_a_later_call_of_the_same_partition_key(
     assert_arrived_once(&server.read_all(STREAM).await, &sent);
     buffer.close().await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// Benchmark (ignored: `cargo test --release -p ferry-uplink kinesis_drain_bench -- --ignored
+// --nocapture`, `FERRY_BENCH_READINGS` readings, default 100000).
+
+/// Forwards 127.0.0.1:(returned port) to `upstream`, counting the bytes the client sends.
+async fn counting_forwarder(upstream: u16) -> (u16, Arc<std::sync::atomic::AtomicU64>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counter = sent.clone();
+    tokio::spawn(async move {
+        while let Ok((mut client, _)) = listener.accept().await {
+            let counter = counter.clone();
+            tokio::spawn(async move {
+                let Ok(mut server) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
+                else {
+                    return;
+                };
+                let (mut cr, mut cw) = client.split();
+                let (mut sr, mut sw) = server.split();
+                let up = async {
+                    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        let n = match cr.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        counter.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+                        if sw.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                    let _ = sw.shutdown().await;
+                };
+                let down = tokio::io::copy(&mut sr, &mut cw);
+                let _ = tokio::join!(up, down);
+            });
+        }
+    });
+    (port, sent)
+}
+
+/// The same records through boto3's `put_records`, 500 per call, one call at a time (what a
+/// script with the official client does); prints the seconds it took.
+const BOTO3_PUT: &str = r#"
+import base64, json, sys, time, boto3
+url, stream, path = sys.argv[1:4]
+c = boto3.client("kinesis", endpoint_url=url, region_name="us-east-1",
+                 aws_access_key_id="AKIDTEST", aws_secret_access_key="secret")
+recs = [json.loads(l) for l in open(path)]
+recs = [{"Data": base64.b64decode(r["data"]), "PartitionKey": r["key"]} for r in recs]
+t = time.time()
+for i in range(0, len(recs), 500):
+    batch = recs[i:i + 500]
+    while batch:
+        r = c.put_records(StreamName=stream, Records=batch)
+        batch = [b for b, x in zip(batch, r["Records"]) if "ErrorCode" in x]
+print(time.time() - t)
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark"]
+async fn kinesis_drain_bench() {
+    if !require(Server::Kinesalite, "kinesis_drain_bench") {
+        return;
+    }
+    let n: usize = std::env::var("FERRY_BENCH_READINGS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100_000);
+    let server = Stream::start(Server::Kinesalite);
+    server.create(STREAM, 4).await;
+    server.create("boto3", 4).await;
+    let dir = tempfile::tempdir().unwrap();
+    let buffer = open_buffer(dir.path());
+    // A backlog of 100-byte JSON readings from 100 devices, in commits of 1000.
+    let mut sent = Vec::with_capacity(n);
+    while sent.len() < n {
+        let k = (n - sent.len()).min(1000);
+        let base = sent.len();
+        let rs: Vec<Reading> = (0..k)
+            .map(|i| {
+                let j = base + i;
+                let d = j % 100;
+                reading(
+                    &format!("dev-{d:03}"),
+                    &format!("sensors/dev-{d:03}/temp"),
+                    format!(
+                        r#"{{"seq":{j:09},"t":21.5,"h":40.25,"pad":"{}"}}"#,
+                        "x".repeat(48)
+                    ),
+                )
+            })
+            .collect();
+        sent.extend(append(&buffer, rs).await);
+    }
+    let (port, wire) = counting_forwarder(server.port).await;
+    let cfg = uplink(&format!("http://127.0.0.1:{port}"));
+    let t = Instant::now();
+    let run = start(&cfg, &buffer);
+    wait_empty(&buffer, &run.status, Duration::from_secs(1800)).await;
+    let ferry_secs = t.elapsed().as_secs_f64();
+    run.stop().await;
+    let wire = wire.load(std::sync::atomic::Ordering::Relaxed);
+    // The same records (envelope and partition key) for boto3.
+    let file = dir.path().join("records.jsonl");
+    let mut lines = String::new();
+    for r in &sent {
+        let data = crate::meta::envelope("gw1", r);
+        lines.push_str(
+            &json!({
+                "data": base64::engine::general_purpose::STANDARD.encode(&data),
+                "key": r.device,
+            })
+            .to_string(),
+        );
+        lines.push('\n');
+    }
+    std::fs::write(&file, lines).unwrap();
+    let endpoint = server.endpoint();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new("python3")
+            .arg("-c")
+            .arg(BOTO3_PUT)
+            .arg(endpoint)
+            .arg("boto3")
+            .arg(file)
+            .env("NO_PROXY", "*")
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let boto_secs: f64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+    println!(
+        "kinesis drain of {n} readings into kinesalite: ferry {:.0} readings/s ({ferry_secs:.2} s), \
+         boto3 put_records loop {:.0} records/s ({boto_secs:.2} s): ferry/boto3 = {:.2}x; \
+         ferry sent {:.1} bytes per reading (requests, headers included)",
+        n as f64 / ferry_secs,
+        n as f64 / boto_secs,
+        boto_secs / ferry_secs,
+        wire as f64 / n as f64
+    );
+    buffer.close().await;
+}
