@@ -26,6 +26,7 @@
 //! - [`kafka`]: Kafka ([`kafka::KafkaSink`]).
 //! - [`mqtt`]: an upstream MQTT broker ([`mqtt::MqttSink`]).
 //! - [`kinesis`]: Amazon Kinesis Data Streams ([`kinesis::KinesisSink`]), on [`batch`].
+//! - [`pubsub`]: Google Cloud Pub/Sub ([`pubsub::PubsubSink`]), on [`batch`].
 //!
 //! ## Adding a type
 //! A folder `src/<type>/` with its sink (a struct built from its config struct and a
@@ -64,6 +65,7 @@ pub mod kafka;
 pub mod kinesis;
 pub mod meta;
 pub mod mqtt;
+pub mod pubsub;
 pub mod retry;
 pub(crate) mod settle;
 pub mod status;
@@ -201,6 +203,7 @@ pub fn from_config(config: &Config, buffer: &Buffer) -> Result<Vec<Box<dyn Uplin
                 common,
             )),
             UplinkKind::Kinesis(c) => boxed(kinesis::KinesisSink::new(c, common)),
+            UplinkKind::Pubsub(c) => boxed(pubsub::PubsubSink::new(c, common)),
             _ => Err(format!("this build of ferry has no uplink of type {kind}").into()),
         };
         out.push(built.map_err(|source| BuildError {
