@@ -357,27 +357,15 @@ pub fn buffered_readings(data_dir: &Path, consumer: &str) -> Vec<ferry_buffer::R
 /// [`require_tool`] first).
 #[derive(Debug)]
 pub struct Mosquitto {
-    child: std::process::Child,
+    _server: Server,
     /// Its port.
     pub port: u16,
     _dir: tempfile::TempDir,
 }
 
-impl Drop for Mosquitto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// Starts mosquitto on a free port.
 pub fn mosquitto() -> Mosquitto {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    mosquitto_on(port)
+    mosquitto_on(free_port())
 }
 
 /// Starts mosquitto on `port` (e.g. again after a simulated outage).
@@ -394,24 +382,70 @@ pub fn mosquitto_on(port: u16) -> Mosquitto {
     } else {
         "mosquitto"
     };
-    let child = std::process::Command::new(bin)
-        .arg("-c")
-        .arg(&conf)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let start = std::time::Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            start.elapsed() < std::time::Duration::from_secs(5),
-            "mosquitto did not start"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    let mut cmd = std::process::Command::new(bin);
+    cmd.arg("-c").arg(&conf);
     Mosquitto {
-        child,
+        _server: Server::spawn(cmd, port, "mosquitto", std::time::Duration::from_secs(5)),
         port,
         _dir: dir,
     }
+}
+
+/// A child process serving on a 127.0.0.1 port (a broker, an emulator), killed on drop.
+#[derive(Debug)]
+pub struct Server {
+    child: std::process::Child,
+    /// Its port.
+    pub port: u16,
+}
+
+impl Server {
+    /// Spawns `cmd` (its output discarded) and waits up to `timeout` until `port` accepts
+    /// connections; panics, naming `what`, if it exits or does not listen in time.
+    pub fn spawn(
+        mut cmd: std::process::Command,
+        port: u16,
+        what: &str,
+        timeout: std::time::Duration,
+    ) -> Server {
+        let mut child = cmd
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
+        let start = std::time::Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("{what} exited at start-up ({status}); is port {port} taken?");
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "{what} did not listen on port {port} within {timeout:?}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(25));
+        }
+        Server { child, port }
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A free port on 127.0.0.1 (free when asked; a server started right after gets it).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind 127.0.0.1:0")
+        .local_addr()
+        .expect("local address")
+        .port()
 }

@@ -3,16 +3,16 @@
 //! in flight, restarted on the same data directory, and every reading that got a 202 must
 //! arrive in Kafka — at least once, with one stable `ferry-id` per reading.
 
+mod support;
+
 use ferry_tests::Ferry;
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::DefaultProducerContext;
-use serde_json::{Value, json};
+use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 fn config(bootstrap: &str) -> String {
@@ -42,43 +42,8 @@ async fn sigkill_with_records_in_flight_loses_nothing_acknowledged() {
     let bootstrap = mock.bootstrap_servers();
     let mut ferry = Ferry::start(&config(&bootstrap));
 
-    // Ingest: batches of 20 unique readings from 8 concurrent clients, recording each 202.
-    let acked: Arc<Mutex<BTreeSet<String>>> = Arc::default();
-    let running = Arc::new(AtomicBool::new(true));
-    let mut clients = Vec::new();
-    for c in 0..8u64 {
-        let (acked, running, base) = (acked.clone(), running.clone(), ferry.http_url());
-        clients.push(tokio::spawn(async move {
-            let http = reqwest::Client::new();
-            let mut n = 0u64;
-            while running.load(Ordering::SeqCst) {
-                let keys: Vec<String> = (0..20).map(|i| format!("c{c}-n{n}-i{i}")).collect();
-                let items: Vec<Value> = keys
-                    .iter()
-                    .map(|k| json!({"topic": "plant/line-1/temp", "device": format!("dev-{c}"), "payload": {"k": k}}))
-                    .collect();
-                n += 1;
-                // A refused or cut-off request is not acknowledged: only 202s count.
-                if let Ok(resp) = http.post(format!("{base}/v1/readings")).json(&items).send().await
-                    && resp.status().as_u16() == 202
-                {
-                    acked.lock().unwrap().extend(keys);
-                }
-            }
-        }));
-    }
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    ferry.kill();
-    running.store(false, Ordering::SeqCst);
-    for c in clients {
-        c.await.unwrap();
-    }
-    let acked = acked.lock().unwrap().clone();
-    assert!(
-        acked.len() > 200,
-        "only {} readings were acknowledged before the kill",
-        acked.len()
-    );
+    // Ingest from 8 HTTP clients, SIGKILL ferry under load; `acked` is what it promised.
+    let acked = support::http_load_then_kill(&mut ferry, 8, Duration::from_millis(1500)).await;
 
     // Restart on the same buffer: whatever Kafka had not confirmed is sent again.
     ferry.restart();

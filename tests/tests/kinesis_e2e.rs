@@ -7,11 +7,11 @@
 //! Without kinesalite or python3 with boto3 the test prints a loud SKIPPED line and passes,
 //! unless `FERRY_REQUIRE_TOOLS=1` (as in CI), where it fails. `.ci/run` installs them.
 
-use ferry_tests::{Ferry, require_tool};
+use ferry_tests::{Ferry, Server, free_port, require_tool};
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -63,52 +63,12 @@ fn require(test: &str) -> bool {
 }
 
 /// kinesalite on a free 127.0.0.1 port, killed on drop.
-struct Kinesalite {
-    child: Child,
-    port: u16,
-}
-
-impl Kinesalite {
-    fn start() -> Kinesalite {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let mut child = kinesalite_cmd()
-            .unwrap()
-            .args(["--port", &port.to_string(), "--createStreamMs", "0"])
-            .args(["--deleteStreamMs", "0", "--updateStreamMs", "0"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start kinesalite");
-        let start = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                child.try_wait().unwrap().is_none(),
-                "kinesalite exited at start-up"
-            );
-            assert!(
-                start.elapsed() < Duration::from_secs(30),
-                "kinesalite did not start"
-            );
-            std::thread::sleep(Duration::from_millis(25));
-        }
-        Kinesalite { child, port }
-    }
-
-    fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
-    }
-}
-
-impl Drop for Kinesalite {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+fn kinesalite() -> Server {
+    let port = free_port();
+    let mut cmd = kinesalite_cmd().expect("kinesalite");
+    cmd.args(["--port", &port.to_string(), "--createStreamMs", "0"])
+        .args(["--deleteStreamMs", "0", "--updateStreamMs", "0"]);
+    Server::spawn(cmd, port, "kinesalite", Duration::from_secs(30))
 }
 
 /// boto3 as the independent client. `create N`: CreateStream, wait ACTIVE. `read`: every
@@ -202,7 +162,7 @@ async fn sigkill_with_calls_in_flight_loses_nothing_acknowledged() {
         return;
     }
     let t0 = Instant::now();
-    let server = Kinesalite::start();
+    let server = kinesalite();
     let endpoint = server.endpoint();
     boto3(&endpoint, &["create", "2"]);
     let mut ferry = Ferry::start(&config(&endpoint));

@@ -8,13 +8,13 @@
 //! Without the emulator the test prints a loud SKIPPED line and passes, unless
 //! `FERRY_REQUIRE_TOOLS=1` (as in CI), where it fails.
 
-use ferry_tests::{Ferry, require_tool};
+mod support;
+
+use ferry_tests::{Ferry, Server, free_port, require_tool};
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 const EMULATOR: &str =
@@ -32,43 +32,23 @@ fn emulator_bin() -> Option<PathBuf> {
 }
 
 /// The emulator on a free 127.0.0.1 port, killed on drop.
-struct Emulator {
-    child: Child,
-    port: u16,
-}
+struct Emulator(Server);
 
 impl Emulator {
     fn start() -> Emulator {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let mut child = Command::new(emulator_bin().unwrap())
-            .arg("--host=127.0.0.1")
-            .arg(format!("--port={port}"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start the Pub/Sub emulator");
-        let start = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                child.try_wait().unwrap().is_none(),
-                "the Pub/Sub emulator exited at start-up"
-            );
-            assert!(
-                start.elapsed() < Duration::from_secs(60),
-                "the Pub/Sub emulator did not start"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Emulator { child, port }
+        let port = free_port();
+        let mut cmd = Command::new(emulator_bin().expect("the Pub/Sub emulator"));
+        cmd.arg("--host=127.0.0.1").arg(format!("--port={port}"));
+        Emulator(Server::spawn(
+            cmd,
+            port,
+            "the Pub/Sub emulator",
+            Duration::from_secs(60),
+        ))
     }
 
     fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        self.0.endpoint()
     }
 
     async fn call(
@@ -89,13 +69,6 @@ impl Emulator {
             .unwrap();
         assert!(resp.status().is_success(), "{path}: {}", resp.status());
         resp.json().await.unwrap()
-    }
-}
-
-impl Drop for Emulator {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -143,43 +116,8 @@ async fn sigkill_with_requests_in_flight_loses_nothing_acknowledged() {
     .await;
     let mut ferry = Ferry::start(&config(&emu.endpoint()));
 
-    // Ingest: batches of 20 unique readings from 8 concurrent clients, recording each 202.
-    let acked: Arc<Mutex<BTreeSet<String>>> = Arc::default();
-    let running = Arc::new(AtomicBool::new(true));
-    let mut clients = Vec::new();
-    for c in 0..8u64 {
-        let (acked, running, base) = (acked.clone(), running.clone(), ferry.http_url());
-        clients.push(tokio::spawn(async move {
-            let http = reqwest::Client::new();
-            let mut n = 0u64;
-            while running.load(Ordering::SeqCst) {
-                let keys: Vec<String> = (0..20).map(|i| format!("c{c}-n{n}-i{i}")).collect();
-                let items: Vec<Value> = keys
-                    .iter()
-                    .map(|k| json!({"topic": "plant/line-1/temp", "device": format!("dev-{c}"), "payload": {"k": k}}))
-                    .collect();
-                n += 1;
-                // A refused or cut-off request is not acknowledged: only 202s count.
-                if let Ok(resp) = http.post(format!("{base}/v1/readings")).json(&items).send().await
-                    && resp.status().as_u16() == 202
-                {
-                    acked.lock().unwrap().extend(keys);
-                }
-            }
-        }));
-    }
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    ferry.kill();
-    running.store(false, Ordering::SeqCst);
-    for c in clients {
-        c.await.unwrap();
-    }
-    let acked = acked.lock().unwrap().clone();
-    assert!(
-        acked.len() > 200,
-        "only {} readings were acknowledged before the kill",
-        acked.len()
-    );
+    // Ingest from 8 HTTP clients, SIGKILL ferry under load; `acked` is what it promised.
+    let acked = support::http_load_then_kill(&mut ferry, 8, Duration::from_millis(1500)).await;
 
     // Restart on the same buffer: whatever Pub/Sub had not confirmed is published again.
     ferry.restart();

@@ -275,3 +275,50 @@ pub fn rt() -> tokio::runtime::Runtime {
         .build()
         .unwrap()
 }
+
+/// Runs `clients` HTTP clients posting batches of 20 unique readings (`{"k": "c<C>-n<N>-i<I>"}`,
+/// device `dev-<C>`) to `ferry` for `load`, SIGKILLs ferry while they still post, and returns
+/// the keys of every reading answered 202: what ferry promised to deliver.
+pub async fn http_load_then_kill(
+    ferry: &mut ferry_tests::Ferry,
+    clients: u64,
+    load: Duration,
+) -> std::collections::BTreeSet<String> {
+    let acked: Arc<Mutex<std::collections::BTreeSet<String>>> = Arc::default();
+    let running = Arc::new(AtomicBool::new(true));
+    let mut tasks = Vec::new();
+    for c in 0..clients {
+        let (acked, running, base) = (acked.clone(), running.clone(), ferry.http_url());
+        tasks.push(tokio::spawn(async move {
+            let http = reqwest::Client::new();
+            let mut n = 0u64;
+            while running.load(Ordering::SeqCst) {
+                let keys: Vec<String> = (0..20).map(|i| format!("c{c}-n{n}-i{i}")).collect();
+                let items: Vec<Value> = keys
+                    .iter()
+                    .map(|k| json!({"topic": "plant/line-1/temp", "device": format!("dev-{c}"), "payload": {"k": k}}))
+                    .collect();
+                n += 1;
+                // A refused or cut-off request is not acknowledged: only 202s count.
+                if let Ok(resp) = http.post(format!("{base}/v1/readings")).json(&items).send().await
+                    && resp.status().as_u16() == 202
+                {
+                    acked.lock().unwrap().extend(keys);
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(load).await;
+    ferry.kill();
+    running.store(false, Ordering::SeqCst);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let acked = acked.lock().unwrap().clone();
+    assert!(
+        acked.len() > 200,
+        "only {} readings were acknowledged before the kill",
+        acked.len()
+    );
+    acked
+}
