@@ -975,6 +975,17 @@ async fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) 
     }
 }
 
+/// Waits (at most 5 s) until the status counts `acked` acked readings: it is updated right
+/// after the ack's commit, a moment after the buffer's own counts change.
+async fn wait_acked(status: &UplinkStatus, acked: u64) {
+    wait_until(
+        &format!("the status counts {acked} acked readings"),
+        Duration::from_secs(5),
+        || status.snapshot().acked_total >= acked,
+    )
+    .await;
+}
+
 async fn wait_empty(buffer: &Buffer, status: &UplinkStatus) {
     let start = Instant::now();
     while buffer.stats().readings != 0 {
@@ -1038,6 +1049,7 @@ async fn every_reading_arrives_with_its_attributes_and_the_oversized_one_is_dead
     }
     let run = start(&uplink(&emu.endpoint(), KeyRule::None), &buffer);
     wait_empty(&buffer, &run.status).await;
+    wait_acked(&run.status, 2999).await;
     let snap = run.status.snapshot();
     assert_eq!(
         (snap.acked_total, snap.dead_lettered_total),
@@ -1122,6 +1134,7 @@ async fn ordering_key_device_keeps_each_devices_order() {
         buffer.append(rs).await.unwrap();
     }
     wait_empty(&buffer, &run.status).await;
+    wait_acked(&run.status, 2000).await;
     assert_eq!(run.status.snapshot().acked_total, 2000);
     run.stop().await;
 
@@ -1221,6 +1234,7 @@ async fn a_restarted_emulator_without_the_topic_is_reported_and_recovered_from()
     emu.create_subscription("after", "readings", false).await;
     proxy.open();
     wait_empty(&buffer, &run.status).await;
+    wait_acked(&run.status, 300).await;
     let snap = run.status.snapshot();
     assert_eq!(snap.acked_total, 300, "{snap:?}");
     assert!(snap.retried_total >= 2, "{snap:?}");
