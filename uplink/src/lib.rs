@@ -60,6 +60,7 @@ macro_rules! impl_uplink {
 pub mod backoff;
 pub mod batch;
 pub(crate) mod feed;
+pub mod fold;
 pub mod http;
 pub mod kafka;
 pub mod kinesis;

@@ -18,6 +18,7 @@ use super::routing::Router;
 use super::track::Tracker;
 use crate::Common;
 use crate::feed::{self, Acked};
+use crate::fold::{Fold, Say};
 use crate::retry::Retry;
 use crate::settle::{Failure, Settled};
 use crate::status::{LinkState, UplinkStatus};
@@ -33,6 +34,7 @@ use rdkafka::producer::{BaseProducer, Producer, ProducerContext, PurgeConfig};
 use std::collections::VecDeque;
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Instant;
 
 /// The type name of the Kafka uplink.
 pub const KIND: &str = "kafka";
@@ -53,10 +55,16 @@ pub enum KafkaSinkError {
 }
 
 /// Receives librdkafka's client-level events (logs go to `tracing`, "all brokers down" sets
-/// the state to `offline`) and its delivery reports (counted in the [`Tracker`]).
+/// the state to `offline`) and its delivery reports (counted in the [`Tracker`]). Its errors
+/// and warnings repeat while a link is down (several a second): they are folded
+/// ([`crate::fold`]), logged when they change and then once per summary period with a count.
 pub(crate) struct SinkContext {
     status: UplinkStatus,
     tracker: Arc<Tracker>,
+    /// librdkafka's log lines at error and warning level.
+    logs: Fold,
+    /// Its client-level errors.
+    errors: Fold,
 }
 
 impl ClientContext for SinkContext {
@@ -66,12 +74,28 @@ impl ClientContext for SinkContext {
             RDKafkaLogLevel::Emerg
             | RDKafkaLogLevel::Alert
             | RDKafkaLogLevel::Critical
-            | RDKafkaLogLevel::Error => {
-                tracing::error!(facility = fac, message = %msg, "librdkafka reported an error.")
-            }
-            RDKafkaLogLevel::Warning => {
-                tracing::warn!(facility = fac, message = %msg, "librdkafka reported a warning.")
-            }
+            | RDKafkaLogLevel::Error => match self.logs.note(&msg, Instant::now()) {
+                Say::New => {
+                    tracing::error!(uplink = %self.status.name(), facility = fac, message = %msg,
+                        "librdkafka reported an error.")
+                }
+                Say::Again(n) => {
+                    tracing::error!(uplink = %self.status.name(), facility = fac, message = %msg,
+                        repeats = n, "librdkafka keeps reporting the same error.")
+                }
+                Say::Quiet => {}
+            },
+            RDKafkaLogLevel::Warning => match self.logs.note(&msg, Instant::now()) {
+                Say::New => {
+                    tracing::warn!(uplink = %self.status.name(), facility = fac, message = %msg,
+                        "librdkafka reported a warning.")
+                }
+                Say::Again(n) => {
+                    tracing::warn!(uplink = %self.status.name(), facility = fac, message = %msg,
+                        repeats = n, "librdkafka keeps reporting the same warning.")
+                }
+                Say::Quiet => {}
+            },
             RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
                 tracing::info!(facility = fac, message = %msg, "librdkafka reported an event.")
             }
@@ -87,7 +111,14 @@ impl ClientContext for SinkContext {
             self.status.set_state(LinkState::Offline);
             self.status.set_error(&format!("{error}: {reason}"));
         }
-        tracing::warn!(error = %error, reason = %reason, "The Kafka client reported an error.");
+        let text = format!("{error}: {reason}");
+        match self.errors.note(&text, Instant::now()) {
+            Say::New => tracing::warn!(uplink = %self.status.name(), error = %error,
+                reason = %reason, "The Kafka client reported an error."),
+            Say::Again(n) => tracing::warn!(uplink = %self.status.name(), error = %error,
+                reason = %reason, repeats = n, "The Kafka client keeps reporting the same error."),
+            Say::Quiet => {}
+        }
     }
 }
 
@@ -111,6 +142,8 @@ fn create_producer(
     cc.create_with_context(SinkContext {
         status: status.clone(),
         tracker: tracker.clone(),
+        logs: Fold::default(),
+        errors: Fold::default(),
     })
 }
 
