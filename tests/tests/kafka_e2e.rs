@@ -88,24 +88,7 @@ async fn sigkill_with_records_in_flight_loses_nothing_acknowledged() {
     .await
     .unwrap();
     let (seen, acked) = seen;
-    let missing: Vec<&String> = acked.iter().filter(|k| !seen.contains_key(*k)).collect();
-    assert!(
-        missing.is_empty(),
-        "{} of {} acknowledged readings never reached Kafka, e.g. {:?}\n{}",
-        missing.len(),
-        acked.len(),
-        &missing[..missing.len().min(5)],
-        ferry.log()
-    );
-    for (k, (ids, _)) in &seen {
-        assert_eq!(
-            ids.len(),
-            1,
-            "reading {k} arrived under several ferry-ids: {ids:?}"
-        );
-        assert!(ids.iter().all(|i| i.starts_with("kafka-e2e-")), "{ids:?}");
-    }
-    let dups: usize = seen.values().map(|(_, n)| n - 1).sum();
+    let dups = support::assert_every_acked_arrived(&acked, &seen, "Kafka", "kafka-e2e-", &ferry);
     eprintln!(
         "{} readings acknowledged before SIGKILL, all {} arrived in Kafka after the restart; {dups} duplicate deliveries",
         acked.len(),

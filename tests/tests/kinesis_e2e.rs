@@ -7,6 +7,8 @@
 //! Without kinesalite or python3 with boto3 the test prints a loud SKIPPED line and passes,
 //! unless `FERRY_REQUIRE_TOOLS=1` (as in CI), where it fails. `.ci/run` installs them.
 
+mod support;
+
 use ferry_tests::{Ferry, Server, free_port, require_tool};
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, BTreeSet};
@@ -274,24 +276,8 @@ async fn sigkill_with_calls_in_flight_loses_nothing_acknowledged() {
         e.0.insert(env["ferry_id"].as_str().unwrap_or_default().to_string());
         e.1 += 1;
     }
-    let missing: Vec<&String> = acked.iter().filter(|k| !seen.contains_key(*k)).collect();
-    assert!(
-        missing.is_empty(),
-        "{} of {} acknowledged readings never reached Kinesis, e.g. {:?}\n{}",
-        missing.len(),
-        acked.len(),
-        &missing[..missing.len().min(5)],
-        ferry.log()
-    );
-    for (k, (ids, _)) in &seen {
-        assert_eq!(
-            ids.len(),
-            1,
-            "reading {k} arrived under several ferry_ids: {ids:?}"
-        );
-        assert!(ids.iter().all(|i| i.starts_with("kinesis-e2e-")), "{ids:?}");
-    }
-    let dups: usize = seen.values().map(|(_, n)| n - 1).sum();
+    let dups =
+        support::assert_every_acked_arrived(&acked, &seen, "Kinesis", "kinesis-e2e-", &ferry);
     eprintln!(
         "{test}: {} readings acknowledged before SIGKILL ({before} records in the stream at the \
          kill), all arrived after the restart; {} records, {dups} duplicate deliveries; {:?}",

@@ -169,24 +169,7 @@ async fn sigkill_with_requests_in_flight_loses_nothing_acknowledged() {
         )
         .await;
     }
-    let missing: Vec<&String> = acked.iter().filter(|k| !seen.contains_key(*k)).collect();
-    assert!(
-        missing.is_empty(),
-        "{} of {} acknowledged readings never reached Pub/Sub, e.g. {:?}\n{}",
-        missing.len(),
-        acked.len(),
-        &missing[..missing.len().min(5)],
-        ferry.log()
-    );
-    for (k, (ids, _)) in &seen {
-        assert_eq!(
-            ids.len(),
-            1,
-            "reading {k} arrived under several ferry-ids: {ids:?}"
-        );
-        assert!(ids.iter().all(|i| i.starts_with("pubsub-e2e-")), "{ids:?}");
-    }
-    let dups: usize = seen.values().map(|(_, n)| n - 1).sum();
+    let dups = support::assert_every_acked_arrived(&acked, &seen, "Pub/Sub", "pubsub-e2e-", &ferry);
     eprintln!(
         "{test}: {} readings acknowledged before SIGKILL, all arrived after the restart; \
          {messages} messages, {dups} duplicate deliveries; {:?}",

@@ -322,3 +322,33 @@ pub async fn http_load_then_kill(
     );
     acked
 }
+
+/// Asserts that every acknowledged key arrived upstream (`seen`: key → the ferry ids it came
+/// with, and its deliveries), each under one stable ferry id starting with `id_prefix`.
+/// Returns the duplicate deliveries (re-sends after the kill: at least once, as promised).
+pub fn assert_every_acked_arrived(
+    acked: &std::collections::BTreeSet<String>,
+    seen: &std::collections::BTreeMap<String, (std::collections::BTreeSet<String>, usize)>,
+    upstream: &str,
+    id_prefix: &str,
+    ferry: &ferry_tests::Ferry,
+) -> usize {
+    let missing: Vec<&String> = acked.iter().filter(|k| !seen.contains_key(*k)).collect();
+    assert!(
+        missing.is_empty(),
+        "{} of {} acknowledged readings never reached {upstream}, e.g. {:?}\n{}",
+        missing.len(),
+        acked.len(),
+        &missing[..missing.len().min(5)],
+        ferry.log()
+    );
+    for (k, (ids, _)) in seen {
+        assert_eq!(
+            ids.len(),
+            1,
+            "reading {k} arrived under several ferry ids: {ids:?}"
+        );
+        assert!(ids.iter().all(|i| i.starts_with(id_prefix)), "{ids:?}");
+    }
+    seen.values().map(|(_, n)| n - 1).sum()
+}
