@@ -114,6 +114,6 @@ pub use load::{
 };
 pub use model::*;
 pub use validate::{
-    check_endpoint, check_gateway_id, check_kafka_topic, check_topic_filter, check_uplink_name,
-    template_placeholders,
+    check_endpoint, check_gateway_id, check_kafka_topic, check_pubsub_project, check_pubsub_topic,
+    check_topic_filter, check_uplink_name, template_placeholders,
 };

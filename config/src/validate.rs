@@ -811,41 +811,48 @@ fn validate_kinesis(base: &str, k: &KinesisUplink, p: &mut Problems) {
     );
 }
 
+/// A Pub/Sub project id (not empty): a-z 0-9 `-`, and `.` `:` for domain-scoped projects.
+/// New ids have 6 to 30 characters; older ones differ, so only the characters are checked.
+pub fn check_pubsub_project(project: &str) -> Result<(), String> {
+    let ok = project
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'.' | b':'));
+    if ok {
+        Ok(())
+    } else {
+        Err("a project id has the characters a-z 0-9 - (and . : for domain projects)".into())
+    }
+}
+
+/// A Pub/Sub topic id (not empty): 3 to 255 characters of A-Z a-z 0-9 `- _ . ~ + %`, starting
+/// with a letter and not with `goog`.
+pub fn check_pubsub_topic(t: &str) -> Result<(), String> {
+    let ok = (3..=255).contains(&t.len())
+        && t.as_bytes()[0].is_ascii_alphabetic()
+        && !t.starts_with("goog")
+        && t.bytes().all(|b| {
+            b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~' | b'+' | b'%')
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err("a topic id has 3 to 255 characters of A-Z a-z 0-9 - _ . ~ + %, starts with a letter and not with \"goog\"".into())
+    }
+}
+
 fn validate_pubsub(base: &str, g: &PubsubUplink, p: &mut Problems) {
-    // Project ids: 6 to 30 characters of a-z 0-9 -; older ones may hold '.' and ':' (domain
-    // projects), so only the characters are checked.
     if g.project.is_empty() {
         p.invalid(
             format!("{base}.project"),
             "is required: the Google Cloud project id",
         );
-    } else if !g
-        .project
-        .bytes()
-        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'.' | b':'))
-    {
-        p.invalid(
-            format!("{base}.project"),
-            "a project id has the characters a-z 0-9 - (and . : for domain projects)",
-        );
+    } else {
+        p.check(format!("{base}.project"), check_pubsub_project(&g.project));
     }
-    // Topic ids: 3 to 255 characters, starting with a letter, of A-Z a-z 0-9 - _ . ~ + %, not
-    // starting with "goog".
-    let t = &g.topic;
-    if t.is_empty() {
+    if g.topic.is_empty() {
         p.invalid(format!("{base}.topic"), "is required: the topic id");
-    } else if t.len() < 3
-        || t.len() > 255
-        || !t.as_bytes()[0].is_ascii_alphabetic()
-        || t.starts_with("goog")
-        || !t.bytes().all(|b| {
-            b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~' | b'+' | b'%')
-        })
-    {
-        p.invalid(
-            format!("{base}.topic"),
-            "a topic id has 3 to 255 characters of A-Z a-z 0-9 - _ . ~ + %, starts with a letter and not with \"goog\"",
-        );
+    } else {
+        p.check(format!("{base}.topic"), check_pubsub_topic(&g.topic));
     }
     validate_http_uplink(
         base,

@@ -92,13 +92,9 @@ pub struct Window {
     pub max_requests: usize,
     /// Readings in flight: read from the buffer and not settled (at least one segment).
     pub max_readings: u64,
-    /// Stored bytes in flight (at least one segment).
+    /// Stored bytes in flight (at least one segment); [`crate::feed`]'s share of the buffer.
     pub max_bytes: u64,
 }
-
-/// At most this part (1/8) of `buffer.max_bytes` is in flight (stored bytes): `drop_oldest`
-/// spares segments in flight while older ones are left (see the Kafka uplink).
-pub const IN_FLIGHT_SHARE_OF_BUFFER: u64 = 8;
 
 /// One record waiting to be sent, or in a request.
 struct Pending<R> {

@@ -47,6 +47,17 @@ pub(crate) enum AckResult {
     Folded,
 }
 
+/// At most this part (1/8) of `buffer.max_bytes` is in flight for one uplink (stored bytes).
+/// `drop_oldest` spares segments in flight while older ones are left, so they must stay a
+/// small part of the buffer: otherwise, during an outage, the segments read ahead would cover
+/// the whole cap and the newest readings would be evicted instead of the oldest.
+pub(crate) const IN_FLIGHT_SHARE_OF_BUFFER: u64 = 8;
+
+/// The stored bytes one uplink may hold in flight (see [`IN_FLIGHT_SHARE_OF_BUFFER`]).
+pub(crate) fn max_in_flight_bytes(buffer: &ferry_buffer::Buffer) -> u64 {
+    (buffer.stats().max_bytes / IN_FLIGHT_SHARE_OF_BUFFER).max(1)
+}
+
 /// Most segments one read brings (one read transaction, decoded on a blocking thread).
 const MAX_READ_SEGMENTS: usize = 256;
 

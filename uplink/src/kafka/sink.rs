@@ -286,11 +286,7 @@ impl KafkaSink {
             .map_err(KafkaSinkError::Thread)?;
         let max_segments = cfg.max_inflight_segments.max(1);
         let max_readings = cfg.max_inflight_readings.max(1) as u64;
-        // Segments in flight are spared by `drop_oldest` while older ones are left, so they
-        // must stay a small part of the buffer: otherwise, during an outage, the segments
-        // read ahead would cover the whole cap and the newest readings would be evicted
-        // instead of the oldest.
-        let max_bytes = (buffer.stats().max_bytes / IN_FLIGHT_SHARE_OF_BUFFER).max(1);
+        let max_bytes = feed::max_in_flight_bytes(buffer);
         let mut retry = Retry::new(cfg.initial_backoff_ms, cfg.max_backoff_ms);
         let sent_upto = reader.acked();
         let feed::Feed {
@@ -466,8 +462,6 @@ impl_uplink!(KafkaSink, KIND);
 
 /// Segments the buffer task reads ahead of the producer.
 const READ_AHEAD_SEGMENTS: usize = 2;
-/// At most this part (1/8) of `buffer.max_bytes` is in flight (stored bytes).
-const IN_FLIGHT_SHARE_OF_BUFFER: u64 = 8;
 
 /// One segment handed to the producer thread.
 struct InFlight {

@@ -210,7 +210,7 @@ impl KinesisSink {
         let window = Window {
             max_requests: window.0.max(1),
             max_readings: window.1.max(1),
-            max_bytes: (common.buffer.stats().max_bytes / batch::IN_FLIGHT_SHARE_OF_BUFFER).max(1),
+            max_bytes: crate::feed::max_in_flight_bytes(&common.buffer),
         };
         batch::run(
             Arc::new(KinesisApi(api)),

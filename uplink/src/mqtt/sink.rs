@@ -25,9 +25,6 @@ pub const KIND: &str = "mqtt";
 
 /// Segment batches the buffer task reads ahead of the window.
 const READ_AHEAD: usize = 2;
-/// At most this part (1/8) of `buffer.max_bytes` is read ahead at once (stored bytes), as for
-/// Kafka: `drop_oldest` spares segments in flight.
-const IN_FLIGHT_SHARE_OF_BUFFER: u64 = 8;
 
 /// Why the MQTT uplink could not start or stopped.
 #[derive(Debug, thiserror::Error)]
@@ -341,7 +338,7 @@ impl MqttSink {
         let cfg = &settings.cfg;
         let reader = common.reader()?;
         let mut retry = Retry::new(cfg.initial_backoff_ms, cfg.max_backoff_ms);
-        let max_bytes = (common.buffer.stats().max_bytes / IN_FLIGHT_SHARE_OF_BUFFER).max(1);
+        let max_bytes = feed::max_in_flight_bytes(&common.buffer);
         let sent_upto = reader.acked();
         let Feed {
             mut segs,

@@ -74,7 +74,7 @@ pub mod auth;
 mod tests;
 
 use crate::Common;
-use crate::batch::{self, IN_FLIGHT_SHARE_OF_BUFFER, Window};
+use crate::batch::{self, Window};
 use crate::http::HttpClient;
 use crate::retry::Retry;
 use crate::status::UplinkStatus;
@@ -110,57 +110,26 @@ pub enum PubsubSinkError {
     Read(#[from] ReadError),
 }
 
-/// Checks a topic id as Pub/Sub does: 3 to 255 characters, starting with a letter, of letters,
-/// digits and `-_.~+%`, not starting with `goog`.
-fn check_topic_id(topic: &str) -> Result<(), String> {
-    let ok_chars = topic
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || "-_.~+%".contains(c));
-    if !(3..=255).contains(&topic.len())
-        || !topic.starts_with(|c: char| c.is_ascii_alphabetic())
-        || !ok_chars
-        || topic.starts_with("goog")
-    {
-        return Err(format!(
-            "topic {topic:?} is not a Pub/Sub topic id (3 to 255 letters, digits or -_.~+%, starting with a letter, not with \"goog\")"
-        ));
-    }
-    Ok(())
-}
-
-/// Checks a project id: 1 to 100 lower-case letters, digits, `-`, `.` or `:` (domain-scoped
-/// projects).
-fn check_project_id(project: &str) -> Result<(), String> {
-    let ok = !project.is_empty()
-        && project.len() <= 100
-        && project
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "-.:".contains(c));
-    if !ok {
-        return Err(format!(
-            "project {project:?} is not a Google Cloud project id (lower-case letters, digits and -)"
-        ));
-    }
-    Ok(())
-}
-
-/// The endpoint without its trailing `/`, checked.
+/// The endpoint without its trailing `/`. The settings are checked by the config's rules
+/// ([`ferry_config::check_pubsub_project`] and its neighbours) again here, since a sink can be
+/// built from a config that was not validated.
 fn endpoint(cfg: &PubsubUplink) -> Result<String, String> {
-    let e = cfg
-        .endpoint
-        .as_deref()
-        .unwrap_or(DEFAULT_ENDPOINT)
-        .trim_end_matches('/');
-    let rest = e
-        .strip_prefix("https://")
-        .or_else(|| e.strip_prefix("http://"))
-        .ok_or_else(|| format!("endpoint {e:?} is not https://host[:port] or http://host:port"))?;
-    if rest.is_empty() || rest.contains(['?', '#', ' ']) {
-        return Err(format!(
-            "endpoint {e:?} is not https://host[:port] or http://host:port"
-        ));
-    }
-    Ok(e.to_owned())
+    let not_empty = |what: &str, v: &str| {
+        if v.is_empty() {
+            Err(format!("{what} is required"))
+        } else {
+            Ok(())
+        }
+    };
+    not_empty("project", &cfg.project)?;
+    ferry_config::check_pubsub_project(&cfg.project)
+        .map_err(|e| format!("project {:?}: {e}", cfg.project))?;
+    not_empty("topic", &cfg.topic)?;
+    ferry_config::check_pubsub_topic(&cfg.topic)
+        .map_err(|e| format!("topic {:?}: {e}", cfg.topic))?;
+    let e = cfg.endpoint.as_deref().unwrap_or(DEFAULT_ENDPOINT);
+    ferry_config::check_endpoint(e).map_err(|err| format!("endpoint: {err}"))?;
+    Ok(e.trim_end_matches('/').to_owned())
 }
 
 /// The Pub/Sub uplink.
@@ -181,8 +150,6 @@ impl PubsubSink {
     pub fn new(cfg: &PubsubUplink, common: Common) -> Result<PubsubSink, PubsubSinkError> {
         // Fails early when the buffer was opened without the consumer.
         drop(common.reader()?);
-        check_project_id(&cfg.project).map_err(PubsubSinkError::Config)?;
-        check_topic_id(&cfg.topic).map_err(PubsubSinkError::Config)?;
         let endpoint = endpoint(cfg).map_err(PubsubSinkError::Config)?;
         let http = HttpClient::new(
             cfg.ca_path.as_deref(),
@@ -204,7 +171,7 @@ impl PubsubSink {
         let window = Window {
             max_requests: cfg.max_inflight_requests.max(1),
             max_readings: cfg.max_inflight_readings.max(1) as u64,
-            max_bytes: (common.buffer.stats().max_bytes / IN_FLIGHT_SHARE_OF_BUFFER).max(1),
+            max_bytes: crate::feed::max_in_flight_bytes(&common.buffer),
         };
         Ok(PubsubSink {
             api: Arc::new(api),
