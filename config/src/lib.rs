@@ -101,6 +101,7 @@
 
 pub mod defaults;
 mod error;
+pub mod kafka_cloud;
 mod load;
 mod model;
 mod validate;

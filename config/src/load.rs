@@ -223,6 +223,16 @@ pub(crate) fn sample() -> Config {
 /// set and every list holding one element.
 pub(crate) fn sample_uplinks() -> Vec<UplinkSettings> {
     let k = KafkaUplink {
+        cloud: Some(KafkaCloud::Confluent),
+        connection_string: Some("c".into()),
+        api_key: Some("k".into()),
+        api_secret: Some("s".into()),
+        region: Some("r".into()),
+        access_key_id: Some("a".into()),
+        secret_access_key: Some("s".into()),
+        session_token: Some("t".into()),
+        profile: Some("p".into()),
+        idempotent: Some(true),
         sasl_mechanism: Some(SaslMechanism::Plain),
         sasl_username: Some("u".into()),
         sasl_password: Some("p".into()),
@@ -427,6 +437,8 @@ fn is_secret_key(key: &str) -> bool {
             | "password_hash"
             | "token"
             | "sasl_password"
+            | "connection_string"
+            | "api_secret"
             | "secret_access_key"
             | "session_token"
     )

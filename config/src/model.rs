@@ -9,6 +9,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 use crate::defaults;
+pub use crate::kafka_cloud::KafkaCloud;
 
 /// A secret string (password, token). Its `Debug` output is `***`, so it never ends up in logs.
 ///
@@ -477,6 +478,40 @@ impl UplinkKind {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct KafkaUplink {
+    /// A managed Kafka service to derive the connection settings for: `"event-hubs"` (Azure
+    /// Event Hubs, from `connection_string`), `"msk-iam"` (Amazon MSK with IAM access control,
+    /// from `brokers`, `region` and AWS credentials) or `"confluent"` (Confluent Cloud, from
+    /// `brokers`, `api_key` and `api_secret`). A preset sets `security_protocol` and the
+    /// `sasl_*` keys itself and refuses them here. Not set: the keys below apply as written.
+    /// What each preset does is in the `ferry_config::kafka_cloud` docs;
+    /// `ferry check-config FILE --explain` prints the result.
+    pub cloud: Option<KafkaCloud>,
+    /// `cloud = "event-hubs"`: the connection string of the namespace or of one event hub,
+    /// `Endpoint=sb://NAMESPACE.servicebus.windows.net/;SharedAccessKeyName=…;SharedAccessKey=…`
+    /// (`;EntityPath=HUB` for one hub, which then is the topic).
+    pub connection_string: Option<Secret>,
+    /// `cloud = "confluent"`: the cluster's API key (the SASL user name).
+    pub api_key: Option<String>,
+    /// `cloud = "confluent"`: the API key's secret.
+    pub api_secret: Option<Secret>,
+    /// `cloud = "msk-iam"`: the cluster's AWS region. Default: from the brokers' host names
+    /// (`…kafka.REGION.amazonaws.com`).
+    pub region: Option<String>,
+    /// `cloud = "msk-iam"`: AWS access key id. Not set: the usual AWS credential chain
+    /// (environment, shared credentials file, container, instance metadata).
+    pub access_key_id: Option<String>,
+    /// `cloud = "msk-iam"`: AWS secret access key (with `access_key_id`).
+    pub secret_access_key: Option<Secret>,
+    /// `cloud = "msk-iam"`: AWS session token of temporary credentials.
+    pub session_token: Option<Secret>,
+    /// `cloud = "msk-iam"`: the profile of the shared credentials file. Default: `AWS_PROFILE`,
+    /// else `default`.
+    pub profile: Option<String>,
+    /// Whether the producer is idempotent (no duplicates from its own retries). Turn it off
+    /// only for a broker that refuses the idempotent producer: ferry then keeps `acks=all`
+    /// and one request in flight per connection, so nothing is lost and order holds, but a
+    /// retry may write a reading twice. Default: true (false with `cloud = "event-hubs"`).
+    pub idempotent: Option<bool>,
     /// Comma-separated bootstrap brokers, each `host:port`. Default: `"localhost:9092"`.
     pub brokers: String,
     /// Topic for readings no route matches. Default: `"ferry.readings"`.
@@ -532,6 +567,16 @@ pub struct KafkaUplink {
 impl Default for KafkaUplink {
     fn default() -> Self {
         KafkaUplink {
+            cloud: None,
+            connection_string: None,
+            api_key: None,
+            api_secret: None,
+            region: None,
+            access_key_id: None,
+            secret_access_key: None,
+            session_token: None,
+            profile: None,
+            idempotent: None,
             brokers: defaults::KAFKA_BROKERS.to_owned(),
             topic: defaults::KAFKA_TOPIC.to_owned(),
             compression: KafkaCompression::Zstd,

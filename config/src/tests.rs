@@ -1511,7 +1511,7 @@ fn env_errors_of_uplinks() {
             ("FERRY_UPLINK_MQTT_ENABLED", "true"),
             ("FERRY_UPLINKS_CLOUD_BROKRS", "k:1"),
             ("FERRY_UPLINKS_BROKERS", "k:1"),
-            ("FERRY_UPLINKS_CLOUD", "k:1"),
+            ("FERRY_UPLINKS_SITE", "k:1"),
         ]),
     )
     .expect_err("bad");
@@ -1519,8 +1519,8 @@ fn env_errors_of_uplinks() {
         paths(&errors),
         [
             "FERRY_UPLINKS_BROKERS",
-            "FERRY_UPLINKS_CLOUD",
             "FERRY_UPLINKS_CLOUD_BROKRS",
+            "FERRY_UPLINKS_SITE",
             "FERRY_UPLINK_KAFKA_BROKERS",
             "FERRY_UPLINK_MQTT_ENABLED",
         ],
@@ -1546,7 +1546,7 @@ fn env_errors_of_uplinks() {
         "{errors}"
     );
     assert!(
-        message(&errors, "FERRY_UPLINKS_CLOUD")
+        message(&errors, "FERRY_UPLINKS_SITE")
             .starts_with("unknown environment variable: no key of an uplink ends it"),
         "{errors}"
     );
@@ -2205,4 +2205,202 @@ fn secrets_of_http_uplinks_of_the_wrong_type_are_not_echoed() {
             .map(Secret::expose),
         Some("[55512345]")
     );
+}
+
+// ---- Kafka cloud presets (rules in `kafka_cloud`) ----
+
+const EH_KEY: &str = "c2VjcmV0LWtleS1kby1ub3QtcHJpbnQ=";
+
+fn eh_string(entity: Option<&str>) -> String {
+    let mut s = format!(
+        "Endpoint=sb://my-ns.servicebus.windows.net/;SharedAccessKeyName=send;SharedAccessKey={EH_KEY}"
+    );
+    if let Some(e) = entity {
+        s.push_str(&format!(";EntityPath={e}"));
+    }
+    s
+}
+
+fn preset(extra: &str) -> Result<Config, ConfigErrors> {
+    load_str(&format!("[uplinks.x]\ntype = \"kafka\"\n{extra}"), no_env())
+}
+
+fn connection(config: &Config) -> kafka_cloud::KafkaConnection {
+    kafka(config, "x").connection().expect("valid preset")
+}
+
+#[test]
+fn event_hubs_preset_derives_everything_from_the_connection_string() {
+    let text = format!(
+        "cloud = \"event-hubs\"\nconnection_string = \"{}\"\n",
+        eh_string(Some("readings"))
+    );
+    let config = preset(&text).expect("valid");
+    let c = connection(&config);
+    assert_eq!(c.brokers, "my-ns.servicebus.windows.net:9093");
+    assert_eq!(c.topic, "readings");
+    assert_eq!(c.security_protocol, SecurityProtocol::SaslSsl);
+    assert_eq!(c.compression, KafkaCompression::Gzip);
+    assert!(!c.idempotent);
+    let kafka_cloud::KafkaAuth::Password {
+        mechanism,
+        username,
+        password,
+    } = &c.auth
+    else {
+        panic!("{:?}", c.auth)
+    };
+    assert_eq!(*mechanism, SaslMechanism::Plain);
+    assert_eq!(username, "$ConnectionString");
+    assert_eq!(password.expose(), eh_string(Some("readings")));
+    assert!(c.properties.contains(&("connections.max.idle.ms", "180000")));
+
+    // A namespace-level string keeps the topic; idempotence and brokers can be set.
+    let text = format!(
+        "cloud = \"event-hubs\"\nconnection_string = \"{}\"\nidempotent = true\nbrokers = \"10.0.0.9:9093\"\ncompression = \"none\"\n",
+        eh_string(None)
+    );
+    let c = connection(&preset(&text).expect("valid"));
+    assert_eq!(c.topic, "ferry.readings");
+    assert_eq!(c.brokers, "10.0.0.9:9093");
+    assert_eq!(c.compression, KafkaCompression::None);
+    assert!(c.idempotent);
+}
+
+#[test]
+fn event_hubs_preset_refuses_contradictions_without_quoting_the_key() {
+    let text = format!(
+        "cloud = \"event-hubs\"\nconnection_string = \"{}\"\ntopic = \"other\"\ncompression = \"lz4\"\n\
+         sasl_username = \"me\"\napi_key = \"k\"\nsecurity_protocol = \"ssl\"\n\
+         [[uplinks.x.routes]]\nfilter = \"a/#\"\ntopic = \"also-other\"\n\
+         [uplinks.x.librdkafka]\n\"sasl.mechanism\" = \"PLAIN\"\n",
+        eh_string(Some("readings"))
+    );
+    let errors = preset(&text).expect_err("contradictions");
+    for path in [
+        "uplinks.x.topic",
+        "uplinks.x.compression",
+        "uplinks.x.sasl_username",
+        "uplinks.x.api_key",
+        "uplinks.x.security_protocol",
+        "uplinks.x.routes[0].topic",
+        "uplinks.x.librdkafka.\"sasl.mechanism\"",
+    ] {
+        assert!(errors.find(path).is_some(), "no error at {path}:\n{errors}");
+    }
+    assert!(message(&errors, "uplinks.x.topic").contains("scoped to event hub \"readings\""));
+    assert_eq!(
+        message(&errors, "uplinks.x.api_key"),
+        "belongs to cloud = \"confluent\", not cloud = \"event-hubs\""
+    );
+    assert!(!errors.to_string().contains(EH_KEY), "{errors}");
+
+    for (bad, says) in [
+        ("", "is required"),
+        ("SharedAccessKey=abc", "has no Endpoint"),
+        ("Endpoint=https://x/;SharedAccessKeyName=a;SharedAccessKey=b", "must start with sb://"),
+        ("Endpoint=sb://x.servicebus.windows.net/;SharedAccessKeyName=a", "has no credentials"),
+        ("garbage", "has no '='"),
+    ] {
+        let errors = preset(&format!(
+            "cloud = \"event-hubs\"\nconnection_string = \"{bad}\"\n"
+        ))
+        .expect_err(bad);
+        assert!(
+            message(&errors, "uplinks.x.connection_string").contains(says),
+            "{bad}: {errors}"
+        );
+    }
+}
+
+#[test]
+fn msk_iam_preset_takes_the_region_from_the_brokers() {
+    let brokers = "b-1.demo.abc123.c2.kafka.eu-west-1.amazonaws.com:9098,b-2.demo.abc123.c2.kafka.eu-west-1.amazonaws.com:9098";
+    let c = connection(
+        &preset(&format!("cloud = \"msk-iam\"\nbrokers = \"{brokers}\"\n")).expect("valid"),
+    );
+    assert_eq!(c.security_protocol, SecurityProtocol::SaslSsl);
+    assert!(c.idempotent);
+    assert_eq!(
+        c.auth,
+        kafka_cloud::KafkaAuth::MskIam {
+            region: "eu-west-1".into(),
+            keys: None,
+            profile: None,
+        }
+    );
+    assert_eq!(
+        kafka_cloud::msk_region("boot-x.c1.kafka-serverless.us-east-2.amazonaws.com:9098"),
+        Some("us-east-2")
+    );
+    assert_eq!(kafka_cloud::msk_region("kafka.example.com:9092"), None);
+
+    let c = connection(
+        &preset(
+            "cloud = \"msk-iam\"\nbrokers = \"10.1.2.3:9098\"\nregion = \"us-east-1\"\n\
+             access_key_id = \"AKID\"\nsecret_access_key = \"s\"\n",
+        )
+        .expect("valid"),
+    );
+    let kafka_cloud::KafkaAuth::MskIam { region, keys, .. } = c.auth else {
+        panic!()
+    };
+    assert_eq!(region, "us-east-1");
+    assert_eq!(keys.map(|k| k.0), Some("AKID".to_owned()));
+
+    let errors = preset(&format!(
+        "cloud = \"msk-iam\"\nbrokers = \"{brokers}\"\nregion = \"us-east-1\"\naccess_key_id = \"a\"\n"
+    ))
+    .expect_err("bad");
+    assert_eq!(
+        message(&errors, "uplinks.x.region"),
+        "is \"us-east-1\" but the brokers are in \"eu-west-1\""
+    );
+    assert!(errors.find("uplinks.x.secret_access_key").is_some(), "{errors}");
+    let errors = preset("cloud = \"msk-iam\"\n").expect_err("no brokers");
+    assert!(message(&errors, "uplinks.x.brokers").contains("9098"), "{errors}");
+    let errors = preset("cloud = \"msk-iam\"\nbrokers = \"10.1.2.3:9098\"\n").expect_err("no region");
+    assert!(message(&errors, "uplinks.x.region").contains("is required"), "{errors}");
+}
+
+#[test]
+fn confluent_preset_and_keys_without_a_preset() {
+    let c = connection(
+        &preset(
+            "cloud = \"confluent\"\nbrokers = \"pkc-1.eu-west-1.aws.confluent.cloud:9092\"\n\
+             api_key = \"KEY1\"\napi_secret = \"sec\"\nsecurity_protocol = \"sasl_ssl\"\n",
+        )
+        .expect("valid"),
+    );
+    assert_eq!(c.security_protocol, SecurityProtocol::SaslSsl);
+    assert_eq!(c.compression, KafkaCompression::Zstd);
+    let kafka_cloud::KafkaAuth::Password {
+        mechanism,
+        username,
+        password,
+    } = c.auth
+    else {
+        panic!()
+    };
+    assert_eq!(
+        (mechanism, username.as_str(), password.expose()),
+        (SaslMechanism::Plain, "KEY1", "sec")
+    );
+    let errors = preset("cloud = \"confluent\"\n").expect_err("bad");
+    assert_eq!(
+        paths(&errors),
+        ["uplinks.x.brokers", "uplinks.x.api_key", "uplinks.x.api_secret"]
+    );
+
+    let errors = preset("connection_string = \"x\"\nregion = \"r\"\n").expect_err("no cloud");
+    assert_eq!(
+        message(&errors, "uplinks.x.connection_string"),
+        "is only used with cloud = \"event-hubs\""
+    );
+    assert_eq!(
+        message(&errors, "uplinks.x.region"),
+        "is only used with cloud = \"msk-iam\""
+    );
+    let errors = preset("cloud = \"aws\"\n").expect_err("unknown cloud");
+    assert!(errors.find("uplinks.x.cloud").is_some(), "{errors}");
 }

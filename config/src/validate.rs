@@ -547,7 +547,9 @@ fn validate_kafka(base: &str, k: &KafkaUplink, p: &mut Problems) {
         );
     }
     let proto = k.security_protocol.as_str();
-    if k.security_protocol.is_sasl() {
+    if k.cloud.is_some() {
+        // The preset sets the protocol and SASL; `connection()` below refuses what contradicts it.
+    } else if k.security_protocol.is_sasl() {
         if k.sasl_mechanism.is_none() {
             p.invalid(
                 format!("{base}.sasl_mechanism"),
@@ -583,6 +585,11 @@ fn validate_kafka(base: &str, k: &KafkaUplink, p: &mut Problems) {
                         ),
                     );
             }
+        }
+    }
+    if let Err(problems) = k.connection() {
+        for c in problems {
+            p.invalid(format!("{base}.{}", c.key), c.message);
         }
     }
     for (i, route) in k.routes.iter().enumerate() {
