@@ -211,7 +211,11 @@ pub fn msk_region(host_port: &str) -> Option<&str> {
 fn preset_owned_property(key: &str) -> bool {
     matches!(
         key,
-        "security.protocol" | "sasl.mechanism" | "sasl.mechanisms" | "sasl.username" | "sasl.password"
+        "security.protocol"
+            | "sasl.mechanism"
+            | "sasl.mechanisms"
+            | "sasl.username"
+            | "sasl.password"
     ) || key.starts_with("sasl.oauthbearer")
 }
 
@@ -255,7 +259,11 @@ impl KafkaUplink {
             if !problems.is_empty() {
                 return Err(problems);
             }
-            let auth = match (self.sasl_mechanism, &self.sasl_username, &self.sasl_password) {
+            let auth = match (
+                self.sasl_mechanism,
+                &self.sasl_username,
+                &self.sasl_password,
+            ) {
                 (Some(mechanism), Some(username), Some(password))
                     if self.security_protocol.is_sasl() =>
                 {

@@ -2253,7 +2253,10 @@ fn event_hubs_preset_derives_everything_from_the_connection_string() {
     assert_eq!(*mechanism, SaslMechanism::Plain);
     assert_eq!(username, "$ConnectionString");
     assert_eq!(password.expose(), eh_string(Some("readings")));
-    assert!(c.properties.contains(&("connections.max.idle.ms", "180000")));
+    assert!(
+        c.properties
+            .contains(&("connections.max.idle.ms", "180000"))
+    );
 
     // A namespace-level string keeps the topic; idempotence and brokers can be set.
     let text = format!(
@@ -2298,8 +2301,14 @@ fn event_hubs_preset_refuses_contradictions_without_quoting_the_key() {
     for (bad, says) in [
         ("", "is required"),
         ("SharedAccessKey=abc", "has no Endpoint"),
-        ("Endpoint=https://x/;SharedAccessKeyName=a;SharedAccessKey=b", "must start with sb://"),
-        ("Endpoint=sb://x.servicebus.windows.net/;SharedAccessKeyName=a", "has no credentials"),
+        (
+            "Endpoint=https://x/;SharedAccessKeyName=a;SharedAccessKey=b",
+            "must start with sb://",
+        ),
+        (
+            "Endpoint=sb://x.servicebus.windows.net/;SharedAccessKeyName=a",
+            "has no credentials",
+        ),
         ("garbage", "has no '='"),
     ] {
         let errors = preset(&format!(
@@ -2356,11 +2365,21 @@ fn msk_iam_preset_takes_the_region_from_the_brokers() {
         message(&errors, "uplinks.x.region"),
         "is \"us-east-1\" but the brokers are in \"eu-west-1\""
     );
-    assert!(errors.find("uplinks.x.secret_access_key").is_some(), "{errors}");
+    assert!(
+        errors.find("uplinks.x.secret_access_key").is_some(),
+        "{errors}"
+    );
     let errors = preset("cloud = \"msk-iam\"\n").expect_err("no brokers");
-    assert!(message(&errors, "uplinks.x.brokers").contains("9098"), "{errors}");
-    let errors = preset("cloud = \"msk-iam\"\nbrokers = \"10.1.2.3:9098\"\n").expect_err("no region");
-    assert!(message(&errors, "uplinks.x.region").contains("is required"), "{errors}");
+    assert!(
+        message(&errors, "uplinks.x.brokers").contains("9098"),
+        "{errors}"
+    );
+    let errors =
+        preset("cloud = \"msk-iam\"\nbrokers = \"10.1.2.3:9098\"\n").expect_err("no region");
+    assert!(
+        message(&errors, "uplinks.x.region").contains("is required"),
+        "{errors}"
+    );
 }
 
 #[test]
@@ -2389,7 +2408,11 @@ fn confluent_preset_and_keys_without_a_preset() {
     let errors = preset("cloud = \"confluent\"\n").expect_err("bad");
     assert_eq!(
         paths(&errors),
-        ["uplinks.x.brokers", "uplinks.x.api_key", "uplinks.x.api_secret"]
+        [
+            "uplinks.x.brokers",
+            "uplinks.x.api_key",
+            "uplinks.x.api_secret"
+        ]
     );
 
     let errors = preset("connection_string = \"x\"\nregion = \"r\"\n").expect_err("no cloud");

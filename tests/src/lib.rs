@@ -6,6 +6,8 @@
 //! directory. [`require_tool`] implements the rule for tests that need a Debian tool: skip
 //! loudly when it is missing, or fail when `FERRY_REQUIRE_TOOLS=1` (as in CI).
 
+pub mod kafka_mock;
+
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;

@@ -57,6 +57,7 @@ macro_rules! impl_uplink {
     };
 }
 
+pub mod aws;
 pub mod backoff;
 pub mod batch;
 pub(crate) mod feed;

@@ -1,19 +1,27 @@
-//! Builds the librdkafka producer configuration from a Kafka uplink's table.
+//! Builds the librdkafka producer configuration from a Kafka uplink's table and its effective
+//! connection ([`KafkaUplink::connection`], which applies the `cloud` preset).
 //!
 //! ferry sets, in this order:
 //!
 //! 1. `bootstrap.servers`, `client.id`, `compression.type`, `message.timeout.ms`,
 //!    `security.protocol`, and when configured `sasl.mechanism`, `sasl.username`,
-//!    `sasl.password`, `ssl.ca.location`;
+//!    `sasl.password` (`OAUTHBEARER` for MSK IAM, whose token [`crate::aws::msk`] makes),
+//!    `ssl.ca.location`, then the preset's own properties;
 //! 2. the uplink's `librdkafka` passthrough table, which may override anything of (1);
-//! 3. the **safety settings**, which always win: `enable.idempotence = true`, `acks = all`.
+//! 3. the **safety settings**, which always win: `acks = all`, and `enable.idempotence = true`
+//!    unless the uplink says `idempotent = false`, in which case at most one request is in
+//!    flight per connection (order holds through retries; a retry may duplicate).
 //!
 //! A passthrough entry that would weaken delivery safety is ignored with a warning:
 //! `acks`/`request.required.acks` other than `all`/`-1`, `enable.idempotence` other than
-//! `true`, `max.in.flight.requests.per.connection`/`max.in.flight` above 5 (the idempotent
-//! producer's ordering limit), and `retries`/`message.send.max.retries` below 1.
+//! the uplink's `idempotent`, `max.in.flight.requests.per.connection`/`max.in.flight` above
+//! 5 (the idempotent producer's ordering limit; 1 without idempotence), and
+//! `retries`/`message.send.max.retries` below 1.
+//!
+//! [`explain`] lists the result with secrets replaced, for `ferry check-config --explain`.
 
 use ferry_config::KafkaUplink;
+use ferry_config::kafka_cloud::{KafkaAuth, KafkaConnection};
 use rdkafka::ClientConfig;
 
 /// The highest `max.in.flight.requests.per.connection` that keeps idempotent ordering.
@@ -29,16 +37,25 @@ const ALIASES: &[(&str, &str)] = &[
 ];
 
 /// Why a passthrough entry is refused, or `None` when it is accepted.
-fn weakens(key: &str, value: &str) -> Option<&'static str> {
+fn weakens(key: &str, value: &str, idempotent: bool) -> Option<&'static str> {
     let v = value.trim().to_ascii_lowercase();
+    let limit = if idempotent { MAX_IN_FLIGHT_LIMIT } else { 1 };
     match key {
         "acks" | "request.required.acks" | "topic.request.required.acks" => {
             (v != "all" && v != "-1").then_some("ferry requires acks=all")
         }
-        "enable.idempotence" => (v != "true").then_some("ferry requires enable.idempotence=true"),
+        "enable.idempotence" if idempotent => {
+            (v != "true").then_some("idempotence is the uplink's `idempotent` key")
+        }
+        "enable.idempotence" => {
+            (v != "false").then_some("idempotence is the uplink's `idempotent` key")
+        }
         "max.in.flight.requests.per.connection" | "max.in.flight" => match v.parse::<i64>() {
-            Ok(n) if (1..=MAX_IN_FLIGHT_LIMIT).contains(&n) => None,
-            _ => Some("the idempotent producer keeps order only with at most 5 in flight"),
+            Ok(n) if (1..=limit).contains(&n) => None,
+            _ if idempotent => {
+                Some("the idempotent producer keeps order only with at most 5 in flight")
+            }
+            _ => Some("without idempotence, only one request in flight keeps order"),
         },
         "retries" | "message.send.max.retries" => match v.parse::<i64>() {
             Ok(n) if n >= 1 => None,
@@ -48,28 +65,42 @@ fn weakens(key: &str, value: &str) -> Option<&'static str> {
     }
 }
 
-/// The producer configuration for `cfg`.
-pub fn client_config(cfg: &KafkaUplink, client_id: &str) -> ClientConfig {
+/// Whether librdkafka property `key` holds a secret.
+pub fn is_secret_property(key: &str) -> bool {
+    key.contains("password") || key.contains("secret") || key.ends_with(".key.pem")
+}
+
+/// The producer configuration for `cfg`, whose effective connection is `conn`.
+pub fn client_config(cfg: &KafkaUplink, conn: &KafkaConnection, client_id: &str) -> ClientConfig {
     let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", &cfg.brokers)
+    c.set("bootstrap.servers", &conn.brokers)
         .set("client.id", client_id)
-        .set("compression.type", cfg.compression.as_str())
+        .set("compression.type", conn.compression.as_str())
         .set("message.timeout.ms", cfg.message_timeout_ms.to_string())
-        .set("security.protocol", cfg.security_protocol.as_str());
-    if let Some(m) = cfg.sasl_mechanism {
-        c.set("sasl.mechanism", m.as_str());
-    }
-    if let Some(u) = &cfg.sasl_username {
-        c.set("sasl.username", u);
-    }
-    if let Some(p) = &cfg.sasl_password {
-        c.set("sasl.password", p.expose());
+        .set("security.protocol", conn.security_protocol.as_str());
+    match &conn.auth {
+        KafkaAuth::None => {}
+        KafkaAuth::Password {
+            mechanism,
+            username,
+            password,
+        } => {
+            c.set("sasl.mechanism", mechanism.as_str())
+                .set("sasl.username", username)
+                .set("sasl.password", password.expose());
+        }
+        KafkaAuth::MskIam { .. } => {
+            c.set("sasl.mechanism", "OAUTHBEARER");
+        }
     }
     if let Some(ca) = &cfg.ssl_ca_path {
         c.set("ssl.ca.location", ca.display().to_string());
     }
+    for (key, value) in &conn.properties {
+        c.set(*key, *value);
+    }
     for (key, value) in &cfg.librdkafka {
-        if let Some(why) = weakens(key, value) {
+        if let Some(why) = weakens(key, value, conn.idempotent) {
             tracing::warn!(
                 key = %key,
                 value = %value,
@@ -88,10 +119,28 @@ pub fn client_config(cfg: &KafkaUplink, client_id: &str) -> ClientConfig {
         c.set(key, value);
     }
     // The safety settings always win.
-    c.set("enable.idempotence", "true").set("acks", "all");
+    c.set("acks", "all");
     c.remove("request.required.acks");
     c.remove("topic.request.required.acks");
+    if conn.idempotent {
+        c.set("enable.idempotence", "true");
+    } else {
+        c.set("enable.idempotence", "false")
+            .set("max.in.flight.requests.per.connection", "1");
+        c.remove("max.in.flight");
+    }
     c
+}
+
+/// The librdkafka properties of `c`, sorted, with secret values replaced by `***`.
+pub fn explain(c: &ClientConfig) -> Vec<(String, String)> {
+    c.config_map()
+        .into_iter()
+        .map(|(k, v)| {
+            let v = if is_secret_property(k) { "***" } else { v };
+            (k.to_owned(), v.to_owned())
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -111,7 +160,11 @@ mod tests {
                 .collect::<BTreeMap<_, _>>(),
             ..KafkaUplink::default()
         };
-        client_config(&cfg, "ferry-gw1")
+        build(&cfg)
+    }
+
+    fn build(cfg: &KafkaUplink) -> ClientConfig {
+        client_config(cfg, &cfg.connection().expect("valid"), "ferry-gw1")
     }
 
     #[test]
@@ -139,7 +192,7 @@ mod tests {
             ssl_ca_path: Some("/etc/ssl/ca.pem".into()),
             ..KafkaUplink::default()
         };
-        let c = client_config(&cfg, "x");
+        let c = build(&cfg);
         assert_eq!(c.get("security.protocol"), Some("sasl_ssl"));
         assert_eq!(c.get("sasl.mechanism"), Some("SCRAM-SHA-512"));
         assert_eq!(c.get("sasl.username"), Some("user"));
@@ -194,5 +247,92 @@ mod tests {
     fn unknown_passthrough_fails_in_librdkafka() {
         let c = with(&[("no.such.property", "1")]);
         assert!(c.create_native_config().is_err());
+    }
+
+    #[test]
+    fn event_hubs_preset() {
+        let cs = "Endpoint=sb://ns1.servicebus.windows.net/;SharedAccessKeyName=send;SharedAccessKey=k3y=;EntityPath=hub1";
+        let cfg = KafkaUplink {
+            cloud: Some(ferry_config::KafkaCloud::EventHubs),
+            connection_string: Some(cs.into()),
+            librdkafka: [("linger.ms".to_owned(), "50".to_owned())].into(),
+            ..KafkaUplink::default()
+        };
+        let c = build(&cfg);
+        assert_eq!(
+            c.get("bootstrap.servers"),
+            Some("ns1.servicebus.windows.net:9093")
+        );
+        assert_eq!(c.get("security.protocol"), Some("sasl_ssl"));
+        assert_eq!(c.get("sasl.mechanism"), Some("PLAIN"));
+        assert_eq!(c.get("sasl.username"), Some("$ConnectionString"));
+        assert_eq!(c.get("sasl.password"), Some(cs));
+        assert_eq!(c.get("compression.type"), Some("gzip"));
+        assert_eq!(c.get("enable.idempotence"), Some("false"));
+        assert_eq!(c.get("max.in.flight.requests.per.connection"), Some("1"));
+        assert_eq!(c.get("acks"), Some("all"));
+        assert_eq!(c.get("connections.max.idle.ms"), Some("180000"));
+        assert_eq!(c.get("linger.ms"), Some("50"));
+        c.create_native_config().unwrap();
+
+        let shown = explain(&c);
+        let text = format!("{shown:?}");
+        assert!(!text.contains("k3y"), "{text}");
+        assert!(
+            shown.contains(&("sasl.password".into(), "***".into())),
+            "{text}"
+        );
+        assert!(
+            shown.contains(&("sasl.username".into(), "$ConnectionString".into())),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn without_idempotence_one_request_is_in_flight() {
+        let cfg = KafkaUplink {
+            idempotent: Some(false),
+            librdkafka: [
+                ("max.in.flight".to_owned(), "5".to_owned()),
+                ("enable.idempotence".to_owned(), "true".to_owned()),
+            ]
+            .into(),
+            ..KafkaUplink::default()
+        };
+        let c = build(&cfg);
+        assert_eq!(c.get("enable.idempotence"), Some("false"));
+        assert_eq!(c.get("max.in.flight.requests.per.connection"), Some("1"));
+        assert_eq!(c.get("max.in.flight"), None);
+        assert_eq!(c.get("acks"), Some("all"));
+        c.create_native_config().unwrap();
+    }
+
+    #[test]
+    fn msk_iam_and_confluent_presets() {
+        let cfg = KafkaUplink {
+            cloud: Some(ferry_config::KafkaCloud::MskIam),
+            brokers: "b-1.c.x.c2.kafka.eu-west-1.amazonaws.com:9098".into(),
+            ..KafkaUplink::default()
+        };
+        let c = build(&cfg);
+        assert_eq!(c.get("security.protocol"), Some("sasl_ssl"));
+        assert_eq!(c.get("sasl.mechanism"), Some("OAUTHBEARER"));
+        assert_eq!(c.get("sasl.username"), None);
+        assert_eq!(c.get("enable.idempotence"), Some("true"));
+        c.create_native_config().unwrap();
+
+        let cfg = KafkaUplink {
+            cloud: Some(ferry_config::KafkaCloud::Confluent),
+            brokers: "pkc-1.eu-west-1.aws.confluent.cloud:9092".into(),
+            api_key: Some("KEY".into()),
+            api_secret: Some("s3cret".into()),
+            ..KafkaUplink::default()
+        };
+        let c = build(&cfg);
+        assert_eq!(c.get("sasl.mechanism"), Some("PLAIN"));
+        assert_eq!(c.get("sasl.username"), Some("KEY"));
+        assert_eq!(c.get("sasl.password"), Some("s3cret"));
+        assert_eq!(c.get("compression.type"), Some("zstd"));
+        c.create_native_config().unwrap();
     }
 }

@@ -62,6 +62,7 @@
 //! that is the whole segment, so keep `buffer.max_batch_bytes` below the topic limit.
 
 pub mod config;
+mod diagnose;
 mod pump;
 pub mod routing;
 mod sink;

@@ -13,10 +13,14 @@
 //!   the buffer task without waiting for the commit; it handles failures and shutdown.
 
 use super::config::client_config;
+use super::diagnose;
 use super::pump::{Gate, Job, Layout, Pump};
 use super::routing::Router;
 use super::track::Tracker;
 use crate::Common;
+use crate::aws::credentials::Configured;
+use crate::aws::msk::TokenSource;
+use crate::aws::sigv4::Credentials;
 use crate::feed::{self, Acked};
 use crate::fold::{Fold, Say};
 use crate::retry::Retry;
@@ -24,9 +28,10 @@ use crate::settle::{Failure, Settled};
 use crate::status::{LinkState, UplinkStatus};
 use crate::topics::Selection;
 use ferry_buffer::{AckError, ReadError, Segment};
+use ferry_config::kafka_cloud::KafkaAuth;
 use ferry_config::{Delivery, KafkaUplink};
 use rdkafka::ClientConfig;
-use rdkafka::client::ClientContext;
+use rdkafka::client::{ClientContext, OAuthToken};
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::DeliveryResult;
@@ -34,7 +39,7 @@ use rdkafka::producer::{BaseProducer, Producer, ProducerContext, PurgeConfig};
 use std::collections::VecDeque;
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// The type name of the Kafka uplink.
 pub const KIND: &str = "kafka";
@@ -52,6 +57,12 @@ pub enum KafkaSinkError {
     /// The producer thread could not be started.
     #[error("cannot start the Kafka producer thread: {0}")]
     Thread(#[source] std::io::Error),
+    /// The `cloud` preset's keys are invalid (`validate()` reports this first).
+    #[error("invalid Kafka connection settings: {0}")]
+    Connection(String),
+    /// The MSK IAM token source could not be set up.
+    #[error("cannot set up MSK IAM authentication: {0}")]
+    Token(#[source] crate::aws::msk::TokenError),
 }
 
 /// Receives librdkafka's client-level events (logs go to `tracing`, "all brokers down" sets
@@ -65,9 +76,100 @@ pub(crate) struct SinkContext {
     logs: Fold,
     /// Its client-level errors.
     errors: Fold,
+    /// Makes SASL OAUTHBEARER tokens (`cloud = "msk-iam"`).
+    oauth: Option<Arc<TokenSource>>,
+    /// `ssl_ca_path`, for naming TLS failures ([`super::diagnose`]).
+    ca_path: Option<std::path::PathBuf>,
+    /// The last readable cause, kept when "all brokers down" follows it.
+    cause: Arc<std::sync::Mutex<Option<String>>>,
+    /// The last look into a TLS failure (one a minute at most per broker).
+    probe: Arc<std::sync::Mutex<Option<Probe>>>,
+}
+
+/// A look into a TLS failure with one broker ([`crate::tls::diagnose`]).
+#[derive(Debug)]
+struct Probe {
+    at: Instant,
+    target: (String, u16),
+    /// Its readable line, once the handshake is done.
+    line: Option<String>,
+}
+
+/// How long a probe's finding stands before a new failure is looked into again.
+const PROBE_EVERY: Duration = Duration::from_secs(60);
+
+impl SinkContext {
+    fn set_cause(cause: &std::sync::Mutex<Option<String>>, status: &UplinkStatus, line: String) {
+        status.set_error(&line);
+        *cause.lock().unwrap_or_else(|p| p.into_inner()) = Some(line);
+    }
+
+    /// The line for a TLS failure with `host:port`: the finding of a recent probe of that
+    /// broker, else librdkafka's `line` while a new probe runs on a thread of its own (one
+    /// handshake, off the polling thread) and then puts its finding on the status page.
+    fn tls_line(&self, host: String, port: u16, line: String) -> String {
+        let target = (host, port);
+        let mut g = self.probe.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(p) = g.as_ref()
+            && p.target == target
+            && p.at.elapsed() < PROBE_EVERY
+        {
+            return p.line.clone().unwrap_or(line);
+        }
+        *g = Some(Probe {
+            at: Instant::now(),
+            target: target.clone(),
+            line: None,
+        });
+        drop(g);
+        let (ca, cause, status, probe) = (
+            self.ca_path.clone(),
+            self.cause.clone(),
+            self.status.clone(),
+            self.probe.clone(),
+        );
+        let spawned = std::thread::Builder::new()
+            .name("ferry-tls-probe".into())
+            .spawn(move || {
+                let Some(found) = crate::tls::diagnose(&target.0, target.1, ca.as_deref()) else {
+                    return;
+                };
+                tracing::warn!(uplink = %status.name(), reason = %found,
+                    "The Kafka brokers' TLS certificate is refused.");
+                if let Some(p) = probe.lock().unwrap_or_else(|p| p.into_inner()).as_mut()
+                    && p.target == target
+                {
+                    p.line = Some(found.clone());
+                }
+                SinkContext::set_cause(&cause, &status, found);
+            });
+        if let Err(e) = spawned {
+            tracing::debug!(error = %e, "Cannot start the TLS probe.");
+        }
+        line
+    }
 }
 
 impl ClientContext for SinkContext {
+    /// librdkafka asks for a token only with `sasl.mechanism = OAUTHBEARER`, which only the
+    /// MSK IAM preset sets.
+    const ENABLE_REFRESH_OAUTH_TOKEN: bool = true;
+
+    fn generate_oauth_token(
+        &self,
+        _oauthbearer_config: Option<&str>,
+    ) -> Result<OAuthToken, Box<dyn std::error::Error>> {
+        let Some(source) = &self.oauth else {
+            return Err("OAUTHBEARER is supported with cloud = \"msk-iam\" only".into());
+        };
+        let (token, principal_name) = source.generate()?;
+        Ok(OAuthToken {
+            token: token.value,
+            principal_name,
+            lifetime_ms: token.expires_at_ms,
+        })
+    }
+
     fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
         let msg = self.status.scrub(log_message);
         match level {
@@ -107,9 +209,20 @@ impl ClientContext for SinkContext {
 
     fn error(&self, error: KafkaError, reason: &str) {
         let reason = self.status.scrub(reason);
-        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
+        let code = error.rdkafka_error_code();
+        if code == Some(RDKafkaErrorCode::AllBrokersDown) {
             self.status.set_state(LinkState::Offline);
-            self.status.set_error(&format!("{error}: {reason}"));
+            let cause = self.cause.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            self.status.set_error(&match cause {
+                Some(c) => format!("all brokers are down; last cause: {c}"),
+                None => format!("{error}: {reason}"),
+            });
+        } else {
+            let line = match diagnose::readable(code, &reason) {
+                (diagnose::Cause::Tls(host, port), line) => self.tls_line(host, port, line),
+                (diagnose::Cause::Other, line) => line,
+            };
+            SinkContext::set_cause(&self.cause, &self.status, line);
         }
         let text = format!("{error}: {reason}");
         match self.errors.note(&text, Instant::now()) {
@@ -138,12 +251,17 @@ fn create_producer(
     cc: &ClientConfig,
     status: &UplinkStatus,
     tracker: &Arc<Tracker>,
+    oauth: &Option<Arc<TokenSource>>,
 ) -> Result<Kp, KafkaError> {
     cc.create_with_context(SinkContext {
         status: status.clone(),
         tracker: tracker.clone(),
         logs: Fold::default(),
         errors: Fold::default(),
+        oauth: oauth.clone(),
+        ca_path: cc.get("ssl.ca.location").map(std::path::PathBuf::from),
+        cause: Arc::default(),
+        probe: Arc::default(),
     })
 }
 
@@ -210,6 +328,7 @@ pub fn classify(e: &KafkaError) -> ErrorClass {
 pub struct KafkaSink {
     cfg: KafkaUplink,
     client_config: ClientConfig,
+    oauth: Option<Arc<TokenSource>>,
     producer: Kp,
     tracker: Arc<Tracker>,
     router: Arc<Router>,
@@ -233,22 +352,64 @@ impl KafkaSink {
     pub fn new(cfg: &KafkaUplink, common: Common) -> Result<KafkaSink, KafkaSinkError> {
         // Fails early when the buffer was opened without the consumer.
         drop(common.reader()?);
-        let secrets = cfg
-            .sasl_password
-            .iter()
-            .map(|p| p.expose().to_string())
-            .collect();
+        let conn = cfg.connection().map_err(|problems| {
+            KafkaSinkError::Connection(
+                problems
+                    .iter()
+                    .map(|p| format!("{} {}", p.key, p.message))
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            )
+        })?;
+        let mut secrets = Vec::new();
+        let oauth = match &conn.auth {
+            KafkaAuth::None => None,
+            KafkaAuth::Password { password, .. } => {
+                secrets.push(password.expose().to_owned());
+                None
+            }
+            KafkaAuth::MskIam {
+                region,
+                keys,
+                profile,
+            } => {
+                let keys = keys.as_ref().map(|(id, secret, token)| {
+                    secrets.push(secret.expose().to_owned());
+                    secrets.extend(token.iter().map(|t| t.expose().to_owned()));
+                    Credentials {
+                        access_key_id: id.clone(),
+                        secret_access_key: secret.expose().to_owned(),
+                        session_token: token.as_ref().map(|t| t.expose().to_owned()),
+                    }
+                });
+                let configured = Configured {
+                    keys,
+                    profile: profile.clone(),
+                };
+                Some(Arc::new(
+                    TokenSource::new(region, configured).map_err(KafkaSinkError::Token)?,
+                ))
+            }
+        };
         let status = common.status(KIND, secrets);
-        let client_config = client_config(cfg, &format!("ferry-{}", common.gateway_id));
+        let client_config = client_config(cfg, &conn, &format!("ferry-{}", common.gateway_id));
         let tracker = Arc::new(Tracker::default());
-        let producer =
-            create_producer(&client_config, &status, &tracker).map_err(KafkaSinkError::Producer)?;
+        let producer = create_producer(&client_config, &status, &tracker, &oauth)
+            .map_err(KafkaSinkError::Producer)?;
+        // What the preset derived (brokers, topic, codec) is what routing and the logs use.
+        let cfg = KafkaUplink {
+            brokers: conn.brokers,
+            topic: conn.topic,
+            compression: conn.compression,
+            ..cfg.clone()
+        };
         Ok(KafkaSink {
-            cfg: cfg.clone(),
+            router: Arc::new(Router::new(&cfg)),
+            cfg,
             client_config,
+            oauth,
             producer,
             tracker,
-            router: Arc::new(Router::new(cfg)),
             common,
             status,
         })
@@ -266,6 +427,7 @@ impl KafkaSink {
         let KafkaSink {
             cfg,
             client_config,
+            oauth,
             producer,
             tracker,
             router,
@@ -397,7 +559,7 @@ impl KafkaSink {
             if fatal {
                 retire(pump, producer).await;
                 (producer, pump) = loop {
-                    let started = create_producer(&client_config, &status, &tracker)
+                    let started = create_producer(&client_config, &status, &tracker, &oauth)
                         .map_err(|e| format!("cannot rebuild the Kafka producer: {e}"))
                         .map(Arc::new)
                         .and_then(|p| {

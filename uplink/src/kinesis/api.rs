@@ -1,7 +1,7 @@
 //! `PutRecords`: how a reading becomes a Kinesis record, and one signed request.
 
-use super::credentials::Chain;
-use super::sigv4::{self, Scope, Signable};
+use crate::aws::credentials::Chain;
+use crate::aws::sigv4::{self, Scope, Signable};
 use crate::batch::{BatchApi, RecordOutcome, RequestError, SendFuture};
 use crate::http::{HttpClient, Method, Request};
 use crate::kafka::routing::key_for;

@@ -43,21 +43,19 @@
 //! in [`credentials`]. Secrets never appear in logs, errors or the status page.
 
 mod api;
-pub mod credentials;
-pub mod sigv4;
 
 #[cfg(test)]
 mod tests;
 
 use crate::Common;
+use crate::aws::credentials::{Chain, Configured};
+use crate::aws::sigv4::Credentials;
 use crate::batch::{self, Window};
 use crate::retry::Retry;
 use crate::status::UplinkStatus;
 use api::{Kinesis, KinesisApi};
-use credentials::{Chain, Configured};
 use ferry_buffer::ReadError;
 use ferry_config::KinesisUplink;
-use sigv4::Credentials;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;

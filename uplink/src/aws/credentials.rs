@@ -1,4 +1,4 @@
-//! Where the Kinesis uplink's AWS credentials come from, in the order the AWS SDKs use:
+//! Where an AWS uplink's credentials come from, in the order the AWS SDKs use:
 //!
 //! 1. `access_key_id` + `secret_access_key` (+ `session_token`) in the uplink's table;
 //! 2. `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY` (+ `AWS_SESSION_TOKEN`);

@@ -1,4 +1,5 @@
-//! AWS Signature Version 4, for the requests of the Kinesis uplink (and any later AWS API).
+//! AWS Signature Version 4: the Kinesis uplink's request headers and the MSK IAM token's
+//! presigned URL.
 //!
 //! Written here on `ring` (HMAC-SHA256, SHA-256), which the tree already links for rustls,
 //! rather than with `aws-sigv4`, which would bring the smithy runtime crates into the edge
@@ -103,11 +104,92 @@ fn canonical_request(req: &Signable<'_>) -> (String, String) {
     (canonical, signed)
 }
 
+/// `YYYYMMDD/REGION/SERVICE/aws4_request`.
+fn credential_scope(scope: Scope<'_>) -> String {
+    let date = &scope.amz_date[..scope.amz_date.len().min(8)];
+    format!("{date}/{}/{}/aws4_request", scope.region, scope.service)
+}
+
 /// The value of the `Authorization` header for `req`.
 pub fn authorization(req: &Signable<'_>, scope: Scope<'_>, creds: &Credentials) -> String {
     let (canonical, signed_headers) = canonical_request(req);
+    let credential_scope = credential_scope(scope);
+    let signature = signature(&canonical, scope, creds);
+    format!(
+        "AWS4-HMAC-SHA256 Credential={}/{credential_scope}, SignedHeaders={signed_headers}, Signature={signature}",
+        creds.access_key_id
+    )
+}
+
+/// Percent-encodes `s` as SigV4 does: everything but `A-Z a-z 0-9 - _ . ~`.
+pub fn uri_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            let _ = write!(out, "%{b:02X}");
+        }
+    }
+    out
+}
+
+/// A presigned `GET https://HOST/` URL (authentication in the query string, valid for
+/// `expires_secs`): `params` first, then the `X-Amz-*` parameters, then `X-Amz-Signature`, in
+/// the order AWS's SDKs write them.
+pub fn presign_get(
+    host: &str,
+    params: &[(&str, &str)],
+    scope: Scope<'_>,
+    expires_secs: u64,
+    creds: &Credentials,
+) -> String {
+    let expires = expires_secs.to_string();
+    let credential = format!("{}/{}", creds.access_key_id, credential_scope(scope));
+    let mut all: Vec<(&str, &str)> = params.to_vec();
+    all.extend([
+        ("X-Amz-Algorithm", "AWS4-HMAC-SHA256"),
+        ("X-Amz-Credential", credential.as_str()),
+        ("X-Amz-Date", scope.amz_date),
+        ("X-Amz-Expires", expires.as_str()),
+        ("X-Amz-SignedHeaders", "host"),
+    ]);
+    if let Some(token) = &creds.session_token {
+        all.push(("X-Amz-Security-Token", token.as_str()));
+    }
+    let encoded: Vec<(String, String)> = all
+        .iter()
+        .map(|(k, v)| (uri_encode(k), uri_encode(v)))
+        .collect();
+    let mut sorted = encoded.clone();
+    sorted.sort();
+    let join = |pairs: &[(String, String)]| {
+        pairs
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join("&")
+    };
+    let canonical_query = join(&sorted);
+    let headers = [("host", host)];
+    let (canonical, _) = canonical_request(&Signable {
+        method: "GET",
+        path: "/",
+        query: &canonical_query,
+        headers: &headers,
+        body: b"",
+    });
+    let signature = signature(&canonical, scope, creds);
+    format!(
+        "https://{host}/?{}&X-Amz-Signature={signature}",
+        join(&encoded)
+    )
+}
+
+/// The hex signature of a canonical request.
+fn signature(canonical: &str, scope: Scope<'_>, creds: &Credentials) -> String {
     let date = &scope.amz_date[..scope.amz_date.len().min(8)];
-    let credential_scope = format!("{date}/{}/{}/aws4_request", scope.region, scope.service);
+    let credential_scope = credential_scope(scope);
     let string_to_sign = format!(
         "AWS4-HMAC-SHA256\n{}\n{credential_scope}\n{}",
         scope.amz_date,
@@ -120,11 +202,7 @@ pub fn authorization(req: &Signable<'_>, scope: Scope<'_>, creds: &Credentials) 
     let k_region = hmac(k_date.as_ref(), scope.region.as_bytes());
     let k_service = hmac(k_region.as_ref(), scope.service.as_bytes());
     let k_signing = hmac(k_service.as_ref(), b"aws4_request");
-    let signature = hex(hmac(k_signing.as_ref(), string_to_sign.as_bytes()).as_ref());
-    format!(
-        "AWS4-HMAC-SHA256 Credential={}/{credential_scope}, SignedHeaders={signed_headers}, Signature={signature}",
-        creds.access_key_id
-    )
+    hex(hmac(k_signing.as_ref(), string_to_sign.as_bytes()).as_ref())
 }
 
 /// `x-amz-date` for a Unix time in seconds.
