@@ -112,6 +112,7 @@ mod tests;
 pub use error::{ConfigError, ConfigErrorKind, ConfigErrors};
 pub use load::{
     ENV_PREFIX, IGNORED_ENV_VARS, env_var_name, key_paths, load, load_from_env, load_str,
+    redacted_toml,
 };
 pub use model::*;
 pub use validate::{

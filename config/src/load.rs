@@ -429,6 +429,34 @@ fn plain_message(message: &str) -> String {
     }
 }
 
+/// `settings` as the TOML of its `[uplinks.NAME]` table, every default filled in and every
+/// secret shown as `"***"`: what `ferry check-config --explain` prints.
+pub fn redacted_toml(name: &str, settings: &UplinkSettings) -> String {
+    fn redact(table: &mut Table) {
+        for (key, value) in table.iter_mut() {
+            match value {
+                Value::String(s) if is_secret_key(key) && !s.is_empty() => *s = "***".into(),
+                Value::Table(t) => redact(t),
+                Value::Array(items) => {
+                    for item in items {
+                        if let Value::Table(t) = item {
+                            redact(t);
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    let mut table = Table::try_from(settings).unwrap_or_default();
+    redact(&mut table);
+    let mut uplinks = Table::new();
+    uplinks.insert(name.to_owned(), Value::Table(table));
+    let mut root = Table::new();
+    root.insert("uplinks".to_owned(), Value::Table(uplinks));
+    toml::to_string(&root).unwrap_or_default()
+}
+
 /// Keys holding a secret ([`crate::Secret`] values, and password hashes).
 fn is_secret_key(key: &str) -> bool {
     matches!(

@@ -22,6 +22,11 @@ pub enum Command {
     CheckConfig {
         /// The TOML file to check (FERRY_* environment overrides apply too).
         file: PathBuf,
+        /// Also print what each uplink will use: its keys with every default filled in,
+        /// what a Kafka `cloud` preset derived, and the librdkafka properties. Secrets are
+        /// shown as ***.
+        #[arg(long)]
+        explain: bool,
     },
     /// Inspect or repair a buffer, stopped or running.
     #[command(subcommand)]

@@ -71,10 +71,13 @@ pub fn main() -> ExitCode {
                 }
             }
         }
-        Command::CheckConfig { file } => match ferry_config::load_from_env(Some(&file)) {
+        Command::CheckConfig { file, explain } => match ferry_config::load_from_env(Some(&file)) {
             Ok(config) => {
                 for w in config.warnings() {
                     eprintln!("{}: warning: {w}", file.display());
+                }
+                if explain {
+                    print!("{}", ferry_uplink::explain(&config));
                 }
                 println!("{}: ok", file.display());
                 ExitCode::SUCCESS

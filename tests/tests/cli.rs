@@ -39,6 +39,60 @@ fn check_config_accepts_the_example_and_lists_every_error_with_exit_64() {
 }
 
 #[test]
+fn check_config_explain_shows_what_a_cloud_preset_derived_without_secrets() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("clouds.toml");
+    std::fs::write(
+        &file,
+        r#"
+[gateway]
+id = "site-7"
+
+[uplinks.azure]
+type = "kafka"
+cloud = "event-hubs"
+connection_string = "Endpoint=sb://my-ns.servicebus.windows.net/;SharedAccessKeyName=send;SharedAccessKey=TOPSECRETKEY=;EntityPath=readings"
+
+[uplinks.confluent]
+type = "kafka"
+cloud = "confluent"
+brokers = "pkc-1.eu-west-1.aws.confluent.cloud:9092"
+api_key = "KEY7"
+api_secret = "TOPSECRETAPI"
+"#,
+    )
+    .unwrap();
+    let (code, out, err) = Ferry::cli(&["check-config", file.to_str().unwrap(), "--explain"]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    for want in [
+        "[uplinks.azure]",
+        "brokers = \"my-ns.servicebus.windows.net:9093\"",
+        "topic = \"readings\"",
+        "compression = \"gzip\"",
+        "idempotent = false",
+        "connection_string = \"***\"",
+        "#   sasl.username = $ConnectionString",
+        "#   sasl.password = ***",
+        "#   max.in.flight.requests.per.connection = 1",
+        "[uplinks.confluent]",
+        "api_secret = \"***\"",
+        "#   sasl.username = KEY7",
+        "#   enable.idempotence = true",
+    ] {
+        assert!(out.contains(want), "missing {want:?} in:\n{out}");
+    }
+    assert!(
+        !out.contains("TOPSECRET") && !err.contains("TOPSECRET"),
+        "{out}\n{err}"
+    );
+
+    // Without --explain, only the verdict.
+    let (code, out, _) = Ferry::cli(&["check-config", file.to_str().unwrap()]);
+    assert_eq!(code, 0);
+    assert!(!out.contains("librdkafka"), "{out}");
+}
+
+#[test]
 fn run_refuses_a_bad_config_with_exit_64_before_binding() {
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("bad.toml");

@@ -217,6 +217,64 @@ pub fn from_config(config: &Config, buffer: &Buffer) -> Result<Vec<Box<dyn Uplin
     Ok(out)
 }
 
+/// What each uplink of `config` will use, for `ferry check-config --explain`: its table with
+/// every default filled in, then for Kafka uplinks what the `cloud` preset derived and the
+/// librdkafka properties the producer gets. Secrets are shown as `***`. Call it on a
+/// validated config.
+pub fn explain(config: &Config) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    if config.uplinks.is_empty() {
+        out.push_str("No uplink is configured: ferry only buffers readings.\n");
+    }
+    for (name, settings) in &config.uplinks {
+        if !settings.enabled {
+            let _ = writeln!(out, "# enabled = false: not started");
+        }
+        let mut shown = settings.clone();
+        let mut kafka_notes = String::new();
+        if let UplinkKind::Kafka(k) = &mut shown.kind {
+            match k.connection() {
+                Err(problems) => {
+                    for p in problems {
+                        let _ = writeln!(kafka_notes, "# invalid: {} {}", p.key, p.message);
+                    }
+                }
+                Ok(conn) => {
+                    if let Some(cloud) = k.cloud {
+                        let _ = writeln!(kafka_notes, "# derived by cloud = {:?}:", cloud.as_str());
+                        for note in &conn.notes {
+                            let _ = writeln!(kafka_notes, "#   {note}");
+                        }
+                    }
+                    let cc = kafka::config::client_config(
+                        k,
+                        &conn,
+                        &format!("ferry-{}", config.gateway.id),
+                    );
+                    let _ = writeln!(kafka_notes, "# librdkafka properties of the producer:");
+                    for (key, value) in kafka::config::explain(&cc) {
+                        let _ = writeln!(kafka_notes, "#   {key} = {value}");
+                    }
+                    // Show the effective values, not the defaults a preset replaced.
+                    k.brokers = conn.brokers;
+                    k.topic = conn.topic;
+                    k.compression = conn.compression;
+                    k.security_protocol = conn.security_protocol;
+                    k.idempotent = Some(conn.idempotent);
+                }
+            }
+        }
+        out.push_str(&ferry_config::redacted_toml(name, &shown));
+        if let UplinkKind::Mqtt(m) = &settings.kind {
+            let _ = writeln!(out, "# client_id = {:?}", config.mqtt_client_id(name, m));
+        }
+        out.push_str(&kafka_notes);
+        out.push('\n');
+    }
+    out
+}
+
 fn boxed<U, E>(built: Result<U, E>) -> Result<Box<dyn Uplink>, UplinkError>
 where
     U: Uplink + 'static,
