@@ -20,8 +20,10 @@
 //!   sends again. Readings sent again are
 //!   counted (`resent_total`); each may be a duplicate upstream.
 //! - **Permanent failures of one reading** ([`ErrorClass::Permanent`]: message too large,
-//!   invalid record, topic authorization failed, …): the reading goes to the dead-letter table
-//!   with the reason, and the stream moves on.
+//!   invalid record, policy violation, …): the reading goes to the dead-letter table with the
+//!   reason, and the stream moves on. A missing topic or a refused authorization is not the
+//!   reading's fault but the cloud side's configuration: it is transient, with a status line
+//!   that says what to fix, and the readings wait in the buffer.
 //! - **Fatal producer errors** (`fatal_error()`): the producer is rebuilt.
 //!
 //! ## Record layout, `delivery = "reading"` (default)

@@ -312,10 +312,8 @@ pub fn classify(e: &KafkaError) -> ErrorClass {
             | C::InvalidRecord
             | C::InvalidMessage
             | C::InvalidTimestamp
-            | C::TopicAuthorizationFailed
             | C::PolicyViolation
-            | C::UnsupportedForMessageFormat
-            | C::UnknownTopic,
+            | C::UnsupportedForMessageFormat,
         ) => ErrorClass::Permanent,
         Some(C::Fatal) => ErrorClass::Fatal,
         _ => ErrorClass::Transient,

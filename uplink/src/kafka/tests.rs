@@ -491,6 +491,43 @@ async fn injected_produce_errors_are_retried_from_the_buffer() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_authorization_waits_in_the_buffer_with_a_readable_line() {
+    let mock = Mock::new(1).unwrap();
+    mock.create_topic("readings", 1, 1).unwrap();
+    // The broker refuses the topic for a while (an ACL or IAM policy fixed later).
+    mock.request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED; 4],
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let buffer = open_buffer(dir.path(), Compression::Gzip { level: 1 });
+    let cfg = uplink(&mock.bootstrap_servers());
+    let run = start(&cfg, &buffer, Duration::from_secs(2));
+    let rs: Vec<Reading> = (0..10)
+        .map(|i| reading("dev-1", "t", format!("a-{i}")))
+        .collect();
+    buffer.append(rs).await.unwrap();
+    let mut lines = Vec::new();
+    wait_until("the refusal on the status", Duration::from_secs(10), || {
+        lines.extend(run.status.snapshot().last_error);
+        lines
+            .iter()
+            .any(|l| l.contains("do not let ferry write to the topic"))
+    })
+    .await;
+    wait_empty(&buffer, &run.status, Duration::from_secs(15)).await;
+    wait_acked(&run.status, 10).await;
+    let snap = run.status.snapshot();
+    assert_eq!(snap.dead_lettered_total, 0, "{snap:?}");
+    assert!(snap.retried_total >= 1, "{snap:?}");
+    run.stop().await;
+    let recs = consume(&mock.bootstrap_servers(), &[("readings", 1)], 10).await;
+    let ids: HashSet<&str> = recs.iter().map(|r| r.h("ferry-id")).collect();
+    assert_eq!(ids.len(), 10);
+    buffer.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_permanently_refused_reading_is_dead_lettered_and_the_rest_flows() {
     let mock = Mock::new(1).unwrap();
     mock.create_topic("readings", 1, 1).unwrap();
@@ -696,9 +733,9 @@ fn error_classes() {
     use rdkafka::error::{KafkaError, RDKafkaErrorCode as C};
     let p = |c| classify(&KafkaError::MessageProduction(c));
     assert_eq!(p(C::MessageSizeTooLarge), ErrorClass::Permanent);
-    assert_eq!(p(C::TopicAuthorizationFailed), ErrorClass::Permanent);
+    assert_eq!(p(C::TopicAuthorizationFailed), ErrorClass::Transient);
     assert_eq!(p(C::InvalidRecord), ErrorClass::Permanent);
-    assert_eq!(p(C::UnknownTopic), ErrorClass::Permanent);
+    assert_eq!(p(C::UnknownTopic), ErrorClass::Transient);
     assert_eq!(p(C::MessageTimedOut), ErrorClass::Transient);
     assert_eq!(p(C::NotEnoughReplicas), ErrorClass::Transient);
     assert_eq!(p(C::UnknownTopicOrPartition), ErrorClass::Transient);

@@ -23,10 +23,29 @@ pub(crate) fn outcome(result: Result<(), &KafkaError>) -> Outcome {
         Err(e) => match classify(e) {
             ErrorClass::Permanent => Outcome::Refused(e.to_string()),
             class => Outcome::Failed(Failure {
-                message: format!("delivery failed: {e}"),
+                message: failure_line(e),
                 fatal: class == ErrorClass::Fatal,
             }),
         },
+    }
+}
+
+/// The status line of a failed delivery. A missing topic or a refused authorization is the
+/// cloud side's configuration, not the reading's fault: it is retried (the readings wait in
+/// the buffer until the topic or the permission exists), with a line that says what to fix.
+fn failure_line(e: &KafkaError) -> String {
+    use rdkafka::error::RDKafkaErrorCode as C;
+    match e.rdkafka_error_code() {
+        Some(C::UnknownTopic | C::UnknownTopicOrPartition) => format!(
+            "the topic does not exist on the brokers: create it, or check topic and routes ({e})"
+        ),
+        Some(C::TopicAuthorizationFailed) => format!(
+            "the brokers do not let ferry write to the topic: check its ACLs or IAM policy ({e})"
+        ),
+        Some(C::ClusterAuthorizationFailed) => {
+            format!("the brokers do not let ferry produce (idempotent write permission?): {e}")
+        }
+        _ => format!("delivery failed: {e}"),
     }
 }
 
