@@ -159,9 +159,10 @@ pub fn parse_event_hubs(s: &str) -> Result<EventHubsString, String> {
     let mut entity_path = None;
     for part in s.trim().split(';').map(str::trim).filter(|p| !p.is_empty()) {
         let Some((k, v)) = part.split_once('=') else {
-            return Err(format!(
+            return Err(
                 "is not a connection string: a part has no '=' (expected Endpoint=sb://NAMESPACE.servicebus.windows.net/;SharedAccessKeyName=…;SharedAccessKey=…)"
-            ));
+                    .to_owned(),
+            );
         };
         match k.trim().to_ascii_lowercase().as_str() {
             "endpoint" => endpoint = Some(v.trim().to_owned()),
@@ -182,7 +183,7 @@ pub fn parse_event_hubs(s: &str) -> Result<EventHubsString, String> {
             "Endpoint must be sb://NAMESPACE.servicebus.windows.net/, got {endpoint:?}"
         ));
     }
-    if !sas && !(key_name && key) {
+    if !(sas || key_name && key) {
         return Err(
             "has no credentials: it needs SharedAccessKeyName and SharedAccessKey (or SharedAccessSignature)"
                 .into(),
