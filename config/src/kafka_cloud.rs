@@ -71,6 +71,14 @@ impl KafkaCloud {
         }
     }
 
+    /// The preset a preset-only key belongs to.
+    fn owner_of(key: &str) -> &'static str {
+        Self::ALL
+            .into_iter()
+            .find(|c| c.own_keys().contains(&key))
+            .map_or("", KafkaCloud::as_str)
+    }
+
     const ALL: [KafkaCloud; 3] = [
         KafkaCloud::EventHubs,
         KafkaCloud::MskIam,
@@ -248,10 +256,7 @@ impl KafkaUplink {
         let set = self.set_keys();
         let Some(cloud) = self.cloud else {
             for key in set {
-                let owner = KafkaCloud::ALL
-                    .into_iter()
-                    .find(|c| c.own_keys().contains(&key))
-                    .map_or("", KafkaCloud::as_str);
+                let owner = KafkaCloud::owner_of(key);
                 problems.push(problem(
                     key,
                     format!("is only used with cloud = \"{owner}\""),
@@ -290,10 +295,7 @@ impl KafkaUplink {
         let name = cloud.as_str();
         for key in set {
             if !cloud.own_keys().contains(&key) {
-                let owner = KafkaCloud::ALL
-                    .into_iter()
-                    .find(|c| c.own_keys().contains(&key))
-                    .map_or("", KafkaCloud::as_str);
+                let owner = KafkaCloud::owner_of(key);
                 problems.push(problem(
                     key,
                     format!("belongs to cloud = \"{owner}\", not cloud = \"{name}\""),
