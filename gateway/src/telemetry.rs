@@ -1,6 +1,8 @@
-//! Logging setup: tracing to stderr, as text or JSON (journald picks either up).
+//! Logging setup: tracing to stderr, as text (colours only when stderr is a terminal) or
+//! JSON (journald picks either up).
 
 use ferry_config::{GatewaySettings, LogFormat};
+use std::io::IsTerminal as _;
 use tracing_subscriber::EnvFilter;
 
 /// Installs the global subscriber. `FERRY_LOG` (an `EnvFilter` directive) overrides
@@ -11,8 +13,10 @@ pub fn init(gw: &GatewaySettings) {
         .and_then(|f| EnvFilter::try_new(f).ok())
         .or_else(|| EnvFilter::try_new(&gw.log_level).ok())
         .unwrap_or_else(|| EnvFilter::new("info"));
+    // Colour only for a person at a terminal: a file, a pipe or journald gets plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     let _ = match gw.log_format {
         LogFormat::Json => builder.json().try_init(),

@@ -50,3 +50,19 @@ fn ferry_notifies_systemd_and_feeds_the_watchdog() {
     }
     assert!(stopping, "no STOPPING=1 after SIGTERM");
 }
+
+/// A log that goes to a file (or a pipe, or journald's stream) has no colour codes: they are
+/// for a person at a terminal only.
+#[test]
+fn a_log_written_to_a_file_has_no_escape_codes() {
+    let mut ferry = Ferry::start("");
+    let start = Instant::now();
+    while !ferry.log().contains("No uplink") && start.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    ferry.terminate(Duration::from_secs(5));
+    let log = ferry.log();
+    assert!(log.lines().count() >= 2, "{log}");
+    assert!(log.contains("No uplink"), "{log}");
+    assert!(!log.contains('\u{1b}'), "ESC in the log:\n{log:?}");
+}
