@@ -31,7 +31,16 @@ fn artifacts_dir() -> PathBuf {
 /// Runs headless Chromium with `args` plus the flags that keep it offline and quiet; returns
 /// stdout. Killed after 90 s.
 fn chromium(profile: &Path, args: &[&str]) -> String {
-    let mut child = Command::new("chromium")
+    chromium_in_tz(profile, args, None)
+}
+
+/// [`chromium`] with the browser's time zone set (`TZ`).
+fn chromium_in_tz(profile: &Path, args: &[&str], tz: Option<&str>) -> String {
+    let mut cmd = Command::new("chromium");
+    if let Some(tz) = tz {
+        cmd.env("TZ", tz);
+    }
+    let mut child = cmd
         .args([
             "--headless",
             "--no-sandbox",
@@ -297,4 +306,55 @@ max_backoff_ms = 1000
     traffic.await.unwrap();
     drop(ferry);
     drop(mock);
+}
+
+/// Every time the page shows is in the browser's time zone, with its UTC offset; the server's
+/// UTC time in the headline is not shown as such.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_page_shows_one_time_zone_the_browsers() {
+    if !require_tool("chromium", "status_page_shows_one_time_zone_the_browsers") {
+        return;
+    }
+    // An upstream nobody listens on: data is not getting out, so the headline has a time.
+    let ferry = Ferry::start(
+        "[uplinks.kafka]\ntype = \"kafka\"\nbrokers = \"127.0.0.1:1\"\ninitial_backoff_ms = 100\nmax_backoff_ms = 200\n",
+    );
+    let base = ferry.http_url();
+    let v = wait_status(&base, "data is not getting out", |v| {
+        v["summary"]["not_out_since_ms"].is_u64()
+    })
+    .await;
+    assert!(
+        v["summary"]["headline"].as_str().unwrap().contains(" UTC"),
+        "the API's headline says UTC: {v:#}"
+    );
+    let profile = tempfile::tempdir().unwrap();
+    let url = format!("{base}/");
+    let p = profile.path().to_path_buf();
+    let dom = blocking(move || {
+        chromium_in_tz(
+            &p,
+            &["--virtual-time-budget=4000", "--dump-dom", &url],
+            Some("Asia/Kolkata"),
+        )
+    })
+    .await;
+    let headline = text_of(&dom, "headline");
+    let since = text_of(&dom, "since");
+    let updated = text_of(&dom, "updated");
+    for (what, text) in [
+        ("headline", &headline),
+        ("since", &since),
+        ("updated", &updated),
+    ] {
+        assert!(
+            text.contains("UTC+05:30"),
+            "{what} without the offset: {text:?}"
+        );
+        assert_eq!(
+            text.matches("UTC").count(),
+            text.matches("UTC+05:30").count(),
+            "{what} shows another zone: {text:?}"
+        );
+    }
 }

@@ -247,6 +247,9 @@ pub struct DeadLetters {
 pub struct MqttInfo {
     /// Clients connected now.
     pub connected_clients: i64,
+    /// Times a connection stopped reading its socket because the readings received and not
+    /// yet committed reached `mqtt.max_pending_bytes` (a slow disk), since start.
+    pub read_pauses_total: u64,
 }
 
 /// The device table.
@@ -651,6 +654,7 @@ pub async fn collect(st: &StatusState, device_limit: usize) -> StatusReport {
         },
         mqtt: hub.mqtt().map(|m| MqttInfo {
             connected_clients: m.connected_clients(),
+            read_pauses_total: m.read_pauses(),
         }),
         devices,
         disk,
