@@ -218,3 +218,23 @@ pub enum AckError {
     #[error("buffer is shut down")]
     Closed,
 }
+
+/// Why [`crate::Inspector::consistent`] has no view.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum InspectError {
+    /// The file could not be opened.
+    #[error(transparent)]
+    Open(OpenError),
+    /// It was opened, but reading it failed.
+    #[error(transparent)]
+    Read(ReadError),
+    /// The running gateway committed during every attempt.
+    #[error(
+        "the running gateway committed while the file was read, {attempts} times in a row; try again"
+    )]
+    Busy {
+        /// Attempts made.
+        attempts: usize,
+    },
+}

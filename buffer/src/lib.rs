@@ -82,13 +82,15 @@ pub mod segment;
 mod store;
 mod writer;
 
-pub use error::{AckError, AppendError, OpenError, ReadError, StorageFailure, StorageFailureKind};
+pub use error::{
+    AckError, AppendError, InspectError, OpenError, ReadError, StorageFailure, StorageFailureKind,
+};
 pub use reader::{Reader, Segment};
 pub use reading::{Reading, Source, now_ms};
 pub use segment::Compression;
 pub use store::{BackendFactory, FILE_NAME, FORMAT_VERSION, QUARANTINE_DIR};
 
-use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata};
+use redb::{ReadableTable, ReadableTableMetadata};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -734,11 +736,55 @@ fn list_dead(
     Ok(out)
 }
 
-/// Read-only access to a buffer file, for `ferry buffer stats|verify|dead-letter list` on a
-/// stopped gateway (a running one holds the file exclusively; see [`OpenError::InUse`]).
+/// Read-only access to a buffer file, for `ferry buffer stats|verify|dead-letter list`, that
+/// never changes the file:
+///
+/// - a file closed cleanly is opened read-only ([`FileState::Closed`]);
+/// - a file that was not (ferry was killed, or the power cut) is opened through an in-memory
+///   overlay on which redb repairs it, as ferry will on start ([`FileState::NotClosedCleanly`]);
+/// - the file of a running gateway, which holds it exclusively, is opened through the same
+///   overlay ([`FileState::InUse`]). Its writer may commit meanwhile; a commit rewrites the
+///   file's header, so the view is taken again (up to [`Inspector::ATTEMPTS`] times) until the
+///   header is the same before and after reading, which means no commit landed in between
+///   (a commit in progress writes only pages the last commit does not use).
+///
+/// The overlay holds what the repair writes: roughly the allocator state, a few MB for a large
+/// file; the repair reads the whole file once, which takes a while for gigabytes on an SD card.
 pub struct Inspector {
-    db: redb::ReadOnlyDatabase,
+    db: InspectDb,
     path: PathBuf,
+    state: FileState,
+}
+
+/// How the file was found by an [`Inspector`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileState {
+    /// Closed cleanly by the last gateway.
+    Closed,
+    /// Not closed cleanly; ferry repairs it on start. The figures are from the repaired view.
+    NotClosedCleanly,
+    /// In use by a running gateway; the figures are from the moment of reading.
+    InUse,
+}
+
+enum InspectDb {
+    ReadOnly(redb::ReadOnlyDatabase),
+    Overlay(redb::Database),
+}
+
+impl store::Readable for InspectDb {
+    fn begin(&self) -> Result<redb::ReadTransaction, redb::Error> {
+        match self {
+            InspectDb::ReadOnly(db) => db.begin(),
+            InspectDb::Overlay(db) => db.begin(),
+        }
+    }
+}
+
+impl InspectDb {
+    fn begin_read(&self) -> Result<redb::ReadTransaction, redb::Error> {
+        store::Readable::begin(self)
+    }
 }
 
 impl std::fmt::Debug for Inspector {
@@ -790,12 +836,69 @@ pub struct StoredStats {
 }
 
 impl Inspector {
-    /// Opens `data_dir/buffer.redb` read-only.
+    /// How often a view of a running gateway's file is taken before giving up.
+    pub const ATTEMPTS: usize = 5;
+
+    /// Opens `data_dir/buffer.redb` without changing it (see the type's docs).
     pub fn open(data_dir: &Path) -> Result<Inspector, OpenError> {
-        let db = store::open_read_only(data_dir, 4 << 20)?;
+        let path = data_dir.to_path_buf();
+        let state = match store::open_read_only(data_dir, 4 << 20) {
+            Ok(db) => {
+                return Ok(Inspector {
+                    db: InspectDb::ReadOnly(db),
+                    path,
+                    state: FileState::Closed,
+                });
+            }
+            Err(OpenError::InUse { .. }) => FileState::InUse,
+            Err(OpenError::Storage { source, .. })
+                if source.kind == error::StorageFailureKind::Corrupted =>
+            {
+                FileState::NotClosedCleanly
+            }
+            Err(e) => return Err(e),
+        };
+        let db = store::open_overlay(data_dir, 4 << 20)?;
         Ok(Inspector {
-            db,
-            path: data_dir.to_path_buf(),
+            db: InspectDb::Overlay(db),
+            path,
+            state,
+        })
+    }
+
+    /// How the file was found.
+    pub fn state(&self) -> FileState {
+        self.state
+    }
+
+    /// Runs `read` on a consistent view: once for a file nobody writes; for a running
+    /// gateway's file, until its header is the same before and after (see the type's docs).
+    pub fn consistent<T>(
+        data_dir: &Path,
+        read: impl Fn(&Inspector) -> Result<T, ReadError>,
+    ) -> Result<(T, FileState), InspectError> {
+        let header = || store::file_header(data_dir);
+        for _ in 0..Self::ATTEMPTS {
+            let before = header().map_err(|e| {
+                InspectError::Open(OpenError::DataDir {
+                    path: data_dir.join(FILE_NAME),
+                    source: e,
+                })
+            })?;
+            let ins = Inspector::open(data_dir).map_err(InspectError::Open)?;
+            let out = read(&ins);
+            if ins.state != FileState::InUse {
+                return Ok((out.map_err(InspectError::Read)?, ins.state));
+            }
+            drop(ins);
+            if header().ok() == Some(before)
+                && let Ok(out) = out
+            {
+                return Ok((out, FileState::InUse));
+            }
+        }
+        Err(InspectError::Busy {
+            attempts: Self::ATTEMPTS,
         })
     }
 

@@ -433,3 +433,151 @@ impl Readable for redb::ReadOnlyDatabase {
         Ok(self.begin_read()?)
     }
 }
+
+/// A buffer file as redb may repair it without changing it: reads come from the file, writes
+/// stay in memory, in blocks of [`Overlay::BLOCK`] bytes copied on first write. It takes no
+/// lock, so it also opens the file of a running gateway (see [`crate::Inspector`] for how a
+/// consistent view is made sure of).
+#[derive(Debug)]
+pub(crate) struct Overlay {
+    file: std::fs::File,
+    /// The file's length when opened: what lies beyond is zeros unless written.
+    file_len: u64,
+    len: std::sync::Mutex<u64>,
+    blocks: std::sync::Mutex<std::collections::HashMap<u64, Box<[u8]>>>,
+}
+
+impl Overlay {
+    const BLOCK: u64 = 4096;
+
+    pub(crate) fn new(path: &Path) -> std::io::Result<Overlay> {
+        let file = std::fs::File::open(path)?;
+        let file_len = file.metadata()?.len();
+        Ok(Overlay {
+            file,
+            file_len,
+            len: std::sync::Mutex::new(file_len),
+            blocks: std::sync::Mutex::default(),
+        })
+    }
+
+    /// Block `b` as the file has it (zeros past its end).
+    fn base_block(&self, b: u64) -> std::io::Result<Box<[u8]>> {
+        use std::os::unix::fs::FileExt as _;
+        let mut out = vec![0u8; Self::BLOCK as usize].into_boxed_slice();
+        let start = b * Self::BLOCK;
+        if start < self.file_len {
+            let n = (self.file_len - start).min(Self::BLOCK) as usize;
+            self.file.read_exact_at(&mut out[..n], start)?;
+        }
+        Ok(out)
+    }
+}
+
+impl redb::StorageBackend for Overlay {
+    fn len(&self) -> Result<u64, std::io::Error> {
+        Ok(*self.len.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), std::io::Error> {
+        if offset + out.len() as u64 > self.len()? {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "read past the end",
+            ));
+        }
+        let blocks = self.blocks.lock().unwrap_or_else(|p| p.into_inner());
+        let mut done = 0usize;
+        while done < out.len() {
+            let pos = offset + done as u64;
+            let (b, within) = (pos / Self::BLOCK, (pos % Self::BLOCK) as usize);
+            let n = (Self::BLOCK as usize - within).min(out.len() - done);
+            match blocks.get(&b) {
+                Some(block) => out[done..done + n].copy_from_slice(&block[within..within + n]),
+                None => {
+                    let block = self.base_block(b)?;
+                    out[done..done + n].copy_from_slice(&block[within..within + n]);
+                }
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    fn set_len(&self, len: u64) -> Result<(), std::io::Error> {
+        let mut cur = self.len.lock().unwrap_or_else(|p| p.into_inner());
+        if len < *cur {
+            // Forget what lies past the new end, so growing again reads zeros.
+            let mut blocks = self.blocks.lock().unwrap_or_else(|p| p.into_inner());
+            let first = len / Self::BLOCK;
+            blocks.retain(|b, _| *b < first);
+            if !len.is_multiple_of(Self::BLOCK) {
+                let mut block = match blocks.remove(&first) {
+                    Some(b) => b,
+                    None => self.base_block(first)?,
+                };
+                block[(len % Self::BLOCK) as usize..].fill(0);
+                blocks.insert(first, block);
+            }
+            for b in first + 1..=self.file_len / Self::BLOCK {
+                blocks.insert(b, vec![0u8; Self::BLOCK as usize].into_boxed_slice());
+            }
+        }
+        *cur = len;
+        Ok(())
+    }
+
+    fn sync_data(&self) -> Result<(), std::io::Error> {
+        Ok(())
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) -> Result<(), std::io::Error> {
+        let mut blocks = self.blocks.lock().unwrap_or_else(|p| p.into_inner());
+        let mut done = 0usize;
+        while done < data.len() {
+            let pos = offset + done as u64;
+            let (b, within) = (pos / Self::BLOCK, (pos % Self::BLOCK) as usize);
+            let n = (Self::BLOCK as usize - within).min(data.len() - done);
+            let block = match blocks.entry(b) {
+                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::hash_map::Entry::Vacant(e) => e.insert(self.base_block(b)?),
+            };
+            block[within..within + n].copy_from_slice(&data[done..done + n]);
+            done += n;
+        }
+        Ok(())
+    }
+}
+
+/// Opens the buffer file through an [`Overlay`]: redb repairs it in memory if it was not
+/// closed cleanly, and the file itself is never written.
+pub(crate) fn open_overlay(data_dir: &Path, cache_bytes: usize) -> Result<Database, OpenError> {
+    let path = data_dir.join(FILE_NAME);
+    let overlay = Overlay::new(&path).map_err(|e| OpenError::DataDir {
+        path: path.clone(),
+        source: e,
+    })?;
+    builder(cache_bytes)
+        .create_with_backend(overlay)
+        .map_err(|e| match classify_open_error(e, &path) {
+            Attempt::Fatal(e) => e,
+            Attempt::Corrupt(m) => OpenError::Storage {
+                path: path.clone(),
+                source: StorageFailure {
+                    kind: StorageFailureKind::Corrupted,
+                    message: m,
+                },
+            },
+        })
+}
+
+/// The first bytes of the buffer file, which hold redb's header: they change with every
+/// commit.
+pub(crate) fn file_header(data_dir: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read as _;
+    let mut out = Vec::with_capacity(8192);
+    std::fs::File::open(data_dir.join(FILE_NAME))?
+        .take(8192)
+        .read_to_end(&mut out)?;
+    Ok(out)
+}

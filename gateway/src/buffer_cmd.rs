@@ -1,8 +1,12 @@
-//! `ferry buffer stats|verify|dead-letter list|requeue`.
+//! `ferry buffer stats|verify|dead-letter list|requeue|repair`.
+//!
+//! The read-only commands never change the file, whether ferry runs, was killed, or stopped
+//! cleanly ([`Inspector`] says how); they say on stderr which of the three it was.
 
 use crate::cli::{BufferCommand, DataDirArg, DeadLetterCommand};
-use ferry_buffer::{Buffer, BufferOptions, Inspector};
+use ferry_buffer::{Buffer, BufferOptions, FileState, Inspector};
 use std::fmt::Write as _;
+use std::path::Path;
 
 /// Why a buffer command failed.
 #[derive(Debug, thiserror::Error)]
@@ -14,6 +18,9 @@ pub enum BufferCmdError {
     /// Reading failed.
     #[error(transparent)]
     Read(#[from] ferry_buffer::ReadError),
+    /// No consistent view of the file.
+    #[error(transparent)]
+    Inspect(#[from] ferry_buffer::InspectError),
     /// Writing failed.
     #[error(transparent)]
     Write(#[from] ferry_buffer::AckError),
@@ -26,15 +33,19 @@ pub enum BufferCmdError {
 pub fn run(cmd: BufferCommand) -> Result<u8, BufferCmdError> {
     match cmd {
         BufferCommand::Stats(dir) => {
-            let ins = Inspector::open(&dir.data_dir)?;
-            let st = ins.stats()?;
-            let lags: Vec<(String, ferry_buffer::Lag)> = st
-                .cursors
-                .keys()
-                .map(|c| Ok((c.clone(), ins.lag(c)?)))
-                .collect::<Result<_, ferry_buffer::ReadError>>()?;
+            let ((st, lags), state) = Inspector::consistent(&dir.data_dir, |ins| {
+                let st = ins.stats()?;
+                let lags: Vec<(String, ferry_buffer::Lag)> = st
+                    .cursors
+                    .keys()
+                    .map(|c| Ok((c.clone(), ins.lag(c)?)))
+                    .collect::<Result<_, ferry_buffer::ReadError>>()?;
+                Ok((st, lags))
+            })?;
+            say_state(&dir.data_dir, state);
             if dir.json {
                 let v = serde_json::json!({
+                    "file_state": state_name(state),
                     "format_version": st.format_version,
                     "readings": st.readings,
                     "segments": st.segments,
@@ -93,7 +104,8 @@ pub fn run(cmd: BufferCommand) -> Result<u8, BufferCmdError> {
             Ok(0)
         }
         BufferCommand::Verify(dir) => {
-            let rep = Inspector::open(&dir.data_dir)?.verify()?;
+            let (rep, state) = Inspector::consistent(&dir.data_dir, Inspector::verify)?;
+            say_state(&dir.data_dir, state);
             if dir.json {
                 println!(
                     "{}",
@@ -114,7 +126,9 @@ pub fn run(cmd: BufferCommand) -> Result<u8, BufferCmdError> {
             Ok(if rep.problems.is_empty() { 0 } else { 1 })
         }
         BufferCommand::DeadLetter(DeadLetterCommand::List { dir, limit, after }) => {
-            let list = Inspector::open(&dir.data_dir)?.dead_letters(after, limit)?;
+            let (list, state) =
+                Inspector::consistent(&dir.data_dir, |ins| ins.dead_letters(after, limit))?;
+            say_state(&dir.data_dir, state);
             print_dead(&dir, &list);
             Ok(0)
         }
@@ -138,6 +152,59 @@ pub fn run(cmd: BufferCommand) -> Result<u8, BufferCmdError> {
             println!("{n} dead letters requeued");
             Ok(0)
         }
+        BufferCommand::Repair(dir) => {
+            let state = Inspector::open(&dir.data_dir)?.state();
+            if state == FileState::Closed {
+                println!(
+                    "{}: closed cleanly, nothing to repair",
+                    buffer_file(&dir.data_dir)
+                );
+                return Ok(0);
+            }
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(async {
+                // Opening for writing repairs (or quarantines a file beyond repair); no
+                // consumer and no cap, so nothing is acked or evicted.
+                let opts = BufferOptions {
+                    max_bytes: u64::MAX,
+                    when_full: ferry_buffer::WhenFull::Reject,
+                    ..BufferOptions::default()
+                };
+                let buf = Buffer::open(&dir.data_dir, opts)?;
+                buf.close().await;
+                Ok::<_, BufferCmdError>(())
+            })?;
+            println!("{}: repaired", buffer_file(&dir.data_dir));
+            Ok(0)
+        }
+    }
+}
+
+fn buffer_file(data_dir: &Path) -> String {
+    data_dir.join(ferry_buffer::FILE_NAME).display().to_string()
+}
+
+fn state_name(state: FileState) -> &'static str {
+    match state {
+        FileState::Closed => "closed",
+        FileState::NotClosedCleanly => "not_closed_cleanly",
+        FileState::InUse => "in_use",
+    }
+}
+
+/// One line on stderr when the file was not simply closed.
+fn say_state(data_dir: &Path, state: FileState) {
+    let file = buffer_file(data_dir);
+    match state {
+        FileState::Closed => {}
+        FileState::NotClosedCleanly => eprintln!(
+            "{file}: not closed cleanly; ferry will repair it on start (`ferry buffer repair` does it now). These figures come from a repaired copy in memory; the file is unchanged."
+        ),
+        FileState::InUse => eprintln!(
+            "{file}: in use by a running ferry; these figures are from the moment of reading, and the file is unchanged."
+        ),
     }
 }
 

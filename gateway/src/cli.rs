@@ -93,11 +93,15 @@ pub struct RunArgs {
 /// `ferry buffer …`
 #[derive(Debug, Subcommand)]
 pub enum BufferCommand {
-    /// Counters, cursors and backlog of a buffer (read-only; works while ferry runs).
+    /// Counters, cursors and backlog of a buffer. Read-only: works while ferry runs and after a
+    /// crash, and never changes the file.
     Stats(DataDirArg),
-    /// Decode every segment and dead letter and check checksums and counters (read-only).
-    /// Exits 1 if a problem is found.
+    /// Decode every segment and dead letter and check checksums and counters. Read-only, like
+    /// `stats`. Exits 1 if a problem is found.
     Verify(DataDirArg),
+    /// Repair a buffer that was not closed cleanly, as ferry does on start (a file beyond
+    /// repair is moved aside into quarantine). The gateway must be stopped.
+    Repair(DataDirArg),
     /// Dead-letter table.
     #[command(subcommand)]
     DeadLetter(DeadLetterCommand),
@@ -106,7 +110,7 @@ pub enum BufferCommand {
 /// `ferry buffer dead-letter …`
 #[derive(Debug, Subcommand)]
 pub enum DeadLetterCommand {
-    /// List dead letters (read-only).
+    /// List dead letters (read-only, like `stats`).
     List {
         #[command(flatten)]
         dir: DataDirArg,

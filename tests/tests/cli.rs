@@ -225,3 +225,89 @@ fn a_second_gateway_on_the_same_data_dir_is_refused_clearly() {
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("already open in another process"), "{err}");
 }
+
+/// A digest of the buffer file, to show the inspection commands leave it as it was.
+fn file_digest(data_dir: &str) -> (u64, u64) {
+    use std::hash::{Hash, Hasher};
+    let bytes =
+        std::fs::read(std::path::Path::new(data_dir).join(ferry_buffer::FILE_NAME)).unwrap();
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    bytes.hash(&mut h);
+    (bytes.len() as u64, h.finish())
+}
+
+fn post_readings(ferry: &Ferry, n: usize) {
+    let items: Vec<String> = (0..n)
+        .map(|i| format!(r#"{{"topic":"site/a","device":"d1","payload":{{"i":{i}}}}}"#))
+        .collect();
+    let body = format!("[{}]", items.join(","));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let status = rt.block_on(async {
+        reqwest::Client::new()
+            .post(format!("{}/v1/readings", ferry.http_url()))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap()
+            .status()
+    });
+    assert_eq!(status.as_u16(), 202);
+}
+
+fn stats_json(d: &str) -> (serde_json::Value, String) {
+    let (code, out, err) = Ferry::cli(&["buffer", "stats", "--data-dir", d, "--json"]);
+    assert_eq!(code, 0, "stats: {out}\n{err}");
+    (serde_json::from_str(&out).unwrap(), err)
+}
+
+#[test]
+fn buffer_inspection_works_while_running_and_after_sigkill_without_changing_the_file() {
+    let mut ferry = Ferry::start("");
+    let d = ferry.data_dir_str();
+    post_readings(&ferry, 40);
+
+    // While ferry runs (it holds the file exclusively): figures of the moment, file unchanged.
+    let (v, err) = stats_json(&d);
+    assert_eq!(v["file_state"], "in_use", "{v:#}");
+    assert_eq!(v["readings"], 40, "{v:#}");
+    assert!(err.contains("in use by a running ferry"), "{err}");
+    let (code, out, _) = Ferry::cli(&["buffer", "verify", "--data-dir", &d]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("40 readings checked"), "{out}");
+    post_readings(&ferry, 10);
+    let (v, _) = stats_json(&d);
+    assert_eq!(v["readings"], 50, "{v:#}");
+
+    // After SIGKILL: the file was not closed; the commands work on a repaired copy in memory.
+    ferry.kill();
+    let before = file_digest(&d);
+    let (v, err) = stats_json(&d);
+    assert_eq!(v["file_state"], "not_closed_cleanly", "{v:#}");
+    assert_eq!(v["readings"], 50, "{v:#}");
+    assert!(err.contains("ferry will repair it on start"), "{err}");
+    let (code, out, _) = Ferry::cli(&["buffer", "verify", "--data-dir", &d]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("50 readings checked") && out.contains("ok"),
+        "{out}"
+    );
+    let (code, out, err) = Ferry::cli(&["buffer", "dead-letter", "list", "--data-dir", &d]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert_eq!(file_digest(&d), before, "the inspection changed the file");
+
+    // `repair` does what ferry does on start; then the file reads as closed.
+    let (code, out, err) = Ferry::cli(&["buffer", "repair", "--data-dir", &d]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(out.contains("repaired"), "{out}");
+    let (v, err) = stats_json(&d);
+    assert_eq!(v["file_state"], "closed", "{v:#}\n{err}");
+    assert_eq!(v["readings"], 50, "{v:#}");
+    assert!(err.is_empty(), "{err}");
+    let (code, out, _) = Ferry::cli(&["buffer", "repair", "--data-dir", &d]);
+    assert_eq!(code, 0);
+    assert!(out.contains("nothing to repair"), "{out}");
+}
