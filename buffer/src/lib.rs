@@ -750,6 +750,11 @@ fn list_dead(
 ///
 /// The overlay holds what the repair writes: roughly the allocator state, a few MB for a large
 /// file; the repair reads the whole file once, which takes a while for gigabytes on an SD card.
+///
+/// A view torn by a commit usually fails to repair, or panics in redb, and is taken again; but
+/// a torn view can also make redb panic while unwinding, which aborts the process. So read a
+/// file in use ([`Inspector::in_use`]) in a process of its own and try again if it dies, as
+/// `ferry buffer` does.
 pub struct Inspector {
     db: InspectDb,
     path: PathBuf,
@@ -866,6 +871,14 @@ impl Inspector {
         })
     }
 
+    /// Whether a running gateway holds the file (cheap: one open attempt, no repair).
+    pub fn in_use(data_dir: &Path) -> bool {
+        matches!(
+            store::open_read_only(data_dir, 1 << 20),
+            Err(OpenError::InUse { .. })
+        )
+    }
+
     /// How the file was found.
     pub fn state(&self) -> FileState {
         self.state
@@ -885,12 +898,22 @@ impl Inspector {
                     source: e,
                 })
             })?;
-            let ins = Inspector::open(data_dir).map_err(InspectError::Open)?;
-            let out = read(&ins);
-            if ins.state != FileState::InUse {
-                return Ok((out.map_err(InspectError::Read)?, ins.state));
+            // A view torn by a commit can make redb's repair panic on the overlay: that view
+            // is dropped (nothing of it is shared) and taken again.
+            let attempt = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                let ins = Inspector::open(data_dir)?;
+                Ok::<_, OpenError>((ins.state, read(&ins)))
+            }));
+            let Ok(opened) = attempt else { continue };
+            let (state, out) = match opened {
+                Ok(o) => o,
+                // A torn view of a running gateway's file may also fail to repair cleanly.
+                Err(_) if Inspector::in_use(data_dir) => continue,
+                Err(e) => return Err(InspectError::Open(e)),
+            };
+            if state != FileState::InUse {
+                return Ok((out.map_err(InspectError::Read)?, state));
             }
-            drop(ins);
             if header().ok() == Some(before)
                 && let Ok(out) = out
             {

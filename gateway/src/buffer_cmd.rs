@@ -29,8 +29,71 @@ pub enum BufferCmdError {
     Runtime(#[from] std::io::Error),
 }
 
+/// Set in the child process that reads a running gateway's file.
+const CHILD_ENV: &str = "FERRY_INSPECT_CHILD";
+/// Exit code of that child when every view was torn by a commit (EX_TEMPFAIL).
+const EXIT_TORN: u8 = 75;
+/// Child processes tried before giving up.
+const CHILD_ATTEMPTS: usize = 4;
+
 /// Runs a buffer command, printing to stdout. Returns the exit code.
 pub fn run(cmd: BufferCommand) -> Result<u8, BufferCmdError> {
+    let read_only_dir = match &cmd {
+        BufferCommand::Stats(d) | BufferCommand::Verify(d) => Some(&d.data_dir),
+        BufferCommand::DeadLetter(DeadLetterCommand::List { dir, .. }) => Some(&dir.data_dir),
+        BufferCommand::DeadLetter(DeadLetterCommand::Requeue { .. }) | BufferCommand::Repair(_) => {
+            None
+        }
+    };
+    if let Some(dir) = read_only_dir
+        && std::env::var_os(CHILD_ENV).is_none()
+        && Inspector::in_use(dir)
+    {
+        return in_child();
+    }
+    if std::env::var_os(CHILD_ENV).is_some() {
+        // redb's panics on a torn view are expected here and retried: keep them off stderr.
+        std::panic::set_hook(Box::new(|_| {}));
+    }
+    run_here(cmd).or_else(|e| match e {
+        BufferCmdError::Inspect(ferry_buffer::InspectError::Busy { .. })
+            if std::env::var_os(CHILD_ENV).is_some() =>
+        {
+            Ok(EXIT_TORN)
+        }
+        e => Err(e),
+    })
+}
+
+/// Runs this same command in a child process, again if it dies: a view of a running
+/// gateway's file torn by a commit can abort redb (see [`Inspector`]), and that must cost
+/// only an attempt, not the command.
+fn in_child() -> Result<u8, BufferCmdError> {
+    use std::io::Write as _;
+    let exe = std::env::current_exe()?;
+    let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    for _ in 0..CHILD_ATTEMPTS {
+        let out = std::process::Command::new(&exe)
+            .args(&args)
+            .env(CHILD_ENV, "1")
+            .stdin(std::process::Stdio::null())
+            .output()?;
+        match out.status.code() {
+            Some(code) if code != i32::from(EXIT_TORN) && code != 101 => {
+                std::io::stdout().write_all(&out.stdout)?;
+                std::io::stderr().write_all(&out.stderr)?;
+                return Ok(u8::try_from(code).unwrap_or(1));
+            }
+            _ => {}
+        }
+    }
+    eprintln!(
+        "ferry buffer: the file changed while it was read (a running gateway committing), {CHILD_ATTEMPTS} times in a row; try again"
+    );
+    Ok(EXIT_TORN)
+}
+
+fn run_here(cmd: BufferCommand) -> Result<u8, BufferCmdError> {
     match cmd {
         BufferCommand::Stats(dir) => {
             let ((st, lags), state) = Inspector::consistent(&dir.data_dir, |ins| {

@@ -237,6 +237,10 @@ fn file_digest(data_dir: &str) -> (u64, u64) {
 }
 
 fn post_readings(ferry: &Ferry, n: usize) {
+    post_readings_to(&ferry.http_url(), n);
+}
+
+fn post_readings_to(url: &str, n: usize) {
     let items: Vec<String> = (0..n)
         .map(|i| format!(r#"{{"topic":"site/a","device":"d1","payload":{{"i":{i}}}}}"#))
         .collect();
@@ -247,7 +251,7 @@ fn post_readings(ferry: &Ferry, n: usize) {
         .unwrap();
     let status = rt.block_on(async {
         reqwest::Client::new()
-            .post(format!("{}/v1/readings", ferry.http_url()))
+            .post(format!("{url}/v1/readings"))
             .header("content-type", "application/json")
             .body(body)
             .send()
@@ -282,17 +286,60 @@ fn buffer_inspection_works_while_running_and_after_sigkill_without_changing_the_
     let (v, _) = stats_json(&d);
     assert_eq!(v["readings"], 50, "{v:#}");
 
+    // Under a steady stream of commits, each view is whole: a sum of whole requests of 40
+    // readings, never going back, and verifying clean.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let (stop, url) = (stop.clone(), ferry.http_url());
+        std::thread::spawn(move || {
+            let mut posted = 0;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                post_readings_to(&url, 40);
+                posted += 40;
+            }
+            posted
+        })
+    };
+    let mut last = 50;
+    for round in 0..8 {
+        let (code, out, err) = Ferry::cli(&["buffer", "stats", "--data-dir", &d, "--json"]);
+        if code == 75 {
+            assert!(err.contains("try again"), "{err}");
+            continue;
+        }
+        assert_eq!(code, 0, "round {round}: {out}\n{err}");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let n = v["readings"].as_u64().unwrap();
+        assert_eq!((n - 50) % 40, 0, "a torn view: {n}");
+        assert!(n >= last, "went back: {n} < {last}");
+        last = n;
+        let (code, out, err) = Ferry::cli(&["buffer", "verify", "--data-dir", &d]);
+        assert!(code == 0 || code == 75, "{out}\n{err}");
+        if code == 0 {
+            assert!(out.ends_with("ok\n"), "{out}");
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let posted = load.join().unwrap();
+    assert!(
+        last > 50 && posted > 0,
+        "the views saw the load: {last}, {posted}"
+    );
+    let (v, _) = stats_json(&d);
+    let total = v["readings"].as_u64().unwrap();
+    assert_eq!(total, 50 + posted, "{v:#}");
+
     // After SIGKILL: the file was not closed; the commands work on a repaired copy in memory.
     ferry.kill();
     let before = file_digest(&d);
     let (v, err) = stats_json(&d);
     assert_eq!(v["file_state"], "not_closed_cleanly", "{v:#}");
-    assert_eq!(v["readings"], 50, "{v:#}");
+    assert_eq!(v["readings"], total, "{v:#}");
     assert!(err.contains("ferry will repair it on start"), "{err}");
     let (code, out, _) = Ferry::cli(&["buffer", "verify", "--data-dir", &d]);
     assert_eq!(code, 0, "{out}");
     assert!(
-        out.contains("50 readings checked") && out.contains("ok"),
+        out.contains(&format!("{total} readings checked")) && out.contains("ok"),
         "{out}"
     );
     let (code, out, err) = Ferry::cli(&["buffer", "dead-letter", "list", "--data-dir", &d]);
@@ -305,7 +352,7 @@ fn buffer_inspection_works_while_running_and_after_sigkill_without_changing_the_
     assert!(out.contains("repaired"), "{out}");
     let (v, err) = stats_json(&d);
     assert_eq!(v["file_state"], "closed", "{v:#}\n{err}");
-    assert_eq!(v["readings"], 50, "{v:#}");
+    assert_eq!(v["readings"], total, "{v:#}");
     assert!(err.is_empty(), "{err}");
     let (code, out, _) = Ferry::cli(&["buffer", "repair", "--data-dir", &d]);
     assert_eq!(code, 0);
