@@ -736,6 +736,97 @@ fn list_dead(
     Ok(out)
 }
 
+/// The `HELP` text and unit of every metric the buffer emits.
+pub fn describe_metrics() {
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_gauge!(
+        "ferry_buffer_readings",
+        Unit::Count,
+        "Readings in the buffer (not yet acked by every uplink)."
+    );
+    describe_gauge!(
+        "ferry_buffer_segments",
+        Unit::Count,
+        "Segments (group commits) in the buffer."
+    );
+    describe_gauge!(
+        "ferry_buffer_bytes",
+        Unit::Bytes,
+        "Stored bytes counted against buffer.max_bytes: segments plus dead letters."
+    );
+    describe_gauge!("ferry_buffer_max_bytes", Unit::Bytes, "buffer.max_bytes.");
+    describe_gauge!(
+        "ferry_buffer_dead_letters",
+        Unit::Count,
+        "Readings in the dead-letter table."
+    );
+    describe_counter!(
+        "ferry_buffer_commits_total",
+        Unit::Count,
+        "Group commits that returned from fsync."
+    );
+    describe_counter!(
+        "ferry_buffer_commit_errors_total",
+        Unit::Count,
+        "Group commits that failed (their readings were handed back, not acknowledged)."
+    );
+    describe_histogram!(
+        "ferry_buffer_commit_duration_seconds",
+        Unit::Seconds,
+        "Duration of a group commit, fsync included."
+    );
+    describe_histogram!(
+        "ferry_buffer_readings_per_commit",
+        Unit::Count,
+        "Readings per group commit."
+    );
+    describe_counter!(
+        "ferry_buffer_readings_appended_total",
+        Unit::Count,
+        "Readings committed to the buffer."
+    );
+    describe_counter!(
+        "ferry_buffer_readings_acked_total",
+        Unit::Count,
+        "Readings deleted after every uplink that takes them acked them."
+    );
+    describe_counter!(
+        "ferry_buffer_raw_bytes_total",
+        Unit::Bytes,
+        "Bytes of readings before compression, committed."
+    );
+    describe_counter!(
+        "ferry_buffer_stored_bytes_total",
+        Unit::Bytes,
+        "Bytes of segments as stored (after compression), committed."
+    );
+    describe_counter!(
+        "ferry_buffer_corrupt_segments_total",
+        Unit::Count,
+        "Segments that failed their checksum when read, moved to the dead-letter table."
+    );
+    describe_counter!(
+        "ferry_buffer_quarantined_total",
+        Unit::Count,
+        "Buffer files found corrupt at open and moved aside."
+    );
+    describe_counter!(
+        "ferry_readings_dropped_total",
+        Unit::Count,
+        "Readings deleted without an upstream ack, by reason (buffer_full, ttl, dead_letter_evicted)."
+    );
+    describe_counter!(
+        "ferry_readings_rejected_total",
+        Unit::Count,
+        "New readings refused and not acknowledged, by reason (buffer_full, storage)."
+    );
+    describe_counter!(
+        "ferry_readings_dead_lettered_total",
+        Unit::Count,
+        "Readings moved to the dead-letter table, by consumer."
+    );
+}
+
 /// Read-only access to a buffer file, for `ferry buffer stats|verify|dead-letter list`, that
 /// never changes the file:
 ///

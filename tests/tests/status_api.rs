@@ -300,3 +300,112 @@ async fn ferry_status_needs_the_token_when_one_is_set() {
     assert!(out.contains("kafka"), "{out}");
     assert_no_secret("ferry status", &out);
 }
+
+/// Every metric explains itself: Debian's `promtool check metrics` finds nothing to say about
+/// `/metrics` (every series has HELP text, counters end in `_total`, units in names), and the
+/// alert rules and their unit tests in deploy/prometheus pass `promtool`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_and_alert_rules_pass_promtool() {
+    if !ferry_tests::require_tool("promtool", "metrics_and_alert_rules_pass_promtool") {
+        return;
+    }
+    let ferry = Ferry::start(
+        "[uplinks.kafka]\ntype = \"kafka\"\nbrokers = \"127.0.0.1:1\"\ninitial_backoff_ms = 100\n",
+    );
+    let base = ferry.http_url();
+    let http = reqwest::Client::new();
+    let resp = http
+        .post(format!("{base}/v1/readings"))
+        .json(&serde_json::json!([{"topic": "a/b", "payload": 1}]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 202);
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let text = http
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let helps = text
+        .lines()
+        .filter(|l| l.starts_with("# HELP ferry_"))
+        .count();
+    assert!(helps >= 30, "{helps} HELP lines:\n{text}");
+    let run = |args: &[&str], stdin: Option<&str>| {
+        use std::io::Write as _;
+        let mut child = std::process::Command::new("promtool")
+            .args(args)
+            .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        if let Some(s) = stdin {
+            child.stdin.take().unwrap().write_all(s.as_bytes()).unwrap();
+        } else {
+            drop(child.stdin.take());
+        }
+        let out = child.wait_with_output().unwrap();
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    };
+    let (ok, out) = run(&["check", "metrics"], Some(&text));
+    assert!(
+        ok && out.trim().is_empty(),
+        "promtool check metrics:\n{out}"
+    );
+    let (ok, out) = run(
+        &["check", "rules", "deploy/prometheus/ferry-alerts.yml"],
+        None,
+    );
+    assert!(ok, "promtool check rules:\n{out}");
+    let (ok, out) = run(
+        &["test", "rules", "deploy/prometheus/ferry-alerts.test.yml"],
+        None,
+    );
+    assert!(ok, "promtool test rules:\n{out}");
+
+    // The Grafana dashboard is JSON and asks only for metrics that exist (described in code).
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    let described: String = [
+        "gateway/src/status/metrics.rs",
+        "buffer/src/lib.rs",
+        "uplink/src/status.rs",
+    ]
+    .iter()
+    .map(|f| std::fs::read_to_string(format!("{root}/{f}")).unwrap())
+    .collect();
+    let dash =
+        std::fs::read_to_string(format!("{root}/deploy/grafana/ferry-dashboard.json")).unwrap();
+    let _: Value = serde_json::from_str(&dash).expect("the dashboard is JSON");
+    let rules =
+        std::fs::read_to_string(format!("{root}/deploy/prometheus/ferry-alerts.yml")).unwrap();
+    for text in [&dash, &rules] {
+        for (i, _) in text.match_indices("ferry_") {
+            let name: String = text[i..]
+                .chars()
+                .take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_')
+                .collect();
+            let base = ["_bucket", "_sum", "_count"]
+                .iter()
+                .fold(name.as_str(), |n, s| n.strip_suffix(s).unwrap_or(n));
+            if base.len() > "ferry_".len() {
+                assert!(
+                    described.contains(&format!("(\"{base}\"")),
+                    "{base} is queried but no metric of that name is described"
+                );
+            }
+        }
+    }
+}

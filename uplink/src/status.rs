@@ -3,18 +3,8 @@
 //! [`UplinkStatus`] is cheap to clone (an `Arc`); the uplink task records events on it and the
 //! status page calls [`UplinkStatus::snapshot`] (and adds the buffer lag, the ETA and the
 //! stalled decision itself, in the gateway's status module). Counters are also emitted as
-//! metrics, per event batch:
-//!
-//! | metric                                   | kind    | meaning                                   |
-//! |------------------------------------------|---------|-------------------------------------------|
-//! | `ferry_uplink_acked_total{uplink}`       | counter | readings confirmed upstream and acked     |
-//! | `ferry_uplink_skipped_total{uplink}`     | counter | readings the uplink's `topics` do not take |
-//! | `ferry_uplink_retries_total{uplink}`     | counter | transient failures that led to a retry    |
-//! | `ferry_uplink_throttled_total{uplink}`   | counter | records the upstream refused for its rate |
-//! | `ferry_uplink_dead_lettered_total{uplink}` | counter | readings moved to the dead-letter table |
-//! | `ferry_uplink_resent_total{uplink}`      | counter | readings sent again after a retry         |
-//! | `ferry_uplink_in_flight_readings{uplink}`| gauge   | readings handed to the producer, unacked  |
-//! | `ferry_uplink_state{uplink}`             | gauge   | 0 connecting, 1 connected, 2 backing_off, 3 offline |
+//! metrics, per event batch; [`describe_metrics`] holds what each one means (the `HELP` text
+//! on `/metrics`).
 
 use ferry_buffer::now_ms;
 use serde::Serialize;
@@ -465,4 +455,48 @@ mod tests {
         let v = serde_json::to_value(s.snapshot()).unwrap();
         assert_eq!(v["state"], "offline");
     }
+}
+
+/// The `HELP` text and unit of every metric the uplinks emit (labels: `uplink`).
+pub fn describe_metrics() {
+    use metrics::{Unit, describe_counter, describe_gauge};
+    describe_counter!(
+        "ferry_uplink_acked_total",
+        Unit::Count,
+        "Readings the upstream confirmed and the uplink acked in the buffer."
+    );
+    describe_counter!(
+        "ferry_uplink_skipped_total",
+        Unit::Count,
+        "Readings the uplink's topics filter does not take, acked without sending."
+    );
+    describe_counter!(
+        "ferry_uplink_retries_total",
+        Unit::Count,
+        "Transient delivery failures that led to a retry."
+    );
+    describe_counter!(
+        "ferry_uplink_throttled_total",
+        Unit::Count,
+        "Records the upstream refused for its rate and that were sent again."
+    );
+    describe_counter!(
+        "ferry_uplink_dead_lettered_total",
+        Unit::Count,
+        "Readings the upstream refused for good, moved to the dead-letter table."
+    );
+    describe_counter!(
+        "ferry_uplink_resent_total",
+        Unit::Count,
+        "Readings sent again after a retry (each may be a duplicate upstream)."
+    );
+    describe_gauge!(
+        "ferry_uplink_in_flight_readings",
+        Unit::Count,
+        "Readings sent and not yet confirmed by the upstream."
+    );
+    describe_gauge!(
+        "ferry_uplink_state",
+        "Link state: 0 connecting, 1 connected, 2 backing off, 3 offline."
+    );
 }

@@ -7,24 +7,8 @@
 //! here, just before each render, from the same report as `/api/status`, so every figure of the
 //! status page has a series:
 //!
-//! | metric | kind | meaning |
-//! |---|---|---|
-//! | `ferry_gateway_info{gateway,version}` | gauge | always 1 |
-//! | `ferry_uptime_seconds` | gauge | since the gateway started |
-//! | `ferry_ready` | gauge | 1 when `/readyz` answers 200 |
-//! | `ferry_buffer_readings`, `ferry_buffer_bytes`, `ferry_buffer_max_bytes`, `ferry_buffer_dead_letters` | gauge | buffer fill (also set by the writer per commit) |
-//! | `ferry_buffer_oldest_reading_age_seconds` | gauge | age of the oldest buffered reading (0 when empty) |
-//! | `ferry_buffer_writable` | gauge | 1 if the last commit succeeded |
-//! | `ferry_buffer_quarantined_files` | gauge | corrupt buffer files moved aside |
-//! | `ferry_uplink_info{uplink,type}` | gauge | 1 for each enabled uplink: its name and type |
-//! | `ferry_uplink_lag_readings{uplink}`, `ferry_uplink_lag_bytes{uplink}` | gauge | unsent backlog |
-//! | `ferry_uplink_oldest_unsent_age_seconds{uplink}` | gauge | age of the oldest unsent reading |
-//! | `ferry_uplink_drain_readings_per_second{uplink}` | gauge | acks per second over 10 s |
-//! | `ferry_uplink_eta_seconds{uplink}` | gauge | time to drain at that rate (0 when empty, NaN when unknown) |
-//! | `ferry_uplink_last_ack_timestamp_seconds{uplink}` | gauge | Unix time of the last ack |
-//! | `ferry_uplink_stalled{uplink}` | gauge | 1 when connected, data waits, no ack for `status.stalled_after_secs` |
-//! | `ferry_devices_tracked` | gauge | devices in the status table |
-//! | `ferry_disk_free_bytes`, `ferry_disk_total_bytes` | gauge | file system of `gateway.data_dir` |
+//! What each metric means is its `HELP` text, written once in [`describe`] (and in
+//! `ferry_buffer::describe_metrics` and `ferry_uplink::status::describe_metrics` for theirs).
 //!
 //! The recorder is installed once per process ([`install`]); later calls return the same
 //! handle, so unit tests and several gateways in one process are fine.
@@ -39,7 +23,12 @@ static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 /// was installed first (only possible when ferry is embedded), `/metrics` still answers, empty.
 pub fn install() -> &'static PrometheusHandle {
     HANDLE.get_or_init(|| match PrometheusBuilder::new().install_recorder() {
-        Ok(h) => h,
+        Ok(h) => {
+            describe();
+            ferry_buffer::describe_metrics();
+            ferry_uplink::status::describe_metrics();
+            h
+        }
         Err(e) => {
             tracing::warn!(error = %e, "Another metrics recorder was installed first; /metrics stays empty in this process.");
             PrometheusBuilder::new().build_recorder().handle()
@@ -107,4 +96,133 @@ pub fn render(report: &StatusReport) -> String {
         metrics::gauge!("ferry_disk_total_bytes").set(d.total_bytes as f64);
     }
     handle.render()
+}
+
+/// The `HELP` text and unit of every metric the gateway emits itself.
+pub fn describe() {
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_gauge!(
+        "ferry_gateway_info",
+        "Always 1; labels gateway (the gateway id) and version."
+    );
+    describe_gauge!(
+        "ferry_uptime_seconds",
+        Unit::Seconds,
+        "Time since the gateway started."
+    );
+    describe_gauge!(
+        "ferry_ready",
+        "1 when /readyz answers 200 (listeners bound, buffer writable)."
+    );
+    describe_gauge!(
+        "ferry_buffer_oldest_reading_age_seconds",
+        Unit::Seconds,
+        "Age of the oldest buffered reading; 0 when the buffer is empty."
+    );
+    describe_gauge!(
+        "ferry_buffer_writable",
+        "1 if the buffer's last commit succeeded, 0 if it failed (full disk, I/O error)."
+    );
+    describe_gauge!(
+        "ferry_buffer_quarantined_files",
+        Unit::Count,
+        "Corrupt buffer files moved aside into quarantine and still there."
+    );
+    describe_gauge!(
+        "ferry_uplink_info",
+        "1 for each enabled uplink; labels uplink (its name) and type."
+    );
+    describe_gauge!(
+        "ferry_uplink_lag_readings",
+        Unit::Count,
+        "Readings in the buffer the uplink has not yet had confirmed."
+    );
+    describe_gauge!(
+        "ferry_uplink_lag_bytes",
+        Unit::Bytes,
+        "Stored bytes of the readings the uplink has not yet had confirmed."
+    );
+    describe_gauge!(
+        "ferry_uplink_oldest_unsent_age_seconds",
+        Unit::Seconds,
+        "Age of the oldest reading the uplink has not yet had confirmed."
+    );
+    describe_gauge!(
+        "ferry_uplink_drain_readings_per_second",
+        "Readings the uplink had confirmed per second, over the last 10 s."
+    );
+    describe_gauge!(
+        "ferry_uplink_eta_seconds",
+        Unit::Seconds,
+        "Time to drain the uplink's backlog at its drain rate; 0 when empty, NaN when unknown."
+    );
+    describe_gauge!(
+        "ferry_uplink_last_ack_timestamp_seconds",
+        Unit::Seconds,
+        "Unix time of the uplink's last confirmed reading (absent before the first)."
+    );
+    describe_gauge!(
+        "ferry_uplink_stalled",
+        "1 when the uplink is connected, readings wait, and none was confirmed for status.stalled_after_secs."
+    );
+    describe_gauge!(
+        "ferry_devices_tracked",
+        Unit::Count,
+        "Devices in the status page's device table."
+    );
+    describe_gauge!(
+        "ferry_disk_free_bytes",
+        Unit::Bytes,
+        "Free bytes of the file system of gateway.data_dir."
+    );
+    describe_gauge!(
+        "ferry_disk_total_bytes",
+        Unit::Bytes,
+        "Size of the file system of gateway.data_dir."
+    );
+    describe_counter!(
+        "ferry_readings_received_total",
+        Unit::Count,
+        "Readings committed to the buffer and acknowledged to the device, by source (mqtt with qos, mqtt-will, http)."
+    );
+    describe_gauge!(
+        "ferry_mqtt_connections",
+        Unit::Count,
+        "MQTT clients connected now."
+    );
+    describe_counter!(
+        "ferry_mqtt_connects_total",
+        Unit::Count,
+        "MQTT connections accepted."
+    );
+    describe_counter!(
+        "ferry_mqtt_rejected_total",
+        Unit::Count,
+        "MQTT publishes or connections refused, by reason."
+    );
+    describe_counter!(
+        "ferry_mqtt_read_pauses_total",
+        Unit::Count,
+        "Times an MQTT connection stopped reading because uncommitted readings reached mqtt.max_pending_bytes."
+    );
+    describe_histogram!(
+        "ferry_mqtt_ack_latency_seconds",
+        Unit::Seconds,
+        "From an MQTT publish's arrival to its PUBACK/PUBREC (after the commit)."
+    );
+    describe_counter!(
+        "ferry_http_requests_total",
+        Unit::Count,
+        "HTTP requests answered, by status class."
+    );
+    describe_counter!(
+        "ferry_http_rejections_total",
+        Unit::Count,
+        "HTTP requests refused, by reason."
+    );
+    describe_histogram!(
+        "ferry_http_request_duration_seconds",
+        Unit::Seconds,
+        "From an HTTP request's arrival to its answer (after the commit for accepted readings)."
+    );
 }
