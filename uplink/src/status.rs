@@ -346,6 +346,50 @@ fn prune(window: &mut VecDeque<(Instant, u64)>, now: Instant) {
     }
 }
 
+/// The `HELP` text and unit of every metric the uplinks emit (labels: `uplink`).
+pub fn describe_metrics() {
+    use metrics::{Unit, describe_counter, describe_gauge};
+    describe_counter!(
+        "ferry_uplink_acked_total",
+        Unit::Count,
+        "Readings the upstream confirmed and the uplink acked in the buffer."
+    );
+    describe_counter!(
+        "ferry_uplink_skipped_total",
+        Unit::Count,
+        "Readings the uplink's topics filter does not take, acked without sending."
+    );
+    describe_counter!(
+        "ferry_uplink_retries_total",
+        Unit::Count,
+        "Transient delivery failures that led to a retry."
+    );
+    describe_counter!(
+        "ferry_uplink_throttled_total",
+        Unit::Count,
+        "Records the upstream refused for its rate and that were sent again."
+    );
+    describe_counter!(
+        "ferry_uplink_dead_lettered_total",
+        Unit::Count,
+        "Readings the upstream refused for good, moved to the dead-letter table."
+    );
+    describe_counter!(
+        "ferry_uplink_resent_total",
+        Unit::Count,
+        "Readings sent again after a retry (each may be a duplicate upstream)."
+    );
+    describe_gauge!(
+        "ferry_uplink_in_flight_readings",
+        Unit::Count,
+        "Readings sent and not yet confirmed by the upstream."
+    );
+    describe_gauge!(
+        "ferry_uplink_state",
+        "Link state: 0 connecting, 1 connected, 2 backing off, 3 offline."
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -455,48 +499,4 @@ mod tests {
         let v = serde_json::to_value(s.snapshot()).unwrap();
         assert_eq!(v["state"], "offline");
     }
-}
-
-/// The `HELP` text and unit of every metric the uplinks emit (labels: `uplink`).
-pub fn describe_metrics() {
-    use metrics::{Unit, describe_counter, describe_gauge};
-    describe_counter!(
-        "ferry_uplink_acked_total",
-        Unit::Count,
-        "Readings the upstream confirmed and the uplink acked in the buffer."
-    );
-    describe_counter!(
-        "ferry_uplink_skipped_total",
-        Unit::Count,
-        "Readings the uplink's topics filter does not take, acked without sending."
-    );
-    describe_counter!(
-        "ferry_uplink_retries_total",
-        Unit::Count,
-        "Transient delivery failures that led to a retry."
-    );
-    describe_counter!(
-        "ferry_uplink_throttled_total",
-        Unit::Count,
-        "Records the upstream refused for its rate and that were sent again."
-    );
-    describe_counter!(
-        "ferry_uplink_dead_lettered_total",
-        Unit::Count,
-        "Readings the upstream refused for good, moved to the dead-letter table."
-    );
-    describe_counter!(
-        "ferry_uplink_resent_total",
-        Unit::Count,
-        "Readings sent again after a retry (each may be a duplicate upstream)."
-    );
-    describe_gauge!(
-        "ferry_uplink_in_flight_readings",
-        Unit::Count,
-        "Readings sent and not yet confirmed by the upstream."
-    );
-    describe_gauge!(
-        "ferry_uplink_state",
-        "Link state: 0 connecting, 1 connected, 2 backing off, 3 offline."
-    );
 }
