@@ -127,3 +127,6 @@ pub const HTTP_UPLINK_MAX_INFLIGHT_REQUESTS: usize = 4;
 pub const HTTP_UPLINK_MAX_INFLIGHT_READINGS: usize = 5_000;
 /// Kinesis and Pub/Sub: the time one request may take.
 pub const HTTP_UPLINK_REQUEST_TIMEOUT_MS: u64 = 30_000;
+
+/// `status.log_summary_secs`.
+pub const LOG_SUMMARY_SECS: u64 = 300;

@@ -947,6 +947,10 @@ pub struct StatusSettings {
     /// Maximum number of devices tracked in the status report; the least recently seen are
     /// forgotten first. Default: 1000.
     pub max_devices: usize,
+    /// A log message that keeps repeating (an upstream that stays down, a device that keeps
+    /// reconnecting with a wrong password) is logged once, then at most once per this many
+    /// seconds with how often it came meanwhile. At least 1. Default: 300.
+    pub log_summary_secs: u64,
 }
 
 impl Default for StatusSettings {
@@ -956,6 +960,7 @@ impl Default for StatusSettings {
             token: None,
             stalled_after_secs: defaults::STALLED_AFTER_SECS,
             max_devices: defaults::MAX_DEVICES,
+            log_summary_secs: defaults::LOG_SUMMARY_SECS,
         }
     }
 }

@@ -471,6 +471,7 @@ impl Config {
         let s = &self.status;
         p.at_least("status.max_devices", s.max_devices as u64, 1);
         p.at_least("status.stalled_after_secs", s.stalled_after_secs, 1);
+        p.at_least("status.log_summary_secs", s.log_summary_secs, 1);
         if s.token.as_ref().is_some_and(|t| t.expose().is_empty()) {
             p.invalid("status.token", "must not be empty when set");
         }

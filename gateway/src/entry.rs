@@ -55,6 +55,9 @@ pub fn main() -> ExitCode {
                 }
             };
             telemetry::init(&config.gateway);
+            ferry_uplink::fold::set_summary_every(std::time::Duration::from_secs(
+                config.status.log_summary_secs,
+            ));
             for w in config.warnings() {
                 tracing::warn!(problem = %w, "The configuration has an unsafe setting; ferry runs anyway.");
             }

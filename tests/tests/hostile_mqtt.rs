@@ -567,3 +567,52 @@ fn a_client_that_stops_reading_is_cut_off() {
     f.assert_peak_below(PEAK_BOUND, "client that stops reading");
     assert_stored(&mut f, &["during-deaf".into(), "after-deaf".into()]);
 }
+
+/// A device that reconnects in a loop with a wrong password is refused every time, counted
+/// every time, and logged once, then once per `status.log_summary_secs` with a count.
+#[test]
+fn a_reconnect_loop_with_a_wrong_password_is_logged_once_then_summarised() {
+    let ferry = start(
+        "[[mqtt.users]]\nusername = \"dev\"\npassword = \"right-password\"\n\n[status]\nlog_summary_secs = 2\n",
+    );
+    let addr = ferry.addr("mqtt");
+    let attempt = |i: usize| {
+        let mut c = c4::Connect::new(format!("loop-{i}"));
+        c.set_login("dev", "wrong-password");
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        s.write_all(&encode(c4::Packet::Connect(c))).unwrap();
+        let (got, _) = read_until_closed(&mut s, Duration::from_secs(2));
+        // CONNACK, return code 4 (bad user name or password).
+        assert_eq!(
+            got.get(..4),
+            Some(&[0x20, 2, 0, 4][..]),
+            "attempt {i}: {got:?}"
+        );
+    };
+    for i in 0..40 {
+        attempt(i);
+    }
+    let count = |text: &str| ferry.log().matches(text).count();
+    assert_eq!(count("A CONNECT was refused"), 1, "{}", ferry.log());
+    assert_eq!(count("CONNECTs keep being refused"), 0, "{}", ferry.log());
+    // After the summary period, the next refusal brings one line with the count.
+    std::thread::sleep(Duration::from_millis(2100));
+    attempt(40);
+    let log = ferry.log();
+    assert_eq!(count("CONNECTs keep being refused"), 1, "{log}");
+    assert!(log.contains("repeats=40"), "{log}");
+    // Every refusal is still counted for the status page and metrics.
+    let rt = rt();
+    let st: serde_json::Value = rt.block_on(async {
+        reqwest::get(format!("{}/api/status", ferry.http_url()))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    });
+    let refused = st["losses"]["rejected"]["mqtt.bad_credentials"].as_u64();
+    assert_eq!(refused, Some(41), "{:#}", st["losses"]);
+}

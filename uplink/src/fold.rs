@@ -1,20 +1,34 @@
-//! Repeating messages from an upstream client (librdkafka reports "all brokers down" several
-//! times a second while a site's link is down): logged once when they change, then at most
-//! once per [`SUMMARY_EVERY`] with how often they came meanwhile. The status page keeps the
+//! Repeating messages (librdkafka reports "all brokers down" several times a second while a
+//! site's link is down; a device with a wrong password reconnects in a loop): logged once when
+//! they change, then at most once per summary period ([`summary_every`],
+//! `status.log_summary_secs`) with how often they came meanwhile. The status page keeps the
 //! latest text and the metrics every count, so folding the log loses no figure.
 
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-/// A message that keeps coming is logged again at most this often, with its count.
+/// The default summary period (`status.log_summary_secs`).
 pub const SUMMARY_EVERY: Duration = Duration::from_secs(300);
+
+static SUMMARY_SECS: AtomicU64 = AtomicU64::new(SUMMARY_EVERY.as_secs());
+
+/// Sets the summary period for the whole process (`status.log_summary_secs`, at start).
+pub fn set_summary_every(period: Duration) {
+    SUMMARY_SECS.store(period.as_secs().max(1), Ordering::Relaxed);
+}
+
+/// A message that keeps coming is logged again at most this often, with its count.
+pub fn summary_every() -> Duration {
+    Duration::from_secs(SUMMARY_SECS.load(Ordering::Relaxed))
+}
 
 /// What to log for a message.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Say {
+pub enum Say {
     /// A new message (not the same as the last one): log it.
     New,
-    /// The same message again after [`SUMMARY_EVERY`]: log it with how often it came since
+    /// The same message again after the summary period: log it with how often it came since
     /// it was last logged.
     Again(u64),
     /// The same message again: count it, log nothing.
@@ -34,7 +48,7 @@ const REMEMBERED: usize = 32;
 /// Folds the messages of one source. Messages are compared with their digits folded, since
 /// counts and times inside them vary ("1/1 brokers are down", "0/1 brokers are down").
 #[derive(Debug, Default)]
-pub(crate) struct Fold(Mutex<std::collections::HashMap<String, Seen>>);
+pub struct Fold(Mutex<std::collections::HashMap<String, Seen>>);
 
 /// `text` with each run of digits replaced by one `#`.
 fn key_of(text: &str) -> String {
@@ -51,7 +65,7 @@ fn key_of(text: &str) -> String {
 
 impl Fold {
     /// Notes `text` at `now` and says what to log.
-    pub(crate) fn note(&self, text: &str, now: Instant) -> Say {
+    pub fn note(&self, text: &str, now: Instant) -> Say {
         let mut seen = self.0.lock().unwrap_or_else(|p| p.into_inner());
         let key = key_of(text);
         let Some(s) = seen.get_mut(&key) else {
@@ -73,7 +87,7 @@ impl Fold {
             return Say::New;
         };
         s.repeats += 1;
-        if now.saturating_duration_since(s.logged_at) >= SUMMARY_EVERY {
+        if now.saturating_duration_since(s.logged_at) >= summary_every() {
             let n = s.repeats;
             s.repeats = 0;
             s.logged_at = now;

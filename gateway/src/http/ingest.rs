@@ -176,7 +176,16 @@ async fn commit(st: &HttpState, readings: Vec<Reading>) -> Result<Accepted, Inge
                 }
             }
             AppendError::Storage { .. } => {
-                tracing::warn!(readings = n, error = %e, "An HTTP request was refused because the buffer cannot write to disk.");
+                // Every request fails while the disk does: one line, then a summary per period.
+                static FOLD: std::sync::LazyLock<ferry_uplink::fold::Fold> =
+                    std::sync::LazyLock::new(ferry_uplink::fold::Fold::default);
+                match FOLD.note(&e.to_string(), std::time::Instant::now()) {
+                    ferry_uplink::fold::Say::New => tracing::warn!(readings = n, error = %e,
+                        "An HTTP request was refused because the buffer cannot write to disk."),
+                    ferry_uplink::fold::Say::Again(k) => tracing::warn!(readings = n, error = %e,
+                        repeats = k, "HTTP requests keep being refused: the buffer cannot write to disk."),
+                    ferry_uplink::fold::Say::Quiet => {}
+                }
                 IngestError::Unavailable {
                     kind: "buffer-storage",
                     detail: format!("{e}; retry after {retry_after_secs} s"),

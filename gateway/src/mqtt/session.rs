@@ -23,6 +23,7 @@ use super::stats::{MqttStats, reason};
 use bytes::{Buf, Bytes, BytesMut};
 use ferry_buffer::{AppendError, Buffer, Reading, Source, now_ms};
 use ferry_config::MqttSettings;
+use ferry_uplink::fold::Say;
 use futures_util::StreamExt;
 use futures_util::future::BoxFuture;
 use futures_util::stream::FuturesOrdered;
@@ -410,7 +411,13 @@ pub async fn serve<IO>(
     }
     if let Some((why, code, message)) = refusal {
         ctx.stats.rejected(why, 1);
-        tracing::info!(peer = %peer, client_id = %connect.client_id, reason = why, "A CONNECT was refused: {message}.");
+        match ctx.stats.fold_refusal(&format!("CONNECT {why}: {message}")) {
+            Say::New => tracing::info!(peer = %peer, client_id = %connect.client_id, reason = why,
+                "A CONNECT was refused: {message}."),
+            Say::Again(n) => tracing::info!(peer = %peer, client_id = %connect.client_id,
+                reason = why, repeats = n, "CONNECTs keep being refused: {message}."),
+            Say::Quiet => {}
+        }
         refuse_connect(&mut io, &codec, code).await;
         return;
     }
@@ -864,7 +871,17 @@ impl Session {
     ) -> Result<(), Close> {
         if self.v5() && qos > 0 {
             self.ctx.stats.rejected(why, 1);
-            tracing::info!(client_id = %self.client_id, reason = why, "A PUBLISH was refused: {message}.");
+            match self
+                .ctx
+                .stats
+                .fold_refusal(&format!("PUBLISH {} {why}: {message}", self.client_id))
+            {
+                Say::New => tracing::info!(client_id = %self.client_id, reason = why,
+                    "A PUBLISH was refused: {message}."),
+                Say::Again(n) => tracing::info!(client_id = %self.client_id, reason = why,
+                    repeats = n, "PUBLISHes keep being refused: {message}."),
+                Say::Quiet => {}
+            }
             let props = Some(message);
             let p = if qos == 1 {
                 Packet::PubAck(
@@ -1076,7 +1093,16 @@ impl Session {
                                 format!("{n} readings were not stored and not acknowledged ({e})"),
                             ));
                         }
-                        tracing::warn!(client_id = %self.client_id, error = %e, readings = n, "Publishes were refused with a negative acknowledgement.");
+                        match self.ctx.stats.fold_refusal(&format!("NACK {e}")) {
+                            Say::New => tracing::warn!(client_id = %self.client_id, error = %e,
+                                readings = n, "Publishes were refused with a negative acknowledgement."),
+                            Say::Again(k) => {
+                                tracing::warn!(client_id = %self.client_id, error = %e,
+                                readings = n, repeats = k,
+                                "Publishes keep being refused with a negative acknowledgement.")
+                            }
+                            Say::Quiet => {}
+                        }
                         let msg = e.to_string();
                         for (pkid, qos) in &acks {
                             self.queue(ack(*qos, *pkid, code, Some(msg.clone())));

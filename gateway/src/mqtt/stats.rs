@@ -52,11 +52,21 @@ struct Inner {
     read_pauses: AtomicU64,
     rejected: Mutex<BTreeMap<&'static str, u64>>,
     latency: Mutex<(Vec<u32>, usize)>,
+    /// Refusals repeat when a device retries in a loop: their log lines are folded.
+    refusals: ferry_uplink::fold::Fold,
 }
 
 /// The MQTT listener's counters. Cheap to clone; all clones share the same figures.
 #[derive(Debug, Clone, Default)]
 pub struct MqttStats(Arc<Inner>);
+
+impl MqttStats {
+    /// What to log for a refusal described by `key` (its text without the peer's address):
+    /// the first at once, then a summary per period ([`ferry_uplink::fold`]).
+    pub fn fold_refusal(&self, key: &str) -> ferry_uplink::fold::Say {
+        self.0.refusals.note(key, std::time::Instant::now())
+    }
+}
 
 impl MqttStats {
     pub(crate) fn connected(&self) {
