@@ -402,7 +402,7 @@ async fn metrics_and_alert_rules_pass_promtool() {
                 .fold(name.as_str(), |n, s| n.strip_suffix(s).unwrap_or(n));
             if base.len() > "ferry_".len() {
                 assert!(
-                    described.contains(&format!("(\"{base}\"")),
+                    described.contains(&format!("\"{base}\"")),
                     "{base} is queried but no metric of that name is described"
                 );
             }

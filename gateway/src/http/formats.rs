@@ -55,17 +55,24 @@ impl BatchFormat {
 #[serde(deny_unknown_fields)]
 pub struct BatchItem {
     /// The topic, with the same rules as an MQTT topic name (no `+` or `#`, not empty).
+    #[schema(min_length = 1, max_length = 65535, pattern = "^[^+#\\u0000]+$")]
     pub topic: String,
     /// The payload: any JSON value. It is stored as its JSON text with content type
     /// `application/json`.
     pub payload: serde_json::Value,
     /// When the reading was taken: an RFC 3339 string, or milliseconds since the Unix epoch.
-    /// Not set: the time ferry received it.
+    /// Not set: the time ferry received it. (Schema: see `http::openapi_document`.)
     #[serde(default)]
     #[schema(value_type = Option<Object>)]
     pub ts: Option<serde_json::Value>,
-    /// The device id. Not set: the token's device, else the `X-Ferry-Device` header, else `http`.
+    /// The device id: 1 to 256 bytes, no control characters. Not set: the token's device, else
+    /// the `X-Ferry-Device` header, else `http`.
     #[serde(default)]
+    #[schema(
+        min_length = 1,
+        max_length = 256,
+        pattern = "^[^\\u0000-\\u001F\\u007F-\\u009F]+$"
+    )]
     pub device: Option<String>,
 }
 
@@ -129,8 +136,14 @@ pub fn validate_device(device: &str) -> Result<(), IngestError> {
 /// Parses a `ts` value: RFC 3339 text, or epoch milliseconds.
 pub fn parse_ts(ts: &serde_json::Value) -> Result<u64, String> {
     match ts {
+        // A whole number written as a float (`1700000000000.0`) is a JSON integer too.
         serde_json::Value::Number(n) => n
             .as_u64()
+            .or_else(|| {
+                n.as_f64()
+                    .filter(|f| f.fract() == 0.0 && *f >= 0.0 && *f < 18_446_744_073_709_551_616.0)
+                    .map(|f| f as u64)
+            })
             .ok_or_else(|| format!("ts {n} is not a whole, non-negative number of milliseconds")),
         serde_json::Value::String(s) => {
             let t = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)

@@ -51,6 +51,11 @@ fn origin(st: &HttpState, headers: &HeaderMap) -> Result<Origin, IngestError> {
                 .to_string(),
         ),
     };
+    // Checked even when every record names its own device, so that an invalid header is
+    // always refused (as the OpenAPI document says), not only when it is used.
+    if let Some(d) = &header_device {
+        formats::validate_device(d)?;
+    }
     Ok(Origin {
         principal,
         header_device,
@@ -176,16 +181,7 @@ async fn commit(st: &HttpState, readings: Vec<Reading>) -> Result<Accepted, Inge
                 }
             }
             AppendError::Storage { .. } => {
-                // Every request fails while the disk does: one line, then a summary per period.
-                static FOLD: std::sync::LazyLock<ferry_uplink::fold::Fold> =
-                    std::sync::LazyLock::new(ferry_uplink::fold::Fold::default);
-                match FOLD.note(&e.to_string(), std::time::Instant::now()) {
-                    ferry_uplink::fold::Say::New => tracing::warn!(readings = n, error = %e,
-                        "An HTTP request was refused because the buffer cannot write to disk."),
-                    ferry_uplink::fold::Say::Again(k) => tracing::warn!(readings = n, error = %e,
-                        repeats = k, "HTTP requests keep being refused: the buffer cannot write to disk."),
-                    ferry_uplink::fold::Say::Quiet => {}
-                }
+                tracing::warn!(readings = n, error = %e, "An HTTP request was refused because the buffer cannot write to disk.");
                 IngestError::Unavailable {
                     kind: "buffer-storage",
                     detail: format!("{e}; retry after {retry_after_secs} s"),
@@ -213,16 +209,19 @@ async fn commit(st: &HttpState, readings: Vec<Reading>) -> Result<Accepted, Inge
     path = "/v1/readings/{topic}",
     tag = "ingest",
     params(
-        ("topic" = String, Path, description = "The reading's topic: one or more path segments, percent-decoded; no `+` or `#`."),
-        ("X-Ferry-Device" = Option<String>, Header, description = "The device id when the token is not bound to one. Default: `http`."),
+        ("topic" = String, Path, min_length = 1, pattern = "^[^+#\\u0000]+$",
+            description = "The reading's topic: one or more path segments, percent-decoded; not empty, no `+`, `#` or NUL. Bounded by the request line: hyper answers 414 past 65534 bytes."),
+        ("X-Ferry-Device" = Option<String>, Header, nullable = false, min_length = 1, max_length = 256, pattern = "^[ -~]*[!-~][ -~]*$",
+            description = "The device id when the token is not bound to one: 1 to 256 visible ASCII characters. Default: `http`."),
     ),
-    request_body(content = Vec<u8>, content_type = "*/*", description = "The payload, stored as sent (after `Content-Encoding: gzip|zstd` is undone), with its Content-Type."),
+    request_body(content = Option<serde_json::Value>, content_type = "*/*", description = "The payload: any bytes, stored as sent (after `Content-Encoding: gzip|zstd` is undone), with its Content-Type. May be empty."),
     responses(
         (status = 202, description = "The reading is on disk.", body = Accepted),
         (status = 400, description = "Invalid topic or device, or a corrupt compressed body.", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "Missing or unknown bearer token.", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "The token is bound to another device.", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "The body exceeds http.max_body_bytes or http.max_decompressed_bytes.", body = Problem, content_type = "application/problem+json"),
+        (status = 414, description = "The request URI (and so the topic) is longer than 65534 bytes; answered by hyper, without a body."),
         (status = 415, description = "Unsupported Content-Encoding.", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "The buffer is full (reject mode) or cannot write; see Retry-After.", body = Problem, content_type = "application/problem+json"),
     )
@@ -270,13 +269,16 @@ pub async fn ingest_empty_topic(
     path = "/v1/readings",
     tag = "ingest",
     params(
-        ("X-Ferry-Device" = Option<String>, Header, description = "The default device id for records that do not name one. Default: `http`."),
+        ("X-Ferry-Device" = Option<String>, Header, nullable = false, min_length = 1, max_length = 256, pattern = "^[ -~]*[!-~][ -~]*$",
+            description = "The default device id for records that do not name one: 1 to 256 visible ASCII characters. Checked even when every record names its own. Default: `http`."),
     ),
     request_body(
         description = "A JSON array of readings, NDJSON of the same objects, or a SenML pack (RFC 8428; one reading per resolved record, topic = resolved name). May be sent with `Content-Encoding: gzip` or `zstd`.",
         content(
             (Vec<BatchItem> = "application/json"),
             (BatchItem = "application/x-ndjson"),
+            // Replaced by the SenmlRecord schema in `http::openapi_document` (utoipa cannot
+            // express its anyOf / not / propertyNames).
             (Vec<Object> = "application/senml+json"),
         )
     ),

@@ -112,24 +112,126 @@ impl HttpState {
 )]
 pub struct ApiDoc;
 
-/// Serves the OpenAPI document.
+/// Serves the OpenAPI document of this gateway's configuration ([`openapi_document`]).
 #[utoipa::path(get, path = "/v1/openapi.json", tag = "meta",
     responses((status = 200, description = "The OpenAPI 3.1 document of this API.", content_type = "application/json")))]
-pub async fn openapi_json() -> Response {
-    static DOC: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    let doc = DOC.get_or_init(|| {
-        let mut doc = ApiDoc::openapi();
-        doc.merge(crate::status::StatusApiDoc::openapi());
-        doc.to_json().unwrap_or_default()
-    });
+pub async fn openapi_json(axum::extract::State(st): axum::extract::State<HttpState>) -> Response {
     (
         [(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         )],
-        doc.clone(),
+        openapi_document(&st.config),
     )
         .into_response()
+}
+
+/// The OpenAPI document of the HTTP listener as `config` sets it up, so that it states what
+/// the server does (checked by schemathesis `--checks all` in the e2e tests):
+/// - the status paths only when this listener serves them (`status.listen` not set), with the
+///   `status_token` requirement only when `status.token` is set;
+/// - the `http_token` bearer requirement on the ingest operations only when `[[http.tokens]]`
+///   are configured;
+/// - the schemas utoipa cannot express: `BatchItem.ts` and the SenML record.
+pub fn openapi_document(config: &Config) -> String {
+    use utoipa::openapi::security::{
+        HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme,
+    };
+    let mut doc = ApiDoc::openapi();
+    if config.status.listen.is_none() {
+        doc.merge(crate::status::StatusApiDoc::for_config(&config.status));
+    }
+    if !config.http.tokens.is_empty() {
+        doc.components
+            .get_or_insert_with(Default::default)
+            .add_security_scheme(
+                "http_token",
+                SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+            );
+        for path in ["/v1/readings", "/v1/readings/{topic}"] {
+            if let Some(op) = doc
+                .paths
+                .paths
+                .get_mut(path)
+                .and_then(|item| item.post.as_mut())
+            {
+                op.security = Some(vec![SecurityRequirement::new(
+                    "http_token",
+                    Vec::<String>::new(),
+                )]);
+            }
+        }
+    }
+    let mut v = serde_json::to_value(&doc).unwrap_or_default();
+    // `ts`: RFC 3339 (from 1971 on, days valid in every year, as the `time` crate parses it;
+    // a time before 1970 is refused), or whole epoch milliseconds.
+    const RFC3339: &str = concat!(
+        "^(19[7-9][1-9]|19[89]0|[2-9][0-9]{3})-",
+        "((0[13578]|1[02])-(0[1-9]|[12][0-9]|3[01])|(0[469]|11)-(0[1-9]|[12][0-9]|30)|02-(0[1-9]|1[0-9]|2[0-8]))",
+        "T([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\\.[0-9]{1,9})?(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])$"
+    );
+    if let Some(ts) = v.pointer_mut("/components/schemas/BatchItem/properties/ts") {
+        let description = ts.get("description").cloned().unwrap_or_default();
+        *ts = serde_json::json!({
+            "description": description,
+            "oneOf": [
+                {"type": "string", "format": "date-time", "pattern": RFC3339},
+                {"type": "integer", "minimum": 0u64, "maximum": u64::MAX},
+                {"type": "null"}
+            ]
+        });
+    }
+    // A SenML record (RFC 8428) as `senml::parse_senml` accepts it: a valid name, exactly one
+    // value field or a sum, no unknown must-understand field (ending in `_`), `bver` 1 to 10,
+    // times that resolve after 1970.
+    let (min_t, max_t) = senml::TIME_RANGE;
+    let time = serde_json::json!({"type": "number", "minimum": min_t, "maximum": max_t});
+    let values = ["v", "vs", "vb", "vd"];
+    let mut pairs = Vec::new();
+    for (i, a) in values.iter().enumerate() {
+        for b in &values[i + 1..] {
+            pairs.push(serde_json::json!({"required": [a, b]}));
+        }
+    }
+    let one_value: Vec<serde_json::Value> = ["v", "vs", "vb", "vd", "s"]
+        .iter()
+        .map(|k| serde_json::json!({"required": [k]}))
+        .collect();
+    let record = serde_json::json!({
+        "type": "object",
+        "description": "One SenML record (RFC 8428). Base fields carry over to the records after it; the resolved name (bn + n) must follow section 4.5.1 (checked on the resolved name, which a schema cannot).",
+        "properties": {
+            "bn": {"type": "string"},
+            "bt": time, "bu": {"type": "string"}, "bv": {"type": "number"},
+            "bs": {"type": "number"}, "bver": {"enum": [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]},
+            "n": {"type": "string"}, "u": {"type": "string"},
+            "v": {"type": "number"}, "vs": {"type": "string"}, "vb": {"type": "boolean"},
+            "vd": {"type": "string"}, "s": {"type": "number"}, "t": time,
+            "ut": {"type": "number"}
+        },
+        "propertyNames": {"pattern": "^(.*[^_])?$"},
+        // A record holding only base fields (every key starting with b) sets them for the
+        // records after it; any other holds exactly one value or a sum.
+        "anyOf": [
+            {"propertyNames": {"pattern": "^b"}},
+            {"allOf": [{"anyOf": one_value}, {"not": {"anyOf": pairs}}]}
+        ]
+    });
+    if let Some(schemas) = v
+        .pointer_mut("/components/schemas")
+        .and_then(|s| s.as_object_mut())
+    {
+        schemas.insert("SenmlRecord".into(), record);
+    }
+    if let Some(senml) = v.pointer_mut(
+        "/paths/~1v1~1readings/post/requestBody/content/application~1senml+json/schema",
+    ) {
+        *senml = serde_json::json!({
+            "type": "array",
+            "items": {"$ref": "#/components/schemas/SenmlRecord"}
+        });
+    }
+    serde_json::to_string(&v).unwrap_or_default()
 }
 
 /// 404 for any path no route serves.

@@ -45,6 +45,27 @@ fn err(i: usize, msg: impl std::fmt::Display) -> IngestError {
     IngestError::InvalidSenml(format!("SenML record {i}: {msg}"))
 }
 
+/// The range of `t` and `bt` (seconds): a relative time at most about 25 years back, an
+/// absolute one at most 1e15 s. The OpenAPI document states the same bounds.
+pub(crate) const TIME_RANGE: (f64, f64) = (-800_000_000.0, 1e15);
+
+/// `t` or `bt`, within [`TIME_RANGE`].
+fn time_field(i: usize, rec: &Map<String, Value>, key: &str) -> Result<Option<f64>, IngestError> {
+    let t = num(i, rec, key)?;
+    if let Some(v) = t
+        && !(TIME_RANGE.0..=TIME_RANGE.1).contains(&v)
+    {
+        return Err(err(
+            i,
+            format!(
+                "'{key}' {v} is out of range ({} to {} seconds)",
+                TIME_RANGE.0, TIME_RANGE.1
+            ),
+        ));
+    }
+    Ok(t)
+}
+
 fn num(i: usize, rec: &Map<String, Value>, key: &str) -> Result<Option<f64>, IngestError> {
     match rec.get(key) {
         None => Ok(None),
@@ -118,7 +139,7 @@ pub fn parse_senml(body: &[u8], origin: &Origin, max: usize) -> Result<Vec<Readi
         if let Some(bn) = string(i, rec, "bn")? {
             base.name = bn.to_string();
         }
-        if let Some(bt) = num(i, rec, "bt")? {
+        if let Some(bt) = time_field(i, rec, "bt")? {
             base.time = bt;
         }
         if let Some(bu) = string(i, rec, "bu")? {
@@ -169,7 +190,7 @@ pub fn parse_senml(body: &[u8], origin: &Origin, max: usize) -> Result<Vec<Readi
                 format!("'{name}' has no value ('v', 'vs', 'vb', 'vd') and no sum ('s')"),
             ));
         }
-        let t = num(i, rec, "t")?.unwrap_or(0.0);
+        let t = time_field(i, rec, "t")?.unwrap_or(0.0);
         let mut time = base.time + t;
         if time < RELATIVE_LIMIT {
             time += now_s;

@@ -678,9 +678,12 @@ pub async fn collect(st: &StatusState, device_limit: usize) -> StatusReport {
 
 /// Query of `GET /api/status`.
 #[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct StatusQuery {
     /// At most this many devices in `devices.list` (default: all tracked).
-    pub devices: Option<usize>,
+    /// An i32 with a minimum of 0, as the document says: anything else is refused (400).
+    #[param(minimum = 0)]
+    pub devices: Option<i32>,
 }
 
 /// The status report.
@@ -688,14 +691,25 @@ pub struct StatusQuery {
     params(StatusQuery),
     responses(
         (status = 200, description = "The status report.", body = StatusReport),
+        (status = 400, description = "The query string is invalid (`devices` is not a non-negative integer); plain text."),
         (status = 401, description = "`status.token` is set and the request has no matching `Authorization: Bearer` header."),
-    ),
-    security(("status_token" = [])))]
+    ))]
+// The `status_token` security requirement is added by `StatusApiDoc::for_config`, only when
+// `status.token` is set: without it the endpoint needs no header.
 pub async fn status(
     axum::extract::State(st): axum::extract::State<StatusState>,
     axum::extract::Query(q): axum::extract::Query<StatusQuery>,
-) -> axum::Json<StatusReport> {
-    axum::Json(collect(&st, q.devices.unwrap_or(usize::MAX)).await)
+) -> Result<axum::Json<StatusReport>, (axum::http::StatusCode, &'static str)> {
+    let limit = match q.devices {
+        None => usize::MAX,
+        Some(d) => usize::try_from(d).map_err(|_| {
+            (
+                axum::http::StatusCode::BAD_REQUEST,
+                "devices must be a non-negative integer",
+            )
+        })?,
+    };
+    Ok(axum::Json(collect(&st, limit).await))
 }
 
 #[cfg(test)]

@@ -280,27 +280,43 @@ pub fn router(st: StatusState) -> Router {
         .with_state(st)
 }
 
-/// The OpenAPI paths and schemas of the status endpoints, merged into `/v1/openapi.json`.
+/// The OpenAPI paths and schemas of the status endpoints, merged into `/v1/openapi.json`
+/// (through [`StatusApiDoc::for_config`], which adds the token when one is configured).
 #[derive(utoipa::OpenApi, Debug)]
 #[openapi(
     paths(api::status, health::healthz, health::readyz),
-    components(schemas(api::StatusReport, health::Readiness)),
-    modifiers(&TokenScheme)
+    components(schemas(api::StatusReport, health::Readiness))
 )]
 pub struct StatusApiDoc;
 
-/// Declares the `status_token` bearer scheme.
-#[derive(Debug)]
-pub struct TokenScheme;
-
-impl utoipa::Modify for TokenScheme {
-    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
-        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
-        let components = openapi.components.get_or_insert_with(Default::default);
-        components.add_security_scheme(
-            "status_token",
-            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
-        );
+impl StatusApiDoc {
+    /// The document for `settings`: `/api/status` requires the `status_token` bearer scheme
+    /// only when `status.token` is set (without it, no header is needed).
+    pub fn for_config(settings: &ferry_config::StatusSettings) -> utoipa::openapi::OpenApi {
+        use utoipa::openapi::security::{
+            HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme,
+        };
+        let mut doc = <StatusApiDoc as utoipa::OpenApi>::openapi();
+        if settings.token.is_some() {
+            doc.components
+                .get_or_insert_with(Default::default)
+                .add_security_scheme(
+                    "status_token",
+                    SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+                );
+            if let Some(op) = doc
+                .paths
+                .paths
+                .get_mut("/api/status")
+                .and_then(|item| item.get.as_mut())
+            {
+                op.security = Some(vec![SecurityRequirement::new(
+                    "status_token",
+                    Vec::<String>::new(),
+                )]);
+            }
+        }
+        doc
     }
 }
 

@@ -297,12 +297,28 @@ async fn the_page_is_small_self_contained_and_embedded() {
 
 #[tokio::test]
 async fn the_openapi_document_has_the_status_paths() {
-    let resp = crate::http::openapi_json().await;
-    let body = resp.into_body().collect().await.unwrap().to_bytes();
-    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let mut config = Config::default();
+    let v: serde_json::Value =
+        serde_json::from_str(&crate::http::openapi_document(&config)).unwrap();
     for p in ["/api/status", "/healthz", "/readyz", "/v1/readings"] {
         assert!(v["paths"][p].is_object(), "{p} missing");
     }
     assert!(v["components"]["schemas"]["StatusReport"].is_object());
+    assert!(v["components"]["schemas"]["SenmlRecord"].is_object());
+    // Without status.token, /api/status needs no Authorization header.
+    assert!(v["components"]["securitySchemes"]["status_token"].is_null());
+    assert!(v["paths"]["/api/status"]["get"]["security"].is_null());
+    assert_eq!(
+        v["paths"]["/api/status"]["get"]["parameters"][0]["in"],
+        "query"
+    );
+
+    config.status.token = Some("t0k".to_string().into());
+    let v: serde_json::Value =
+        serde_json::from_str(&crate::http::openapi_document(&config)).unwrap();
     assert!(v["components"]["securitySchemes"]["status_token"].is_object());
+    assert_eq!(
+        v["paths"]["/api/status"]["get"]["security"][0]["status_token"],
+        serde_json::json!([])
+    );
 }
