@@ -12,7 +12,7 @@
 # from source for the target by their -sys crates. Output: target/<triple>/release/ferry
 # (under $CARGO_TARGET_DIR when set).
 #
-# Size (issue 7; BENCHMARKS.md "Edge binary" has the figures): the release profile is used
+# Size (BENCHMARKS.md "Edge binary" has the figures): the release profile is used
 # as is (fat LTO, one codegen unit, stripped, opt-level 3). Two things are added here:
 # - librdkafka is compiled with -ffunction-sections -fdata-sections (its mklove configure
 #   does not add them, unlike the cc crate for the other C libraries), so the linker's

@@ -2,7 +2,7 @@
 //!
 //! - `ferry-load`: the load generator (MQTT v3.1.1/v5 QoS 0/1/2, HTTP single readings or
 //!   batches), closed or open loop, with HDR latency percentiles and the acked reading ids.
-//! - `bench-run`: runs every scenario of issue 9 side by side with its peer (mosquitto,
+//! - `bench-run`: runs every scenario side by side with its peer (mosquitto,
 //!   `kcat -P`, a no-work axum handler) and prints one Markdown table; `--smoke` runs them all
 //!   with tiny sizes in seconds (the CI smoke test in `tests/smoke.rs`).
 //! - `buffer-bench`: the buffer's group commit, compression and crash-reopen figures.

@@ -5,7 +5,7 @@
 use std::collections::BTreeSet;
 use std::process::Command;
 
-/// Every scenario of issue 9 and a metric each must report.
+/// Every benchmark scenario and a metric each must report.
 const SCENARIO_ROWS: &[(&str, &str)] = &[
     ("1 QoS1 ingest", "msg/s"),
     ("1 QoS1 ingest", "ack p50 / p99 ms"),

@@ -1,4 +1,4 @@
-//! Hostile HTTP clients against the real binary (issue 10, item 5): zip bombs, slowloris
+//! Hostile HTTP clients against the real binary: zip bombs, slowloris
 //! (headers and body), oversized headers, invalid UTF-8 topics and deeply nested JSON.
 //!
 //! Each case asserts three things: (a) a well-behaved client's POST is answered 202 during or

@@ -1,4 +1,4 @@
-//! Hostile MQTT clients against the real binary (issue 10, item 5): garbage bytes, a huge
+//! Hostile MQTT clients against the real binary: garbage bytes, a huge
 //! remaining length, a CONNECT flood past `max_connections`, CONNECTs that never finish, and
 //! a client that stops reading its socket.
 //!

@@ -1,4 +1,4 @@
-//! Security checks against the real binary (issue 10, item 7): secrets never appear in the
+//! Security checks against the real binary: secrets never appear in the
 //! log, `/api/status`, `/metrics`, the status page or `ferry check-config` output, even at
 //! debug level and after failed logins; MQTT v5 refusal reason codes; the data directory is
 //! created 0700 and an open one is warned about; private keys other users can read are

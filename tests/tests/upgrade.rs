@@ -1,4 +1,4 @@
-//! Upgrade safety (issue 7): a new ferry reads the buffer an older one left behind, and a
+//! Upgrade safety: a new ferry reads the buffer an older one left behind, and a
 //! buffer written by a *newer* ferry is refused clearly, never quarantined or overwritten.
 //!
 //! `tests/fixtures/buffer-format1.redb.gz` is a buffer file written by ferry 0.1.0 (buffer

@@ -1,4 +1,4 @@
-//! `bench-run`: every benchmark scenario of issue 9, side by side with its peer, in one run on
+//! `bench-run`: every benchmark scenario, side by side with its peer, in one run on
 //! this machine, printed as one Markdown table with the machine description.
 //!
 //! ```text
