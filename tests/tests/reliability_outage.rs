@@ -258,3 +258,58 @@ max_backoff_ms = 500
         .terminate(Duration::from_secs(10))
         .expect("clean exit");
 }
+
+/// A 30 s upstream outage under load writes a bounded number of log lines (start-up, the
+/// state change, the first error of each kind), however often the uplink retries; the
+/// status page and the metrics still count every retry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_outage_under_load_writes_a_bounded_log() {
+    let ferry = Ferry::start(
+        "[uplinks.kafka]\ntype = \"kafka\"\nbrokers = \"127.0.0.1:1\"\nmessage_timeout_ms = 1000\ninitial_backoff_ms = 100\nmax_backoff_ms = 300\n",
+    );
+    let base = ferry.http_url();
+    let http = reqwest::Client::new();
+    let start = std::time::Instant::now();
+    let mut posted = 0u64;
+    while start.elapsed() < std::time::Duration::from_secs(30) {
+        let resp = http
+            .post(format!("{base}/v1/readings"))
+            .json(&serde_json::json!([{"topic": "out/a", "payload": {"n": posted}}]))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 202);
+        posted += 1;
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let st = support::status(&base).await;
+    let u = &st["uplinks"][0];
+    let retries = u["retried_total"].as_u64().unwrap();
+    let metrics = http
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let log = ferry.log();
+    let lines = log.lines().count();
+    eprintln!("30 s outage: {posted} requests, {retries} retries, {lines} log lines:\n{log}");
+    assert!(retries >= 10, "the uplink kept retrying: {u:#}");
+    let in_metrics: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("ferry_uplink_retries_total{uplink=\"kafka\"} "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(
+        in_metrics >= retries,
+        "every retry is in the metrics: {in_metrics} < {retries}"
+    );
+    assert_eq!(u["state"], "offline", "{u:#}");
+    assert!(u["last_error"].is_string(), "{u:#}");
+    assert!(
+        lines <= 20,
+        "{lines} log lines for a 30 s outage with {retries} retries:\n{log}"
+    );
+}

@@ -377,7 +377,7 @@ pub(crate) async fn run<A: BatchApi>(
             biased;
             () = &mut shutdown => break Turn::Shutdown,
             Some(a) = acks.recv() => match acker.answered(a) {
-                Ok(true) => retry.progress(),
+                Ok(true) => retry.progress_on(status),
                 Ok(false) => {}
                 Err(ferry_buffer::AckError::Closed) => break Turn::BufferClosed,
                 Err(e) => {
@@ -471,8 +471,6 @@ fn restart<A: BatchApi>(
     acker.abandon();
     acker.rewind();
     let delay = retry.fail(status, message, false);
-    tracing::warn!(uplink = %status.name(), error = %message, retry_in_ms = delay.as_millis() as u64,
-        "The uplink goes back to its last ack.");
     st.hold = Some(Instant::now() + delay);
 }
 

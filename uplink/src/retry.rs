@@ -13,10 +13,16 @@
 //!   yet its link is fine). A connection that fails sooner without confirming anything keeps
 //!   backing off, so wrong credentials, or an upstream that accepts and then drops every
 //!   connection, never cause a tight reconnect loop.
+//! - **Log.** The first failure is logged with its reason, the next ones only when the reason
+//!   changes, or once per summary period ([`crate::fold`], `status.log_summary_secs`) with
+//!   how often they came and how long the upstream has been failing; the first progress
+//!   after failures is logged once with how long it took. Each failure is still counted
+//!   (`retried_total`) and shown on the status page.
 
 use crate::backoff::Backoff;
+use crate::fold::{Fold, Say};
 use crate::status::UplinkStatus;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// After this many failures in a row the state is `offline` rather than `backing_off`.
 pub const OFFLINE_AFTER_FAILURES: u32 = 3;
@@ -29,6 +35,9 @@ pub const STABLE_AFTER: Duration = Duration::from_secs(10);
 pub(crate) struct Retry {
     backoff: Backoff,
     failures: u32,
+    /// When the current run of failures began (none since the last progress).
+    failing_since: Option<Instant>,
+    log: Fold,
 }
 
 impl Retry {
@@ -39,6 +48,8 @@ impl Retry {
                 Duration::from_millis(max_ms),
             ),
             failures: 0,
+            failing_since: None,
+            log: Fold::default(),
         }
     }
 
@@ -46,6 +57,19 @@ impl Retry {
     pub(crate) fn progress(&mut self) {
         self.backoff.reset();
         self.failures = 0;
+        self.failing_since = None;
+    }
+
+    /// Progress reported by `status`'s uplink: as [`Retry::progress`], and logs once that the
+    /// upstream is back after failing.
+    pub(crate) fn progress_on(&mut self, status: &UplinkStatus) {
+        if let Some(since) = self.failing_since {
+            tracing::info!(uplink = %status.name(), r#type = status.kind(),
+                failed_for_secs = since.elapsed().as_secs(),
+                "The upstream takes readings again.");
+            self.log = Fold::default();
+        }
+        self.progress();
     }
 
     /// A connection ended after `lasted`: progress if it lasted [`STABLE_AFTER`].
@@ -72,6 +96,20 @@ impl Retry {
         let delay = self.backoff.next_delay();
         let offline = unreachable || self.failures >= OFFLINE_AFTER_FAILURES;
         status.record_retry(message, delay, offline);
+        let now = Instant::now();
+        let since = *self.failing_since.get_or_insert(now);
+        let text = status.scrub(message);
+        let retry_in_ms = delay.as_millis() as u64;
+        match self.log.note(&text, now) {
+            Say::New => tracing::warn!(uplink = %status.name(), r#type = status.kind(),
+                error = %text, retry_in_ms, attempt = self.failures,
+                "The upstream failed; unconfirmed readings stay in the buffer and are sent again after the backoff."),
+            Say::Again(n) => tracing::warn!(uplink = %status.name(), r#type = status.kind(),
+                error = %text, retry_in_ms, repeats = n,
+                failing_for_secs = now.duration_since(since).as_secs(),
+                "The upstream keeps failing; readings wait in the buffer."),
+            Say::Quiet => {}
+        }
         delay
     }
 }

@@ -165,6 +165,18 @@ impl UplinkStatus {
             .set(s.gauge_value());
     }
 
+    /// A state change: its gauge, and for a change to `backing_off` or `offline` one log line
+    /// with the error (changes come at most once per retry, which backs off; the recovery is
+    /// logged by [`crate::retry`]).
+    fn changed_to(&self, s: LinkState) {
+        self.gauge_state(s);
+        if matches!(s, LinkState::BackingOff | LinkState::Offline) {
+            let error = self.lock().last_error.clone().unwrap_or_default();
+            tracing::info!(uplink = %self.inner.name, r#type = self.inner.kind, state = ?s,
+                error = %error, "The uplink's state changed.");
+        }
+    }
+
     /// Removes every registered secret from `msg`.
     pub fn scrub(&self, msg: &str) -> String {
         let mut out = msg.to_string();
@@ -191,7 +203,7 @@ impl UplinkStatus {
             changed
         };
         if changed {
-            self.gauge_state(state);
+            self.changed_to(state);
         }
     }
 
@@ -227,7 +239,7 @@ impl UplinkStatus {
             }
         };
         if changed {
-            self.gauge_state(LinkState::Connected);
+            self.changed_to(LinkState::Connected);
         }
         if delivered > 0 {
             metrics::counter!("ferry_uplink_acked_total", "uplink" => self.inner.name.clone())
@@ -258,7 +270,7 @@ impl UplinkStatus {
             changed
         };
         if changed {
-            self.gauge_state(state);
+            self.changed_to(state);
         }
         metrics::counter!("ferry_uplink_retries_total", "uplink" => self.inner.name.clone())
             .increment(1);

@@ -526,13 +526,6 @@ impl KafkaSink {
             // librdkafka's "all brokers down" has already set the state to offline.
             let unreachable = status.state() == LinkState::Offline;
             let delay = retry.fail(&status, &failure.message, unreachable);
-            tracing::warn!(
-                uplink = %common.name,
-                error = %status.scrub(&failure.message),
-                retry_in_ms = delay.as_millis() as u64,
-                attempt = retry.failures(),
-                "Kafka delivery failed; the unconfirmed segments stay in the buffer and will be sent again."
-            );
             if fatal {
                 tracing::error!("The Kafka producer hit a fatal error and is rebuilt.");
             }
@@ -751,7 +744,7 @@ impl Run {
     fn on_acked(&mut self, a: Acked, retry: &mut Retry) -> Option<Failure> {
         match self.acks.answered(a) {
             Ok(true) => {
-                retry.progress();
+                retry.progress_on(&self.status);
                 None
             }
             Ok(false) => None,

@@ -393,13 +393,6 @@ impl MqttSink {
                     status.set_in_flight(0);
                     run.retry.connection_lasted(started.elapsed());
                     let delay = run.retry.fail(&status, &message, false);
-                    tracing::warn!(
-                        uplink = %common.name,
-                        error = %status.scrub(&message),
-                        retry_in_ms = delay.as_millis() as u64,
-                        attempt = run.retry.failures(),
-                        "The MQTT uplink lost its broker; unconfirmed readings stay in the buffer and will be sent again."
-                    );
                     // Queued behind the acks sent before it: the buffer task goes back to the
                     // last committed ack, and batches read before now are dropped.
                     run.acks.abandon();
@@ -527,7 +520,7 @@ impl Run<'_> {
     fn on_acked(&mut self, a: Acked) -> Option<Exit> {
         match self.acks.answered(a) {
             Ok(true) => {
-                self.retry.progress();
+                self.retry.progress_on(self.status);
                 None
             }
             Ok(false) => None,
