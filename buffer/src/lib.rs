@@ -938,22 +938,14 @@ impl Inspector {
     /// Opens `data_dir/buffer.redb` without changing it (see the type's docs).
     pub fn open(data_dir: &Path) -> Result<Inspector, OpenError> {
         let path = data_dir.to_path_buf();
-        let state = match store::open_read_only(data_dir, 4 << 20) {
-            Ok(db) => {
-                return Ok(Inspector {
-                    db: InspectDb::ReadOnly(db),
-                    path,
-                    state: FileState::Closed,
-                });
-            }
-            Err(OpenError::InUse { .. }) => FileState::InUse,
-            Err(OpenError::Storage { source, .. })
-                if source.kind == error::StorageFailureKind::Corrupted =>
-            {
-                FileState::NotClosedCleanly
-            }
-            Err(e) => return Err(e),
-        };
+        let (state, db) = Self::try_read_only(data_dir, 4 << 20)?;
+        if let Some(db) = db {
+            return Ok(Inspector {
+                db: InspectDb::ReadOnly(db),
+                path,
+                state,
+            });
+        }
         let db = store::open_overlay(data_dir, 4 << 20)?;
         Ok(Inspector {
             db: InspectDb::Overlay(db),
@@ -962,12 +954,32 @@ impl Inspector {
         })
     }
 
+    /// How the file is found by one read-only open attempt, and the handle when it was closed
+    /// cleanly.
+    fn try_read_only(
+        data_dir: &Path,
+        cache_bytes: usize,
+    ) -> Result<(FileState, Option<redb::ReadOnlyDatabase>), OpenError> {
+        match store::open_read_only(data_dir, cache_bytes) {
+            Ok(db) => Ok((FileState::Closed, Some(db))),
+            Err(OpenError::InUse { .. }) => Ok((FileState::InUse, None)),
+            Err(OpenError::Storage { source, .. })
+                if source.kind == error::StorageFailureKind::Corrupted =>
+            {
+                Ok((FileState::NotClosedCleanly, None))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// How the file is, cheaply: one open attempt, no repair.
+    pub fn file_state(data_dir: &Path) -> Result<FileState, OpenError> {
+        Ok(Self::try_read_only(data_dir, 1 << 20)?.0)
+    }
+
     /// Whether a running gateway holds the file (cheap: one open attempt, no repair).
     pub fn in_use(data_dir: &Path) -> bool {
-        matches!(
-            store::open_read_only(data_dir, 1 << 20),
-            Err(OpenError::InUse { .. })
-        )
+        matches!(Self::file_state(data_dir), Ok(FileState::InUse))
     }
 
     /// How the file was found.

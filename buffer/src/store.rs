@@ -405,16 +405,22 @@ pub(crate) fn open_read_only(
     }
     builder(cache_bytes)
         .open_read_only(&path)
-        .map_err(|e| match classify_open_error(e, &path) {
-            Attempt::Fatal(e) => e,
-            Attempt::Corrupt(m) => OpenError::Storage {
-                path: path.clone(),
-                source: StorageFailure {
-                    kind: StorageFailureKind::Corrupted,
-                    message: m,
-                },
+        .map_err(|e| inspect_error(e, &path))
+}
+
+/// An open error of an inspection: a file redb cannot take as it is (not closed cleanly, or
+/// damaged) is a `Corrupted` storage failure; nothing is quarantined.
+fn inspect_error(e: DatabaseError, path: &Path) -> OpenError {
+    match classify_open_error(e, path) {
+        Attempt::Fatal(e) => e,
+        Attempt::Corrupt(m) => OpenError::Storage {
+            path: path.to_path_buf(),
+            source: StorageFailure {
+                kind: StorageFailureKind::Corrupted,
+                message: m,
             },
-        })
+        },
+    }
 }
 
 /// Any handle we can begin a read transaction on.
@@ -559,16 +565,7 @@ pub(crate) fn open_overlay(data_dir: &Path, cache_bytes: usize) -> Result<Databa
     })?;
     builder(cache_bytes)
         .create_with_backend(overlay)
-        .map_err(|e| match classify_open_error(e, &path) {
-            Attempt::Fatal(e) => e,
-            Attempt::Corrupt(m) => OpenError::Storage {
-                path: path.clone(),
-                source: StorageFailure {
-                    kind: StorageFailureKind::Corrupted,
-                    message: m,
-                },
-            },
-        })
+        .map_err(|e| inspect_error(e, &path))
 }
 
 /// The first bytes of the buffer file, which hold redb's header: they change with every

@@ -216,8 +216,8 @@ fn run_here(cmd: BufferCommand) -> Result<u8, BufferCmdError> {
             Ok(0)
         }
         BufferCommand::Repair(dir) => {
-            let state = Inspector::open(&dir.data_dir)?.state();
-            if state == FileState::Closed {
+            // One open attempt tells; repairing a copy in memory first would do the work twice.
+            if Inspector::file_state(&dir.data_dir)? == FileState::Closed {
                 println!(
                     "{}: closed cleanly, nothing to repair",
                     buffer_file(&dir.data_dir)
