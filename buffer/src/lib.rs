@@ -75,6 +75,7 @@
 //! - A segment that fails its CRC when read is skipped, logged and counted
 //!   (`ferry_buffer_corrupt_segments_total`); it cannot be forwarded.
 
+pub mod clock;
 mod error;
 mod reader;
 mod reading;
@@ -82,6 +83,9 @@ pub mod segment;
 mod store;
 mod writer;
 
+pub use clock::{
+    ClockMark, ClockNow, ClockSource, ClockStamp, ClockStatus, ManualClock, SystemClock,
+};
 pub use error::{
     AckError, AppendError, InspectError, OpenError, ReadError, StorageFailure, StorageFailureKind,
 };
@@ -155,6 +159,8 @@ pub struct BufferOptions {
     /// that can push back (MQTT sessions stop reading their sockets) wait for
     /// [`Buffer::room_since`]. The buffer itself never refuses a submit for it.
     pub max_pending_bytes: u64,
+    /// Where the buffer reads the time: [`SystemClock`], or a [`ManualClock`] in tests.
+    pub clock: Arc<dyn ClockSource>,
 }
 
 impl Default for BufferOptions {
@@ -173,6 +179,7 @@ impl Default for BufferOptions {
             consumers: Vec::new(),
             quick_repair: false,
             max_pending_bytes: 1 << 20,
+            clock: Arc::new(SystemClock),
         }
     }
 }
@@ -224,8 +231,11 @@ pub struct BufferStats {
     pub segments: u64,
     /// The cap.
     pub max_bytes: u64,
-    /// When the oldest buffered reading was received.
+    /// When the oldest buffered reading was received (its wall-clock time as stamped).
     pub oldest_received_ms: Option<u64>,
+    /// How long the oldest buffered reading has waited, by [`clock`]'s jump-safe rules;
+    /// `None` when the buffer is empty or the age cannot be known.
+    pub oldest_age_ms: Option<u64>,
     /// Readings in the dead-letter table.
     pub dead_letters: u64,
     /// Bytes in the dead-letter table.
@@ -356,6 +366,8 @@ pub(crate) struct Shared {
     room_generation: AtomicU64,
     /// Woken at each of those falls.
     pending_freed: tokio::sync::Notify,
+    /// The clock and what is known of each boot.
+    pub(crate) clock: clock::Clock,
 }
 
 /// Counts a submit's readings in [`Shared::pending`] until the submit is answered or dropped.
@@ -443,6 +455,7 @@ impl Buffer {
         let (tx, rx) = std::sync::mpsc::channel();
         let (done_tx, done_rx) = oneshot::channel();
         let shared = Arc::new(Shared {
+            clock: clock::Clock::new(opts.clock.clone()),
             opts,
             loc: loc.clone(),
             db: RwLock::new(Some(db.clone())),
@@ -609,14 +622,24 @@ impl Buffer {
             .get(consumer)
             .ok_or_else(|| ReadError::UnknownConsumer(consumer.to_string()))?;
         let db = self.shared.db()?;
-        tokio::task::spawn_blocking(move || lag_after(&*db, after))
+        let (mut lag, clock) = tokio::task::spawn_blocking(move || lag_after(&*db, after))
             .await
             .map_err(|e| {
                 ReadError::Storage(StorageFailure {
                     kind: StorageFailureKind::Other,
                     message: e.to_string(),
                 })
-            })?
+            })??;
+        let c = &self.shared.clock;
+        lag.oldest_age_ms = lag
+            .oldest_received_ms
+            .and_then(|wall| c.age_ms(clock.map(|(b, oldest, _)| (b, oldest)), wall, &c.now()));
+        Ok(lag)
+    }
+
+    /// The clock: synchronized or not, since when, jumps seen (see [`clock`]).
+    pub fn clock(&self) -> ClockStatus {
+        self.shared.clock.status()
     }
 
     /// Lists up to `limit` dead letters with reading id greater than `after`.
@@ -690,17 +713,28 @@ pub struct Lag {
     pub bytes: u64,
     /// Segments after the cursor.
     pub segments: u64,
-    /// When the oldest of them was received.
+    /// When the oldest of them was received (wall clock as stamped).
     pub oldest_received_ms: Option<u64>,
+    /// How long the oldest of them has waited, by [`clock`]'s jump-safe rules; `None` when
+    /// nothing waits or the age cannot be known.
+    pub oldest_age_ms: Option<u64>,
 }
 
-fn lag_after(db: &dyn store::Readable, after: u64) -> Result<Lag, ReadError> {
+/// The lag after segment `after`, and the `segment_clock` row of its first segment.
+fn lag_after(
+    db: &dyn store::Readable,
+    after: u64,
+) -> Result<(Lag, Option<store::SegClock>), ReadError> {
     let txn = db.begin().map_err(sf)?;
     let index = txn.open_table(INDEX).map_err(sf)?;
     let mut lag = Lag::default();
+    let mut first_clock = None;
     for e in index.range(after + 1..).map_err(sf)? {
-        let (_, v) = e.map_err(sf)?;
+        let (k, v) = e.map_err(sf)?;
         let m = SegMeta::from_tuple(v.value());
+        if lag.segments == 0 {
+            first_clock = store::seg_clock(&txn, k.value()).map_err(sf)?;
+        }
         lag.readings += m.count as u64;
         lag.bytes += m.stored_bytes;
         lag.segments += 1;
@@ -709,7 +743,7 @@ fn lag_after(db: &dyn store::Readable, after: u64) -> Result<Lag, ReadError> {
                 .map_or(m.oldest_ms, |o| o.min(m.oldest_ms)),
         );
     }
-    Ok(lag)
+    Ok((lag, first_clock))
 }
 
 fn list_dead(
@@ -1078,7 +1112,7 @@ impl Inspector {
         let after = *cursors
             .get(consumer)
             .ok_or_else(|| ReadError::UnknownConsumer(consumer.to_string()))?;
-        lag_after(&self.db, after)
+        Ok(lag_after(&self.db, after)?.0)
     }
 
     /// Lists dead letters.

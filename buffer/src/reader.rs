@@ -73,6 +73,8 @@ impl Reader {
 
     /// Returns up to `max` segments after the read position, oldest first, waiting until at
     /// least one exists. Segments that fail their checksum are skipped, logged and counted.
+    /// Readings stamped before the clock was synchronized come with their corrected time
+    /// where their boot's sync is known ([`crate::clock`]).
     pub async fn next(&mut self, max: usize) -> Result<Vec<Segment>, ReadError> {
         loop {
             let newest = *self.committed.borrow_and_update();
@@ -110,11 +112,26 @@ impl Reader {
         for (id, stored, decoded) in read {
             self.position = id;
             match decoded {
-                Ok(readings) => out.push(Segment {
-                    id,
-                    readings,
-                    stored,
-                }),
+                Ok(mut readings) => {
+                    // Readings received before the clock was synchronized leave with the
+                    // corrected time (crate::clock); a segment shipped as stored is re-encoded
+                    // so that it says the same.
+                    let clock = &self.buffer.shared.clock;
+                    let mut changed = false;
+                    for r in &mut readings {
+                        changed |= clock.correct(r);
+                    }
+                    let stored = if changed {
+                        segment::encode_segment(&readings, self.buffer.shared.opts.compression)
+                    } else {
+                        stored
+                    };
+                    out.push(Segment {
+                        id,
+                        readings,
+                        stored,
+                    })
+                }
                 Err(e) => {
                     tracing::error!(segment = id, error = %e, consumer = %self.consumer,
                         "A buffer segment failed its integrity check and is skipped; its readings cannot be forwarded.");

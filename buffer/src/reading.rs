@@ -1,5 +1,6 @@
 //! The `Reading` record: one sensor message as ferry received it.
 
+use crate::clock::ClockStamp;
 use bytes::Bytes;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -64,7 +65,11 @@ pub struct Reading {
     /// Gateway-unique, monotonic id, assigned at commit.
     pub id: u64,
     /// When ferry received the reading, in milliseconds since the Unix epoch (or the device's
-    /// own timestamp, where an ingest format carries one).
+    /// own timestamp, where an ingest format carries one: mark it [`ClockMark::Device`]).
+    /// Readers hand out the corrected time where the clock was not synchronized at receipt
+    /// ([`crate::clock`]).
+    ///
+    /// [`ClockMark::Device`]: crate::ClockMark::Device
     pub received_at_ms: u64,
     /// Which listener took it in.
     pub source: Source,
@@ -78,6 +83,8 @@ pub struct Reading {
     pub properties: Vec<(String, String)>,
     /// The payload bytes, as received.
     pub payload: Bytes,
+    /// The clock at receipt, stamped by the buffer at commit; see [`crate::clock`].
+    pub clock: ClockStamp,
 }
 
 impl Reading {
@@ -97,6 +104,7 @@ impl Reading {
             content_type: None,
             properties: Vec::new(),
             payload: payload.into(),
+            clock: ClockStamp::default(),
         }
     }
 

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! offset size  field
-//! 0      4     magic "FRY1"
+//! 0      4     magic "FRY2" (or "FRY1": format 1, read but no longer written)
 //! 4      1     codec: 0 = none, 1 = gzip (one RFC 1952 member)
 //! 5      4     reading count, u32 LE
 //! 9      8     id of the first reading, u64 LE
@@ -16,13 +16,19 @@
 //! ```text
 //! u64 id | u64 received_at_ms | u8 source | str device | str topic
 //! | u8 has_content_type [str content_type] | u32 property count, (str key, str value)*
-//! | bytes payload
+//! | bytes payload | u32 boot | u64 boottime_ms | u8 clock
 //! ```
+//!
+//! The last three fields (format 2, magic `FRY2`) are the reading's [`ClockStamp`]: its boot
+//! index, the boot clock at receipt, and the clock mark (0 unknown, 1 synced, 2 unsynced,
+//! 3 corrected, 4 device), see [`crate::clock`]. `FRY1` records end after the payload and
+//! decode with the mark `unknown`.
 //!
 //! where `str` and `bytes` are a u32 LE length followed by that many bytes (strings are UTF-8).
 //! All integers are little-endian. The same record layout (without the segment header) is used
-//! for dead letters. The Kafka uplink's `delivery = "segment"` mode ships this value as is.
+//! for dead letters, where the clock fields are present when the record is followed by them. The Kafka uplink's `delivery = "segment"` mode ships this value as is.
 
+use crate::clock::{ClockMark, ClockStamp};
 use crate::reading::{Reading, Source};
 use bytes::Bytes;
 use flate2::Crc;
@@ -31,8 +37,12 @@ use flate2::write::GzEncoder;
 use std::borrow::Borrow;
 use std::io::{Read, Write};
 
-/// The four bytes every segment starts with.
-pub const MAGIC: &[u8; 4] = b"FRY1";
+/// The four bytes every segment this build writes starts with.
+pub const MAGIC: &[u8; 4] = b"FRY2";
+/// The magic of format-1 segments (no clock fields), still read.
+pub const MAGIC_V1: &[u8; 4] = b"FRY1";
+/// Length of a record's clock fields.
+const CLOCK_LEN: usize = 4 + 8 + 1;
 /// Size of the fixed segment header.
 pub const HEADER_LEN: usize = 25;
 /// Hard ceiling on a segment body, so a corrupt header cannot make the decoder allocate wildly.
@@ -96,6 +106,8 @@ pub struct SegmentHeader {
     pub raw_len: u32,
     /// Whether the body is gzip-compressed.
     pub gzip: bool,
+    /// Whether records carry clock fields (`FRY2`).
+    pub clock: bool,
 }
 
 pub(crate) fn reading_encoded_len(r: &Reading) -> usize {
@@ -114,6 +126,7 @@ pub(crate) fn reading_encoded_len(r: &Reading) -> usize {
             .sum::<usize>()
         + 4
         + r.payload.len()
+        + CLOCK_LEN
 }
 
 fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
@@ -141,6 +154,9 @@ pub fn encode_reading(out: &mut Vec<u8>, r: &Reading) {
         put_bytes(out, v.as_bytes());
     }
     put_bytes(out, &r.payload);
+    out.extend_from_slice(&r.clock.boot.to_le_bytes());
+    out.extend_from_slice(&r.clock.boottime_ms.to_le_bytes());
+    out.push(r.clock.mark.to_byte());
 }
 
 pub(crate) struct Cursor<'a> {
@@ -201,11 +217,30 @@ impl<'a> Cursor<'a> {
         String::from_utf8(b.to_vec()).map_err(|_| self.err("string is not UTF-8"))
     }
 
+    /// The clock fields that follow a format-2 record.
+    pub(crate) fn clock(&mut self) -> Result<ClockStamp, DecodeError> {
+        let boot = self.u32("clock boot")?;
+        let boottime_ms = self.u64("clock boottime")?;
+        let mark =
+            ClockMark::from_byte(self.u8("clock mark")?).ok_or_else(|| self.err("clock mark"))?;
+        Ok(ClockStamp {
+            boot,
+            boottime_ms,
+            mark,
+        })
+    }
+
+    /// Bytes not read yet.
+    pub(crate) fn remaining(&self) -> usize {
+        self.buf.len().saturating_sub(self.pos)
+    }
+
     pub(crate) fn is_empty(&self) -> bool {
         self.pos >= self.buf.len()
     }
 
-    /// Decodes one reading record; `whole` is the buffer the payload is sliced from.
+    /// Decodes one reading record up to its payload (the clock fields, if any, follow: see
+    /// [`Cursor::clock`]); `whole` is the buffer the payload is sliced from.
     pub(crate) fn reading(&mut self, whole: &Bytes) -> Result<Reading, DecodeError> {
         let id = self.u64("id")?;
         let received_at_ms = self.u64("received_at_ms")?;
@@ -232,7 +267,6 @@ impl<'a> Cursor<'a> {
         let start = self.pos;
         self.take(len, "payload")?;
         let payload = whole.slice(start..start + len);
-        self.index += 1;
         Ok(Reading {
             id,
             received_at_ms,
@@ -242,7 +276,18 @@ impl<'a> Cursor<'a> {
             content_type,
             properties,
             payload,
+            clock: ClockStamp::default(),
         })
+    }
+
+    /// A whole record of a segment: the reading, then its clock fields when `clock`.
+    pub(crate) fn record(&mut self, whole: &Bytes, clock: bool) -> Result<Reading, DecodeError> {
+        let mut r = self.reading(whole)?;
+        if clock {
+            r.clock = self.clock()?;
+        }
+        self.index += 1;
+        Ok(r)
     }
 }
 
@@ -288,9 +333,11 @@ pub fn decode_header(value: &[u8]) -> Result<SegmentHeader, DecodeError> {
     if value.len() < HEADER_LEN {
         return Err(DecodeError::Truncated("header"));
     }
-    if &value[0..4] != MAGIC {
-        return Err(DecodeError::BadMagic);
-    }
+    let clock = match &value[0..4] {
+        m if m == MAGIC => true,
+        m if m == MAGIC_V1 => false,
+        _ => return Err(DecodeError::BadMagic),
+    };
     let gzip = match value[4] {
         0 => false,
         1 => true,
@@ -304,6 +351,7 @@ pub fn decode_header(value: &[u8]) -> Result<SegmentHeader, DecodeError> {
         first_id: u64::from_le_bytes(id),
         raw_len: le32(17),
         gzip,
+        clock,
     })
 }
 
@@ -353,7 +401,7 @@ pub fn decode_segment(value: &[u8]) -> Result<Vec<Reading>, DecodeError> {
     // Each record is at least 38 bytes, which bounds the allocation for a lying count.
     let mut out = Vec::with_capacity((header.count as usize).min(raw_len / 38 + 1));
     while !cur.is_empty() {
-        out.push(cur.reading(&whole)?);
+        out.push(cur.record(&whole, header.clock)?);
     }
     if out.len() != header.count as usize {
         return Err(DecodeError::Record {

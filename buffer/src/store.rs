@@ -9,8 +9,10 @@ use redb::{
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-/// The buffer's own format version, stored in the `meta` table.
-pub const FORMAT_VERSION: u64 = 1;
+/// The buffer's own format version, stored in the `meta` table. Format 2 added the clock:
+/// `FRY2` records, the `boots` and `segment_clock` tables. A format-1 file is read as is and
+/// becomes format 2 when a writer opens it (its segments stay `FRY1`; see [`crate::segment`]).
+pub const FORMAT_VERSION: u64 = 2;
 /// File name of the buffer inside `data_dir`.
 pub const FILE_NAME: &str = "buffer.redb";
 /// Folder inside `data_dir` that corrupt files are moved to.
@@ -27,6 +29,28 @@ pub(crate) const INDEX: TableDefinition<u64, (u64, u32, u64, u64, u64)> =
 pub(crate) const CURSORS: TableDefinition<&str, u64> = TableDefinition::new("cursors");
 /// Reading id -> encoded dead letter.
 pub(crate) const DEAD: TableDefinition<u64, &[u8]> = TableDefinition::new("dead_letters");
+/// Boot index -> `u64 sync boot clock | u64 sync wall (0: none) | boot id` ([`crate::clock`]).
+pub(crate) const BOOTS: TableDefinition<u32, &[u8]> = TableDefinition::new("boots");
+/// Segment id -> (boot index, oldest boot clock, newest boot clock) of its readings received
+/// in that boot. Segments written by format 1 have no row.
+pub(crate) const SEG_CLOCK: TableDefinition<u64, (u32, u64, u64)> =
+    TableDefinition::new("segment_clock");
+
+/// A segment's row in `segment_clock`: (boot index, oldest boot clock, newest boot clock).
+pub(crate) type SegClock = (u32, u64, u64);
+
+/// A segment's `segment_clock` row, if the table and the row exist (a format-1 file read
+/// without a writer has neither).
+pub(crate) fn seg_clock(
+    txn: &redb::ReadTransaction,
+    id: u64,
+) -> Result<Option<SegClock>, redb::Error> {
+    match txn.open_table(SEG_CLOCK) {
+        Ok(t) => Ok(t.get(id)?.map(|g| g.value())),
+        Err(redb::TableError::TableDoesNotExist(_)) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
 
 /// One row of the segment index.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

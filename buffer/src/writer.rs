@@ -1,10 +1,13 @@
 //! The single writer thread: gathers commands for one group commit, commits them in one redb
 //! transaction with `Durability::Immediate`, then answers every waiter.
 
+use crate::clock::{ClockMark, ClockNow, SyncPoint};
 use crate::error::{AckError, AppendError, StorageFailure};
 use crate::reading::{Reading, now_ms};
 use crate::segment::{self, Cursor, encode_reading};
-use crate::store::{self, CURSORS, DEAD, INDEX, META, Meta, SEGMENTS, SegMeta};
+use crate::store::{
+    self, BOOTS, CURSORS, DEAD, INDEX, META, Meta, SEG_CLOCK, SEGMENTS, SegClock, SegMeta,
+};
 use crate::{AppendReceipt, Shared, WhenFull};
 use redb::{Database, Durability, ReadableDatabase, ReadableTable};
 use std::collections::BTreeMap;
@@ -94,6 +97,7 @@ impl Batch {
 struct Encoded {
     value: Vec<u8>,
     meta: SegMeta,
+    clock: Option<SegClock>,
 }
 
 /// What a commit changed, applied to memory only after redb returned Ok.
@@ -117,6 +121,9 @@ pub(crate) struct Writer {
     meta: Meta,
     cursors: BTreeMap<String, u64>,
     oldest: Option<SegMeta>,
+    oldest_clock: Option<SegClock>,
+    /// The clocks as read at the start of the current commit.
+    now: ClockNow,
     last_reopen: Instant,
     last_failure: Option<StorageFailure>,
 }
@@ -131,6 +138,7 @@ impl Writer {
         rx: Receiver<Cmd>,
         db: Arc<Database>,
     ) -> Result<Self, StorageFailure> {
+        let now = shared.clock.now();
         let mut w = Writer {
             shared,
             rx,
@@ -138,6 +146,8 @@ impl Writer {
             meta: Meta::default(),
             cursors: BTreeMap::new(),
             oldest: None,
+            oldest_clock: None,
+            now,
             last_reopen: Instant::now(),
             last_failure: None,
         };
@@ -172,15 +182,62 @@ impl Writer {
                 self.cursors.insert(name.clone(), v);
             }
             let index = txn.open_table(INDEX).map_err(fail_storage)?;
-            self.oldest = index
+            let first = index
                 .first()
                 .map_err(fail_storage)?
-                .map(|(_, v)| SegMeta::from_tuple(v.value()));
+                .map(|(k, v)| (k.value(), SegMeta::from_tuple(v.value())));
+            self.oldest = first.map(|f| f.1);
+            // Format 1 files get the clock tables now, and become format 2.
+            let seg_clock = txn.open_table(SEG_CLOCK).map_err(fail_storage)?;
+            self.oldest_clock = match first {
+                Some((id, _)) => seg_clock.get(id).map_err(fail_storage)?.map(|g| g.value()),
+                None => None,
+            };
+            drop(meta);
+            let mut meta_t = txn.open_table(META).map_err(fail_storage)?;
+            let version = meta_t
+                .get("format_version")
+                .map_err(fail_storage)?
+                .map_or(0, |g| g.value());
+            if version < store::FORMAT_VERSION {
+                meta_t
+                    .insert("format_version", store::FORMAT_VERSION)
+                    .map_err(fail_storage)?;
+            }
+            self.load_boots(&txn)?;
         }
         txn.commit().map_err(fail_storage)?;
         self.publish_stats(None);
         let newest = self.meta.next_segment_id - 1;
         self.shared.committed.send_replace(newest);
+        Ok(())
+    }
+
+    /// Finds this boot in the `boots` table (adding it when the boot id is new) and hands the
+    /// known sync points to the clock.
+    fn load_boots(&self, txn: &redb::WriteTransaction) -> Result<(), StorageFailure> {
+        let mut boots = txn.open_table(BOOTS).map_err(fail_storage)?;
+        let boot_id = self.shared.clock.boot_id();
+        let mut sync = BTreeMap::new();
+        let mut last: Option<(u32, String)> = None;
+        for e in boots.iter().map_err(fail_storage)? {
+            let (k, v) = e.map_err(fail_storage)?;
+            let (id, sp) = crate::clock::decode_boot(v.value());
+            if let Some(sp) = sp {
+                sync.insert(k.value(), sp);
+            }
+            last = Some((k.value(), id));
+        }
+        let boot = match last {
+            Some((n, id)) if id == boot_id => n,
+            other => {
+                let n = other.map_or(1, |(n, _)| n + 1);
+                let row = crate::clock::encode_boot(&boot_id, None::<SyncPoint>);
+                boots.insert(n, row.as_slice()).map_err(fail_storage)?;
+                n
+            }
+        };
+        self.shared.clock.load(boot, boot_id, sync);
         Ok(())
     }
 
@@ -256,13 +313,26 @@ impl Writer {
             let _ = self.ensure_open();
             return;
         }
+        self.now = self.shared.clock.observe();
         let expired = match (self.shared.opts.max_age, self.oldest) {
-            (Some(max_age), Some(o)) => o.newest_ms + (max_age.as_millis() as u64) < now_ms(),
+            (Some(max_age), Some(o)) => self
+                .age_ms(self.oldest_clock, o.newest_ms)
+                .is_some_and(|age| age > max_age.as_millis() as u64),
             _ => false,
         };
-        if expired {
+        self.publish_stats(None);
+        if expired || self.shared.clock.unsaved().is_some() {
             self.commit(Batch::default());
         }
+    }
+
+    /// How old the newest reading of a segment is, by [`crate::clock`]'s rules.
+    fn age_ms(&self, clock: Option<SegClock>, newest_ms: u64) -> Option<u64> {
+        self.shared.clock.age_ms(
+            clock.map(|(boot, _, newest)| (boot, newest)),
+            newest_ms,
+            &self.now,
+        )
     }
 
     /// Reopens the database after an I/O error (redb refuses further use with `PreviousIo`).
@@ -317,15 +387,26 @@ impl Writer {
             Err(f) => return self.fail(batch, f),
         };
         // Ids are assigned in arrival order; they become real only if the commit succeeds.
+        // Every new reading is stamped with the clock at this commit (crate::clock).
+        self.now = self.shared.clock.observe();
+        let stamp = self.shared.clock.stamp(&self.now);
         let mut next_id = self.meta.next_reading_id;
         for (readings, _) in &mut batch.appends {
             for r in readings.iter_mut() {
                 r.id = next_id;
                 next_id += 1;
+                if r.clock.boot == 0 {
+                    let mark = match r.clock.mark {
+                        ClockMark::Device => ClockMark::Device,
+                        _ => stamp.mark,
+                    };
+                    r.clock = crate::ClockStamp { mark, ..stamp };
+                }
             }
         }
+        let boot_row = self.shared.clock.unsaved();
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            self.write_txn(&db, &mut batch)
+            self.write_txn(&db, &mut batch, boot_row.as_ref())
         }))
         .unwrap_or_else(|_| {
             Err(StorageFailure {
@@ -335,6 +416,9 @@ impl Writer {
         });
         match result {
             Ok((meta, outcome, accepted, rejected)) => {
+                if let Some((boot, _)) = boot_row {
+                    self.shared.clock.saved(boot);
+                }
                 self.finish(meta, outcome, batch, accepted, rejected, started)
             }
             Err(f) => {
@@ -375,7 +459,19 @@ impl Writer {
                 oldest_ms: chunk.iter().map(|r| r.received_at_ms).min().unwrap_or(0),
                 newest_ms: chunk.iter().map(|r| r.received_at_ms).max().unwrap_or(0),
             };
-            out.push(Encoded { value, meta });
+            // The boot clock of the readings received in this boot (a requeued reading from
+            // an earlier boot keeps its own stamp and is left out).
+            let boot = self.shared.clock.stamp(&self.now).boot;
+            let bts = chunk
+                .iter()
+                .filter(|r| r.clock.boot == boot)
+                .map(|r| r.clock.boottime_ms);
+            let clock = bts
+                .clone()
+                .min()
+                .zip(bts.max())
+                .map(|(lo, hi)| (boot, lo, hi));
+            out.push(Encoded { value, meta, clock });
             start = end;
         }
         out
@@ -388,6 +484,7 @@ impl Writer {
         &self,
         db: &Database,
         batch: &mut Batch,
+        boot_row: Option<&(u32, Vec<u8>)>,
     ) -> Result<(Meta, Outcome, Vec<usize>, Vec<(usize, AppendError)>), StorageFailure> {
         let opts = &self.shared.opts;
         let shared = self.shared.clone();
@@ -411,6 +508,11 @@ impl Writer {
             let mut index = txn.open_table(INDEX).map_err(fail_storage)?;
             let mut cursors = txn.open_table(CURSORS).map_err(fail_storage)?;
             let mut dead = txn.open_table(DEAD).map_err(fail_storage)?;
+            let mut seg_clock = txn.open_table(SEG_CLOCK).map_err(fail_storage)?;
+            if let Some((boot, row)) = boot_row {
+                let mut boots = txn.open_table(BOOTS).map_err(fail_storage)?;
+                boots.insert(*boot, row.as_slice()).map_err(fail_storage)?;
+            }
 
             // 1. Acks: advance cursors, then delete what every consumer has acked.
             let mut new_cursors = self.cursors.clone();
@@ -426,25 +528,29 @@ impl Writer {
                 }
             }
             if let Some(&floor) = new_cursors.values().min() {
-                let (n, b, s) = delete_through(&mut segs, &mut index, floor)?;
+                let (n, b, s) = delete_through(&mut segs, &mut index, &mut seg_clock, floor)?;
                 out.acked_readings += n;
                 meta.readings -= n;
                 meta.stored_bytes -= b;
                 meta.segments -= s;
             }
 
-            // 2. TTL: drop segments whose newest reading is older than max_age.
+            // 2. TTL: drop segments whose newest reading is older than max_age, by an age
+            //    the clock can vouch for (crate::clock): never on a guess.
             if let Some(max_age) = opts.max_age {
-                let cutoff = now_ms().saturating_sub(max_age.as_millis() as u64);
+                let max_age = max_age.as_millis() as u64;
                 loop {
                     let first = index
                         .first()
                         .map_err(fail_storage)?
                         .map(|(k, v)| (k.value(), SegMeta::from_tuple(v.value())));
-                    match first {
-                        Some((id, m)) if m.newest_ms < cutoff => {
+                    let Some((id, m)) = first else { break };
+                    let clock = seg_clock.get(id).map_err(fail_storage)?.map(|g| g.value());
+                    match self.age_ms(clock, m.newest_ms) {
+                        Some(age) if age > max_age => {
                             segs.remove(id).map_err(fail_storage)?;
                             index.remove(id).map_err(fail_storage)?;
+                            seg_clock.remove(id).map_err(fail_storage)?;
                             out.dropped_ttl += m.count as u64;
                             meta.readings -= m.count as u64;
                             meta.stored_bytes -= m.stored_bytes;
@@ -557,7 +663,8 @@ impl Writer {
                             })
                             .collect();
                         _leases_held = Some(leases);
-                        let (n, b, s) = evict_oldest(&mut segs, &mut index, need, &in_flight)?;
+                        let (n, b, s) =
+                            evict_oldest(&mut segs, &mut index, &mut seg_clock, need, &in_flight)?;
                         out.dropped_full += n;
                         meta.readings -= n;
                         meta.stored_bytes -= b;
@@ -628,6 +735,9 @@ impl Writer {
                 meta.next_segment_id += 1;
                 segs.insert(id, e.value.as_slice()).map_err(fail_storage)?;
                 index.insert(id, e.meta.tuple()).map_err(fail_storage)?;
+                if let Some(c) = e.clock {
+                    seg_clock.insert(id, c).map_err(fail_storage)?;
+                }
                 meta.segments += 1;
                 meta.readings += e.meta.count as u64;
                 meta.stored_bytes += e.meta.stored_bytes;
@@ -737,11 +847,14 @@ impl Writer {
 
     fn refresh_oldest(&mut self) {
         let Some(db) = &self.db else { return };
-        self.oldest = db.begin_read().ok().and_then(|t| {
+        let found = db.begin_read().ok().and_then(|t| {
             let index = t.open_table(INDEX).ok()?;
             let first = index.first().ok()??;
-            Some(SegMeta::from_tuple(first.1.value()))
+            let clock = store::seg_clock(&t, first.0.value()).ok().flatten();
+            Some((SegMeta::from_tuple(first.1.value()), clock))
         });
+        self.oldest = found.map(|f| f.0);
+        self.oldest_clock = found.and_then(|f| f.1);
     }
 
     fn publish_stats(&self, commit: Option<(Duration, &Outcome)>) {
@@ -778,6 +891,13 @@ impl Writer {
         s.dead_letters = m.dead_count;
         s.dead_letter_bytes = m.dead_bytes;
         s.oldest_received_ms = self.oldest.map(|o| o.oldest_ms);
+        s.oldest_age_ms = self.oldest.and_then(|o| {
+            self.shared.clock.age_ms(
+                self.oldest_clock.map(|(boot, oldest, _)| (boot, oldest)),
+                o.oldest_ms,
+                &self.now,
+            )
+        });
         s.next_reading_id = m.next_reading_id;
         s.newest_segment = m.next_segment_id - 1;
         s.cursors = self.cursors.clone();
@@ -824,11 +944,13 @@ pub(crate) fn reply_closed(cmd: Cmd) {
 
 type Segs<'t> = redb::Table<'t, u64, &'static [u8]>;
 type Index<'t> = redb::Table<'t, u64, (u64, u32, u64, u64, u64)>;
+type SegClockT<'t> = redb::Table<'t, u64, SegClock>;
 
 /// Deletes every segment with id <= `through`. Returns (readings, bytes, segments).
 fn delete_through(
     segs: &mut Segs<'_>,
     index: &mut Index<'_>,
+    seg_clock: &mut SegClockT<'_>,
     through: u64,
 ) -> Result<(u64, u64, u64), StorageFailure> {
     let doomed: Vec<(u64, SegMeta)> = index
@@ -841,6 +963,7 @@ fn delete_through(
     for (id, m) in doomed {
         segs.remove(id).map_err(fail_storage)?;
         index.remove(id).map_err(fail_storage)?;
+        seg_clock.remove(id).map_err(fail_storage)?;
         totals.0 += m.count as u64;
         totals.1 += m.stored_bytes;
         totals.2 += 1;
@@ -854,6 +977,7 @@ fn delete_through(
 fn evict_oldest(
     segs: &mut Segs<'_>,
     index: &mut Index<'_>,
+    seg_clock: &mut SegClockT<'_>,
     need: u64,
     in_flight: &[(u64, u64)],
 ) -> Result<(u64, u64, u64), StorageFailure> {
@@ -879,6 +1003,7 @@ fn evict_oldest(
     for (id, m) in victims {
         segs.remove(id).map_err(fail_storage)?;
         index.remove(id).map_err(fail_storage)?;
+        seg_clock.remove(id).map_err(fail_storage)?;
         totals.0 += m.count as u64;
         totals.1 += m.stored_bytes;
         totals.2 += 1;
@@ -911,6 +1036,10 @@ pub(crate) fn decode_dead(
     let at = c.u64("dead_at_ms")?;
     let consumer = c.string("consumer")?;
     let reason = c.string("reason")?;
-    let reading = c.reading(&whole)?;
+    let mut reading = c.reading(&whole)?;
+    // Dead letters written before format 2 end after the payload.
+    if c.remaining() > 0 {
+        reading.clock = c.clock()?;
+    }
     Ok((at, consumer, reason, reading))
 }

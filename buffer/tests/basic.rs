@@ -354,17 +354,56 @@ async fn drop_oldest_evicts_whole_segments_and_counts_them() {
 #[tokio::test]
 async fn ttl_drops_old_readings_and_counts_them() {
     let dir = tempfile::tempdir().unwrap();
+    let clock = ferry_buffer::ManualClock::new("boot-a", 1_800_000_000_000, 60_000, true);
     let mut o = opts(&["k"]);
     o.max_age = Some(Duration::from_secs(60));
+    o.clock = std::sync::Arc::new(clock.clone());
     let buf = Buffer::open(dir.path(), o).unwrap();
-    let mut old = reading(1, 20);
-    old.received_at_ms -= 3_600_000;
-    buf.append(vec![old]).await.unwrap();
-    // The next commit sweeps the expired segment before writing its own.
+    buf.append(vec![reading(1, 20)]).await.unwrap();
+    clock.advance(59_000);
     buf.append(vec![reading(2, 20)]).await.unwrap();
+    assert_eq!(
+        buf.stats().dropped_ttl_total,
+        0,
+        "59 s old is within a 60 s TTL"
+    );
+    clock.advance(2_000);
+    // The next commit sweeps the expired segment before writing its own.
+    buf.append(vec![reading(3, 20)]).await.unwrap();
     let st = buf.stats();
     assert_eq!(st.dropped_ttl_total, 1);
-    assert_eq!(st.readings, 1);
+    assert_eq!(st.readings, 2);
+    assert_eq!(st.oldest_age_ms, Some(2_000));
+}
+
+/// The TTL counts the time a reading waited, by the boot clock: a wall clock stepped
+/// forward by days (NTP's first sync on a Pi) or a device timestamp from last year drops
+/// nothing that arrived seconds ago.
+#[tokio::test]
+async fn ttl_ignores_wall_clock_jumps_and_device_timestamps() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ferry_buffer::ManualClock::new("boot-a", 1_000_000_000_000, 30_000, false);
+    let mut o = opts(&["k"]);
+    o.max_age = Some(Duration::from_secs(3600));
+    o.clock = std::sync::Arc::new(clock.clone());
+    let buf = Buffer::open(dir.path(), o).unwrap();
+    let mut device = reading(1, 20);
+    device.received_at_ms -= 400 * 86_400_000;
+    device.clock.mark = ferry_buffer::ClockMark::Device;
+    buf.append(vec![device, reading(2, 20)]).await.unwrap();
+    clock.advance(60_000);
+    clock.step_wall(3 * 86_400_000);
+    clock.set_synced(true);
+    buf.append(vec![reading(3, 20)]).await.unwrap();
+    let st = buf.stats();
+    assert_eq!(st.dropped_ttl_total, 0, "{st:?}");
+    assert_eq!(st.readings, 3);
+    assert_eq!(st.oldest_age_ms, Some(60_000));
+    assert_eq!(buf.clock().jumps_total, 1);
+    // And an hour later by the boot clock, they go.
+    clock.advance(3_600_001);
+    buf.append(vec![reading(4, 20)]).await.unwrap();
+    assert_eq!(buf.stats().dropped_ttl_total, 3);
 }
 
 #[tokio::test]

@@ -9,8 +9,9 @@
 //! | `ferry-id` | `<gateway id>-<reading id>`, stable across re-sends: de-duplicate on it |
 //! | `ferry-device` | the device id |
 //! | `ferry-topic` | the source topic (MQTT topic or HTTP path topic) |
-//! | `ferry-received-at` | ms since the Unix epoch, decimal |
+//! | `ferry-received-at` | ms since the Unix epoch, decimal (corrected when the box's clock was not synchronized at receipt) |
 //! | `ferry-source` | `mqtt`, `mqtt-will`, `http` or `requeue` |
+//! | `ferry-clock` | how far `ferry-received-at` can be trusted: `synced`, `corrected`, `unsynced`, `device` or `unknown` ([`ferry_buffer::clock`]) |
 //!
 //! The content type is not one of them: Kafka sends it as the `content-type` header, MQTT v5
 //! as its content-type property, the envelope as `content_type`.
@@ -45,11 +46,12 @@ pub fn for_each_field(
     f("ferry-topic", &r.topic);
     f("ferry-received-at", at);
     f("ferry-source", r.source.as_str());
+    f("ferry-clock", r.clock.mark.as_str());
 }
 
 /// The fields of [`for_each_field`] as owned pairs (MQTT v5 user properties).
 pub fn user_properties(gateway_id: &str, r: &Reading) -> Vec<(String, String)> {
-    let mut p = Vec::with_capacity(r.properties.len() + 5);
+    let mut p = Vec::with_capacity(r.properties.len() + 6);
     for_each_field(gateway_id, r, &mut String::new(), |k, v| {
         p.push((k.to_owned(), v.to_owned()))
     });
@@ -97,11 +99,12 @@ fn json_str(s: &str) -> String {
 ///
 /// ```json
 /// {"ferry_id":"gw1-42","gateway":"gw1","device":"dev-1","topic":"sensors/dev-1/temp",
-///  "received_at_ms":1700000000000,"source":"mqtt","content_type":"application/json",
+///  "received_at_ms":1700000000000,"source":"mqtt","clock":"synced","content_type":"application/json",
 ///  "properties":[["k","v"]],"payload_encoding":"json","payload":{"t":21.5}}
 /// ```
 ///
-/// `content_type` is `null` when the device gave none; `properties` are the device's own v5
+/// `clock` is the `ferry-clock` mark of [`for_each_field`]. `content_type` is `null` when the
+/// device gave none; `properties` are the device's own v5
 /// user properties. `payload` depends on `payload_encoding` ([`PayloadEncoding`]): a JSON
 /// payload is embedded verbatim (so numbers and key order stay exactly as the device sent
 /// them), UTF-8 text becomes a JSON string, and anything else a base64 string.
@@ -109,13 +112,14 @@ pub fn envelope(gateway_id: &str, r: &Reading) -> Vec<u8> {
     let enc = PayloadEncoding::of(&r.payload);
     let props = serde_json::to_string(&r.properties).unwrap_or_else(|_| "[]".into());
     let mut out = format!(
-        "{{\"ferry_id\":{},\"gateway\":{},\"device\":{},\"topic\":{},\"received_at_ms\":{},\"source\":{},\"content_type\":{},\"properties\":{},\"payload_encoding\":\"{}\",\"payload\":",
+        "{{\"ferry_id\":{},\"gateway\":{},\"device\":{},\"topic\":{},\"received_at_ms\":{},\"source\":{},\"clock\":\"{}\",\"content_type\":{},\"properties\":{},\"payload_encoding\":\"{}\",\"payload\":",
         json_str(&ferry_id(gateway_id, r)),
         json_str(gateway_id),
         json_str(&r.device),
         json_str(&r.topic),
         r.received_at_ms,
         json_str(r.source.as_str()),
+        r.clock.mark.as_str(),
         r.content_type
             .as_deref()
             .map_or_else(|| "null".to_string(), json_str),
@@ -175,6 +179,7 @@ mod tests {
         assert_eq!(v["topic"], "sensors/dev/temp");
         assert_eq!(v["received_at_ms"], 1_700_000_000_123u64);
         assert_eq!(v["source"], "mqtt");
+        assert_eq!(v["clock"], "unknown");
         assert_eq!(v["content_type"], "application/json");
         assert_eq!(v["properties"][0][1], "C");
         assert_eq!(v["payload_encoding"], "json");
@@ -211,5 +216,12 @@ mod tests {
         assert_eq!(get("ferry-topic"), Some("sensors/dev/temp"));
         assert_eq!(get("ferry-received-at"), Some("1700000000123"));
         assert_eq!(get("ferry-source"), Some("mqtt"));
+        assert_eq!(get("ferry-clock"), Some("unknown"));
+        r.clock.mark = ferry_buffer::ClockMark::Corrected;
+        let p = user_properties("gw1", &r);
+        assert_eq!(
+            p.last().unwrap(),
+            &("ferry-clock".into(), "corrected".into())
+        );
     }
 }

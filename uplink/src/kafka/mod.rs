@@ -29,8 +29,8 @@
 //! ## Record layout, `delivery = "reading"` (default)
 //! One record per reading, on the topic chosen by [`routing`]; key by the key rule; value =
 //! payload bytes; headers: the metadata fields of [`crate::meta`] (the device's own MQTT v5
-//! user properties, then `ferry-id`, `ferry-device`, `ferry-topic`, `ferry-received-at`,
-//! `ferry-source`), then `content-type` when the device gave one.
+//! user properties, then ferry's `ferry-*` fields), then `content-type` when the device gave
+//! one.
 //!
 //! ## Record layout, `delivery = "segment"`
 //! One record per buffer segment, on the uplink's `topic` (routes and `topics` filters do not
@@ -43,7 +43,7 @@
 //! To unpack a value (framing from `ferry_buffer::segment`, all integers little-endian):
 //!
 //! ```text
-//! 0  4  magic "FRY1"
+//! 0  4  magic "FRY2" ("FRY1": format 1, records without the clock fields)
 //! 4  1  codec: 0 = none, 1 = gzip (one RFC 1952 member)
 //! 5  4  reading count (u32)
 //! 9  8  id of the first reading (u64)
@@ -56,8 +56,11 @@
 //! `count` records back to back, each
 //! `u64 id | u64 received_at_ms | u8 source (1 mqtt, 2 mqtt-will, 3 http, 4 requeue) |
 //! str device | str topic | u8 has_content_type [str content_type] |
-//! u32 n, n × (str key, str value) | bytes payload`, where `str`/`bytes` are a u32 length and
-//! that many bytes. [`decode_segment`] is the reference decoder (Rust consumers can use it
+//! u32 n, n × (str key, str value) | bytes payload | u32 boot | u64 boottime_ms | u8 clock`,
+//! where `str`/`bytes` are a u32 length and that many bytes; the last three fields are the
+//! clock stamp ([`ferry_buffer::clock`]: `clock` 1 synced, 2 unsynced, 3 corrected, 4 device,
+//! 0 unknown) and are absent in segments with the format-1 magic `FRY1`. A segment holding a
+//! reading whose time was corrected is re-encoded with the corrected time before it is sent. [`decode_segment`] is the reference decoder (Rust consumers can use it
 //! directly); the tests decode what arrives in Kafka with it.
 //!
 //! Readings larger than the topic's `max.message.bytes` are dead-lettered; in segment mode

@@ -615,7 +615,12 @@ async fn segment_delivery_end_to_end() {
             assert_eq!(rec.h("ferry-count"), "20");
             assert_eq!(rec.h("ferry-gateway"), "gw1");
             assert_eq!(rec.key.as_deref(), Some("gw1"));
-            let decoded = decode_segment(&rec.value).unwrap();
+            let mut decoded = decode_segment(&rec.value).unwrap();
+            for r in &mut decoded {
+                // The buffer stamped each reading with the clock at its commit.
+                assert_ne!(r.clock.boot, 0, "{r:?}");
+                r.clock = Default::default();
+            }
             assert_eq!(&decoded, readings);
         }
         buffer.close().await;
@@ -987,6 +992,88 @@ async fn wire_bytes_bench() {
             bytes as f64 / n as f64,
             bytes as f64 / payload_bytes as f64
         );
+        buffer.close().await;
+    }
+}
+
+/// A Pi without a clock, through the real buffer to the mock cluster: readings taken before
+/// NTP's first sync (3 days forward) arrive with corrected times and `ferry-clock:
+/// corrected`, later ones `synced`; and a 1 h TTL drops none of them although the wall clock
+/// jumped 3 days. A segment-mode record says the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readings_before_the_clock_sync_arrive_with_corrected_times() {
+    const DAY: u64 = 86_400_000;
+    const REAL: u64 = 1_800_000_000_000;
+    for delivery in [Delivery::Reading, Delivery::Segment] {
+        let mock = Mock::new(1).unwrap();
+        mock.create_topic("readings", 1, 1).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let clock = ferry_buffer::ManualClock::new("boot-1", REAL - 3 * DAY, 45_000, false);
+        let buffer = Buffer::open(
+            dir.path(),
+            BufferOptions {
+                consumers: vec!["kafka".into()],
+                flush_interval: Duration::ZERO,
+                max_age: Some(Duration::from_secs(3600)),
+                clock: std::sync::Arc::new(clock.clone()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let mut early = Vec::new();
+        for i in 0..3u64 {
+            let mut r = reading("dev-1", "sensors/dev-1/temp", format!("early-{i}"));
+            r.received_at_ms = REAL - 3 * DAY + i * 60_000;
+            early.push(buffer.append(vec![r]).await.unwrap().first_id);
+            clock.advance(60_000);
+        }
+        // NTP: the wall clock steps 3 days forward; then one more reading.
+        clock.step_wall(3 * DAY as i64);
+        clock.set_synced(true);
+        let mut late = reading("dev-1", "sensors/dev-1/temp", "late");
+        late.received_at_ms = REAL + 180_000;
+        let late_id = buffer.append(vec![late]).await.unwrap().first_id;
+        assert_eq!(buffer.stats().dropped_ttl_total, 0);
+
+        let mut cfg = uplink(&mock.bootstrap_servers());
+        cfg.delivery = delivery;
+        let run = start(&cfg, &buffer, Duration::from_secs(2));
+        wait_empty(&buffer, &run.status, Duration::from_secs(10)).await;
+        run.stop().await;
+        let want: BTreeMap<u64, (u64, &str)> = early
+            .iter()
+            .enumerate()
+            .map(|(i, id)| (*id, (REAL + i as u64 * 60_000, "corrected")))
+            .chain([(late_id, (REAL + 180_000, "synced"))])
+            .collect();
+        let mut got = BTreeMap::new();
+        match delivery {
+            Delivery::Reading => {
+                for rec in consume(&mock.bootstrap_servers(), &[("readings", 1)], 4).await {
+                    let id: u64 = rec
+                        .h("ferry-id")
+                        .rsplit('-')
+                        .next()
+                        .unwrap()
+                        .parse()
+                        .unwrap();
+                    let at: u64 = rec.h("ferry-received-at").parse().unwrap();
+                    got.insert(id, (at, rec.h("ferry-clock").to_string()));
+                }
+            }
+            _ => {
+                for rec in consume(&mock.bootstrap_servers(), &[("readings", 1)], 4).await {
+                    for r in ferry_buffer::segment::decode_segment(&rec.value).unwrap() {
+                        got.insert(r.id, (r.received_at_ms, r.clock.mark.as_str().to_string()));
+                    }
+                }
+            }
+        }
+        let got: BTreeMap<u64, (u64, &str)> = got
+            .iter()
+            .map(|(k, (a, m))| (*k, (*a, m.as_str())))
+            .collect();
+        assert_eq!(got, want, "{delivery:?}");
         buffer.close().await;
     }
 }

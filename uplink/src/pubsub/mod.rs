@@ -11,8 +11,7 @@
 //! ## Message layout
 //! - `data`: the payload exactly as received (base64 in the JSON request, as the API wants).
 //! - `attributes`: the fields of [`crate::meta`] (the device's own MQTT v5 user properties,
-//!   then `ferry-id`, `ferry-device`, `ferry-topic`, `ferry-received-at`, `ferry-source`), and
-//!   `content-type` when the device gave one. A key given twice keeps its last value, so
+//!   then ferry's `ferry-*` fields), and `content-type` when the device gave one. A key given twice keeps its last value, so
 //!   ferry's own fields win over a device property of the same name.
 //! - `orderingKey`: with `ordering_key` other than `none`, the device id, the source topic or
 //!   one level of it (the same rule as the Kafka message key,

@@ -217,6 +217,7 @@ fn a_message_carries_data_attributes_and_ordering_key() {
             "ferry-topic": "site/7/temp",
             "ferry-received-at": "1700000000123",
             "ferry-source": "mqtt",
+            "ferry-clock": "unknown",
             "content-type": "application/x",
         })
     );
@@ -252,13 +253,13 @@ fn a_reading_beyond_the_limits_is_refused_with_the_reason() {
         api.encode(&r)
     };
     let props = |n: usize| (0..n).map(|i| (format!("k{i}"), "v".into())).collect();
-    let err = with_props(props(96)).unwrap_err();
+    let err = with_props(props(95)).unwrap_err();
     assert_eq!(
         err,
-        "the reading has 101 attributes (96 MQTT v5 properties and ferry's fields), more than Pub/Sub's limit of 100"
+        "the reading has 101 attributes (95 MQTT v5 properties and ferry's fields), more than Pub/Sub's limit of 100"
     );
-    // 95 device properties and ferry's 5 fields (no content type) fit.
-    assert!(with_props(props(95)).is_ok());
+    // 94 device properties and ferry's 6 fields (no content type) fit.
+    assert!(with_props(props(94)).is_ok());
     let err = with_props(vec![("k".into(), "v".repeat(1025))]).unwrap_err();
     assert!(err.contains("1025 bytes") && err.contains("1024"), "{err}");
     assert!(with_props(vec![("k".into(), "v".repeat(1024))]).is_ok());
@@ -1096,6 +1097,12 @@ async fn every_reading_arrives_with_its_attributes_and_the_oversized_one_is_dead
                 r.received_at_ms.to_string(),
             ),
             ("ferry-source".to_string(), "mqtt".to_string()),
+            // Stamped by the buffer with this machine's clock state.
+            ("ferry-clock".to_string(), {
+                let c = m.a("ferry-clock");
+                assert!(c == "synced" || c == "unsynced", "{id}: ferry-clock {c}");
+                c.to_string()
+            }),
         ]);
         want.extend(r.properties.iter().cloned());
         if let Some(ct) = &r.content_type {
