@@ -16,8 +16,11 @@
 //!   stepped.
 //!
 //! Every reading is stamped at its commit with a [`ClockStamp`]: the boot index, the boot
-//! clock, and whether the wall clock was synchronized then ([`ClockMark`]). The boot clock is
-//! read when the group commit starts, so it is late by at most `max_flush_delay`.
+//! clock, and whether the wall clock was synchronized then ([`ClockMark`]). The clocks are read
+//! when the group commit starts; a reading's boot clock is the instant of its own
+//! `received_at_ms` by that reading (so the moment of receipt, and a SenML relative time keeps
+//! its offset), except for a device's own timestamp ([`ClockMark::Device`]), which gets the
+//! commit's boot clock.
 //!
 //! ## Correcting times
 //! The first time the wall clock is seen synchronized during a boot, the pair (boot clock,
@@ -69,14 +72,18 @@ pub trait ClockSource: Send + Sync + std::fmt::Debug + 'static {
 /// The system's clocks: `CLOCK_REALTIME`, `CLOCK_BOOTTIME`, `adjtimex(2)` and the kernel's
 /// boot id.
 #[derive(Debug, Default, Clone, Copy)]
-pub struct SystemClock;
+pub struct SystemClock {
+    /// Treat the wall clock as always synchronized (`gateway.clock_sync = "assume"`): for
+    /// VMs and containers whose host keeps the time while their kernel flag says otherwise.
+    pub assume_synced: bool,
+}
 
 impl ClockSource for SystemClock {
     fn now(&self) -> ClockNow {
         ClockNow {
             wall_ms: crate::now_ms(),
             boottime_ms: sys::boottime_ms(),
-            synced: sys::synchronized(),
+            synced: self.assume_synced || sys::synchronized(),
         }
     }
 
@@ -451,6 +458,31 @@ impl Clock {
         }
     }
 
+    /// The stamp of a reading committed at `now` (`stamp` is [`Clock::stamp`] of it). Its boot
+    /// clock is the instant of its `received_at_ms` by the wall clock read at the commit, so
+    /// it is the moment of receipt, not of the commit, and an ingest format's relative time
+    /// (SenML's `t: -60`) keeps its offset. A device's own timestamp says nothing about the
+    /// box's clocks: such a reading gets the commit's boot clock.
+    pub(crate) fn stamp_reading(
+        &self,
+        stamp: &ClockStamp,
+        now: &ClockNow,
+        r: &crate::Reading,
+    ) -> ClockStamp {
+        if r.clock.mark == ClockMark::Device {
+            return ClockStamp {
+                mark: ClockMark::Device,
+                ..*stamp
+            };
+        }
+        let offset = now.wall_ms as i128 - now.boottime_ms as i128;
+        let at = (r.received_at_ms as i128 - offset).clamp(0, now.boottime_ms as i128);
+        ClockStamp {
+            boottime_ms: at as u64,
+            ..*stamp
+        }
+    }
+
     /// Corrects an unsynchronized reading's time when its boot's sync is known. Returns
     /// whether it changed.
     pub(crate) fn correct(&self, r: &mut crate::Reading) -> bool {
@@ -523,11 +555,19 @@ mod tests {
 
     #[test]
     fn the_system_clock_answers() {
-        let a = SystemClock.now();
-        let b = SystemClock.now();
+        let c = SystemClock::default();
+        let a = c.now();
+        let b = c.now();
         assert!(b.boottime_ms >= a.boottime_ms);
         assert!(a.wall_ms > 1_600_000_000_000, "{a:?}");
-        assert_eq!(SystemClock.boot_id(), SystemClock.boot_id());
+        assert_eq!(c.boot_id(), c.boot_id());
+        assert!(
+            SystemClock {
+                assume_synced: true
+            }
+            .now()
+            .synced
+        );
     }
 
     #[test]

@@ -179,7 +179,7 @@ impl Default for BufferOptions {
             consumers: Vec::new(),
             quick_repair: false,
             max_pending_bytes: 1 << 20,
-            clock: Arc::new(SystemClock),
+            clock: Arc::new(SystemClock::default()),
         }
     }
 }

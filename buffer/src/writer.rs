@@ -1,7 +1,7 @@
 //! The single writer thread: gathers commands for one group commit, commits them in one redb
 //! transaction with `Durability::Immediate`, then answers every waiter.
 
-use crate::clock::{ClockMark, ClockNow, SyncPoint};
+use crate::clock::{ClockNow, SyncPoint};
 use crate::error::{AckError, AppendError, StorageFailure};
 use crate::reading::{Reading, now_ms};
 use crate::segment::{self, Cursor, encode_reading};
@@ -396,11 +396,7 @@ impl Writer {
                 r.id = next_id;
                 next_id += 1;
                 if r.clock.boot == 0 {
-                    let mark = match r.clock.mark {
-                        ClockMark::Device => ClockMark::Device,
-                        _ => stamp.mark,
-                    };
-                    r.clock = crate::ClockStamp { mark, ..stamp };
+                    r.clock = self.shared.clock.stamp_reading(&stamp, &self.now, r);
                 }
             }
         }

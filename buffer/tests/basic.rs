@@ -359,9 +359,13 @@ async fn ttl_drops_old_readings_and_counts_them() {
     o.max_age = Some(Duration::from_secs(60));
     o.clock = std::sync::Arc::new(clock.clone());
     let buf = Buffer::open(dir.path(), o).unwrap();
-    buf.append(vec![reading(1, 20)]).await.unwrap();
+    buf.append(vec![common::reading_at(1, 20, &clock)])
+        .await
+        .unwrap();
     clock.advance(59_000);
-    buf.append(vec![reading(2, 20)]).await.unwrap();
+    buf.append(vec![common::reading_at(2, 20, &clock)])
+        .await
+        .unwrap();
     assert_eq!(
         buf.stats().dropped_ttl_total,
         0,
@@ -369,7 +373,9 @@ async fn ttl_drops_old_readings_and_counts_them() {
     );
     clock.advance(2_000);
     // The next commit sweeps the expired segment before writing its own.
-    buf.append(vec![reading(3, 20)]).await.unwrap();
+    buf.append(vec![common::reading_at(3, 20, &clock)])
+        .await
+        .unwrap();
     let st = buf.stats();
     assert_eq!(st.dropped_ttl_total, 1);
     assert_eq!(st.readings, 2);
@@ -387,14 +393,18 @@ async fn ttl_ignores_wall_clock_jumps_and_device_timestamps() {
     o.max_age = Some(Duration::from_secs(3600));
     o.clock = std::sync::Arc::new(clock.clone());
     let buf = Buffer::open(dir.path(), o).unwrap();
-    let mut device = reading(1, 20);
+    let mut device = common::reading_at(1, 20, &clock);
     device.received_at_ms -= 400 * 86_400_000;
     device.clock.mark = ferry_buffer::ClockMark::Device;
-    buf.append(vec![device, reading(2, 20)]).await.unwrap();
+    buf.append(vec![device, common::reading_at(2, 20, &clock)])
+        .await
+        .unwrap();
     clock.advance(60_000);
     clock.step_wall(3 * 86_400_000);
     clock.set_synced(true);
-    buf.append(vec![reading(3, 20)]).await.unwrap();
+    buf.append(vec![common::reading_at(3, 20, &clock)])
+        .await
+        .unwrap();
     let st = buf.stats();
     assert_eq!(st.dropped_ttl_total, 0, "{st:?}");
     assert_eq!(st.readings, 3);
@@ -402,7 +412,9 @@ async fn ttl_ignores_wall_clock_jumps_and_device_timestamps() {
     assert_eq!(buf.clock().jumps_total, 1);
     // And an hour later by the boot clock, they go.
     clock.advance(3_600_001);
-    buf.append(vec![reading(4, 20)]).await.unwrap();
+    buf.append(vec![common::reading_at(4, 20, &clock)])
+        .await
+        .unwrap();
     assert_eq!(buf.stats().dropped_ttl_total, 3);
 }
 

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{opts, reading};
+use common::{opts, reading_at};
 use ferry_buffer::{Buffer, ClockMark, ManualClock, Reading};
 use std::path::Path;
 use std::sync::Arc;
@@ -54,11 +54,11 @@ async fn readings_before_the_sync_get_corrected_times() {
     // 30 s after boot, the wall clock says 3 days ago.
     let clock = ManualClock::new("boot-1", REAL - 3 * DAY, 30_000, false);
     let buf = open(dir.path(), &clock);
-    let mut first = reading(1, 30);
+    let mut first = reading_at(1, 30, &clock);
     first.received_at_ms = REAL - 3 * DAY;
     buf.append(vec![first]).await.unwrap();
     clock.advance(600_000);
-    let mut second = reading(2, 30);
+    let mut second = reading_at(2, 30, &clock);
     second.received_at_ms = REAL - 3 * DAY + 600_000;
     buf.append(vec![second]).await.unwrap();
 
@@ -76,7 +76,7 @@ async fn readings_before_the_sync_get_corrected_times() {
     clock.advance(20_000);
     clock.step_wall(3 * DAY as i64);
     clock.set_synced(true);
-    let mut third = reading(3, 30);
+    let mut third = reading_at(3, 30, &clock);
     third.received_at_ms = REAL + 620_000;
     buf.append(vec![third]).await.unwrap();
     assert_eq!(
@@ -112,13 +112,13 @@ async fn a_restart_in_the_same_boot_still_corrects() {
     let dir = tempfile::tempdir().unwrap();
     let clock = ManualClock::new("boot-1", 0, 20_000, false);
     let buf = open(dir.path(), &clock);
-    buf.append(vec![reading(1, 30)]).await.unwrap();
+    buf.append(vec![reading_at(1, 30, &clock)]).await.unwrap();
     buf.close().await;
     clock.advance(40_000);
     let buf = open(dir.path(), &clock);
     clock.advance(1_000);
     clock.reboot("boot-1", REAL, 61_000, true);
-    buf.append(vec![reading(2, 30)]).await.unwrap();
+    buf.append(vec![reading_at(2, 30, &clock)]).await.unwrap();
     let got = times(&drain(&buf).await);
     assert_eq!(got[0], (1, REAL - 41_000, ClockMark::Corrected));
     assert_eq!(got[1].2, ClockMark::Synced);
@@ -134,7 +134,7 @@ async fn a_reboot_never_lends_its_offset_to_an_earlier_boot() {
     // Boot 1: never synced.
     let clock = ManualClock::new("boot-1", 0, 20_000, false);
     let buf = open(dir.path(), &clock);
-    let mut a = reading(1, 30);
+    let mut a = reading_at(1, 30, &clock);
     a.received_at_ms = 20_000;
     buf.append(vec![a]).await.unwrap();
     buf.close().await;
@@ -142,13 +142,13 @@ async fn a_reboot_never_lends_its_offset_to_an_earlier_boot() {
     // Boot 2: comes up unsynchronized, takes a reading, syncs, is cut off again.
     clock.reboot("boot-2", 5_000, 10_000, false);
     let buf = open(dir.path(), &clock);
-    let mut b = reading(2, 30);
+    let mut b = reading_at(2, 30, &clock);
     b.received_at_ms = 5_000;
     buf.append(vec![b]).await.unwrap();
     clock.advance(1_000);
     clock.step_wall(REAL as i64 - 6_000);
     clock.set_synced(true);
-    let mut c = reading(3, 30);
+    let mut c = reading_at(3, 30, &clock);
     c.received_at_ms = REAL;
     buf.append(vec![c]).await.unwrap();
     buf.close().await;
@@ -172,7 +172,7 @@ async fn dead_letters_keep_the_clock() {
     let dir = tempfile::tempdir().unwrap();
     let clock = ManualClock::new("boot-1", REAL, 20_000, true);
     let buf = open(dir.path(), &clock);
-    buf.append(vec![reading(1, 30)]).await.unwrap();
+    buf.append(vec![reading_at(1, 30, &clock)]).await.unwrap();
     let mut rd = buf.reader("up").unwrap();
     let segs = rd.try_next(10).await.unwrap();
     let r = segs[0].readings[0].clone();
@@ -187,5 +187,30 @@ async fn dead_letters_keep_the_clock() {
     buf.requeue(None).await.unwrap();
     let got = drain(&buf).await;
     assert_eq!((got[0].id, got[0].clock), (r.id, r.clock));
+    buf.close().await;
+}
+
+/// A time the ingest format gives relative to now (SenML `t: -60`) keeps its offset through
+/// the correction; a device's own absolute timestamp is neither corrected nor used for ages.
+#[tokio::test]
+async fn relative_times_keep_their_offset_and_device_times_are_left_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new("boot-1", 1_000_000, 300_000, false);
+    let buf = open(dir.path(), &clock);
+    let mut relative = reading_at(1, 30, &clock);
+    relative.received_at_ms -= 60_000;
+    let mut device = reading_at(2, 30, &clock);
+    device.received_at_ms = 1_700_000_000_000;
+    device.clock.mark = ClockMark::Device;
+    buf.append(vec![relative, device]).await.unwrap();
+    clock.advance(10_000);
+    clock.step_wall((REAL - 1_010_000) as i64);
+    clock.set_synced(true);
+    buf.append(vec![reading_at(3, 30, &clock)]).await.unwrap();
+    let got = times(&drain(&buf).await);
+    assert_eq!(got[0], (1, REAL - 10_000 - 60_000, ClockMark::Corrected));
+    assert_eq!(got[1], (2, 1_700_000_000_000, ClockMark::Device));
+    // The oldest by receipt is the relative one: 70 s by the time it claims.
+    assert_eq!(buf.stats().oldest_age_ms, Some(70_000));
     buf.close().await;
 }

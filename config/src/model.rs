@@ -110,6 +110,11 @@ pub struct GatewaySettings {
     /// Log filter in `tracing` env-filter syntax, e.g. `"info"` or `"info,ferry_uplink=debug"`.
     /// The `FERRY_LOG` environment variable takes precedence. Default: `"info"`.
     pub log_level: String,
+    /// Whether the wall clock can be trusted: `"kernel"` asks the kernel whether it is
+    /// synchronized (as `timedatectl` does); `"assume"` treats it as always synchronized, for
+    /// VMs and containers whose host keeps the time while their kernel flag says otherwise.
+    /// What ferry does with it: `ferry_buffer::clock`. Default: `"kernel"`.
+    pub clock_sync: ClockSync,
 }
 
 impl Default for GatewaySettings {
@@ -120,8 +125,20 @@ impl Default for GatewaySettings {
             shutdown_grace_ms: defaults::SHUTDOWN_GRACE_MS,
             log_format: LogFormat::Text,
             log_level: defaults::LOG_LEVEL.to_owned(),
+            clock_sync: ClockSync::Kernel,
         }
     }
+}
+
+/// Where ferry learns whether the wall clock is synchronized.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClockSync {
+    /// The kernel's synchronized flag (`adjtimex`).
+    #[default]
+    Kernel,
+    /// Always synchronized.
+    Assume,
 }
 
 /// Log output format.

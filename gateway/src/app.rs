@@ -99,7 +99,9 @@ pub fn buffer_options(config: &Config) -> BufferOptions {
         consumers: ferry_uplink::consumers(config),
         quick_repair: false,
         max_pending_bytes: b.max_pending_bytes,
-        clock: Arc::new(ferry_buffer::SystemClock),
+        clock: Arc::new(ferry_buffer::SystemClock {
+            assume_synced: config.gateway.clock_sync == ferry_config::ClockSync::Assume,
+        }),
     }
 }
 

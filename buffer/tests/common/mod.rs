@@ -154,3 +154,11 @@ impl StorageBackend for FaultBackend {
 pub fn factory(disk: Arc<Mutex<Disk>>) -> BackendFactory {
     Arc::new(move || Ok(Box::new(FaultBackend(disk.clone())) as Box<dyn StorageBackend>))
 }
+
+/// [`reading`], received now by `clock`'s wall clock.
+pub fn reading_at(i: usize, len: usize, clock: &ferry_buffer::ManualClock) -> Reading {
+    use ferry_buffer::ClockSource;
+    let mut r = reading(i, len);
+    r.received_at_ms = clock.now().wall_ms;
+    r
+}

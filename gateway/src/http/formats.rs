@@ -3,7 +3,7 @@
 //! endpoint.
 
 use super::problem::IngestError;
-use ferry_buffer::{Reading, Source};
+use ferry_buffer::{ClockMark, Reading, Source};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -164,13 +164,18 @@ fn item_to_reading(item: BatchItem, origin: &Origin, at: &str) -> Result<Reading
         IngestError::Forbidden(d) => IngestError::Forbidden(format!("{at}: {d}")),
         other => other,
     })?;
-    let received_at_ms = match &item.ts {
-        None | Some(serde_json::Value::Null) => origin.now_ms,
-        Some(ts) => parse_ts(ts).map_err(|e| IngestError::BadRecord(format!("{at}: {e}")))?,
+    let (received_at_ms, mark) = match &item.ts {
+        None | Some(serde_json::Value::Null) => (origin.now_ms, ClockMark::Unknown),
+        Some(ts) => (
+            parse_ts(ts).map_err(|e| IngestError::BadRecord(format!("{at}: {e}")))?,
+            ClockMark::Device,
+        ),
     };
     let payload = serde_json::to_vec(&item.payload).unwrap_or_default();
     let mut r = Reading::new(Source::Http, device, item.topic, payload).with_content_type(JSON);
     r.received_at_ms = received_at_ms;
+    // A device's own timestamp: the buffer stamps the rest (ferry_buffer::clock).
+    r.clock.mark = mark;
     Ok(r)
 }
 

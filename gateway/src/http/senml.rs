@@ -5,7 +5,8 @@
 //! - topic = the resolved name (base name + name), which must follow section 4.5.1 (it then
 //!   never holds an MQTT wildcard);
 //! - `received_at_ms` = the resolved time (base time + time; a value below 2^28 is relative to
-//!   now, section 4.5.3);
+//!   now, section 4.5.3); an absolute time is the device's own and goes upstream marked
+//!   `ferry-clock: device` ([`ferry_buffer::clock`]);
 //! - payload = a one-record SenML pack holding the resolved record (`n`, `t` absolute, `u`
 //!   from the record or base unit, `v` + base value, `s` + base sum, `vs`, `vb`, `vd`, `ut`),
 //!   with content type `application/senml+json`, so every downstream consumer can still read
@@ -24,7 +25,7 @@
 
 use super::formats::{Origin, SENML_JSON};
 use super::problem::IngestError;
-use ferry_buffer::{Reading, Source};
+use ferry_buffer::{ClockMark, Reading, Source};
 use serde_json::{Map, Value};
 
 /// Times below this are relative to now (RFC 8428 section 4.5.3).
@@ -192,7 +193,9 @@ pub fn parse_senml(body: &[u8], origin: &Origin, max: usize) -> Result<Vec<Readi
         }
         let t = time_field(i, rec, "t")?.unwrap_or(0.0);
         let mut time = base.time + t;
-        if time < RELATIVE_LIMIT {
+        // A relative time is ferry's clock; an absolute one is the device's own.
+        let device_time = time >= RELATIVE_LIMIT;
+        if !device_time {
             time += now_s;
         }
         if !time.is_finite() || time < 0.0 {
@@ -238,6 +241,9 @@ pub fn parse_senml(body: &[u8], origin: &Origin, max: usize) -> Result<Vec<Readi
         let mut r =
             Reading::new(Source::Http, device.clone(), name, payload).with_content_type(SENML_JSON);
         r.received_at_ms = (time * 1000.0).round() as u64;
+        if device_time {
+            r.clock.mark = ClockMark::Device;
+        }
         out.push(r);
     }
     Ok(out)

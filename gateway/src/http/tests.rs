@@ -166,12 +166,15 @@ async fn json_array_batch_is_stored_in_order_with_timestamps() {
     assert_eq!(stored.len(), 3);
     assert_eq!(stored[0].topic, "t/1");
     assert_eq!(stored[0].received_at_ms, 1_714_564_800_250);
+    assert_eq!(stored[0].clock.mark, ferry_buffer::ClockMark::Device);
     assert_eq!(&stored[0].payload[..], br#"{"temp":21.5}"#);
     assert_eq!(stored[0].content_type.as_deref(), Some("application/json"));
     assert_eq!(stored[0].device, "http");
     assert_eq!(stored[1].device, "d2");
     assert_eq!(stored[1].received_at_ms, 1_714_564_800_000);
     assert_eq!(&stored[2].payload[..], br#""text""#);
+    // No timestamp: ferry's own clock, stamped by the buffer.
+    assert_ne!(stored[2].clock.mark, ferry_buffer::ClockMark::Device);
 }
 
 #[tokio::test]
@@ -215,6 +218,7 @@ async fn senml_pack_resolves_base_fields() {
     };
     assert_eq!(stored[0].topic, "urn:dev:ow:10e2073a01080063:voltage");
     assert_eq!(stored[0].received_at_ms, 1_320_067_464_000);
+    assert_eq!(stored[0].clock.mark, ferry_buffer::ClockMark::Device);
     assert_eq!(
         stored[0].content_type.as_deref(),
         Some("application/senml+json")
@@ -239,8 +243,11 @@ async fn senml_relative_time_is_relative_to_now() {
         .send(post("/v1/readings", Some("application/senml+json"), body))
         .await;
     assert_eq!(status, StatusCode::ACCEPTED);
-    let at = f.stored().await[0].received_at_ms;
+    let stored = f.stored().await;
+    let at = stored[0].received_at_ms;
     assert!(at >= before - 60_000 - 5 && at <= ferry_buffer::now_ms() - 60_000 + 5);
+    // A relative time is ferry's clock, not the device's.
+    assert_ne!(stored[0].clock.mark, ferry_buffer::ClockMark::Device);
 }
 
 #[tokio::test]
