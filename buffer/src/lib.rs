@@ -774,6 +774,16 @@ fn list_dead(
 pub fn describe_metrics() {
     use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
     describe_gauge!(
+        "ferry_clock_synchronized",
+        Unit::Count,
+        "1 while the system clock is synchronized (the kernel's flag, or gateway.clock_sync = \"assume\"), else 0; readings received meanwhile are marked unsynced and corrected later."
+    );
+    describe_counter!(
+        "ferry_clock_jumps_total",
+        Unit::Count,
+        "Steps of the wall clock against the boot clock of more than 2 s."
+    );
+    describe_gauge!(
         "ferry_buffer_readings",
         Unit::Count,
         "Readings in the buffer (not yet acked by every uplink)."

@@ -195,6 +195,8 @@ async fn status_and_metrics_under_traffic_show_no_secret() {
     assert!(v["disk"]["free_bytes"].as_u64().unwrap() > 0);
     assert_eq!(v["quarantine"]["flagged"], false);
     assert!(v["listeners"]["http"].is_string() && v["listeners"]["mqtt"].is_string());
+    assert_eq!(v["clock"]["source"], "kernel", "{:#}", v["clock"]);
+    assert!(v["clock"]["synchronized"].is_boolean(), "{:#}", v["clock"]);
     assert_no_secret("/api/status", &v.to_string());
 
     let (code, text) = get(&format!("{base}/metrics"), Some(STATUS_TOKEN)).await;
@@ -216,6 +218,7 @@ async fn status_and_metrics_under_traffic_show_no_secret() {
         "ferry_devices_tracked 4",
         "ferry_disk_free_bytes ",
         "ferry_uptime_seconds ",
+        "ferry_clock_synchronized ",
         "ferry_gateway_info{gateway=\"test-gw\",version=\"",
     ] {
         assert!(text.contains(needle), "/metrics lacks {needle:?}:\n{text}");
@@ -243,6 +246,9 @@ async fn status_and_metrics_under_traffic_show_no_secret() {
 async fn status_listen_gives_the_status_its_own_listener_and_ferry_status_reads_it() {
     let ferry = Ferry::start(
         r#"
+[gateway]
+clock_sync = "assume"
+
 [status]
 listen = "127.0.0.1:0"
 
@@ -254,6 +260,9 @@ listen = "127.0.0.1:0"
     let v: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["uplinks"].as_array().unwrap().len(), 0);
     assert_eq!(v["summary"]["level"], "idle");
+    assert_eq!(v["clock"]["synchronized"], true, "{:#}", v["clock"]);
+    assert_eq!(v["clock"]["source"], "assume", "{:#}", v["clock"]);
+    assert!(v["clock"]["since_boot_ms"].as_u64().unwrap() > 0);
     let (code, _) = get(&format!("{status_base}/readyz"), None).await;
     assert_eq!(code, 200);
     // Not on the ingest listener any more.
@@ -269,6 +278,10 @@ listen = "127.0.0.1:0"
     assert!(out.starts_with("IDLE: No uplink is enabled"), "{out}");
     assert!(out.contains("buffer   0 readings"), "{out}");
     assert!(out.contains("disk     "), "{out}");
+    assert!(
+        out.contains("clock    synchronized") && out.contains("(assumed: gateway.clock_sync)"),
+        "{out}"
+    );
 
     let (code, out, err) = tokio::task::spawn_blocking(|| {
         Ferry::cli(&["status", "--url", "http://127.0.0.1:9", "--json"])

@@ -90,6 +90,33 @@ fn this_build_reads_a_format_1_buffer_and_continues_it() {
     let mut want = want;
     want.push((6, "new-6".into()));
     assert_eq!(keys(&data_dir), want);
+    // The writer upgraded the file to this build's format; the old readings say that their
+    // clock is unknown, the new one carries this boot's stamp.
+    let (code, out, err) = Ferry::cli(&[
+        "buffer",
+        "stats",
+        "--json",
+        "--data-dir",
+        &data_dir.display().to_string(),
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    let stats: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        stats["format_version"],
+        ferry_buffer::FORMAT_VERSION,
+        "{stats:#}"
+    );
+    let marks: Vec<(u64, ferry_buffer::ClockMark, bool)> = buffered_readings(&data_dir, "kafka")
+        .iter()
+        .map(|r| (r.id, r.clock.mark, r.clock.boot != 0))
+        .collect();
+    use ferry_buffer::ClockMark::Unknown;
+    assert_eq!(
+        &marks[..5],
+        &(1..=5).map(|i| (i, Unknown, false)).collect::<Vec<_>>()[..]
+    );
+    assert_ne!(marks[5].1, Unknown, "{marks:?}");
+    assert!(marks[5].2, "{marks:?}");
 }
 
 /// The cursors of a 0.1 buffer are those of uplinks named `kafka` and `mqtt`: configured
@@ -165,7 +192,15 @@ url = "mqtt://127.0.0.1:{}"
     let t = Instant::now();
     while got.len() < 5 && t.elapsed() < Duration::from_secs(15) {
         if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
+            use rdkafka::message::Headers;
             let v: Value = serde_json::from_slice(m.payload().unwrap_or_default()).unwrap();
+            // A format-1 reading's clock was never recorded: it says so.
+            let clock = m.headers().and_then(|h| {
+                h.iter()
+                    .find(|h| h.key == "ferry-clock")
+                    .and_then(|h| h.value.map(|v| String::from_utf8_lossy(v).into_owned()))
+            });
+            assert_eq!(clock.as_deref(), Some("unknown"), "{v}");
             got.insert(v["k"].as_str().unwrap_or_default().to_string());
         }
     }

@@ -40,6 +40,8 @@ pub struct StatusReport {
     pub disk: Option<Disk>,
     /// Corrupt buffer files moved aside.
     pub quarantine: Quarantine,
+    /// The system clock, as ferry trusts it.
+    pub clock: ClockInfo,
     /// Bound listeners: name to address.
     pub listeners: BTreeMap<String, String>,
 }
@@ -291,6 +293,28 @@ pub struct Disk {
     pub total_bytes: u64,
 }
 
+/// The system clock, as ferry trusts it. What ferry does on a box without a clock is written
+/// in `ferry_buffer::clock`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ClockInfo {
+    /// Whether the wall clock is synchronized now (the kernel's flag, or always with
+    /// `gateway.clock_sync = "assume"`). While it is not, new readings go upstream marked
+    /// `ferry-clock: unsynced`; once it is, those still waiting go with corrected times.
+    pub synchronized: bool,
+    /// `kernel` or `assume` (`gateway.clock_sync`).
+    pub source: String,
+    /// Time since the box booted.
+    pub since_boot_ms: u64,
+    /// When this boot first saw the clock synchronized, as time since boot.
+    pub synchronized_after_boot_ms: Option<u64>,
+    /// Steps of the wall clock seen since ferry started.
+    pub jumps_total: u64,
+    /// The last step, in ms (negative: backwards).
+    pub last_jump_ms: Option<i64>,
+    /// The wall time just after it.
+    pub last_jump_at_ms: Option<u64>,
+}
+
 /// Corrupt buffer files that were moved aside.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct Quarantine {
@@ -335,7 +359,7 @@ async fn uplink(st: &StatusState, u: &UplinkStatus, now: u64) -> Uplink {
         lag_readings: lag.readings,
         lag_bytes: lag.bytes,
         oldest_unsent_ms: lag.oldest_received_ms,
-        oldest_unsent_age_ms: lag.oldest_received_ms.map(|t| now.saturating_sub(t)),
+        oldest_unsent_age_ms: lag.oldest_age_ms,
         drain_rate_per_sec: snap.drain_rate,
         // No ETA while not connected: the recent drain rate says nothing about when it resumes.
         eta_secs: (state == UplinkState::Connected && snap.drain_rate > 0.0 && lag.readings > 0)
@@ -551,7 +575,7 @@ pub async fn collect(st: &StatusState, device_limit: usize) -> StatusReport {
             _ => "drop_oldest".into(),
         },
         oldest_reading_ms: bs.oldest_received_ms,
-        oldest_reading_age_ms: bs.oldest_received_ms.map(|t| now.saturating_sub(t)),
+        oldest_reading_age_ms: bs.oldest_age_ms,
         writable: bs.writable(),
         last_error: bs.last_error.clone(),
         file_bytes: bs.file_bytes,
@@ -671,6 +695,21 @@ pub async fn collect(st: &StatusState, device_limit: usize) -> StatusReport {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect(),
+        clock: {
+            let c = st.buffer.clock();
+            ClockInfo {
+                synchronized: c.synchronized,
+                source: match st.config.gateway.clock_sync {
+                    ferry_config::ClockSync::Assume => "assume".into(),
+                    ferry_config::ClockSync::Kernel => "kernel".into(),
+                },
+                since_boot_ms: c.since_boot_ms,
+                synchronized_after_boot_ms: c.synced_at_boottime_ms,
+                jumps_total: c.jumps_total,
+                last_jump_ms: c.last_jump.map(|j| j.0),
+                last_jump_at_ms: c.last_jump.map(|j| j.1),
+            }
+        },
         buffer,
         losses,
     }

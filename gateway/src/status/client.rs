@@ -257,6 +257,32 @@ pub fn render(r: &StatusReport) -> String {
             d.path
         );
     }
+    let c = &r.clock;
+    let _ = writeln!(
+        o,
+        "clock    {}{}{}",
+        match (c.synchronized, c.synchronized_after_boot_ms) {
+            (true, Some(after)) => format!("synchronized, {} after boot", fmt_age(after)),
+            (true, None) => "synchronized".to_string(),
+            (false, _) => format!(
+                "NOT SYNCHRONIZED since boot, {} (readings marked unsynced)",
+                fmt_age(c.since_boot_ms)
+            ),
+        },
+        if c.source == "assume" {
+            " (assumed: gateway.clock_sync)"
+        } else {
+            ""
+        },
+        match (c.jumps_total, c.last_jump_ms) {
+            (0, _) | (_, None) => String::new(),
+            (n, Some(ms)) => format!(
+                "; {n} jump(s), last {} {}",
+                if ms > 0 { "forward" } else { "back" },
+                fmt_age(ms.unsigned_abs())
+            ),
+        }
+    );
     if r.quarantine.flagged {
         let _ = writeln!(
             o,
