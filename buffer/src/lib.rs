@@ -51,6 +51,8 @@
 //! | `segment_index` | `u64` segment id     | `(first_id u64, count u32, stored_bytes u64, oldest_ms u64, newest_ms u64)` |
 //! | `cursors`       | `&str` consumer name | `u64`: last segment id the consumer acked                    |
 //! | `dead_letters`  | `u64` reading id     | `dead_at_ms u64, consumer str, reason str, reading record`   |
+//! | `boots`         | `u32` boot index     | `sync boottime u64, sync wall u64 (0: none), boot id` ([`clock`]) |
+//! | `segment_clock` | `u64` segment id     | `(boot u32, oldest boottime u64, newest boottime u64)` ([`clock`]) |
 //!
 //! The counters in `meta` are updated in every transaction, so opening reads O(1) rows
 //! whatever the backlog. `max_bytes` counts the stored segment values plus dead letters; the

@@ -188,8 +188,10 @@ pub struct BufferSettings {
     pub compression: Compression,
     /// Gzip level, 0 (fastest) to 9 (smallest). Default: 3.
     pub compression_level: u32,
-    /// Readings older than this many seconds are dropped instead of forwarded. 0 keeps readings
-    /// until they are forwarded (no TTL). Default: 0.
+    /// Readings that have waited longer than this many seconds are dropped instead of
+    /// forwarded. The wait is counted as `ferry_buffer::clock` says (by the boot clock, so a
+    /// clock stepped by NTP drops nothing early). 0 keeps readings until they are forwarded
+    /// (no TTL). Default: 0.
     pub max_age_secs: u64,
     /// Size of the redb page cache in bytes: recently written and read database pages kept in
     /// ferry's memory. Segments are written once and read once, so pages that miss it come
