@@ -48,11 +48,10 @@
 //! |-----------------|----------------------|--------------------------------------------------------------|
 //! | `meta`          | `&str`               | `u64`: `format_version`, `created_ms`, `next_reading_id`, `next_segment_id`, `readings`, `segments`, `stored_bytes`, `dead_count`, `dead_bytes` |
 //! | `segments`      | `u64` segment id     | encoded segment ([`segment`])                                |
-//! | `segment_index` | `u64` segment id     | `(first_id u64, count u32, stored_bytes u64, oldest_ms u64, newest_ms u64)` |
+//! | `segment_index` | `u64` segment id     | `(first_id u64, count u32, stored_bytes u64, oldest_ms u64, newest_ms u64, boot u32, oldest boottime u64, newest boottime u64)`; boot 0 for format-1 segments ([`clock`]) |
 //! | `cursors`       | `&str` consumer name | `u64`: last segment id the consumer acked                    |
 //! | `dead_letters`  | `u64` reading id     | `dead_at_ms u64, consumer str, reason str, reading record`   |
 //! | `boots`         | `u32` boot index     | `sync boottime u64, sync wall u64 (0: none), boot id` ([`clock`]) |
-//! | `segment_clock` | `u64` segment id     | `(boot u32, oldest boottime u64, newest boottime u64)` ([`clock`]) |
 //!
 //! The counters in `meta` are updated in every transaction, so opening reads O(1) rows
 //! whatever the backlog. `max_bytes` counts the stored segment values plus dead letters; the
@@ -96,13 +95,13 @@ pub use reading::{Reading, Source, now_ms};
 pub use segment::Compression;
 pub use store::{BackendFactory, FILE_NAME, FORMAT_VERSION, QUARANTINE_DIR};
 
-use redb::{ReadableTable, ReadableTableMetadata};
+use redb::ReadableTable;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
-use store::{CURSORS, DEAD, INDEX, Location, META, Meta, SEGMENTS, SegMeta};
+use store::{CURSORS, DEAD, Location, META, Meta, SEGMENTS};
 use tokio::sync::{oneshot, watch};
 use writer::Cmd;
 
@@ -728,23 +727,23 @@ fn lag_after(
     after: u64,
 ) -> Result<(Lag, Option<store::SegClock>), ReadError> {
     let txn = db.begin().map_err(sf)?;
-    let index = txn.open_table(INDEX).map_err(sf)?;
+    let index = store::IndexView::open(&txn).map_err(sf)?;
     let mut lag = Lag::default();
     let mut first_clock = None;
-    for e in index.range(after + 1..).map_err(sf)? {
-        let (k, v) = e.map_err(sf)?;
-        let m = SegMeta::from_tuple(v.value());
-        if lag.segments == 0 {
-            first_clock = store::seg_clock(&txn, k.value()).map_err(sf)?;
-        }
-        lag.readings += m.count as u64;
-        lag.bytes += m.stored_bytes;
-        lag.segments += 1;
-        lag.oldest_received_ms = Some(
-            lag.oldest_received_ms
-                .map_or(m.oldest_ms, |o| o.min(m.oldest_ms)),
-        );
-    }
+    index
+        .for_each_from(after + 1, |_, m| {
+            if lag.segments == 0 {
+                first_clock = m.clock;
+            }
+            lag.readings += m.count as u64;
+            lag.bytes += m.stored_bytes;
+            lag.segments += 1;
+            lag.oldest_received_ms = Some(
+                lag.oldest_received_ms
+                    .map_or(m.oldest_ms, |o| o.min(m.oldest_ms)),
+            );
+        })
+        .map_err(sf)?;
     Ok((lag, first_clock))
 }
 
@@ -1089,11 +1088,8 @@ impl Inspector {
             let (k, v) = e.map_err(sf)?;
             cursors.insert(k.value().to_string(), v.value());
         }
-        let index = txn.open_table(INDEX).map_err(sf)?;
-        let oldest = index
-            .first()
-            .map_err(sf)?
-            .map(|(_, v)| SegMeta::from_tuple(v.value()).oldest_ms);
+        let index = store::IndexView::open(&txn).map_err(sf)?;
+        let oldest = index.first().map_err(sf)?.map(|(_, m)| m.oldest_ms);
         Ok((meta, version, cursors, oldest))
     }
 
@@ -1138,7 +1134,7 @@ impl Inspector {
         let (meta, _, _, _) = self.meta()?;
         let txn = self.db.begin_read().map_err(sf)?;
         let segs = txn.open_table(SEGMENTS).map_err(sf)?;
-        let index = txn.open_table(INDEX).map_err(sf)?;
+        let index = store::IndexView::open(&txn).map_err(sf)?;
         let mut rep = VerifyReport::default();
         let mut bytes = 0u64;
         let mut last_seen_id = 0u64;
@@ -1147,10 +1143,7 @@ impl Inspector {
             let id = k.value();
             rep.segments += 1;
             bytes += v.value().len() as u64;
-            let idx = index
-                .get(id)
-                .map_err(sf)?
-                .map(|g| SegMeta::from_tuple(g.value()));
+            let idx = index.get(id).map_err(sf)?;
             match segment::decode_segment(v.value()) {
                 Ok(readings) => {
                     rep.readings += readings.len() as u64;

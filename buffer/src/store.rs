@@ -10,8 +10,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 /// The buffer's own format version, stored in the `meta` table. Format 2 added the clock:
-/// `FRY2` records, the `boots` and `segment_clock` tables. A format-1 file is read as is and
-/// becomes format 2 when a writer opens it (its segments stay `FRY1`; see [`crate::segment`]).
+/// `FRY2` records, the `boots` table and the clock columns of `segment_index`. A format-1 file
+/// is read as is, and becomes format 2 when a writer opens it ([`upgrade_from_v1`]; its
+/// segments stay `FRY1`, see [`crate::segment`]).
 pub const FORMAT_VERSION: u64 = 2;
 /// File name of the buffer inside `data_dir`.
 pub const FILE_NAME: &str = "buffer.redb";
@@ -22,35 +23,26 @@ pub const QUARANTINE_DIR: &str = "quarantine";
 pub(crate) const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// Segment id -> encoded segment (see [`crate::segment`]).
 pub(crate) const SEGMENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("segments");
-/// Segment id -> (first reading id, reading count, stored bytes, oldest ms, newest ms).
-pub(crate) const INDEX: TableDefinition<u64, (u64, u32, u64, u64, u64)> =
-    TableDefinition::new("segment_index");
+/// Segment id -> (first reading id, reading count, stored bytes, oldest ms, newest ms, boot,
+/// oldest boot clock, newest boot clock); see [`SegMeta`].
+pub(crate) const INDEX: TableDefinition<u64, IndexRow> = TableDefinition::new("segment_index");
+/// The index as format 1 wrote it (no clock), read from files not yet upgraded.
+const INDEX_V1: TableDefinition<u64, IndexRowV1> = TableDefinition::new("segment_index");
+/// Where [`init_tables`] copies the format-1 index while upgrading it.
+const INDEX_UPGRADE: TableDefinition<u64, IndexRow> = TableDefinition::new("segment_index_upgrade");
 /// Consumer name -> id of the last segment it acked.
 pub(crate) const CURSORS: TableDefinition<&str, u64> = TableDefinition::new("cursors");
 /// Reading id -> encoded dead letter.
 pub(crate) const DEAD: TableDefinition<u64, &[u8]> = TableDefinition::new("dead_letters");
 /// Boot index -> `u64 sync boot clock | u64 sync wall (0: none) | boot id` ([`crate::clock`]).
 pub(crate) const BOOTS: TableDefinition<u32, &[u8]> = TableDefinition::new("boots");
-/// Segment id -> (boot index, oldest boot clock, newest boot clock) of its readings received
-/// in that boot. Segments written by format 1 have no row.
-pub(crate) const SEG_CLOCK: TableDefinition<u64, (u32, u64, u64)> =
-    TableDefinition::new("segment_clock");
 
-/// A segment's row in `segment_clock`: (boot index, oldest boot clock, newest boot clock).
+pub(crate) type IndexRow = (u64, u32, u64, u64, u64, u32, u64, u64);
+type IndexRowV1 = (u64, u32, u64, u64, u64);
+
+/// A segment's clock: (boot index, oldest boot clock, newest boot clock) of its readings
+/// received in that boot ([`crate::clock`]).
 pub(crate) type SegClock = (u32, u64, u64);
-
-/// A segment's `segment_clock` row, if the table and the row exist (a format-1 file read
-/// without a writer has neither).
-pub(crate) fn seg_clock(
-    txn: &redb::ReadTransaction,
-    id: u64,
-) -> Result<Option<SegClock>, redb::Error> {
-    match txn.open_table(SEG_CLOCK) {
-        Ok(t) => Ok(t.get(id)?.map(|g| g.value())),
-        Err(redb::TableError::TableDoesNotExist(_)) => Ok(None),
-        Err(e) => Err(e.into()),
-    }
-}
 
 /// One row of the segment index.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,27 +52,122 @@ pub(crate) struct SegMeta {
     pub stored_bytes: u64,
     pub oldest_ms: u64,
     pub newest_ms: u64,
+    /// `None` for a segment written by format 1, or holding only readings requeued from an
+    /// earlier boot.
+    pub clock: Option<SegClock>,
 }
 
 impl SegMeta {
-    pub(crate) fn from_tuple(t: (u64, u32, u64, u64, u64)) -> Self {
+    pub(crate) fn from_tuple(t: IndexRow) -> Self {
         SegMeta {
             first_id: t.0,
             count: t.1,
             stored_bytes: t.2,
             oldest_ms: t.3,
             newest_ms: t.4,
+            clock: (t.5 != 0).then_some((t.5, t.6, t.7)),
         }
     }
-    pub(crate) fn tuple(&self) -> (u64, u32, u64, u64, u64) {
+    fn from_v1(t: IndexRowV1) -> Self {
+        SegMeta::from_tuple((t.0, t.1, t.2, t.3, t.4, 0, 0, 0))
+    }
+    pub(crate) fn tuple(&self) -> IndexRow {
+        let (boot, oldest, newest) = self.clock.unwrap_or_default();
         (
             self.first_id,
             self.count,
             self.stored_bytes,
             self.oldest_ms,
             self.newest_ms,
+            boot,
+            oldest,
+            newest,
         )
     }
+}
+
+/// The segment index for reading, in either format: a format-1 file inspected without a
+/// writer (which would upgrade it) still has the old row type.
+pub(crate) enum IndexView {
+    V2(redb::ReadOnlyTable<u64, IndexRow>),
+    V1(redb::ReadOnlyTable<u64, IndexRowV1>),
+}
+
+impl IndexView {
+    pub(crate) fn open(txn: &redb::ReadTransaction) -> Result<Self, redb::Error> {
+        match txn.open_table(INDEX) {
+            Ok(t) => Ok(IndexView::V2(t)),
+            Err(redb::TableError::TableTypeMismatch { .. }) => {
+                Ok(IndexView::V1(txn.open_table(INDEX_V1)?))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    pub(crate) fn get(&self, id: u64) -> Result<Option<SegMeta>, redb::Error> {
+        Ok(match self {
+            IndexView::V2(t) => t.get(id)?.map(|g| SegMeta::from_tuple(g.value())),
+            IndexView::V1(t) => t.get(id)?.map(|g| SegMeta::from_v1(g.value())),
+        })
+    }
+
+    pub(crate) fn first(&self) -> Result<Option<(u64, SegMeta)>, redb::Error> {
+        Ok(match self {
+            IndexView::V2(t) => t
+                .first()?
+                .map(|(k, v)| (k.value(), SegMeta::from_tuple(v.value()))),
+            IndexView::V1(t) => t
+                .first()?
+                .map(|(k, v)| (k.value(), SegMeta::from_v1(v.value()))),
+        })
+    }
+
+    pub(crate) fn len(&self) -> Result<u64, redb::Error> {
+        use redb::ReadableTableMetadata;
+        Ok(match self {
+            IndexView::V2(t) => t.len()?,
+            IndexView::V1(t) => t.len()?,
+        })
+    }
+
+    /// Calls `f` with every row from segment id `from` on, in id order.
+    pub(crate) fn for_each_from(
+        &self,
+        from: u64,
+        mut f: impl FnMut(u64, SegMeta),
+    ) -> Result<(), redb::Error> {
+        match self {
+            IndexView::V2(t) => {
+                for e in t.range(from..)? {
+                    let (k, v) = e?;
+                    f(k.value(), SegMeta::from_tuple(v.value()));
+                }
+            }
+            IndexView::V1(t) => {
+                for e in t.range(from..)? {
+                    let (k, v) = e?;
+                    f(k.value(), SegMeta::from_v1(v.value()));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Upgrades a format-1 file in `txn`: the index gets the clock columns (copied row by row, so
+/// memory does not grow with the backlog). Its segments stay `FRY1` and are read as such.
+fn upgrade_from_v1(txn: &redb::WriteTransaction) -> Result<(), redb::Error> {
+    {
+        let old = txn.open_table(INDEX_V1)?;
+        let mut new = txn.open_table(INDEX_UPGRADE)?;
+        for e in old.iter()? {
+            let (k, v) = e?;
+            new.insert(k.value(), SegMeta::from_v1(v.value()).tuple())?;
+        }
+    }
+    txn.delete_table(INDEX_V1)?;
+    txn.rename_table(INDEX_UPGRADE, INDEX)?;
+    Ok(())
 }
 
 /// Running totals kept in the `meta` table and updated in every commit, so that opening is
@@ -299,6 +386,7 @@ fn init_tables(db: &Database, path: &Path) -> Result<(), Attempt> {
         }),
     };
     let txn = db.begin_write().map_err(|e| corrupt_or_fatal(e.into()))?;
+    let mut upgrade = false;
     {
         let mut meta = txn
             .open_table(META)
@@ -322,9 +410,20 @@ fn init_tables(db: &Database, path: &Path) -> Result<(), Attempt> {
                     supported: FORMAT_VERSION,
                 }));
             }
+            Some(1) => {
+                upgrade = true;
+                meta.insert("format_version", FORMAT_VERSION)
+                    .map_err(|e| corrupt_or_fatal(e.into()))?;
+            }
             Some(_) => {}
         }
+        drop(meta);
+        if upgrade {
+            upgrade_from_v1(&txn).map_err(corrupt_or_fatal)?;
+        }
         txn.open_table(SEGMENTS)
+            .map_err(|e| corrupt_or_fatal(e.into()))?;
+        txn.open_table(BOOTS)
             .map_err(|e| corrupt_or_fatal(e.into()))?;
         txn.open_table(INDEX)
             .map_err(|e| corrupt_or_fatal(e.into()))?;

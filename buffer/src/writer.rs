@@ -5,9 +5,7 @@ use crate::clock::{ClockNow, SyncPoint};
 use crate::error::{AckError, AppendError, StorageFailure};
 use crate::reading::{Reading, now_ms};
 use crate::segment::{self, Cursor, encode_reading};
-use crate::store::{
-    self, BOOTS, CURSORS, DEAD, INDEX, META, Meta, SEG_CLOCK, SEGMENTS, SegClock, SegMeta,
-};
+use crate::store::{self, BOOTS, CURSORS, DEAD, INDEX, META, Meta, SEGMENTS, SegClock, SegMeta};
 use crate::{AppendReceipt, Shared, WhenFull};
 use redb::{Database, Durability, ReadableDatabase, ReadableTable};
 use std::collections::BTreeMap;
@@ -97,7 +95,6 @@ impl Batch {
 struct Encoded {
     value: Vec<u8>,
     meta: SegMeta,
-    clock: Option<SegClock>,
 }
 
 /// What a commit changed, applied to memory only after redb returned Ok.
@@ -121,7 +118,6 @@ pub(crate) struct Writer {
     meta: Meta,
     cursors: BTreeMap<String, u64>,
     oldest: Option<SegMeta>,
-    oldest_clock: Option<SegClock>,
     /// The clocks as read at the start of the current commit.
     now: ClockNow,
     last_reopen: Instant,
@@ -146,7 +142,6 @@ impl Writer {
             meta: Meta::default(),
             cursors: BTreeMap::new(),
             oldest: None,
-            oldest_clock: None,
             now,
             last_reopen: Instant::now(),
             last_failure: None,
@@ -182,28 +177,10 @@ impl Writer {
                 self.cursors.insert(name.clone(), v);
             }
             let index = txn.open_table(INDEX).map_err(fail_storage)?;
-            let first = index
+            self.oldest = index
                 .first()
                 .map_err(fail_storage)?
-                .map(|(k, v)| (k.value(), SegMeta::from_tuple(v.value())));
-            self.oldest = first.map(|f| f.1);
-            // Format 1 files get the clock tables now, and become format 2.
-            let seg_clock = txn.open_table(SEG_CLOCK).map_err(fail_storage)?;
-            self.oldest_clock = match first {
-                Some((id, _)) => seg_clock.get(id).map_err(fail_storage)?.map(|g| g.value()),
-                None => None,
-            };
-            drop(meta);
-            let mut meta_t = txn.open_table(META).map_err(fail_storage)?;
-            let version = meta_t
-                .get("format_version")
-                .map_err(fail_storage)?
-                .map_or(0, |g| g.value());
-            if version < store::FORMAT_VERSION {
-                meta_t
-                    .insert("format_version", store::FORMAT_VERSION)
-                    .map_err(fail_storage)?;
-            }
+                .map(|(_, v)| SegMeta::from_tuple(v.value()));
             self.load_boots(&txn)?;
         }
         txn.commit().map_err(fail_storage)?;
@@ -316,7 +293,7 @@ impl Writer {
         self.now = self.shared.clock.observe();
         let expired = match (self.shared.opts.max_age, self.oldest) {
             (Some(max_age), Some(o)) => self
-                .age_ms(self.oldest_clock, o.newest_ms)
+                .age_ms(o.clock, o.newest_ms)
                 .is_some_and(|age| age > max_age.as_millis() as u64),
             _ => false,
         };
@@ -448,13 +425,6 @@ impl Writer {
             }
             let chunk = &readings[start..end];
             let value = segment::encode_segment(chunk, opts.compression);
-            let meta = SegMeta {
-                first_id: chunk[0].id,
-                count: chunk.len() as u32,
-                stored_bytes: value.len() as u64,
-                oldest_ms: chunk.iter().map(|r| r.received_at_ms).min().unwrap_or(0),
-                newest_ms: chunk.iter().map(|r| r.received_at_ms).max().unwrap_or(0),
-            };
             // The boot clock of the readings received in this boot (a requeued reading from
             // an earlier boot keeps its own stamp and is left out).
             let boot = self.shared.clock.stamp(&self.now).boot;
@@ -467,7 +437,15 @@ impl Writer {
                 .min()
                 .zip(bts.max())
                 .map(|(lo, hi)| (boot, lo, hi));
-            out.push(Encoded { value, meta, clock });
+            let meta = SegMeta {
+                first_id: chunk[0].id,
+                count: chunk.len() as u32,
+                stored_bytes: value.len() as u64,
+                oldest_ms: chunk.iter().map(|r| r.received_at_ms).min().unwrap_or(0),
+                newest_ms: chunk.iter().map(|r| r.received_at_ms).max().unwrap_or(0),
+                clock,
+            };
+            out.push(Encoded { value, meta });
             start = end;
         }
         out
@@ -504,7 +482,6 @@ impl Writer {
             let mut index = txn.open_table(INDEX).map_err(fail_storage)?;
             let mut cursors = txn.open_table(CURSORS).map_err(fail_storage)?;
             let mut dead = txn.open_table(DEAD).map_err(fail_storage)?;
-            let mut seg_clock = txn.open_table(SEG_CLOCK).map_err(fail_storage)?;
             if let Some((boot, row)) = boot_row {
                 let mut boots = txn.open_table(BOOTS).map_err(fail_storage)?;
                 boots.insert(*boot, row.as_slice()).map_err(fail_storage)?;
@@ -524,7 +501,7 @@ impl Writer {
                 }
             }
             if let Some(&floor) = new_cursors.values().min() {
-                let (n, b, s) = delete_through(&mut segs, &mut index, &mut seg_clock, floor)?;
+                let (n, b, s) = delete_through(&mut segs, &mut index, floor)?;
                 out.acked_readings += n;
                 meta.readings -= n;
                 meta.stored_bytes -= b;
@@ -541,12 +518,10 @@ impl Writer {
                         .map_err(fail_storage)?
                         .map(|(k, v)| (k.value(), SegMeta::from_tuple(v.value())));
                     let Some((id, m)) = first else { break };
-                    let clock = seg_clock.get(id).map_err(fail_storage)?.map(|g| g.value());
-                    match self.age_ms(clock, m.newest_ms) {
+                    match self.age_ms(m.clock, m.newest_ms) {
                         Some(age) if age > max_age => {
                             segs.remove(id).map_err(fail_storage)?;
                             index.remove(id).map_err(fail_storage)?;
-                            seg_clock.remove(id).map_err(fail_storage)?;
                             out.dropped_ttl += m.count as u64;
                             meta.readings -= m.count as u64;
                             meta.stored_bytes -= m.stored_bytes;
@@ -659,8 +634,7 @@ impl Writer {
                             })
                             .collect();
                         _leases_held = Some(leases);
-                        let (n, b, s) =
-                            evict_oldest(&mut segs, &mut index, &mut seg_clock, need, &in_flight)?;
+                        let (n, b, s) = evict_oldest(&mut segs, &mut index, need, &in_flight)?;
                         out.dropped_full += n;
                         meta.readings -= n;
                         meta.stored_bytes -= b;
@@ -731,9 +705,6 @@ impl Writer {
                 meta.next_segment_id += 1;
                 segs.insert(id, e.value.as_slice()).map_err(fail_storage)?;
                 index.insert(id, e.meta.tuple()).map_err(fail_storage)?;
-                if let Some(c) = e.clock {
-                    seg_clock.insert(id, c).map_err(fail_storage)?;
-                }
                 meta.segments += 1;
                 meta.readings += e.meta.count as u64;
                 meta.stored_bytes += e.meta.stored_bytes;
@@ -843,14 +814,11 @@ impl Writer {
 
     fn refresh_oldest(&mut self) {
         let Some(db) = &self.db else { return };
-        let found = db.begin_read().ok().and_then(|t| {
+        self.oldest = db.begin_read().ok().and_then(|t| {
             let index = t.open_table(INDEX).ok()?;
             let first = index.first().ok()??;
-            let clock = store::seg_clock(&t, first.0.value()).ok().flatten();
-            Some((SegMeta::from_tuple(first.1.value()), clock))
+            Some(SegMeta::from_tuple(first.1.value()))
         });
-        self.oldest = found.map(|f| f.0);
-        self.oldest_clock = found.and_then(|f| f.1);
     }
 
     fn publish_stats(&self, commit: Option<(Duration, &Outcome)>) {
@@ -889,7 +857,7 @@ impl Writer {
         s.oldest_received_ms = self.oldest.map(|o| o.oldest_ms);
         s.oldest_age_ms = self.oldest.and_then(|o| {
             self.shared.clock.age_ms(
-                self.oldest_clock.map(|(boot, oldest, _)| (boot, oldest)),
+                o.clock.map(|(boot, oldest, _)| (boot, oldest)),
                 o.oldest_ms,
                 &self.now,
             )
@@ -939,14 +907,12 @@ pub(crate) fn reply_closed(cmd: Cmd) {
 }
 
 type Segs<'t> = redb::Table<'t, u64, &'static [u8]>;
-type Index<'t> = redb::Table<'t, u64, (u64, u32, u64, u64, u64)>;
-type SegClockT<'t> = redb::Table<'t, u64, SegClock>;
+type Index<'t> = redb::Table<'t, u64, store::IndexRow>;
 
 /// Deletes every segment with id <= `through`. Returns (readings, bytes, segments).
 fn delete_through(
     segs: &mut Segs<'_>,
     index: &mut Index<'_>,
-    seg_clock: &mut SegClockT<'_>,
     through: u64,
 ) -> Result<(u64, u64, u64), StorageFailure> {
     let doomed: Vec<(u64, SegMeta)> = index
@@ -959,7 +925,6 @@ fn delete_through(
     for (id, m) in doomed {
         segs.remove(id).map_err(fail_storage)?;
         index.remove(id).map_err(fail_storage)?;
-        seg_clock.remove(id).map_err(fail_storage)?;
         totals.0 += m.count as u64;
         totals.1 += m.stored_bytes;
         totals.2 += 1;
@@ -973,7 +938,6 @@ fn delete_through(
 fn evict_oldest(
     segs: &mut Segs<'_>,
     index: &mut Index<'_>,
-    seg_clock: &mut SegClockT<'_>,
     need: u64,
     in_flight: &[(u64, u64)],
 ) -> Result<(u64, u64, u64), StorageFailure> {
@@ -999,7 +963,6 @@ fn evict_oldest(
     for (id, m) in victims {
         segs.remove(id).map_err(fail_storage)?;
         index.remove(id).map_err(fail_storage)?;
-        seg_clock.remove(id).map_err(fail_storage)?;
         totals.0 += m.count as u64;
         totals.1 += m.stored_bytes;
         totals.2 += 1;

@@ -57,6 +57,14 @@ fn this_build_reads_a_format_1_buffer_and_continues_it() {
     let stats: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(stats["format_version"], 1, "{stats:#}");
     assert_eq!(stats["readings"], 5, "{stats:#}");
+    // Verified as it is, without upgrading it (the index still has format 1's row type).
+    let (code, out, err) = Ferry::cli(&[
+        "buffer",
+        "verify",
+        "--data-dir",
+        &data_dir.display().to_string(),
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
     let want: Vec<(u64, String)> = (1..=5).map(|i| (i, format!("fixture-{i}"))).collect();
     assert_eq!(keys(&data_dir), want);
 
@@ -106,6 +114,13 @@ fn this_build_reads_a_format_1_buffer_and_continues_it() {
         ferry_buffer::FORMAT_VERSION,
         "{stats:#}"
     );
+    let (code, out, err) = Ferry::cli(&[
+        "buffer",
+        "verify",
+        "--data-dir",
+        &data_dir.display().to_string(),
+    ]);
+    assert_eq!(code, 0, "the upgraded file verifies: {out}{err}");
     let marks: Vec<(u64, ferry_buffer::ClockMark, bool)> = buffered_readings(&data_dir, "kafka")
         .iter()
         .map(|r| (r.id, r.clock.mark, r.clock.boot != 0))
