@@ -721,7 +721,7 @@ pub struct Lag {
     pub oldest_age_ms: Option<u64>,
 }
 
-/// The lag after segment `after`, and the `segment_clock` row of its first segment.
+/// The lag after segment `after`, and the clock of its first segment.
 fn lag_after(
     db: &dyn store::Readable,
     after: u64,
