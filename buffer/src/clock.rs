@@ -98,6 +98,23 @@ impl ClockSource for SystemClock {
     }
 }
 
+/// The boot clock now (`CLOCK_BOOTTIME`, ms): for stamping in-process events whose age must
+/// survive a step of the wall clock.
+pub fn boottime_ms() -> u64 {
+    sys::boottime_ms()
+}
+
+/// The wall time of the boot-clock instant `bt`, by the wall clock now: the age stays right
+/// when the wall clock is stepped, and after a sync the time shown is the corrected one.
+pub fn wall_of_boottime(bt: u64) -> u64 {
+    crate::now_ms().saturating_sub(boottime_ms().saturating_sub(bt))
+}
+
+/// The wall time `bt` ms of boot clock from now (a future boot-clock instant).
+pub fn wall_of_future_boottime(bt: u64) -> u64 {
+    crate::now_ms() + bt.saturating_sub(boottime_ms())
+}
+
 /// The system calls behind [`SystemClock`].
 mod sys {
     /// Milliseconds since boot, including suspend.

@@ -3,7 +3,7 @@
 //! error without panicking, and encode/decode round-trips arbitrary readings.
 
 use ferry_buffer::segment::{DecodeError, decode_header, decode_segment, encode_segment};
-use ferry_buffer::{Compression, Reading, Source};
+use ferry_buffer::{ClockMark, ClockStamp, Compression, Reading, Source};
 use proptest::prelude::*;
 
 fn reading() -> impl Strategy<Value = Reading> {
@@ -16,8 +16,9 @@ fn reading() -> impl Strategy<Value = Reading> {
         proptest::option::of(".{0,16}"),
         proptest::collection::vec((".{0,8}", ".{0,8}"), 0..3),
         proptest::collection::vec(any::<u8>(), 0..64),
+        (any::<u32>(), any::<u64>(), 0usize..5),
     )
-        .prop_map(|(id, at, src, device, topic, ct, props, payload)| {
+        .prop_map(|(id, at, src, device, topic, ct, props, payload, clock)| {
             let source = [
                 Source::Mqtt,
                 Source::MqttWill,
@@ -29,6 +30,17 @@ fn reading() -> impl Strategy<Value = Reading> {
             r.received_at_ms = at;
             r.content_type = ct;
             r.properties = props;
+            r.clock = ClockStamp {
+                boot: clock.0,
+                boottime_ms: clock.1,
+                mark: [
+                    ClockMark::Unknown,
+                    ClockMark::Synced,
+                    ClockMark::Unsynced,
+                    ClockMark::Corrected,
+                    ClockMark::Device,
+                ][clock.2],
+            };
             r
         })
 }

@@ -9,7 +9,7 @@
 #![no_main]
 
 use ferry_buffer::segment::{decode_header, decode_segment, encode_segment};
-use ferry_buffer::{Compression, Reading, Source};
+use ferry_buffer::{ClockMark, ClockStamp, Compression, Reading, Source};
 use libfuzzer_sys::arbitrary::{self, Arbitrary, Unstructured};
 use libfuzzer_sys::fuzz_target;
 
@@ -23,6 +23,9 @@ struct ArbReading {
     content_type: Option<String>,
     properties: Vec<(String, String)>,
     payload: Vec<u8>,
+    boot: u32,
+    boottime_ms: u64,
+    mark: u8,
 }
 
 impl ArbReading {
@@ -38,6 +41,17 @@ impl ArbReading {
         r.received_at_ms = self.received_at_ms;
         r.content_type = self.content_type;
         r.properties = self.properties;
+        r.clock = ClockStamp {
+            boot: self.boot,
+            boottime_ms: self.boottime_ms,
+            mark: [
+                ClockMark::Unknown,
+                ClockMark::Synced,
+                ClockMark::Unsynced,
+                ClockMark::Corrected,
+                ClockMark::Device,
+            ][self.mark as usize % 5],
+        };
         r
     }
 }

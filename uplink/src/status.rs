@@ -6,6 +6,8 @@
 //! metrics, per event batch; [`describe_metrics`] holds what each one means (the `HELP` text
 //! on `/metrics`).
 
+use ferry_buffer::clock;
+#[cfg(test)]
 use ferry_buffer::now_ms;
 use serde::Serialize;
 use std::collections::VecDeque;
@@ -86,8 +88,9 @@ pub struct UplinkSnapshot {
 struct State {
     state: LinkState,
     last_error: Option<String>,
-    last_ack_ms: Option<u64>,
-    next_retry_ms: Option<u64>,
+    /// Boot-clock instants (ferry_buffer::clock), so ages survive a step of the wall clock.
+    last_ack_bt: Option<u64>,
+    next_retry_bt: Option<u64>,
     acked_total: u64,
     skipped_total: u64,
     retried_total: u64,
@@ -127,8 +130,8 @@ impl UplinkStatus {
                 state: Mutex::new(State {
                     state: LinkState::Connecting,
                     last_error: None,
-                    last_ack_ms: None,
-                    next_retry_ms: None,
+                    last_ack_bt: None,
+                    next_retry_bt: None,
                     acked_total: 0,
                     skipped_total: 0,
                     retried_total: 0,
@@ -198,7 +201,7 @@ impl UplinkStatus {
             let changed = g.state != state;
             g.state = state;
             if state == LinkState::Connected {
-                g.next_retry_ms = None;
+                g.next_retry_bt = None;
             }
             changed
         };
@@ -231,10 +234,10 @@ impl UplinkStatus {
             if delivered == 0 {
                 false
             } else {
-                g.last_ack_ms = Some(now_ms());
+                g.last_ack_bt = Some(clock::boottime_ms());
                 let changed = g.state != LinkState::Connected;
                 g.state = LinkState::Connected;
-                g.next_retry_ms = None;
+                g.next_retry_bt = None;
                 changed
             }
         };
@@ -264,7 +267,7 @@ impl UplinkStatus {
             let mut g = self.lock();
             g.retried_total += 1;
             g.last_error = Some(e);
-            g.next_retry_ms = Some(now_ms() + retry_in.as_millis() as u64);
+            g.next_retry_bt = Some(clock::boottime_ms() + retry_in.as_millis() as u64);
             let changed = g.state != state;
             g.state = state;
             changed
@@ -333,8 +336,8 @@ impl UplinkStatus {
             kind: self.inner.kind,
             state: g.state,
             last_error: g.last_error.clone(),
-            last_ack_ms: g.last_ack_ms,
-            next_retry_ms: g.next_retry_ms,
+            last_ack_ms: g.last_ack_bt.map(clock::wall_of_boottime),
+            next_retry_ms: g.next_retry_bt.map(clock::wall_of_future_boottime),
             acked_total: g.acked_total,
             skipped_total: g.skipped_total,
             retried_total: g.retried_total,

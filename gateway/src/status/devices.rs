@@ -5,7 +5,7 @@
 //! the least recently seen one is forgotten (and counted in `evicted_total`). Updates are
 //! O(log n): a `HashMap` by device plus a `BTreeMap` ordered by a recency sequence number.
 
-use ferry_buffer::{Reading, Source, now_ms};
+use ferry_buffer::{Reading, Source, clock};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -73,7 +73,8 @@ impl DeviceBatch {
 #[derive(Debug)]
 struct Entry {
     seq: u64,
-    last_seen_ms: u64,
+    /// Boot clock (ferry_buffer::clock).
+    last_seen_bt: u64,
     readings: u64,
     source: usize,
 }
@@ -115,7 +116,8 @@ impl DeviceTable {
 
     /// Records a committed batch.
     pub fn record(&self, batch: &DeviceBatch) {
-        let now = now_ms();
+        // The boot clock, so "last seen" ages survive a step of the wall clock.
+        let now = clock::boottime_ms();
         let mut g = self.lock();
         for (i, n) in batch.by_source.iter().enumerate() {
             g.received[i] += n;
@@ -127,7 +129,7 @@ impl DeviceTable {
                 Some(e) => {
                     let old = e.seq;
                     e.seq = seq;
-                    e.last_seen_ms = now;
+                    e.last_seen_bt = now;
                     e.readings += n;
                     e.source = *si;
                     Some(old)
@@ -150,7 +152,7 @@ impl DeviceTable {
                         id.clone(),
                         Entry {
                             seq,
-                            last_seen_ms: now,
+                            last_seen_bt: now,
                             readings: *n,
                             source: *si,
                         },
@@ -197,7 +199,7 @@ impl DeviceTable {
             .filter_map(|id| {
                 g.by_id.get(id).map(|e| DeviceEntry {
                     id: id.clone(),
-                    last_seen_ms: e.last_seen_ms,
+                    last_seen_ms: clock::wall_of_boottime(e.last_seen_bt),
                     readings: e.readings,
                     source: SOURCES[e.source],
                 })

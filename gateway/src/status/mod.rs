@@ -67,7 +67,6 @@ pub use devices::{DeviceBatch, DeviceTable};
 
 struct HubInner {
     started: Instant,
-    started_ms: u64,
     mqtt: Option<MqttStats>,
     http: Option<Arc<HttpStats>>,
     uplinks: Vec<UplinkStatus>,
@@ -113,11 +112,9 @@ impl std::fmt::Debug for Hub {
 impl Hub {
     /// The hub of a gateway whose components are `parts`.
     pub fn new(parts: HubParts) -> Hub {
-        let since = Instant::now().saturating_duration_since(parts.started);
         Hub {
             inner: Arc::new(HubInner {
                 started: parts.started,
-                started_ms: now_ms().saturating_sub(since.as_millis() as u64),
                 mqtt: parts.mqtt,
                 http: parts.http,
                 uplinks: parts.uplinks,
@@ -161,7 +158,8 @@ impl Hub {
 
     /// When the gateway started, ms since the epoch.
     pub fn started_ms(&self) -> u64 {
-        self.inner.started_ms
+        // From the monotonic start, so a step of the wall clock moves it with the clock.
+        now_ms().saturating_sub(self.inner.started.elapsed().as_millis() as u64)
     }
 
     /// Time since the gateway started.

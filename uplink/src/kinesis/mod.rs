@@ -11,8 +11,8 @@
 //! ## Records
 //! - **Data**: with `format = "envelope"` (default), the JSON envelope of [`crate::meta`]
 //!   (`ferry_id` = `<gateway id>-<reading id>` for downstream de-duplication, gateway,
-//!   device, topic, `received_at_ms`, source, content type, the device's properties, and the
-//!   payload embedded as JSON when it is JSON, as text or base64 otherwise, which
+//!   device, topic, `received_at_ms`, source, clock mark, content type, the device's
+//!   properties, and the payload embedded as JSON when it is JSON, as text or base64 otherwise, which
 //!   `payload_encoding` names). With `format = "raw"`, the payload bytes alone: Kinesis records
 //!   have no headers, so **every piece of metadata, `ferry_id` included, is lost**, and a
 //!   consumer cannot tell a re-sent record from a new one.

@@ -36,8 +36,8 @@
 //!   device's content type is the v5 content-type property.
 //! - **MQTT v3.1.1** has no properties. With `envelope = true` the payload is a JSON envelope
 //!   ([`crate::meta::envelope`]) with `ferry_id`, `gateway`, `device`, `topic`,
-//!   `received_at_ms`, `source`, `content_type`, `properties`, `payload_encoding` and
-//!   `payload`: a JSON payload is embedded verbatim, UTF-8 text as a string, anything else as
+//!   `received_at_ms`, `source`, `clock`, `content_type`, `properties`, `payload_encoding`
+//!   and `payload`: a JSON payload is embedded verbatim, UTF-8 text as a string, anything else as
 //!   base64 (`payload_encoding` says which). **Without the envelope only the payload is sent,
 //!   and every piece of metadata, including `ferry-id`, is lost upstream** (so re-sends
 //!   cannot be de-duplicated). `envelope = true` with v5 sends the envelope and the
