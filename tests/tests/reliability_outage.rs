@@ -260,12 +260,13 @@ max_backoff_ms = 500
 }
 
 /// A 30 s upstream outage under load writes a bounded number of log lines (start-up, the
-/// state change, the first error of each kind), however often the uplink retries; the
-/// status page and the metrics still count every retry.
+/// state change, the first error of each kind, and with `status.log_summary_secs = 12` a
+/// summary of each every 12 s saying for how long and how much waits), however often the
+/// uplink retries; the status page and the metrics still count every retry.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_long_outage_under_load_writes_a_bounded_log() {
     let ferry = Ferry::start(
-        "[uplinks.kafka]\ntype = \"kafka\"\nbrokers = \"127.0.0.1:1\"\nmessage_timeout_ms = 1000\ninitial_backoff_ms = 100\nmax_backoff_ms = 300\n",
+        "[status]\nlog_summary_secs = 12\n\n[uplinks.kafka]\ntype = \"kafka\"\nbrokers = \"127.0.0.1:1\"\nmessage_timeout_ms = 1000\ninitial_backoff_ms = 100\nmax_backoff_ms = 300\n",
     );
     let base = ferry.http_url();
     let http = reqwest::Client::new();
@@ -308,8 +309,23 @@ async fn a_long_outage_under_load_writes_a_bounded_log() {
     );
     assert_eq!(u["state"], "offline", "{u:#}");
     assert!(u["last_error"].is_string(), "{u:#}");
+    let summaries: Vec<&str> = log.lines().filter(|l| l.contains(" keeps ")).collect();
     assert!(
-        lines <= 20,
+        lines - summaries.len() <= 18,
         "{lines} log lines for a 30 s outage with {retries} retries:\n{log}"
+    );
+    // At most one summary per source per 12 s period: the uplink's and librdkafka's.
+    assert!(summaries.len() <= 6, "{summaries:#?}");
+    // The uplink's summary says for how long and how much waits.
+    let waiting = summaries
+        .iter()
+        .filter(|l| l.contains("The upstream keeps failing"))
+        .filter_map(|l| l.split("waiting_readings=").nth(1))
+        .filter_map(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        .max();
+    assert!(waiting.is_some_and(|n| n > 0), "{summaries:#?}");
+    assert!(
+        summaries.iter().any(|l| l.contains("failing_for_secs=")),
+        "{summaries:#?}"
     );
 }

@@ -160,7 +160,7 @@ impl Common {
 
     /// A fresh status handle for this uplink of type `kind`.
     pub fn status(&self, kind: &'static str, secrets: Vec<String>) -> status::UplinkStatus {
-        status::UplinkStatus::new(self.name.clone(), kind, secrets)
+        status::UplinkStatus::new(self.name.clone(), kind, secrets).with_buffer(self.buffer.clone())
     }
 }
 

@@ -15,7 +15,8 @@
 //!   connection, never cause a tight reconnect loop.
 //! - **Log.** The first failure is logged with its reason, the next ones only when the reason
 //!   changes, or once per summary period ([`crate::fold`], `status.log_summary_secs`) with
-//!   how often they came and how long the upstream has been failing; the first progress
+//!   how often they came, how long the upstream has been failing and how many readings wait
+//!   in the buffer; the first progress
 //!   after failures is logged once with how long it took. Each failure is still counted
 //!   (`retried_total`) and shown on the status page.
 
@@ -107,6 +108,7 @@ impl Retry {
             Say::Again(n) => tracing::warn!(uplink = %status.name(), r#type = status.kind(),
                 error = %text, retry_in_ms, repeats = n,
                 failing_for_secs = now.duration_since(since).as_secs(),
+                waiting_readings = status.buffer_readings(),
                 "The upstream keeps failing; readings wait in the buffer."),
             Say::Quiet => {}
         }

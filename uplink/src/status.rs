@@ -109,6 +109,8 @@ struct Inner {
     kind: &'static str,
     secrets: Vec<String>,
     state: Mutex<State>,
+    /// The buffer, for how much waits ([`UplinkStatus::buffer_readings`]).
+    buffer: std::sync::OnceLock<ferry_buffer::Buffer>,
 }
 
 /// A cloneable handle on one uplink's status.
@@ -143,10 +145,23 @@ impl UplinkStatus {
                     last_progress: now,
                     window: VecDeque::new(),
                 }),
+                buffer: std::sync::OnceLock::new(),
             }),
         };
         s.gauge_state(LinkState::Connecting);
         s
+    }
+
+    /// The same status, telling how much waits in `buffer`.
+    pub fn with_buffer(self, buffer: ferry_buffer::Buffer) -> Self {
+        let _ = self.inner.buffer.set(buffer);
+        self
+    }
+
+    /// Readings waiting in the buffer (for every uplink), if the buffer is known: what the
+    /// failure summary says waits ([`crate::retry`]).
+    pub fn buffer_readings(&self) -> Option<u64> {
+        self.inner.buffer.get().map(|b| b.stats().readings)
     }
 
     /// The uplink's name.
