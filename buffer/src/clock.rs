@@ -245,6 +245,19 @@ impl ClockMark {
         }
     }
 
+    /// The mark named by [`ClockMark::as_str`].
+    pub fn parse(s: &str) -> Option<Self> {
+        [
+            ClockMark::Unknown,
+            ClockMark::Synced,
+            ClockMark::Unsynced,
+            ClockMark::Corrected,
+            ClockMark::Device,
+        ]
+        .into_iter()
+        .find(|m| m.as_str() == s)
+    }
+
     pub(crate) fn to_byte(self) -> u8 {
         match self {
             ClockMark::Unknown => 0,
@@ -321,6 +334,21 @@ pub(crate) fn decode_boot(v: &[u8]) -> (String, Option<SyncPoint>) {
         wall_ms: u(8),
     });
     (String::from_utf8_lossy(&v[16..]).into_owned(), sync)
+}
+
+/// Corrects `r` with the sync points `sync` of its gateway's boots, as [`Clock::correct`]
+/// does. Returns whether it changed.
+pub(crate) fn correct_with(sync: &BTreeMap<u32, SyncPoint>, r: &mut crate::Reading) -> bool {
+    // An imported reading's boot is another gateway's (it was corrected there, on export).
+    if r.clock.mark != ClockMark::Unsynced || r.origin.is_some() {
+        return false;
+    }
+    let Some(sp) = sync.get(&r.clock.boot) else {
+        return false;
+    };
+    r.received_at_ms = sp.wall_at(r.clock.boottime_ms);
+    r.clock.mark = ClockMark::Corrected;
+    true
 }
 
 /// The clock as the status page and `/metrics` show it.
@@ -479,7 +507,8 @@ impl Clock {
     /// clock is the instant of its `received_at_ms` by the wall clock read at the commit, so
     /// it is the moment of receipt, not of the commit, and an ingest format's relative time
     /// (SenML's `t: -60`) keeps its offset. A device's own timestamp says nothing about the
-    /// box's clocks: such a reading gets the commit's boot clock.
+    /// box's clocks, nor does an imported reading's time: such readings get the commit's boot
+    /// clock, and keep their mark.
     pub(crate) fn stamp_reading(
         &self,
         stamp: &ClockStamp,
@@ -489,6 +518,14 @@ impl Clock {
         if r.clock.mark == ClockMark::Device {
             return ClockStamp {
                 mark: ClockMark::Device,
+                ..*stamp
+            };
+        }
+        // Imported from another gateway's export: its mark says what its time is worth
+        // there; here it is received now (ages and the TTL count from the import).
+        if r.origin.is_some() {
+            return ClockStamp {
+                mark: r.clock.mark,
                 ..*stamp
             };
         }
@@ -503,15 +540,7 @@ impl Clock {
     /// Corrects an unsynchronized reading's time when its boot's sync is known. Returns
     /// whether it changed.
     pub(crate) fn correct(&self, r: &mut crate::Reading) -> bool {
-        if r.clock.mark != ClockMark::Unsynced {
-            return false;
-        }
-        let Some(sp) = self.lock().sync.get(&r.clock.boot).copied() else {
-            return false;
-        };
-        r.received_at_ms = sp.wall_at(r.clock.boottime_ms);
-        r.clock.mark = ClockMark::Corrected;
-        true
+        correct_with(&self.lock().sync, r)
     }
 
     /// The age of something received at boot-clock instant `at` (boot index, boot clock), or

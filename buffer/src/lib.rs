@@ -52,6 +52,7 @@
 //! | `cursors`       | `&str` consumer name | `u64`: last segment id the consumer acked                    |
 //! | `dead_letters`  | `u64` reading id     | `dead_at_ms u64, consumer str, reason str, reading record`   |
 //! | `boots`         | `u32` boot index     | `sync boottime u64, sync wall u64 (0: none), boot id` ([`clock`]) |
+//! | `about`         | `&str`               | `&str`: `gateway_id` ([`BufferOptions::gateway_id`])           |
 //!
 //! The counters in `meta` are updated in every transaction, so opening reads O(1) rows
 //! whatever the backlog. `max_bytes` counts the stored segment values plus dead letters; the
@@ -91,7 +92,7 @@ pub use error::{
     AckError, AppendError, InspectError, OpenError, ReadError, StorageFailure, StorageFailureKind,
 };
 pub use reader::{Reader, Segment};
-pub use reading::{Reading, Source, now_ms};
+pub use reading::{Origin, Reading, Source, now_ms};
 pub use segment::Compression;
 pub use store::{BackendFactory, FILE_NAME, FORMAT_VERSION, QUARANTINE_DIR};
 
@@ -162,6 +163,9 @@ pub struct BufferOptions {
     pub max_pending_bytes: u64,
     /// Where the buffer reads the time: [`SystemClock`], or a [`ManualClock`] in tests.
     pub clock: Arc<dyn ClockSource>,
+    /// The gateway's `gateway.id`, recorded in the file so that an export
+    /// ([`Inspector::export`]) gives its readings the `ferry-id` the gateway sends them with.
+    pub gateway_id: Option<String>,
 }
 
 impl Default for BufferOptions {
@@ -181,6 +185,7 @@ impl Default for BufferOptions {
             quick_repair: false,
             max_pending_bytes: 1 << 20,
             clock: Arc::new(SystemClock::default()),
+            gateway_id: None,
         }
     }
 }
@@ -936,6 +941,28 @@ impl std::fmt::Debug for Inspector {
     }
 }
 
+/// What [`Inspector::export`] read.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExportReport {
+    /// Segments in the file.
+    pub segments: u64,
+    /// Readings decoded from them (all handed to the callback, unless it stopped early).
+    pub readings: u64,
+    /// Segments skipped because they did not decode.
+    pub damaged: Vec<DamagedSegment>,
+}
+
+/// A segment [`Inspector::export`] could not read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DamagedSegment {
+    /// Its id.
+    pub segment: u64,
+    /// The readings the index says it held (0 if its index row is gone too).
+    pub readings: u64,
+    /// What was wrong.
+    pub why: String,
+}
+
 /// What `verify` found.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct VerifyReport {
@@ -1126,6 +1153,74 @@ impl Inspector {
     /// Lists dead letters.
     pub fn dead_letters(&self, after: u64, limit: usize) -> Result<Vec<DeadLetter>, ReadError> {
         list_dead(&self.db, after, limit)
+    }
+
+    /// The `gateway.id` of the gateway that last opened the file for writing, if recorded
+    /// ([`BufferOptions::gateway_id`]).
+    pub fn gateway_id(&self) -> Result<Option<String>, ReadError> {
+        let txn = self.db.begin_read().map_err(sf)?;
+        match txn.open_table(store::ABOUT) {
+            Ok(t) => Ok(t
+                .get("gateway_id")
+                .map_err(sf)?
+                .map(|g| g.value().to_string())),
+            Err(redb::TableError::TableDoesNotExist(_)) => Ok(None),
+            Err(e) => Err(ReadError::Storage(sf(e))),
+        }
+    }
+
+    /// Hands every reading still in the buffer to `each`, in id order of their segments,
+    /// acking nothing: what `ferry buffer export` writes. A reading received before the clock
+    /// was synchronized gets its corrected time, as an uplink would send it ([`clock`]). A
+    /// segment that fails its checksum or does not decode is skipped and listed in the report
+    /// with the readings the index says it held; the others are all read. `each` may stop
+    /// early with [`std::ops::ControlFlow::Break`].
+    pub fn export(
+        &self,
+        mut each: impl FnMut(&Reading) -> std::ops::ControlFlow<()>,
+    ) -> Result<ExportReport, ReadError> {
+        let txn = self.db.begin_read().map_err(sf)?;
+        let mut sync = BTreeMap::new();
+        match txn.open_table(store::BOOTS) {
+            Ok(t) => {
+                for e in t.iter().map_err(sf)? {
+                    let (k, v) = e.map_err(sf)?;
+                    if let (_, Some(sp)) = clock::decode_boot(v.value()) {
+                        sync.insert(k.value(), sp);
+                    }
+                }
+            }
+            Err(redb::TableError::TableDoesNotExist(_)) => {}
+            Err(e) => return Err(ReadError::Storage(sf(e))),
+        }
+        let index = store::IndexView::open(&txn).map_err(sf)?;
+        let segs = txn.open_table(SEGMENTS).map_err(sf)?;
+        let mut rep = ExportReport::default();
+        for e in segs.iter().map_err(sf)? {
+            let (k, v) = e.map_err(sf)?;
+            let id = k.value();
+            rep.segments += 1;
+            match segment::decode_segment(v.value()) {
+                Ok(readings) => {
+                    for mut r in readings {
+                        rep.readings += 1;
+                        clock::correct_with(&sync, &mut r);
+                        if each(&r).is_break() {
+                            return Ok(rep);
+                        }
+                    }
+                }
+                Err(err) => {
+                    let held = index.get(id).map_err(sf)?.map_or(0, |m| m.count as u64);
+                    rep.damaged.push(DamagedSegment {
+                        segment: id,
+                        readings: held,
+                        why: err.to_string(),
+                    });
+                }
+            }
+        }
+        Ok(rep)
     }
 
     /// Decodes every segment and dead letter, checks CRCs, the index and the counters.

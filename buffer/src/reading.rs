@@ -29,6 +29,18 @@ impl Source {
         }
     }
 
+    /// The source named by [`Source::as_str`].
+    pub fn parse(s: &str) -> Option<Self> {
+        [
+            Source::Mqtt,
+            Source::MqttWill,
+            Source::Http,
+            Source::Requeue,
+        ]
+        .into_iter()
+        .find(|x| x.as_str() == s)
+    }
+
     pub(crate) fn to_byte(self) -> u8 {
         match self {
             Source::Mqtt => 1,
@@ -85,6 +97,19 @@ pub struct Reading {
     pub payload: Bytes,
     /// The clock at receipt, stamped by the buffer at commit; see [`crate::clock`].
     pub clock: ClockStamp,
+    /// Where the reading was first buffered, when it was imported from another gateway's
+    /// export (`ferry buffer import`): its `ferry-id` stays the one that gateway gave it, so
+    /// consumers de-duplicate across both paths. `None` for a reading received here.
+    pub origin: Option<Origin>,
+}
+
+/// The gateway that first buffered an imported reading, and the id it gave it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin {
+    /// That gateway's `gateway.id`.
+    pub gateway: String,
+    /// Its reading id there.
+    pub id: u64,
 }
 
 impl Reading {
@@ -105,6 +130,7 @@ impl Reading {
             properties: Vec::new(),
             payload: payload.into(),
             clock: ClockStamp::default(),
+            origin: None,
         }
     }
 
@@ -127,6 +153,7 @@ impl Reading {
             + self.topic.len()
             + self.device.len()
             + self.content_type.as_ref().map_or(0, |c| c.len())
+            + self.origin.as_ref().map_or(0, |o| o.gateway.len())
             + self
                 .properties
                 .iter()

@@ -16,20 +16,21 @@
 //! ```text
 //! u64 id | u64 received_at_ms | u8 source | str device | str topic
 //! | u8 has_content_type [str content_type] | u32 property count, (str key, str value)*
-//! | bytes payload | u32 boot | u64 boottime_ms | u8 clock
+//! | bytes payload | u32 boot | u64 boottime_ms | u8 clock | u8 has_origin [str gateway u64 id]
 //! ```
 //!
-//! The last three fields (format 2, magic `FRY2`) are the reading's [`ClockStamp`]: its boot
-//! index, the boot clock at receipt, and the clock mark (0 unknown, 1 synced, 2 unsynced,
-//! 3 corrected, 4 device), see [`crate::clock`]. `FRY1` records end after the payload and
-//! decode with the mark `unknown`.
+//! The fields after the payload are format 2's (magic `FRY2`): the reading's [`ClockStamp`]
+//! (its boot index, the boot clock at receipt, and the clock mark: 0 unknown, 1 synced,
+//! 2 unsynced, 3 corrected, 4 device; see [`crate::clock`]), then the [`Origin`] of a reading
+//! imported from another gateway. `FRY1` records end after the payload and decode with the
+//! mark `unknown` and no origin.
 //!
 //! where `str` and `bytes` are a u32 LE length followed by that many bytes (strings are UTF-8).
 //! All integers are little-endian. The same record layout (without the segment header) is used
 //! for dead letters, where the clock fields are present when the record is followed by them. The Kafka uplink's `delivery = "segment"` mode ships this value as is.
 
 use crate::clock::{ClockMark, ClockStamp};
-use crate::reading::{Reading, Source};
+use crate::reading::{Origin, Reading, Source};
 use bytes::Bytes;
 use flate2::Crc;
 use flate2::read::GzDecoder;
@@ -127,6 +128,8 @@ pub(crate) fn reading_encoded_len(r: &Reading) -> usize {
         + 4
         + r.payload.len()
         + CLOCK_LEN
+        + 1
+        + r.origin.as_ref().map_or(0, |o| 4 + o.gateway.len() + 8)
 }
 
 fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
@@ -157,6 +160,14 @@ pub fn encode_reading(out: &mut Vec<u8>, r: &Reading) {
     out.extend_from_slice(&r.clock.boot.to_le_bytes());
     out.extend_from_slice(&r.clock.boottime_ms.to_le_bytes());
     out.push(r.clock.mark.to_byte());
+    match &r.origin {
+        Some(o) => {
+            out.push(1);
+            put_bytes(out, o.gateway.as_bytes());
+            out.extend_from_slice(&o.id.to_le_bytes());
+        }
+        None => out.push(0),
+    }
 }
 
 pub(crate) struct Cursor<'a> {
@@ -230,6 +241,18 @@ impl<'a> Cursor<'a> {
         })
     }
 
+    /// The origin that follows a format-2 record's clock fields.
+    pub(crate) fn origin(&mut self) -> Result<Option<Origin>, DecodeError> {
+        Ok(match self.u8("origin flag")? {
+            0 => None,
+            1 => Some(Origin {
+                gateway: self.string("origin gateway")?,
+                id: self.u64("origin id")?,
+            }),
+            _ => return Err(self.err("origin flag")),
+        })
+    }
+
     /// Bytes not read yet.
     pub(crate) fn remaining(&self) -> usize {
         self.buf.len().saturating_sub(self.pos)
@@ -277,6 +300,7 @@ impl<'a> Cursor<'a> {
             properties,
             payload,
             clock: ClockStamp::default(),
+            origin: None,
         })
     }
 
@@ -285,6 +309,7 @@ impl<'a> Cursor<'a> {
         let mut r = self.reading(whole)?;
         if clock {
             r.clock = self.clock()?;
+            r.origin = self.origin()?;
         }
         self.index += 1;
         Ok(r)

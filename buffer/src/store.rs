@@ -36,6 +36,9 @@ pub(crate) const CURSORS: TableDefinition<&str, u64> = TableDefinition::new("cur
 pub(crate) const DEAD: TableDefinition<u64, &[u8]> = TableDefinition::new("dead_letters");
 /// Boot index -> `u64 sync boot clock | u64 sync wall (0: none) | boot id` ([`crate::clock`]).
 pub(crate) const BOOTS: TableDefinition<u32, &[u8]> = TableDefinition::new("boots");
+/// Facts about the file: `gateway_id` (the `gateway.id` of the gateway that last opened it
+/// for writing, so that an export names its readings as that gateway sends them).
+pub(crate) const ABOUT: TableDefinition<&str, &str> = TableDefinition::new("about");
 
 pub(crate) type IndexRow = (u64, u32, u64, u64, u64, u32, u64, u64);
 type IndexRowV1 = (u64, u32, u64, u64, u64);
@@ -424,6 +427,8 @@ fn init_tables(db: &Database, path: &Path) -> Result<(), Attempt> {
         txn.open_table(SEGMENTS)
             .map_err(|e| corrupt_or_fatal(e.into()))?;
         txn.open_table(BOOTS)
+            .map_err(|e| corrupt_or_fatal(e.into()))?;
+        txn.open_table(ABOUT)
             .map_err(|e| corrupt_or_fatal(e.into()))?;
         txn.open_table(INDEX)
             .map_err(|e| corrupt_or_fatal(e.into()))?;

@@ -182,6 +182,18 @@ impl Writer {
                 .map_err(fail_storage)?
                 .map(|(_, v)| SegMeta::from_tuple(v.value()));
             self.load_boots(&txn)?;
+            if let Some(id) = &self.shared.opts.gateway_id {
+                let mut about = txn.open_table(store::ABOUT).map_err(fail_storage)?;
+                let same = about
+                    .get("gateway_id")
+                    .map_err(fail_storage)?
+                    .is_some_and(|g| g.value() == id.as_str());
+                if !same {
+                    about
+                        .insert("gateway_id", id.as_str())
+                        .map_err(fail_storage)?;
+                }
+            }
         }
         txn.commit().map_err(fail_storage)?;
         self.publish_stats(None);
@@ -999,6 +1011,7 @@ pub(crate) fn decode_dead(
     // Dead letters written before format 2 end after the payload.
     if c.remaining() > 0 {
         reading.clock = c.clock()?;
+        reading.origin = c.origin()?;
     }
     Ok((at, consumer, reason, reading))
 }

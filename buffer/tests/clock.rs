@@ -1,6 +1,6 @@
 //! Time on a box without a clock, through the real buffer file: readings stamped before the
 //! sync leave with corrected times, readings of a boot that never synced keep theirs and say
-//! so, and a reboot never lends one boot's offset to another.
+//! so, and a reboot never lends one boot's offset to another; an export reads the same times.
 
 mod common;
 
@@ -213,4 +213,63 @@ async fn relative_times_keep_their_offset_and_device_times_are_left_alone() {
     // The oldest by receipt is the relative one: 70 s by the time it claims.
     assert_eq!(buf.stats().oldest_age_ms, Some(70_000));
     buf.close().await;
+}
+
+/// An export reads every intact segment of a file, corrects times as an uplink would, and
+/// skips (and lists) a segment whose checksum fails, with the readings it held.
+#[tokio::test]
+async fn export_reads_what_is_intact_and_lists_what_is_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new("boot-1", 5_000, 20_000, false);
+    let mut o = opts(&["up"]);
+    o.clock = Arc::new(clock.clone());
+    o.gateway_id = Some("site-a".into());
+    let buf = Buffer::open(dir.path(), o).unwrap();
+    for i in 0..3 {
+        buf.append(vec![
+            reading_at(i, 30, &clock),
+            reading_at(i + 10, 30, &clock),
+        ])
+        .await
+        .unwrap();
+    }
+    clock.step_wall(REAL as i64);
+    clock.set_synced(true);
+    buf.append(vec![reading_at(3, 30, &clock)]).await.unwrap();
+    buf.close().await;
+
+    // Damage the second segment's body (a flipped byte its CRC catches).
+    {
+        use redb::ReadableTable;
+        let db = redb::Database::open(dir.path().join(ferry_buffer::FILE_NAME)).unwrap();
+        let t: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("segments");
+        let txn = db.begin_write().unwrap();
+        {
+            let mut segs = txn.open_table(t).unwrap();
+            let mut v = segs.get(2).unwrap().unwrap().value().to_vec();
+            let last = v.len() - 1;
+            v[last] ^= 0x55;
+            segs.insert(2, v.as_slice()).unwrap();
+        }
+        txn.commit().unwrap();
+    }
+    let ins = ferry_buffer::Inspector::open(dir.path()).unwrap();
+    assert_eq!(ins.gateway_id().unwrap().as_deref(), Some("site-a"));
+    let mut got = Vec::new();
+    let rep = ins
+        .export(|r| {
+            got.push((r.id, r.received_at_ms, r.clock.mark));
+            std::ops::ControlFlow::Continue(())
+        })
+        .unwrap();
+    assert_eq!(rep.segments, 4);
+    assert_eq!(rep.readings, 5);
+    assert_eq!(rep.damaged.len(), 1, "{rep:?}");
+    assert_eq!((rep.damaged[0].segment, rep.damaged[0].readings), (2, 2));
+    let ids: Vec<u64> = got.iter().map(|g| g.0).collect();
+    assert_eq!(ids, vec![1, 2, 5, 6, 7]);
+    // Received 5 s after the (wrong) boot-time wall clock, corrected to the real time.
+    assert_eq!(got[0].1, REAL + 5_000);
+    assert_eq!(got[0].2, ClockMark::Corrected);
+    assert_eq!(got[4].2, ClockMark::Synced);
 }

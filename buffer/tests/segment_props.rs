@@ -3,7 +3,7 @@
 //! error without panicking, and encode/decode round-trips arbitrary readings.
 
 use ferry_buffer::segment::{DecodeError, decode_header, decode_segment, encode_segment};
-use ferry_buffer::{ClockMark, ClockStamp, Compression, Reading, Source};
+use ferry_buffer::{ClockMark, ClockStamp, Compression, Origin, Reading, Source};
 use proptest::prelude::*;
 
 fn reading() -> impl Strategy<Value = Reading> {
@@ -16,7 +16,12 @@ fn reading() -> impl Strategy<Value = Reading> {
         proptest::option::of(".{0,16}"),
         proptest::collection::vec((".{0,8}", ".{0,8}"), 0..3),
         proptest::collection::vec(any::<u8>(), 0..64),
-        (any::<u32>(), any::<u64>(), 0usize..5),
+        (
+            any::<u32>(),
+            any::<u64>(),
+            0usize..5,
+            proptest::option::of((".{0,12}", any::<u64>())),
+        ),
     )
         .prop_map(|(id, at, src, device, topic, ct, props, payload, clock)| {
             let source = [
@@ -41,6 +46,7 @@ fn reading() -> impl Strategy<Value = Reading> {
                     ClockMark::Device,
                 ][clock.2],
             };
+            r.origin = clock.3.map(|(gateway, id)| Origin { gateway, id });
             r
         })
 }

@@ -99,6 +99,7 @@ pub fn buffer_options(config: &Config) -> BufferOptions {
         consumers: ferry_uplink::consumers(config),
         quick_repair: false,
         max_pending_bytes: b.max_pending_bytes,
+        gateway_id: Some(config.gateway.id.clone()),
         clock: Arc::new(ferry_buffer::SystemClock {
             assume_synced: config.gateway.clock_sync == ferry_config::ClockSync::Assume,
         }),

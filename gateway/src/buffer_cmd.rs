@@ -1,9 +1,9 @@
-//! `ferry buffer stats|verify|dead-letter list|requeue|repair`.
+//! `ferry buffer stats|verify|dead-letter list|requeue|repair|export|import`.
 //!
 //! The read-only commands never change the file, whether ferry runs, was killed, or stopped
 //! cleanly ([`Inspector`] says how); they say on stderr which of the three it was.
 
-use crate::cli::{BufferCommand, DataDirArg, DeadLetterCommand};
+use crate::cli::{BufferCommand, DataDirArg, DeadLetterCommand, ExportArgs, ImportArgs};
 use ferry_buffer::{Buffer, BufferOptions, FileState, Inspector};
 use std::fmt::Write as _;
 use std::path::Path;
@@ -24,10 +24,19 @@ pub enum BufferCmdError {
     /// Writing failed.
     #[error(transparent)]
     Write(#[from] ferry_buffer::AckError),
-    /// The async runtime could not start.
-    #[error("cannot start the runtime: {0}")]
-    Runtime(#[from] std::io::Error),
+    /// The async runtime could not start, or a file could not be read or written.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    /// An argument or an input line is wrong (exit 64).
+    #[error("{0}")]
+    Usage(String),
+    /// The buffer refused what was imported.
+    #[error("the buffer refused the import: {0}")]
+    Append(#[from] ferry_buffer::AppendError),
 }
+
+/// Exit code for a wrong argument or input (EX_USAGE, as for a bad config).
+pub const EXIT_USAGE: u8 = 64;
 
 /// Set in the child process that reads a running gateway's file.
 const CHILD_ENV: &str = "FERRY_INSPECT_CHILD";
@@ -41,10 +50,22 @@ pub fn run(cmd: BufferCommand) -> Result<u8, BufferCmdError> {
     let read_only_dir = match &cmd {
         BufferCommand::Stats(d) | BufferCommand::Verify(d) => Some(&d.data_dir),
         BufferCommand::DeadLetter(DeadLetterCommand::List { dir, .. }) => Some(&dir.data_dir),
-        BufferCommand::DeadLetter(DeadLetterCommand::Requeue { .. }) | BufferCommand::Repair(_) => {
-            None
-        }
+        BufferCommand::Export(a) => Some(&a.data_dir),
+        BufferCommand::DeadLetter(DeadLetterCommand::Requeue { .. })
+        | BufferCommand::Repair(_)
+        | BufferCommand::Import(_) => None,
     };
+    if let BufferCommand::Export(a) = &cmd
+        && a.out.is_none()
+        && std::env::var_os(CHILD_ENV).is_none()
+        && Inspector::in_use(&a.data_dir)
+    {
+        eprintln!(
+            "ferry buffer export: ferry is running on {}; give --out FILE (an export of a running gateway's file may have to be read again, and only a complete one is written)",
+            buffer_file(&a.data_dir)
+        );
+        return Ok(EXIT_USAGE);
+    }
     if let Some(dir) = read_only_dir
         && std::env::var_os(CHILD_ENV).is_none()
         && Inspector::in_use(dir)
@@ -56,6 +77,10 @@ pub fn run(cmd: BufferCommand) -> Result<u8, BufferCmdError> {
         std::panic::set_hook(Box::new(|_| {}));
     }
     run_here(cmd).or_else(|e| match e {
+        BufferCmdError::Usage(msg) => {
+            eprintln!("ferry buffer: {msg}");
+            Ok(EXIT_USAGE)
+        }
         BufferCmdError::Inspect(ferry_buffer::InspectError::Busy { .. })
             if std::env::var_os(CHILD_ENV).is_some() =>
         {
@@ -215,6 +240,8 @@ fn run_here(cmd: BufferCommand) -> Result<u8, BufferCmdError> {
             println!("{n} dead letters requeued");
             Ok(0)
         }
+        BufferCommand::Export(args) => export(&args),
+        BufferCommand::Import(args) => import(&args),
         BufferCommand::Repair(dir) => {
             // One open attempt tells; repairing a copy in memory first would do the work twice.
             if Inspector::file_state(&dir.data_dir)? == FileState::Closed {
@@ -243,6 +270,219 @@ fn run_here(cmd: BufferCommand) -> Result<u8, BufferCmdError> {
             Ok(0)
         }
     }
+}
+
+/// A time argument: RFC 3339 or ms since the epoch.
+fn time_arg(name: &str, v: Option<&str>) -> Result<Option<u64>, BufferCmdError> {
+    let Some(v) = v else { return Ok(None) };
+    if let Ok(ms) = v.parse::<u64>() {
+        return Ok(Some(ms));
+    }
+    let t = time::OffsetDateTime::parse(v, &time::format_description::well_known::Rfc3339)
+        .map_err(|e| {
+            BufferCmdError::Usage(format!(
+                "--{name} '{v}' is neither RFC 3339 (2026-12-01T08:00:00Z) nor ms since the epoch: {e}"
+            ))
+        })?;
+    u64::try_from(t.unix_timestamp_nanos() / 1_000_000)
+        .map(Some)
+        .map_err(|_| BufferCmdError::Usage(format!("--{name} '{v}' is before 1970")))
+}
+
+/// `ferry buffer export`.
+fn export(args: &ExportArgs) -> Result<u8, BufferCmdError> {
+    use std::io::Write as _;
+    if let Some(g) = &args.gateway_id {
+        ferry_config::check_gateway_id(g)
+            .map_err(|e| BufferCmdError::Usage(format!("--gateway-id '{g}': {e}")))?;
+    }
+    for f in &args.topic {
+        ferry_config::check_topic_filter(f)
+            .map_err(|e| BufferCmdError::Usage(format!("--topic '{f}': {e}")))?;
+    }
+    let topics = if args.topic.is_empty() {
+        ferry_uplink::topics::TopicFilter::all()
+    } else {
+        ferry_uplink::topics::TopicFilter::new(&args.topic)
+    };
+    let since = time_arg("since", args.since.as_deref())?.unwrap_or(0);
+    let until = time_arg("until", args.until.as_deref())?.unwrap_or(u64::MAX);
+    // Written to a temporary file first: a view of a running gateway's file may have to be
+    // taken again, and --out is replaced only by a complete export.
+    let tmp_dir = match &args.out {
+        Some(out) => match out.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => std::path::PathBuf::from("."),
+        },
+        None => std::env::temp_dir(),
+    };
+    let ((tmp, rep, exported, gateway), state) = Inspector::consistent(&args.data_dir, |ins| {
+        let gateway = match &args.gateway_id {
+            Some(g) => g.clone(),
+            None => ins.gateway_id()?.unwrap_or_default(),
+        };
+        let mut tmp = match tempfile::NamedTempFile::new_in(&tmp_dir) {
+            Ok(t) => t,
+            Err(e) => return Ok((Err(e), Default::default(), 0, gateway)),
+        };
+        if gateway.is_empty() {
+            return Ok((Ok(tmp), Default::default(), 0, gateway));
+        }
+        let mut w = std::io::BufWriter::new(tmp.as_file_mut());
+        let mut failed = None;
+        let mut exported = 0u64;
+        let rep = ins.export(|r| {
+            if !topics.takes(&r.topic) || r.received_at_ms < since || r.received_at_ms >= until {
+                return std::ops::ControlFlow::Continue(());
+            }
+            let mut line = ferry_uplink::meta::export_line(&gateway, r);
+            line.push(b'\n');
+            match w.write_all(&line) {
+                Ok(()) => {
+                    exported += 1;
+                    std::ops::ControlFlow::Continue(())
+                }
+                Err(e) => {
+                    failed = Some(e);
+                    std::ops::ControlFlow::Break(())
+                }
+            }
+        })?;
+        let flushed = w.flush();
+        drop(w);
+        let tmp = match (failed, flushed) {
+            (Some(e), _) | (None, Err(e)) => Err(e),
+            (None, Ok(())) => Ok(tmp),
+        };
+        Ok((tmp, rep, exported, gateway))
+    })?;
+    say_state(&args.data_dir, state);
+    if gateway.is_empty() {
+        return Err(BufferCmdError::Usage(format!(
+            "{} does not record its gateway id (last written by ferry 0.1): give --gateway-id, the gateway.id it ran with",
+            buffer_file(&args.data_dir)
+        )));
+    }
+    let tmp = tmp?;
+    match &args.out {
+        Some(out) => {
+            tmp.as_file().sync_all()?;
+            tmp.persist(out).map_err(|e| e.error)?;
+        }
+        None => {
+            let mut f = tmp.reopen()?;
+            std::io::copy(&mut f, &mut std::io::stdout().lock())?;
+        }
+    }
+    eprintln!(
+        "exported {exported} of the {} readings in {} segments (gateway {gateway})",
+        rep.readings, rep.segments
+    );
+    for d in &rep.damaged {
+        eprintln!(
+            "DAMAGED segment {}: {} readings skipped: {}",
+            d.segment, d.readings, d.why
+        );
+    }
+    Ok(if rep.damaged.is_empty() { 0 } else { 1 })
+}
+
+/// Readings appended per commit on import.
+const IMPORT_BATCH: usize = 1000;
+
+/// `ferry buffer import`.
+fn import(args: &ImportArgs) -> Result<u8, BufferCmdError> {
+    use std::io::BufRead as _;
+    // Every line is checked before any is added, so a bad file adds nothing; stdin is
+    // spooled to a temporary file to be read twice.
+    let spooled;
+    let path = if args.file.as_os_str() == "-" {
+        let mut t = tempfile::NamedTempFile::new()?;
+        std::io::copy(&mut std::io::stdin().lock(), t.as_file_mut())?;
+        spooled = t;
+        spooled.path().to_path_buf()
+    } else {
+        args.file.clone()
+    };
+    let open = || -> Result<std::io::BufReader<std::fs::File>, BufferCmdError> {
+        Ok(std::io::BufReader::new(
+            std::fs::File::open(&path).map_err(|e| {
+                std::io::Error::new(e.kind(), format!("{}: {e}", args.file.display()))
+            })?,
+        ))
+    };
+    let mut lines = 0u64;
+    for (n, line) in open()?.split(b'\n').enumerate() {
+        let line = line?;
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        ferry_uplink::meta::from_export_line(&line).map_err(|e| {
+            BufferCmdError::Usage(format!(
+                "{} line {}: {e}; nothing was imported",
+                args.file.display(),
+                n + 1
+            ))
+        })?;
+        lines += 1;
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let (first, last) = rt.block_on(async {
+        // No consumers (so nothing is acked or deleted) and no cap (so nothing is evicted).
+        let opts = BufferOptions {
+            max_bytes: u64::MAX,
+            when_full: ferry_buffer::WhenFull::Reject,
+            ..BufferOptions::default()
+        };
+        let buf = Buffer::open(&args.data_dir, opts)?;
+        let mut batch = Vec::with_capacity(IMPORT_BATCH);
+        let mut ids = (None, None);
+        let mut result = Ok(());
+        for line in open()?.split(b'\n') {
+            let line = line?;
+            if line.iter().all(u8::is_ascii_whitespace) {
+                continue;
+            }
+            batch.push(ferry_uplink::meta::from_export_line(&line).map_err(BufferCmdError::Usage)?);
+            if batch.len() == IMPORT_BATCH {
+                match buf.append(std::mem::take(&mut batch)).await {
+                    Ok(rc) => ids = (ids.0.or(Some(rc.first_id)), Some(rc.last_id)),
+                    Err(e) => {
+                        result = Err(e);
+                        break;
+                    }
+                }
+            }
+        }
+        if result.is_ok() && !batch.is_empty() {
+            match buf.append(batch).await {
+                Ok(rc) => ids = (ids.0.or(Some(rc.first_id)), Some(rc.last_id)),
+                Err(e) => result = Err(e),
+            }
+        }
+        buf.close().await;
+        if let Err(e) = result {
+            let done = match ids {
+                (Some(a), Some(b)) => b - a + 1,
+                _ => 0,
+            };
+            eprintln!(
+                "ferry buffer import: {done} readings were imported before the buffer refused the rest; importing the file again adds those {done} again (consumers de-duplicate by ferry_id)"
+            );
+            return Err(e.into());
+        }
+        Ok::<_, BufferCmdError>(ids)
+    })?;
+    match (first, last) {
+        (Some(a), Some(b)) => println!(
+            "{lines} readings imported into {} (ids {a}..={b} here; each keeps the ferry_id it was exported with)",
+            buffer_file(&args.data_dir)
+        ),
+        _ => println!("nothing to import"),
+    }
+    Ok(0)
 }
 
 fn buffer_file(data_dir: &Path) -> String {

@@ -105,6 +105,52 @@ pub enum BufferCommand {
     /// Dead-letter table.
     #[command(subcommand)]
     DeadLetter(DeadLetterCommand),
+    /// Write the readings still in the buffer as NDJSON (one JSON envelope a line, with the
+    /// `ferry_id` each is sent with), acking nothing: to carry a site's backlog out when its
+    /// link is down. Read-only, like `stats`; also reads what is intact of a damaged or
+    /// quarantined file (give its folder: a file named `buffer.redb` in it), skipping and
+    /// listing the segments that fail their checksum (exit 1 then).
+    Export(ExportArgs),
+    /// Append the readings of an export to this buffer, keeping the `ferry_id` they were
+    /// exported with, so consumers de-duplicate them against the first gateway's. Every line
+    /// is checked before any is added. The gateway must be stopped: this opens the buffer
+    /// for writing.
+    Import(ImportArgs),
+}
+
+/// Arguments of `ferry buffer export`.
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// ferry's data directory (gateway.data_dir).
+    #[arg(long, default_value = "./ferry-data")]
+    pub data_dir: PathBuf,
+    /// Write to this file (replaced only once the export is complete) instead of stdout.
+    /// Needed while ferry runs.
+    #[arg(long, short)]
+    pub out: Option<PathBuf>,
+    /// Only readings whose topic matches one of these MQTT topic filters (repeatable).
+    #[arg(long)]
+    pub topic: Vec<String>,
+    /// Only readings received at or after this time (RFC 3339, or ms since the epoch).
+    #[arg(long)]
+    pub since: Option<String>,
+    /// Only readings received before this time (RFC 3339, or ms since the epoch).
+    #[arg(long)]
+    pub until: Option<String>,
+    /// The gateway id to name the readings with, when the file does not record it (a buffer
+    /// last written by ferry 0.1). Default: the one recorded in the file.
+    #[arg(long)]
+    pub gateway_id: Option<String>,
+}
+
+/// Arguments of `ferry buffer import`.
+#[derive(Debug, Args)]
+pub struct ImportArgs {
+    /// ferry's data directory (gateway.data_dir).
+    #[arg(long, default_value = "./ferry-data")]
+    pub data_dir: PathBuf,
+    /// The export (NDJSON); `-` reads stdin.
+    pub file: PathBuf,
 }
 
 /// `ferry buffer dead-letter …`

@@ -358,3 +358,195 @@ fn buffer_inspection_works_while_running_and_after_sigkill_without_changing_the_
     assert_eq!(code, 0);
     assert!(out.contains("nothing to repair"), "{out}");
 }
+
+/// A site's backlog carried out on a USB stick: `ferry buffer export` on gateway A (while it
+/// runs, and after it stopped) and `ferry buffer import` on gateway B keep every payload byte
+/// for byte, and B sends each reading with the `ferry-id` A gave it, so a consumer that
+/// also gets them from A later de-duplicates them.
+#[test]
+fn export_then_import_on_another_gateway_keeps_ids_and_bytes() {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::message::{Headers, Message};
+    use std::time::{Duration, Instant};
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let a_dir = work.path().join("a");
+    let mut a = Ferry::start_in(
+        "[mqtt]\nenabled = false\n",
+        &[("FERRY_GATEWAY_ID", "site-a")],
+        Some(&a_dir),
+    );
+    let base = a.http_url();
+    rt.block_on(async {
+        let http = reqwest::Client::new();
+        let items: Vec<serde_json::Value> = (0..20)
+            .map(|i| serde_json::json!({"topic": format!("t/{}/v", i % 3), "device": format!("d{i}"), "payload": {"n": i, "x": 1.50}}))
+            .collect();
+        let r = http
+            .post(format!("{base}/v1/readings"))
+            .json(&items)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 202);
+        for (topic, ct, body) in [
+            ("raw/text", "text/plain", b" 21.5 C \n".to_vec()),
+            ("raw/bin", "application/octet-stream", vec![0, 255, 10, 13, 34, 92]),
+        ] {
+            let r = http
+                .post(format!("{base}/v1/readings/{topic}"))
+                .header("content-type", ct)
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status().as_u16(), 202, "{topic}");
+        }
+    });
+    let export = work.path().join("usb").join("site-a.ndjson");
+    std::fs::create_dir_all(export.parent().unwrap()).unwrap();
+    let a_arg = a_dir.display().to_string();
+    // While A runs: stdout is refused (a view may have to be read again), --out works.
+    let (code, _, err) = Ferry::cli(&["buffer", "export", "--data-dir", &a_arg]);
+    assert_eq!(code, 64, "{err}");
+    assert!(err.contains("--out"), "{err}");
+    let live = work.path().join("live.ndjson");
+    let (code, out, err) = Ferry::cli(&[
+        "buffer",
+        "export",
+        "--data-dir",
+        &a_arg,
+        "--out",
+        live.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(err.contains("exported 22 of the 22 readings"), "{err}");
+    a.terminate(Duration::from_secs(10)).expect("clean exit");
+
+    // Stopped: to a file, the same lines.
+    let (code, out, err) = Ferry::cli(&[
+        "buffer",
+        "export",
+        "--data-dir",
+        &a_arg,
+        "--out",
+        export.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    let text = std::fs::read_to_string(&export).unwrap();
+    assert_eq!(text, std::fs::read_to_string(&live).unwrap());
+    assert_eq!(text.lines().count(), 22);
+    // Filters: a topic filter, and a time window that takes nothing.
+    let (code, out, err) =
+        Ferry::cli(&["buffer", "export", "--data-dir", &a_arg, "--topic", "t/1/#"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.lines().count(), 7, "{out}");
+    let (code, out, err) = Ferry::cli(&[
+        "buffer",
+        "export",
+        "--data-dir",
+        &a_arg,
+        "--until",
+        "2000-01-01T00:00:00Z",
+    ]);
+    assert_eq!((code, out.as_str()), (0, ""), "{err}");
+
+    // Gateway B: a bad file adds nothing; the export adds everything.
+    let b_dir = work.path().join("b");
+    let b_arg = b_dir.display().to_string();
+    let bad = work.path().join("bad.ndjson");
+    std::fs::write(&bad, format!("{}{{\"ferry_id\": \"oops\"}}\n", text)).unwrap();
+    let (code, out, err) = Ferry::cli(&[
+        "buffer",
+        "import",
+        "--data-dir",
+        &b_arg,
+        bad.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 64, "{out}{err}");
+    assert!(
+        err.contains("line 23") && err.contains("nothing was imported"),
+        "{err}"
+    );
+    let (code, out, err) = Ferry::cli(&[
+        "buffer",
+        "import",
+        "--data-dir",
+        &b_arg,
+        export.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("22 readings imported"), "{out}");
+
+    let on_a = ferry_tests::buffered_readings(&a_dir, "check");
+    let on_b = ferry_tests::buffered_readings(&b_dir, "check");
+    assert_eq!(on_a.len(), 22);
+    assert_eq!(on_b.len(), 22);
+    for (ra, rb) in on_a.iter().zip(&on_b) {
+        assert_eq!(rb.payload, ra.payload, "payload of {}", ra.id);
+        assert_eq!(
+            (
+                &rb.topic,
+                &rb.device,
+                rb.received_at_ms,
+                &rb.content_type,
+                rb.source
+            ),
+            (
+                &ra.topic,
+                &ra.device,
+                ra.received_at_ms,
+                &ra.content_type,
+                ra.source
+            )
+        );
+        assert_eq!(rb.clock.mark, ra.clock.mark);
+        assert_eq!(
+            rb.origin,
+            Some(ferry_buffer::Origin {
+                gateway: "site-a".into(),
+                id: ra.id
+            })
+        );
+    }
+
+    // B forwards them with A's ferry-ids.
+    let mock = rdkafka::mocking::MockCluster::new(1).unwrap();
+    mock.create_topic("readings", 1, 1).unwrap();
+    let mut b = Ferry::start_in(
+        &format!(
+            "[mqtt]\nenabled = false\n\n[uplinks.kafka]\ntype = \"kafka\"\nbrokers = \"{}\"\ntopic = \"readings\"\n",
+            mock.bootstrap_servers()
+        ),
+        &[("FERRY_GATEWAY_ID", "site-b")],
+        Some(&b_dir),
+    );
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", mock.bootstrap_servers())
+        .set("group.id", "import")
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    consumer.subscribe(&["readings"]).unwrap();
+    let mut got = std::collections::BTreeMap::new();
+    let t = Instant::now();
+    while got.len() < 22 && t.elapsed() < Duration::from_secs(20) {
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
+            let id = m.headers().and_then(|h| {
+                h.iter()
+                    .find(|h| h.key == "ferry-id")
+                    .and_then(|h| h.value.map(|v| String::from_utf8_lossy(v).into_owned()))
+            });
+            got.insert(
+                id.unwrap_or_default(),
+                m.payload().unwrap_or_default().to_vec(),
+            );
+        }
+    }
+    b.terminate(Duration::from_secs(10)).expect("clean exit");
+    let want: std::collections::BTreeMap<String, Vec<u8>> = on_a
+        .iter()
+        .map(|r| (format!("site-a-{}", r.id), r.payload.to_vec()))
+        .collect();
+    assert_eq!(got, want);
+}

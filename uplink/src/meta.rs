@@ -6,7 +6,7 @@
 //! | field | value |
 //! |---|---|
 //! | the device's own MQTT v5 user properties | first, in the order it sent them |
-//! | `ferry-id` | `<gateway id>-<reading id>`, stable across re-sends: de-duplicate on it |
+//! | `ferry-id` | `<gateway id>-<reading id>`, stable across re-sends: de-duplicate on it (a reading imported from another gateway's export keeps that gateway's: [`ferry_buffer::Origin`]) |
 //! | `ferry-device` | the device id |
 //! | `ferry-topic` | the source topic (MQTT topic or HTTP path topic) |
 //! | `ferry-received-at` | ms since the Unix epoch, decimal (corrected when the box's clock was not synchronized at receipt) |
@@ -22,7 +22,10 @@ use std::fmt::Write as _;
 
 /// The stable id of a reading across re-sends: `<gateway id>-<reading id>`.
 pub fn ferry_id(gateway_id: &str, r: &Reading) -> String {
-    format!("{gateway_id}-{}", r.id)
+    match &r.origin {
+        Some(o) => format!("{}-{}", o.gateway, o.id),
+        None => format!("{gateway_id}-{}", r.id),
+    }
 }
 
 /// Calls `f` with each metadata field of `r` (name, value), in the order of the table above.
@@ -37,7 +40,11 @@ pub fn for_each_field(
         f(k, v);
     }
     scratch.clear();
-    let _ = write!(scratch, "{gateway_id}-{}", r.id);
+    match &r.origin {
+        Some(o) => write!(scratch, "{}-{}", o.gateway, o.id),
+        None => write!(scratch, "{gateway_id}-{}", r.id),
+    }
+    .unwrap_or(());
     let id_end = scratch.len();
     let _ = write!(scratch, "{}", r.received_at_ms);
     let (id, at) = scratch.split_at(id_end);
@@ -109,7 +116,89 @@ fn json_str(s: &str) -> String {
 /// payload is embedded verbatim (so numbers and key order stay exactly as the device sent
 /// them), UTF-8 text becomes a JSON string, and anything else a base64 string.
 pub fn envelope(gateway_id: &str, r: &Reading) -> Vec<u8> {
-    let enc = PayloadEncoding::of(&r.payload);
+    envelope_as(gateway_id, r, PayloadEncoding::of(&r.payload))
+}
+
+/// One line of `ferry buffer export` (NDJSON): the [`envelope`] of `r`, except that a JSON
+/// payload is embedded only when that keeps its bytes exact (no whitespace around it), so
+/// that [`from_export_line`] gives back every payload byte. `ferry_id` names the reading as
+/// the gateway sends it (the origin's, for a reading imported before).
+pub fn export_line(gateway_id: &str, r: &Reading) -> Vec<u8> {
+    let enc = match PayloadEncoding::of(&r.payload) {
+        PayloadEncoding::Json if r.payload.trim_ascii().len() != r.payload.len() => {
+            if std::str::from_utf8(&r.payload).is_ok() {
+                PayloadEncoding::Text
+            } else {
+                PayloadEncoding::Base64
+            }
+        }
+        e => e,
+    };
+    envelope_as(gateway_id, r, enc)
+}
+
+/// A line of `ferry buffer export` read back for `ferry buffer import`: the reading with its
+/// origin (the gateway and id of its `ferry_id`), time, clock mark, source, content type,
+/// properties and payload. Its id here is assigned by the importing buffer.
+pub fn from_export_line(line: &[u8]) -> Result<Reading, String> {
+    #[derive(serde::Deserialize)]
+    struct Line<'a> {
+        ferry_id: String,
+        device: String,
+        topic: String,
+        received_at_ms: u64,
+        source: String,
+        #[serde(default)]
+        clock: Option<String>,
+        content_type: Option<String>,
+        #[serde(default)]
+        properties: Vec<(String, String)>,
+        payload_encoding: String,
+        #[serde(borrow)]
+        payload: &'a serde_json::value::RawValue,
+    }
+    let l: Line<'_> = serde_json::from_slice(line).map_err(|e| e.to_string())?;
+    let (gateway, id) = l
+        .ferry_id
+        .rsplit_once('-')
+        .and_then(|(g, id)| Some((g, id.parse::<u64>().ok()?)))
+        .filter(|(g, _)| !g.is_empty())
+        .ok_or_else(|| format!("ferry_id '{}' is not <gateway>-<id>", l.ferry_id))?;
+    let payload: Vec<u8> = match l.payload_encoding.as_str() {
+        "json" => l.payload.get().as_bytes().to_vec(),
+        "text" => serde_json::from_str::<String>(l.payload.get())
+            .map_err(|e| format!("payload: {e}"))?
+            .into_bytes(),
+        "base64" => {
+            let s: String =
+                serde_json::from_str(l.payload.get()).map_err(|e| format!("payload: {e}"))?;
+            base64::engine::general_purpose::STANDARD
+                .decode(s)
+                .map_err(|e| format!("payload: {e}"))?
+        }
+        other => return Err(format!("unknown payload_encoding '{other}'")),
+    };
+    let source = ferry_buffer::Source::parse(&l.source)
+        .ok_or_else(|| format!("unknown source '{}'", l.source))?;
+    let mark = match l.clock.as_deref() {
+        None => ferry_buffer::ClockMark::Unknown,
+        Some(m) => {
+            ferry_buffer::ClockMark::parse(m).ok_or_else(|| format!("unknown clock '{m}'"))?
+        }
+    };
+    let mut r = Reading::new(source, l.device, l.topic, payload);
+    r.received_at_ms = l.received_at_ms;
+    r.content_type = l.content_type;
+    r.properties = l.properties;
+    r.clock.mark = mark;
+    r.origin = Some(ferry_buffer::Origin {
+        gateway: gateway.to_string(),
+        id,
+    });
+    Ok(r)
+}
+
+fn envelope_as(gateway_id: &str, r: &Reading, enc: PayloadEncoding) -> Vec<u8> {
     let props = serde_json::to_string(&r.properties).unwrap_or_else(|_| "[]".into());
     let mut out = format!(
         "{{\"ferry_id\":{},\"gateway\":{},\"device\":{},\"topic\":{},\"received_at_ms\":{},\"source\":{},\"clock\":\"{}\",\"content_type\":{},\"properties\":{},\"payload_encoding\":\"{}\",\"payload\":",
@@ -223,5 +312,59 @@ mod tests {
             p.last().unwrap(),
             &("ferry-clock".into(), "corrected".into())
         );
+        // An imported reading keeps the ferry-id its first gateway gave it.
+        r.origin = Some(ferry_buffer::Origin {
+            gateway: "site-7".into(),
+            id: 9,
+        });
+        assert_eq!(ferry_id("gw1", &r), "site-7-9");
+        let p = user_properties("gw1", &r);
+        assert!(p.contains(&("ferry-id".into(), "site-7-9".into())), "{p:?}");
+    }
+
+    #[test]
+    fn an_export_line_reads_back_byte_for_byte() {
+        let payloads: [&[u8]; 6] = [
+            br#"{"t":21.5,"big":12345678901234567890123}"#,
+            br#" {"t": 21.50} "#,
+            b"21.5 C\n\"q\"",
+            &[0xff, 0x00, 0xfe],
+            b"",
+            b"[1, 2]\n",
+        ];
+        for (i, p) in payloads.iter().enumerate() {
+            let mut r = reading(p).with_content_type("application/x");
+            r.properties = vec![("unit".into(), "C".into())];
+            r.clock.mark = ferry_buffer::ClockMark::Corrected;
+            r.source = Source::MqttWill;
+            let line = export_line("gw-a-1", &r);
+            assert!(
+                !line.contains(&b'\n'),
+                "one line: {}",
+                String::from_utf8_lossy(&line)
+            );
+            let back = from_export_line(&line).unwrap();
+            assert_eq!(&back.payload[..], *p, "payload {i}");
+            assert_eq!(
+                back.origin,
+                Some(ferry_buffer::Origin {
+                    gateway: "gw-a-1".into(),
+                    id: 42
+                })
+            );
+            assert_eq!(
+                (back.received_at_ms, back.clock.mark, back.source),
+                (r.received_at_ms, r.clock.mark, r.source)
+            );
+            assert_eq!((&back.device, &back.topic), (&r.device, &r.topic));
+            assert_eq!(
+                (&back.content_type, &back.properties),
+                (&r.content_type, &r.properties)
+            );
+            // Exported again from the importing gateway, it keeps its first name.
+            let again = from_export_line(&export_line("gw-b", &back)).unwrap();
+            assert_eq!(again.origin, back.origin);
+        }
+        assert!(from_export_line(br#"{"ferry_id":"nodash"}"#).is_err());
     }
 }

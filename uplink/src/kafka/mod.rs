@@ -56,10 +56,13 @@
 //! `count` records back to back, each
 //! `u64 id | u64 received_at_ms | u8 source (1 mqtt, 2 mqtt-will, 3 http, 4 requeue) |
 //! str device | str topic | u8 has_content_type [str content_type] |
-//! u32 n, n × (str key, str value) | bytes payload | u32 boot | u64 boottime_ms | u8 clock`,
-//! where `str`/`bytes` are a u32 length and that many bytes; the last three fields are the
-//! clock stamp ([`ferry_buffer::clock`]: `clock` 1 synced, 2 unsynced, 3 corrected, 4 device,
-//! 0 unknown) and are absent in segments with the format-1 magic `FRY1`. A segment holding a
+//! u32 n, n × (str key, str value) | bytes payload | u32 boot | u64 boottime_ms | u8 clock |
+//! u8 has_origin [str gateway | u64 id]`, where `str`/`bytes` are a u32 length and that many
+//! bytes; the fields after the payload are the clock stamp ([`ferry_buffer::clock`]: `clock`
+//! 1 synced, 2 unsynced, 3 corrected, 4 device, 0 unknown) and, for a reading imported from
+//! another gateway's export, the gateway and id it was first buffered with (de-duplicate such
+//! a reading by those rather than by `ferry-gateway` and its id here); they are absent in
+//! segments with the format-1 magic `FRY1`. A segment holding a
 //! reading whose time was corrected is re-encoded with the corrected time before it is sent. [`decode_segment`] is the reference decoder (Rust consumers can use it
 //! directly); the tests decode what arrives in Kafka with it.
 //!
