@@ -68,6 +68,7 @@
 //!   redb, an unexpected table layout) is **moved to `data_dir/quarantine/buffer-<ms>.redb`**,
 //!   logged at error level, and a fresh buffer starts. [`BufferStats::quarantined`] lists
 //!   every quarantined file, so the flag survives restarts until an operator removes them.
+//!   [`salvage`] reads what is intact of such a file without redb (`ferry buffer salvage`).
 //! - A file with a newer `format_version` is refused ([`OpenError::UnsupportedFormat`]), not
 //!   quarantined: it is not corrupt, just newer.
 //! - A write error (including a full disk) fails the pending appends with
@@ -81,6 +82,7 @@ pub mod clock;
 mod error;
 mod reader;
 mod reading;
+mod salvage;
 pub mod segment;
 mod store;
 mod writer;
@@ -93,6 +95,7 @@ pub use error::{
 };
 pub use reader::{Reader, Segment};
 pub use reading::{Origin, Reading, Source, now_ms};
+pub use salvage::{SalvageReport, salvage};
 pub use segment::Compression;
 pub use store::{BackendFactory, FILE_NAME, FORMAT_VERSION, QUARANTINE_DIR};
 

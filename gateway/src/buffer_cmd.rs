@@ -3,7 +3,9 @@
 //! The read-only commands never change the file, whether ferry runs, was killed, or stopped
 //! cleanly ([`Inspector`] says how); they say on stderr which of the three it was.
 
-use crate::cli::{BufferCommand, DataDirArg, DeadLetterCommand, ExportArgs, ImportArgs};
+use crate::cli::{
+    BufferCommand, DataDirArg, DeadLetterCommand, ExportArgs, ImportArgs, SalvageArgs,
+};
 use ferry_buffer::{Buffer, BufferOptions, FileState, Inspector};
 use std::fmt::Write as _;
 use std::path::Path;
@@ -53,7 +55,8 @@ pub fn run(cmd: BufferCommand) -> Result<u8, BufferCmdError> {
         BufferCommand::Export(a) => Some(&a.data_dir),
         BufferCommand::DeadLetter(DeadLetterCommand::Requeue { .. })
         | BufferCommand::Repair(_)
-        | BufferCommand::Import(_) => None,
+        | BufferCommand::Import(_)
+        | BufferCommand::Salvage(_) => None,
     };
     if let BufferCommand::Export(a) = &cmd
         && a.out.is_none()
@@ -242,6 +245,7 @@ fn run_here(cmd: BufferCommand) -> Result<u8, BufferCmdError> {
         }
         BufferCommand::Export(args) => export(&args),
         BufferCommand::Import(args) => import(&args),
+        BufferCommand::Salvage(args) => salvage(&args),
         BufferCommand::Repair(dir) => {
             // One open attempt tells; repairing a copy in memory first would do the work twice.
             if Inspector::file_state(&dir.data_dir)? == FileState::Closed {
@@ -385,6 +389,60 @@ fn export(args: &ExportArgs) -> Result<u8, BufferCmdError> {
         );
     }
     Ok(if rep.damaged.is_empty() { 0 } else { 1 })
+}
+
+/// `ferry buffer salvage`.
+fn salvage(args: &SalvageArgs) -> Result<u8, BufferCmdError> {
+    use std::io::Write as _;
+    ferry_config::check_gateway_id(&args.gateway_id)
+        .map_err(|e| BufferCmdError::Usage(format!("--gateway-id '{}': {e}", args.gateway_id)))?;
+    let tmp_dir = match args.out.as_ref().and_then(|o| o.parent()) {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        Some(_) => std::path::PathBuf::from("."),
+        None => std::env::temp_dir(),
+    };
+    let mut tmp = tempfile::NamedTempFile::new_in(&tmp_dir)?;
+    let mut failed = None;
+    let rep = {
+        let mut w = std::io::BufWriter::new(tmp.as_file_mut());
+        let rep = ferry_buffer::salvage(&args.file, |r| {
+            let mut line = ferry_uplink::meta::export_line(&args.gateway_id, &r);
+            line.push(b'\n');
+            match w.write_all(&line) {
+                Ok(()) => std::ops::ControlFlow::Continue(()),
+                Err(e) => {
+                    failed = Some(e);
+                    std::ops::ControlFlow::Break(())
+                }
+            }
+        })
+        .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", args.file.display())))?;
+        w.flush()?;
+        rep
+    };
+    if let Some(e) = failed {
+        return Err(e.into());
+    }
+    match &args.out {
+        Some(out) => {
+            tmp.as_file().sync_all()?;
+            tmp.persist(out).map_err(|e| e.error)?;
+        }
+        None => {
+            let mut f = tmp.reopen()?;
+            std::io::copy(&mut f, &mut std::io::stdout().lock())?;
+        }
+    }
+    eprintln!(
+        "salvaged {} readings in {} intact segments from {} ({} bytes scanned; {} older copies skipped; {} damaged or false candidates); import them with ferry buffer import",
+        rep.readings,
+        rep.segments,
+        args.file.display(),
+        rep.bytes,
+        rep.copies,
+        rep.rejected
+    );
+    Ok(0)
 }
 
 /// Readings appended per commit on import.

@@ -116,6 +116,25 @@ pub enum BufferCommand {
     /// is checked before any is added. The gateway must be stopped: this opens the buffer
     /// for writing.
     Import(ImportArgs),
+    /// Read what is intact of a buffer file redb cannot open (one moved to `quarantine/`)
+    /// and write its readings as an export does, for `ferry buffer import`. Segments that
+    /// fail their checksum are lost; older copies of segments already forwarded may come back
+    /// (consumers de-duplicate them by `ferry-id`). Never changes the file.
+    Salvage(SalvageArgs),
+}
+
+/// Arguments of `ferry buffer salvage`.
+#[derive(Debug, Args)]
+pub struct SalvageArgs {
+    /// The damaged file, e.g. `/var/lib/ferry/quarantine/buffer-1764000000000.redb`.
+    pub file: PathBuf,
+    /// The `gateway.id` of the gateway that wrote it (the file's own record of it is in the
+    /// part redb cannot read).
+    #[arg(long)]
+    pub gateway_id: String,
+    /// Write to this file (replaced only once complete) instead of stdout.
+    #[arg(long, short)]
+    pub out: Option<PathBuf>,
 }
 
 /// Arguments of `ferry buffer export`.
