@@ -497,7 +497,8 @@ fn quarantine(data_dir: &Path, reason: &str) -> Result<PathBuf, OpenError> {
         moved_to = %to.display(),
         reason,
         "The buffer file is corrupt. It was moved aside and ferry starts with an empty buffer; \
-         readings in the old file were not forwarded."
+         readings in the old file were not forwarded. `ferry buffer salvage` reads its intact \
+         segments for `ferry buffer import`."
     );
     metrics::counter!("ferry_buffer_quarantined_total").increment(1);
     Ok(to)

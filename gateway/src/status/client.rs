@@ -286,7 +286,7 @@ pub fn render(r: &StatusReport) -> String {
     if r.quarantine.flagged {
         let _ = writeln!(
             o,
-            "QUARANTINE: corrupt buffer files were moved aside: {}",
+            "QUARANTINE: corrupt buffer files were moved aside (recover what is intact with `ferry buffer salvage FILE --gateway-id ID`, then `ferry buffer import`): {}",
             r.quarantine.files.join(", ")
         );
     }
