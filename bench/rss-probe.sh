@@ -6,12 +6,18 @@
 #   bench/rss-probe.sh CLIENTS RATE SECS [BIN_DIR]
 #   bench/rss-probe.sh 1000 200 10        # 1,000 nearly idle connections: cost per connection
 #   bench/rss-probe.sh 1000 10000 20      # scenario 5's load
+#   OUTAGE=1 bench/rss-probe.sh 100 3000 60   # the same with a Kafka uplink whose broker
+#                                             # is unreachable (a site whose link is down)
 #
 # BIN_DIR holds ferry-bench-gateway and ferry-load (default target/release; build them with
 # `cargo build --release -p ferry-bench`). FERRY_* variables in the environment reach the
 # gateway, e.g. FERRY_BUFFER_CACHE_BYTES=1048576.
 set -euo pipefail
 . "$(dirname "$0")/probe-lib.sh"
+if [ "${OUTAGE:-0}" = 1 ]; then
+    # Nothing listens on port 1: every connection is refused, as when a site's link is down.
+    export FERRY_UPLINKS_KAFKA_TYPE=kafka FERRY_UPLINKS_KAFKA_BROKERS=127.0.0.1:1
+fi
 clients=${1:?CLIENTS}; rate=${2:?RATE}; secs=${3:?SECS}
 bin=${4:-"$(dirname "$0")/../target/release"}
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true

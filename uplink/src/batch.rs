@@ -144,9 +144,12 @@ struct State<A: BatchApi> {
 }
 
 impl<A: BatchApi> State<A> {
-    fn can_read(&self) -> bool {
+    /// Room for another read: a failing uplink keeps a probe's window
+    /// ([`crate::retry::window_readings`]).
+    fn can_read(&self, status: &UplinkStatus) -> bool {
         self.entries.is_empty()
-            || (self.readings < self.window.max_readings && self.bytes < self.window.max_bytes)
+            || (self.readings < crate::retry::window_readings(status, self.window.max_readings)
+                && self.bytes < self.window.max_bytes)
     }
 
     /// Encodes the records of `seg` the uplink takes and queues them.
@@ -398,7 +401,7 @@ pub(crate) async fn run<A: BatchApi>(
                 }
             }
             () = sleep_until_some(hold) => st.hold = None,
-            batch = segs.recv(), if st.can_read() => match batch {
+            batch = segs.recv(), if st.can_read(status) => match batch {
                 None | Some((_, Err(ReadError::Closed))) => break Turn::BufferClosed,
                 Some((epoch, _)) if epoch != acker.epoch() => {}
                 Some((_, Ok(batch))) => {

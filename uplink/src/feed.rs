@@ -268,7 +268,9 @@ pub(crate) async fn run(
                 let bytes: usize = got.iter().map(|s| s.stored.len()).sum();
                 let per = (readings / got.len()).max(1) as u64;
                 let per_bytes = (bytes / got.len()).max(1) as u64;
-                read_max = (read_readings / per)
+                // A failing uplink reads a probe's worth at a time (crate::retry).
+                let target = crate::retry::window_readings(&state.status, read_readings);
+                read_max = (target / per)
                     .min(read_bytes / per_bytes)
                     .clamp(1, MAX_READ_SEGMENTS as u64) as usize;
                 permit.send((state.epoch, Ok(got)))

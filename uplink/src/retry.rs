@@ -22,11 +22,31 @@
 
 use crate::backoff::Backoff;
 use crate::fold::{Fold, Say};
-use crate::status::UplinkStatus;
+use crate::status::{LinkState, UplinkStatus};
 use std::time::{Duration, Instant};
 
 /// After this many failures in a row the state is `offline` rather than `backing_off`.
 pub const OFFLINE_AFTER_FAILURES: u32 = 3;
+
+/// While an upstream fails (from the first failure to the next progress), an uplink keeps at
+/// most this many readings in flight: enough to find out that the link is back, and little
+/// memory however long the outage lasts. The first ack opens the full window again.
+pub const FAILING_WINDOW_READINGS: u64 = 500;
+
+/// Whether the uplink of `status` is failing (backing off or offline): its window is then
+/// [`FAILING_WINDOW_READINGS`], and its buffer task reads no more than that at a time.
+pub(crate) fn failing(status: &UplinkStatus) -> bool {
+    matches!(status.state(), LinkState::BackingOff | LinkState::Offline)
+}
+
+/// The most readings in flight for a window of `max_readings` (see [`failing`]).
+pub(crate) fn window_readings(status: &UplinkStatus, max_readings: u64) -> u64 {
+    if failing(status) {
+        max_readings.min(FAILING_WINDOW_READINGS)
+    } else {
+        max_readings
+    }
+}
 
 /// A connection that stayed up this long counts as progress even if it confirmed nothing.
 pub const STABLE_AFTER: Duration = Duration::from_secs(10);

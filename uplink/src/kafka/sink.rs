@@ -487,7 +487,12 @@ impl KafkaSink {
             Read(Option<feed::Batch>),
         }
         loop {
-            // One segment may always be in flight, however large.
+            // One segment may always be in flight, however large. While the upstream fails,
+            // the window is a probe's ([`crate::retry::FAILING_WINDOW_READINGS`]): a long
+            // outage must not keep a full window of readings (and librdkafka's copies of
+            // them) in memory; the first ack opens it again.
+            // (librdkafka says "all brokers down" at once, long before a message times out.)
+            let max_readings = crate::retry::window_readings(&status, max_readings);
             let can_take = run.inflight.is_empty()
                 || (run.inflight.len() < max_segments
                     && run.in_flight_readings < max_readings

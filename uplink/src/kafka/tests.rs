@@ -1077,3 +1077,40 @@ async fn readings_before_the_clock_sync_arrive_with_corrected_times() {
         buffer.close().await;
     }
 }
+
+/// While the brokers cannot be reached, the uplink keeps a probe's window in flight, not its
+/// full one: a long outage holds little memory (BENCHMARKS.md, RSS in an outage).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_upstream_gets_a_probe_window() {
+    let dir = tempfile::tempdir().unwrap();
+    let buffer = open_buffer(dir.path(), Compression::None);
+    for b in 0..40 {
+        let rs = (0..100)
+            .map(|i| reading("d", "t", format!("{b}-{i}")))
+            .collect();
+        buffer.append(rs).await.unwrap();
+    }
+    let mut cfg = uplink("127.0.0.1:1");
+    cfg.max_inflight_segments = 256;
+    cfg.max_inflight_readings = 20_000;
+    let run = start(&cfg, &buffer, Duration::from_secs(2));
+    wait_until("two failed rounds", Duration::from_secs(20), || {
+        run.status.snapshot().retried_total >= 2
+    })
+    .await;
+    let mut most = 0;
+    for _ in 0..100 {
+        let s = run.status.snapshot();
+        assert_ne!(s.state, LinkState::Connected);
+        most = most.max(s.in_flight_readings);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The window, plus at most the one segment that may always be in flight.
+    assert!(
+        most <= crate::retry::FAILING_WINDOW_READINGS + 100,
+        "{most} readings in flight while offline"
+    );
+    assert!(most > 0, "the uplink keeps probing");
+    run.stop().await;
+    buffer.close().await;
+}

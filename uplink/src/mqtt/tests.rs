@@ -284,9 +284,13 @@ async fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) 
     }
 }
 
+/// Waits until the buffer is empty and the uplink's status counts every reading whose ack
+/// emptied it (the status is updated just after the ack's commit lands).
 async fn wait_empty(buffer: &Buffer, status: &UplinkStatus) {
     let start = Instant::now();
-    while buffer.stats().readings != 0 {
+    let counted =
+        |s: &crate::status::UplinkSnapshot| s.acked_total + s.skipped_total + s.dead_lettered_total;
+    while buffer.stats().readings != 0 || counted(&status.snapshot()) < buffer.stats().acked_total {
         assert!(
             start.elapsed() < Duration::from_secs(10),
             "buffer still holds {} readings; uplink status {:?}",
