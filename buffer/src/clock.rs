@@ -245,17 +245,18 @@ impl ClockMark {
         }
     }
 
+    /// Every mark.
+    pub const ALL: [ClockMark; 5] = [
+        ClockMark::Unknown,
+        ClockMark::Synced,
+        ClockMark::Unsynced,
+        ClockMark::Corrected,
+        ClockMark::Device,
+    ];
+
     /// The mark named by [`ClockMark::as_str`].
     pub fn parse(s: &str) -> Option<Self> {
-        [
-            ClockMark::Unknown,
-            ClockMark::Synced,
-            ClockMark::Unsynced,
-            ClockMark::Corrected,
-            ClockMark::Device,
-        ]
-        .into_iter()
-        .find(|m| m.as_str() == s)
+        Self::ALL.into_iter().find(|m| m.as_str() == s)
     }
 
     pub(crate) fn to_byte(self) -> u8 {
@@ -441,18 +442,23 @@ impl Clock {
             }
         }
         i.last_offset = Some(offset);
+        match (i.synced, now.synced) {
+            // The usual start: nothing to say.
+            (None, true) => {}
+            (None, false) => tracing::warn!(
+                since_boot = %human_ms(now.boottime_ms),
+                "The system clock is not synchronized; readings are marked `ferry-clock: unsynced` until it is, then sent with corrected times."
+            ),
+            (Some(false), true) => tracing::info!(
+                since_boot = %human_ms(now.boottime_ms),
+                "The system clock is synchronized now; readings received before are sent with corrected times."
+            ),
+            (Some(true), false) => tracing::warn!(
+                "The system clock lost its synchronization; new readings are marked `ferry-clock: unsynced` until it is back."
+            ),
+            _ => {}
+        }
         if i.synced != Some(now.synced) {
-            if now.synced {
-                tracing::info!(
-                    since_boot = %human_ms(now.boottime_ms),
-                    "The system clock is synchronized; readings received before are sent with corrected times."
-                );
-            } else {
-                tracing::warn!(
-                    since_boot = %human_ms(now.boottime_ms),
-                    "The system clock is not synchronized; readings are marked `ferry-clock: unsynced` until it is, then corrected."
-                );
-            }
             i.synced = Some(now.synced);
             metrics::gauge!("ferry_clock_synchronized").set(if now.synced { 1.0 } else { 0.0 });
         }

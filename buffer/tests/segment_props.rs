@@ -38,13 +38,7 @@ fn reading() -> impl Strategy<Value = Reading> {
             r.clock = ClockStamp {
                 boot: clock.0,
                 boottime_ms: clock.1,
-                mark: [
-                    ClockMark::Unknown,
-                    ClockMark::Synced,
-                    ClockMark::Unsynced,
-                    ClockMark::Corrected,
-                    ClockMark::Device,
-                ][clock.2],
+                mark: ClockMark::ALL[clock.2],
             };
             r.origin = clock.3.map(|(gateway, id)| Origin { gateway, id });
             r

@@ -44,13 +44,7 @@ impl ArbReading {
         r.clock = ClockStamp {
             boot: self.boot,
             boottime_ms: self.boottime_ms,
-            mark: [
-                ClockMark::Unknown,
-                ClockMark::Synced,
-                ClockMark::Unsynced,
-                ClockMark::Corrected,
-                ClockMark::Device,
-            ][self.mark as usize % 5],
+            mark: ClockMark::ALL[self.mark as usize % ClockMark::ALL.len()],
         };
         r
     }

@@ -313,13 +313,7 @@ fn export(args: &ExportArgs) -> Result<u8, BufferCmdError> {
     let until = time_arg("until", args.until.as_deref())?.unwrap_or(u64::MAX);
     // Written to a temporary file first: a view of a running gateway's file may have to be
     // taken again, and --out is replaced only by a complete export.
-    let tmp_dir = match &args.out {
-        Some(out) => match out.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-            _ => std::path::PathBuf::from("."),
-        },
-        None => std::env::temp_dir(),
-    };
+    let tmp_dir = staging_dir(args.out.as_deref());
     let ((tmp, rep, exported, gateway), state) = Inspector::consistent(&args.data_dir, |ins| {
         let gateway = match &args.gateway_id {
             Some(g) => g.clone(),
@@ -368,16 +362,7 @@ fn export(args: &ExportArgs) -> Result<u8, BufferCmdError> {
         )));
     }
     let tmp = tmp?;
-    match &args.out {
-        Some(out) => {
-            tmp.as_file().sync_all()?;
-            tmp.persist(out).map_err(|e| e.error)?;
-        }
-        None => {
-            let mut f = tmp.reopen()?;
-            std::io::copy(&mut f, &mut std::io::stdout().lock())?;
-        }
-    }
+    deliver(tmp, args.out.as_deref())?;
     eprintln!(
         "exported {exported} of the {} readings in {} segments (gateway {gateway})",
         rep.readings, rep.segments
@@ -396,11 +381,7 @@ fn salvage(args: &SalvageArgs) -> Result<u8, BufferCmdError> {
     use std::io::Write as _;
     ferry_config::check_gateway_id(&args.gateway_id)
         .map_err(|e| BufferCmdError::Usage(format!("--gateway-id '{}': {e}", args.gateway_id)))?;
-    let tmp_dir = match args.out.as_ref().and_then(|o| o.parent()) {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        Some(_) => std::path::PathBuf::from("."),
-        None => std::env::temp_dir(),
-    };
+    let tmp_dir = staging_dir(args.out.as_deref());
     let mut tmp = tempfile::NamedTempFile::new_in(&tmp_dir)?;
     let mut failed = None;
     let rep = {
@@ -423,16 +404,7 @@ fn salvage(args: &SalvageArgs) -> Result<u8, BufferCmdError> {
     if let Some(e) = failed {
         return Err(e.into());
     }
-    match &args.out {
-        Some(out) => {
-            tmp.as_file().sync_all()?;
-            tmp.persist(out).map_err(|e| e.error)?;
-        }
-        None => {
-            let mut f = tmp.reopen()?;
-            std::io::copy(&mut f, &mut std::io::stdout().lock())?;
-        }
-    }
+    deliver(tmp, args.out.as_deref())?;
     eprintln!(
         "salvaged {} readings in {} intact segments from {} ({} bytes scanned; {} older copies skipped; {} damaged or false candidates); import them with ferry buffer import",
         rep.readings,
@@ -443,6 +415,31 @@ fn salvage(args: &SalvageArgs) -> Result<u8, BufferCmdError> {
         rep.rejected
     );
     Ok(0)
+}
+
+/// Where an export is written before it is complete: next to `--out` (so that the rename
+/// into place is atomic), or the temporary directory for stdout.
+fn staging_dir(out: Option<&Path>) -> std::path::PathBuf {
+    match out.map(Path::parent) {
+        Some(Some(p)) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        Some(_) => std::path::PathBuf::from("."),
+        None => std::env::temp_dir(),
+    }
+}
+
+/// Puts a complete export in place: renamed over `out` after an fsync, or copied to stdout.
+fn deliver(tmp: tempfile::NamedTempFile, out: Option<&Path>) -> Result<(), BufferCmdError> {
+    match out {
+        Some(out) => {
+            tmp.as_file().sync_all()?;
+            tmp.persist(out).map_err(|e| e.error)?;
+        }
+        None => {
+            let mut f = tmp.reopen()?;
+            std::io::copy(&mut f, &mut std::io::stdout().lock())?;
+        }
+    }
+    Ok(())
 }
 
 /// Readings appended per commit on import.
