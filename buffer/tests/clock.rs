@@ -273,3 +273,34 @@ async fn export_reads_what_is_intact_and_lists_what_is_not() {
     assert_eq!(got[0].2, ClockMark::Corrected);
     assert_eq!(got[4].2, ClockMark::Synced);
 }
+
+/// A synchronized clock stepped back a day (an operator's `date -s`, a bad time server):
+/// ages still go by the boot clock, so new readings do not look older than old ones, the
+/// TTL neither drops nor keeps anything for it, and the step is counted.
+#[tokio::test]
+async fn a_backward_jump_changes_no_age() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new("boot-1", REAL, 60_000, true);
+    let mut o = opts(&["up"]);
+    o.clock = Arc::new(clock.clone());
+    o.max_age = Some(std::time::Duration::from_secs(3600));
+    let buf = Buffer::open(dir.path(), o).unwrap();
+    buf.append(vec![reading_at(1, 30, &clock)]).await.unwrap();
+    clock.advance(10 * 60_000);
+    clock.step_wall(-(DAY as i64));
+    buf.append(vec![reading_at(2, 30, &clock)]).await.unwrap();
+    assert_eq!(buf.clock().jumps_total, 1);
+    assert_eq!(buf.clock().last_jump.map(|j| j.0), Some(-(DAY as i64)));
+    assert_eq!(buf.stats().oldest_age_ms, Some(10 * 60_000));
+    // 50 more minutes: the first reading has waited an hour by the boot clock, not 23 h.
+    clock.advance(50 * 60_000 + 1);
+    buf.append(vec![reading_at(3, 30, &clock)]).await.unwrap();
+    let st = buf.stats();
+    assert_eq!(st.dropped_ttl_total, 1, "{st:?}");
+    assert_eq!(st.readings, 2);
+    assert_eq!(st.oldest_age_ms, Some(50 * 60_000 + 1));
+    // Both went out as they were received: synced, with the wall clock of their moment.
+    let got = times(&drain(&buf).await);
+    assert_eq!(got[0], (2, REAL + 10 * 60_000 - DAY, ClockMark::Synced));
+    buf.close().await;
+}
