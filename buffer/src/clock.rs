@@ -543,10 +543,19 @@ impl Clock {
         }
     }
 
-    /// Corrects an unsynchronized reading's time when its boot's sync is known. Returns
-    /// whether it changed.
-    pub(crate) fn correct(&self, r: &mut crate::Reading) -> bool {
-        correct_with(&self.lock().sync, r)
+    /// Corrects the time of each unsynchronized reading whose boot's sync is known. Returns
+    /// whether any changed.
+    pub(crate) fn correct(&self, readings: &mut [crate::Reading]) -> bool {
+        // The usual case (every reading synced) takes no lock.
+        if !readings.iter().any(|r| r.clock.mark == ClockMark::Unsynced) {
+            return false;
+        }
+        let i = self.lock();
+        let mut changed = false;
+        for r in readings {
+            changed |= correct_with(&i.sync, r);
+        }
+        changed
     }
 
     /// The age of something received at boot-clock instant `at` (boot index, boot clock), or

@@ -116,11 +116,7 @@ impl Reader {
                     // Readings received before the clock was synchronized leave with the
                     // corrected time (crate::clock); a segment shipped as stored is re-encoded
                     // so that it says the same.
-                    let clock = &self.buffer.shared.clock;
-                    let mut changed = false;
-                    for r in &mut readings {
-                        changed |= clock.correct(r);
-                    }
+                    let changed = self.buffer.shared.clock.correct(&mut readings);
                     let stored = if changed {
                         segment::encode_segment(&readings, self.buffer.shared.opts.compression)
                     } else {
