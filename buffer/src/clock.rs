@@ -324,6 +324,26 @@ pub(crate) fn encode_boot(boot_id: &str, sync: Option<SyncPoint>) -> Vec<u8> {
     .encode(boot_id)
 }
 
+/// What the `boots` table says: every boot's sync point, and the last boot (index, boot id).
+pub(crate) type Boots = (BTreeMap<u32, SyncPoint>, Option<(u32, String)>);
+
+/// Reads the `boots` table ([`Boots`]).
+pub(crate) fn read_boots(
+    t: &impl redb::ReadableTable<u32, &'static [u8]>,
+) -> Result<Boots, redb::StorageError> {
+    let mut sync = BTreeMap::new();
+    let mut last = None;
+    for e in t.iter()? {
+        let (k, v) = e?;
+        let (id, sp) = decode_boot(v.value());
+        if let Some(sp) = sp {
+            sync.insert(k.value(), sp);
+        }
+        last = Some((k.value(), id));
+    }
+    Ok((sync, last))
+}
+
 /// Decodes a `boots` row.
 pub(crate) fn decode_boot(v: &[u8]) -> (String, Option<SyncPoint>) {
     if v.len() < 16 {

@@ -1183,19 +1183,11 @@ impl Inspector {
         mut each: impl FnMut(&Reading) -> std::ops::ControlFlow<()>,
     ) -> Result<ExportReport, ReadError> {
         let txn = self.db.begin_read().map_err(sf)?;
-        let mut sync = BTreeMap::new();
-        match txn.open_table(store::BOOTS) {
-            Ok(t) => {
-                for e in t.iter().map_err(sf)? {
-                    let (k, v) = e.map_err(sf)?;
-                    if let (_, Some(sp)) = clock::decode_boot(v.value()) {
-                        sync.insert(k.value(), sp);
-                    }
-                }
-            }
-            Err(redb::TableError::TableDoesNotExist(_)) => {}
+        let sync = match txn.open_table(store::BOOTS) {
+            Ok(t) => clock::read_boots(&t).map_err(sf)?.0,
+            Err(redb::TableError::TableDoesNotExist(_)) => BTreeMap::new(),
             Err(e) => return Err(ReadError::Storage(sf(e))),
-        }
+        };
         let index = store::IndexView::open(&txn).map_err(sf)?;
         let segs = txn.open_table(SEGMENTS).map_err(sf)?;
         let mut rep = ExportReport::default();

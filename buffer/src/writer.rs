@@ -207,16 +207,7 @@ impl Writer {
     fn load_boots(&self, txn: &redb::WriteTransaction) -> Result<(), StorageFailure> {
         let mut boots = txn.open_table(BOOTS).map_err(fail_storage)?;
         let boot_id = self.shared.clock.boot_id();
-        let mut sync = BTreeMap::new();
-        let mut last: Option<(u32, String)> = None;
-        for e in boots.iter().map_err(fail_storage)? {
-            let (k, v) = e.map_err(fail_storage)?;
-            let (id, sp) = crate::clock::decode_boot(v.value());
-            if let Some(sp) = sp {
-                sync.insert(k.value(), sp);
-            }
-            last = Some((k.value(), id));
-        }
+        let (sync, last) = crate::clock::read_boots(&boots).map_err(fail_storage)?;
         let boot = match last {
             Some((n, id)) if id == boot_id => n,
             other => {
