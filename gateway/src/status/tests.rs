@@ -179,6 +179,9 @@ async fn stalled_means_connected_with_data_waiting_and_no_ack() {
 
 #[tokio::test]
 async fn metrics_cover_the_page() {
+    // The gateway installs the recorder before it creates uplinks (their state gauge is set
+    // on creation); so does this test, which may be the first of the process to run.
+    metrics::install();
     let kafka = UplinkStatus::new("kafka", "kafka", vec![]);
     let f = fixture_with(Some("s3cret-status-token"), vec![kafka.clone()], None);
     let st = &f.state;
