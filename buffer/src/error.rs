@@ -55,6 +55,19 @@ impl StorageFailure {
     }
 }
 
+fn full_text(used: u64, max: u64, disk_reserve: bool, n: usize) -> String {
+    if disk_reserve {
+        format!(
+            "the disk is down to the space ferry keeps free (buffer.min_free_bytes): the buffer \
+             may hold {max} bytes and holds {used}, and when_full = \"reject\"; {n} readings refused"
+        )
+    } else {
+        format!(
+            "buffer is full ({used} of {max} bytes used) and when_full = \"reject\"; {n} readings refused"
+        )
+    }
+}
+
 pub(crate) fn is_disk_full(e: &std::io::Error) -> bool {
     e.kind() == std::io::ErrorKind::StorageFull
         || e.kind() == std::io::ErrorKind::QuotaExceeded
@@ -66,18 +79,18 @@ pub(crate) fn is_disk_full(e: &std::io::Error) -> bool {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum AppendError {
-    /// The buffer is at `max_bytes` and `when_full = "reject"`.
-    #[error(
-        "buffer is full ({used} of {max} bytes used) and when_full = \"reject\"; {} readings refused",
-        readings.len()
-    )]
+    /// The buffer is at `max_bytes`, or at what the disk reserve leaves it
+    /// ([`crate::disk_reserve`]), and `when_full = "reject"`.
+    #[error("{}", full_text(*used, *max, *disk_reserve, readings.len()))]
     Full {
         /// The refused readings.
         readings: Vec<Reading>,
         /// Bytes in use.
         used: u64,
-        /// The cap.
+        /// The cap: `max_bytes`, or the room the disk reserve leaves.
         max: u64,
+        /// The disk reserve (`min_free_bytes`), not `max_bytes`, was the limit.
+        disk_reserve: bool,
     },
     /// The readings alone are larger than the whole buffer cap.
     #[error("{} readings take {bytes} bytes, more than the whole buffer cap of {max} bytes", readings.len())]

@@ -16,12 +16,13 @@
 //! 3. **A reading is deleted only after its upstream ack** — by every enabled consumer
 //!    ([`BufferOptions::consumers`]) — or by an explicit, counted drop: the byte cap in
 //!    `drop_oldest` mode, or the TTL. Both are reported in [`BufferStats`] and in
-//!    `ferry_readings_dropped_total{reason}`. The count is exact: `drop_oldest` evicts the
+//!    `ferry_readings_dropped_total{reason}`, and so is the disk reserve ([`disk_reserve`]),
+//!    which limits the buffer like the cap when the disk is smaller. The count is exact: `drop_oldest` evicts the
 //!    oldest segments that no reader has handed to an uplink first, and segments in flight
 //!    (between a consumer's cursor and its reader's lease) only when nothing else makes room,
 //!    so a reading counted as dropped is not also delivered.
 //! 4. **The byte cap is enforced before the commit.** A commit never takes the buffer above
-//!    `max_bytes`: it evicts first (`drop_oldest`) or refuses the appends that do not fit
+//!    `max_bytes` (or the room [`disk_reserve`] leaves): it evicts first (`drop_oldest`) or refuses the appends that do not fit
 //!    (`reject`), handing the readings back in [`AppendError::Full`].
 //! 5. **A failed commit stores nothing and loses nothing acknowledged.** Every waiter of a
 //!    failed commit gets [`AppendError::Storage`] with its readings back.
@@ -169,6 +170,29 @@ pub struct BufferOptions {
     /// The gateway's `gateway.id`, recorded in the file so that an export
     /// ([`Inspector::export`]) gives its readings the `ferry-id` the gateway sends them with.
     pub gateway_id: Option<String>,
+    /// Disk space the buffer never writes into: see [`disk_reserve`], which owns the rule.
+    pub min_free_bytes: Option<u64>,
+}
+
+/// The disk reserve: bytes of the data directory's file system that the buffer never writes
+/// into, so that the OS, journald and sshd keep room on a small card. `min_free_bytes` is
+/// `buffer.min_free_bytes`; `None` means the default, 5% of the file system and at most
+/// 256 MiB; `Some(0)` turns the reserve off.
+///
+/// Each commit lets the buffer grow by half of the free space above the reserve (redb writes
+/// a changed page's copy before it frees the old one), so the free space approaches the
+/// reserve instead of overshooting it; at the reserve the buffer may only replace what it
+/// holds. That limit applies when it is tighter than `max_bytes`: `drop_oldest` then evicts
+/// the oldest segments inside the file (counted as dropped with reason `disk_full`; their
+/// pages are reused by the next commits, so the file stops growing), and `reject` refuses with
+/// [`AppendError::Full`] marked `disk_reserve` (counted as rejected, `disk_full`). When
+/// nothing is left to evict (the buffer is empty and other files took the space),
+/// `drop_oldest` refuses too: the reserve is the system's. redb may still write a few pages
+/// more than a commit stores, so the free space can dip a little below the reserve; a disk
+/// that fills anyway is a storage error, as without a reserve. Only a buffer in a data
+/// directory has a reserve (not a custom [`StorageBackend`]).
+pub fn disk_reserve(total_bytes: u64, min_free_bytes: Option<u64>) -> u64 {
+    min_free_bytes.unwrap_or((total_bytes / 20).min(256 << 20))
 }
 
 impl Default for BufferOptions {
@@ -189,6 +213,7 @@ impl Default for BufferOptions {
             max_pending_bytes: 1 << 20,
             clock: Arc::new(SystemClock::default()),
             gateway_id: None,
+            min_free_bytes: None,
         }
     }
 }
@@ -265,6 +290,12 @@ pub struct BufferStats {
     pub dropped_ttl_total: u64,
     /// Dead letters evicted to make room.
     pub dropped_dead_letter_total: u64,
+    /// Readings evicted to keep the disk reserve (`drop_oldest`, `min_free_bytes`).
+    pub dropped_disk_total: u64,
+    /// Readings refused to keep the disk reserve (`reject`, `min_free_bytes`).
+    pub rejected_disk_total: u64,
+    /// When a commit last evicted or refused readings for the disk reserve ([`disk_reserve`]).
+    pub disk_reserve_hit: Option<std::time::Instant>,
     /// Readings refused because the buffer was full (`reject`).
     pub rejected_full_total: u64,
     /// Readings refused because the disk failed.
@@ -555,8 +586,18 @@ impl Buffer {
             };
             match rx.await {
                 Ok(r) => {
-                    if let Err(AppendError::Full { readings, .. }) = &r {
-                        metrics::counter!("ferry_readings_rejected_total", "reason" => "buffer_full")
+                    if let Err(AppendError::Full {
+                        readings,
+                        disk_reserve,
+                        ..
+                    }) = &r
+                    {
+                        let reason = if *disk_reserve {
+                            "disk_full"
+                        } else {
+                            "buffer_full"
+                        };
+                        metrics::counter!("ferry_readings_rejected_total", "reason" => reason)
                             .increment(readings.len() as u64);
                     }
                     r
@@ -866,12 +907,12 @@ pub fn describe_metrics() {
     describe_counter!(
         "ferry_readings_dropped_total",
         Unit::Count,
-        "Readings deleted without an upstream ack, by reason (buffer_full, ttl, dead_letter_evicted)."
+        "Readings deleted without an upstream ack, by reason (buffer_full, ttl, dead_letter_evicted, disk_full)."
     );
     describe_counter!(
         "ferry_readings_rejected_total",
         Unit::Count,
-        "New readings refused and not acknowledged, by reason (buffer_full, storage)."
+        "New readings refused and not acknowledged, by reason (buffer_full, disk_full, storage)."
     );
     describe_counter!(
         "ferry_readings_dead_lettered_total",

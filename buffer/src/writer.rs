@@ -5,7 +5,9 @@ use crate::clock::{ClockNow, SyncPoint};
 use crate::error::{AckError, AppendError, StorageFailure};
 use crate::reading::{Reading, now_ms};
 use crate::segment::{self, Cursor, encode_reading};
-use crate::store::{self, BOOTS, CURSORS, DEAD, INDEX, META, Meta, SEGMENTS, SegClock, SegMeta};
+use crate::store::{
+    self, BOOTS, CURSORS, DEAD, INDEX, Location, META, Meta, SEGMENTS, SegClock, SegMeta,
+};
 use crate::{AppendReceipt, Shared, WhenFull};
 use redb::{Database, Durability, ReadableDatabase, ReadableTable};
 use std::collections::BTreeMap;
@@ -107,6 +109,10 @@ struct Outcome {
     dropped_full: u64,
     dropped_ttl: u64,
     dropped_dead: u64,
+    /// Evicted for the disk reserve rather than the byte cap.
+    dropped_disk: u64,
+    /// The disk reserve, not `max_bytes`, limited this commit.
+    disk_limited: bool,
     requeued: Vec<usize>,
     segments_written: u64,
 }
@@ -411,6 +417,28 @@ impl Writer {
         }
     }
 
+    /// How many stored bytes the buffer may hold, `used` now, without the file system's free
+    /// space going below [`crate::disk_reserve`] (the rule is written there). `None` without a
+    /// reserve, for a custom backend, or when the file system cannot be asked.
+    fn disk_room(&self, used: u64) -> Option<u64> {
+        let Location::File { data_dir } = &self.shared.loc else {
+            return None;
+        };
+        let st = rustix::fs::statvfs(data_dir).ok()?;
+        let frsize = if st.f_frsize > 0 {
+            st.f_frsize
+        } else {
+            st.f_bsize
+        };
+        let total = st.f_blocks.saturating_mul(frsize);
+        let free = st.f_bavail.saturating_mul(frsize);
+        let reserve = crate::disk_reserve(total, self.shared.opts.min_free_bytes);
+        if reserve == 0 {
+            return None;
+        }
+        Some(used + free.saturating_sub(reserve) / DISK_COST)
+    }
+
     fn encode(&self, readings: &[&Reading]) -> Vec<Encoded> {
         let opts = &self.shared.opts;
         let mut out = Vec::new();
@@ -585,9 +613,18 @@ impl Writer {
                 out.requeued.push(n);
             }
 
-            // 5. Appends, within the byte cap.
+            // 5. Appends, within the byte cap and the disk reserve.
+            let cap = match self.disk_room(meta.used_bytes()) {
+                Some(room) if room < opts.max_bytes => {
+                    out.disk_limited = true;
+                    room
+                }
+                _ => opts.max_bytes,
+            };
             let mut order: Vec<usize> = (0..batch.appends.len()).collect();
             let mut encoded;
+            // Under `drop_oldest`, whether eviction already ran and left nothing to evict.
+            let mut evicted_all = false;
             loop {
                 let refs: Vec<&Reading> = order
                     .iter()
@@ -596,7 +633,7 @@ impl Writer {
                     .collect();
                 encoded = self.encode(&refs);
                 let new_bytes: u64 = encoded.iter().map(|e| e.meta.stored_bytes).sum();
-                if meta.used_bytes() + new_bytes <= opts.max_bytes {
+                if meta.used_bytes() + new_bytes <= cap {
                     break;
                 }
                 if new_bytes > opts.max_bytes {
@@ -624,9 +661,16 @@ impl Writer {
                     }
                     break;
                 }
-                match opts.when_full {
+                // At the disk reserve with nothing left to evict, `drop_oldest` refuses too:
+                // the reserve is the system's, not the buffer's.
+                let policy = if evicted_all {
+                    WhenFull::Reject
+                } else {
+                    opts.when_full
+                };
+                match policy {
                     WhenFull::DropOldest => {
-                        let need = meta.used_bytes() + new_bytes - opts.max_bytes;
+                        let need = meta.used_bytes() + new_bytes - cap;
                         let leases = shared.leases.lock().unwrap_or_else(|p| p.into_inner());
                         // Segments handed to an uplink and not yet acked by it.
                         let in_flight: Vec<(u64, u64)> = leases
@@ -638,19 +682,27 @@ impl Writer {
                             .collect();
                         _leases_held = Some(leases);
                         let (n, b, s) = evict_oldest(&mut segs, &mut index, need, &in_flight)?;
-                        out.dropped_full += n;
+                        if out.disk_limited {
+                            out.dropped_disk += n;
+                        } else {
+                            out.dropped_full += n;
+                        }
                         meta.readings -= n;
                         meta.stored_bytes -= b;
                         meta.segments -= s;
-                        if meta.used_bytes() + new_bytes > opts.max_bytes {
+                        if meta.used_bytes() + new_bytes > cap {
                             // Only dead letters are left to make room.
-                            let need = meta.used_bytes() + new_bytes - opts.max_bytes;
+                            let need = meta.used_bytes() + new_bytes - cap;
                             let (n, b) = evict_dead(&mut dead, need)?;
                             out.dropped_dead += n;
                             meta.dead_count -= n;
                             meta.dead_bytes -= b;
                         }
-                        break;
+                        if !out.disk_limited || meta.used_bytes() + new_bytes <= cap {
+                            break;
+                        }
+                        // Nothing is left to evict and the disk reserve is still in the way.
+                        evicted_all = true;
                     }
                     WhenFull::Reject => {
                         if order.is_empty() {
@@ -658,7 +710,7 @@ impl Writer {
                         }
                         // Refuse from the newest request back, by an estimate of what fits,
                         // then verify by encoding again.
-                        let free = opts.max_bytes.saturating_sub(meta.used_bytes());
+                        let free = cap.saturating_sub(meta.used_bytes());
                         let ratio = new_bytes as f64
                             / refs.iter().map(|r| r.encoded_len()).sum::<usize>().max(1) as f64;
                         let mut keep = 0;
@@ -679,7 +731,8 @@ impl Writer {
                                 AppendError::Full {
                                     readings: Vec::new(),
                                     used: meta.used_bytes(),
-                                    max: opts.max_bytes,
+                                    max: cap,
+                                    disk_reserve: out.disk_limited,
                                 },
                             ));
                         }
@@ -764,13 +817,25 @@ impl Writer {
             s.dropped_full_total += out.dropped_full;
             s.dropped_ttl_total += out.dropped_ttl;
             s.dropped_dead_letter_total += out.dropped_dead;
+            s.dropped_disk_total += out.dropped_disk;
             s.raw_bytes_total += out.raw_bytes;
             s.stored_bytes_total += out.stored_new;
             s.record_commit(elapsed, out.appended);
-            s.rejected_full_total += rejected
-                .iter()
-                .map(|(i, _)| batch.appends[*i].0.len() as u64)
-                .sum::<u64>();
+            for (i, e) in &rejected {
+                let n = batch.appends[*i].0.len() as u64;
+                match e {
+                    AppendError::Full {
+                        disk_reserve: true, ..
+                    } => {
+                        s.rejected_disk_total += n;
+                        s.disk_reserve_hit = Some(Instant::now());
+                    }
+                    _ => s.rejected_full_total += n,
+                }
+            }
+            if out.dropped_disk > 0 {
+                s.disk_reserve_hit = Some(Instant::now());
+            }
             s.last_error = None;
         }
         self.publish_stats(Some((elapsed, &out)));
@@ -844,6 +909,7 @@ impl Writer {
                 ("buffer_full", out.dropped_full),
                 ("ttl", out.dropped_ttl),
                 ("dead_letter_evicted", out.dropped_dead),
+                ("disk_full", out.dropped_disk),
             ] {
                 if n > 0 {
                     metrics::counter!("ferry_readings_dropped_total", "reason" => reason)
@@ -938,6 +1004,12 @@ fn delete_through(
 /// Evicts the oldest segments until `need` bytes are freed or none are left. Segments in
 /// an `in_flight` range (inclusive) are upstream already and may still be delivered, so they
 /// go last: only if everything else is gone and room is still short.
+/// Disk bytes a stored byte may take until its pages are reused: redb writes copies of the
+/// pages a commit changes and frees the old ones only after a later commit. The disk reserve
+/// lets the buffer grow by a `DISK_COST`th of the free space above it per commit, so the free
+/// space approaches the reserve instead of overshooting it.
+const DISK_COST: u64 = 2;
+
 fn evict_oldest(
     segs: &mut Segs<'_>,
     index: &mut Index<'_>,

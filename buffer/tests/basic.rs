@@ -291,12 +291,17 @@ async fn reject_mode_hands_readings_back_and_accepts_again_after_acks() {
         readings,
         used,
         max,
+        disk_reserve,
     } = refused
     else {
         panic!("expected Full, got {refused:?}")
     };
     assert_eq!(readings.len(), 100, "the refused readings come back");
     assert!(used <= max);
+    assert!(
+        !disk_reserve,
+        "a buffer without a data directory has no disk reserve"
+    );
     let st = buf.stats();
     assert_eq!(st.readings, accepted);
     assert!(st.used_bytes() <= 1 << 20);

@@ -194,6 +194,7 @@ pub(crate) enum Node {
 /// serializing it shows every key. Its uplinks are [`sample_uplinks`], each named by its type.
 pub(crate) fn sample() -> Config {
     let mut c = Config::default();
+    c.buffer.min_free_bytes = Some(0);
     c.mqtt.device_from_topic_level = Some(0);
     c.mqtt.users.push(MqttUser {
         username: "u".into(),

@@ -210,6 +210,10 @@ pub struct BufferSettings {
     /// waiting; a 3 s disk stall at 10,000 msg/s over 1,000 connections then peaked at
     /// 26.5–27.7 MB of RSS, against 51.8 MB without the cap (BENCHMARKS.md).
     pub max_pending_bytes: u64,
+    /// Disk space ferry keeps free on the data directory's file system for the OS, journald
+    /// and sshd; 0 turns the reserve off; unset: 5% of the file system, at most 256 MiB. What
+    /// the buffer does at the reserve is written in `ferry_buffer::disk_reserve`.
+    pub min_free_bytes: Option<u64>,
 }
 
 impl Default for BufferSettings {
@@ -227,6 +231,7 @@ impl Default for BufferSettings {
             max_age_secs: 0,
             cache_bytes: defaults::BUFFER_CACHE_BYTES,
             max_pending_bytes: defaults::BUFFER_MAX_PENDING_BYTES,
+            min_free_bytes: None,
         }
     }
 }

@@ -103,6 +103,7 @@ pub fn buffer_options(config: &Config) -> BufferOptions {
         clock: Arc::new(ferry_buffer::SystemClock {
             assume_synced: config.gateway.clock_sync == ferry_config::ClockSync::Assume,
         }),
+        min_free_bytes: b.min_free_bytes,
     }
 }
 

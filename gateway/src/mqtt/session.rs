@@ -1015,6 +1015,7 @@ impl Session {
                         readings,
                         used,
                         max,
+                        ..
                     }),
                     Some(client_id),
                 ) if ctx.settings.full_ack_wait_ms > 0 => {

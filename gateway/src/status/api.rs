@@ -291,6 +291,35 @@ pub struct Disk {
     pub free_bytes: u64,
     /// Size of the file system.
     pub total_bytes: u64,
+    /// What ferry keeps free on it (`buffer.min_free_bytes`, rule in
+    /// [`ferry_buffer::disk_reserve`]); 0 when there is no reserve.
+    #[serde(default)]
+    pub reserve_bytes: u64,
+    /// The buffer is held to what the disk leaves, not `max_bytes`: it evicted or refused
+    /// readings for the reserve in the last minute, or the free space is within a tenth of
+    /// the reserve.
+    #[serde(default)]
+    pub at_reserve: bool,
+}
+
+impl Disk {
+    /// `hit_recently`: the buffer evicted or refused for the reserve in the last minute
+    /// ([`ferry_buffer::BufferStats::disk_reserve_hit`]).
+    pub fn new(
+        path: String,
+        (free_bytes, total_bytes): (u64, u64),
+        reserve_bytes: u64,
+        hit_recently: bool,
+    ) -> Disk {
+        Disk {
+            path,
+            free_bytes,
+            total_bytes,
+            reserve_bytes,
+            at_reserve: reserve_bytes > 0
+                && (hit_recently || free_bytes <= reserve_bytes + reserve_bytes / 10),
+        }
+    }
 }
 
 /// The system clock, as ferry trusts it. What ferry does on a box without a clock is written
@@ -414,7 +443,13 @@ pub fn fmt_utc(ms: u64) -> String {
     format!("{:02}:{:02}:{:02} UTC", s / 3600, (s % 3600) / 60, s % 60)
 }
 
-fn summarize(uplinks: &[Uplink], buffer: &BufferInfo, started_ms: u64, now: u64) -> Summary {
+fn summarize(
+    uplinks: &[Uplink],
+    buffer: &BufferInfo,
+    disk: Option<&Disk>,
+    started_ms: u64,
+    now: u64,
+) -> Summary {
     let worst = uplinks.iter().max_by_key(|u| (u.lag_readings, u.lag_bytes));
     let waiting_readings = worst.map_or(buffer.readings, |u| u.lag_readings);
     let waiting_bytes = worst.map_or(buffer.used_bytes, |u| u.lag_bytes);
@@ -520,6 +555,19 @@ fn summarize(uplinks: &[Uplink], buffer: &BufferInfo, started_ms: u64, now: u64)
     if !buffer.writable {
         level = Level::Down;
         headline = format!("The buffer cannot write to disk: new readings are refused. {headline}");
+    } else if let Some(d) = disk.filter(|d| d.at_reserve) {
+        if level != Level::Down {
+            level = Level::Warn;
+        }
+        headline = format!(
+            "The disk is down to the {} ferry keeps free (buffer.min_free_bytes): {}. {headline}",
+            fmt_bytes(d.reserve_bytes),
+            if buffer.when_full == "reject" {
+                "new readings are refused"
+            } else {
+                "the oldest readings are dropped to make room"
+            }
+        );
     } else if buffer.fill_ratio >= 0.9 && level != Level::Down {
         level = Level::Warn;
         headline = format!(
@@ -572,7 +620,7 @@ pub async fn collect(st: &StatusState, device_limit: usize) -> StatusReport {
         },
         when_full: match st.config.buffer.when_full {
             ferry_config::WhenFull::Reject => "reject".into(),
-            _ => "drop_oldest".into(),
+            ferry_config::WhenFull::DropOldest => "drop_oldest".into(),
         },
         oldest_reading_ms: bs.oldest_received_ms,
         oldest_reading_age_ms: bs.oldest_age_ms,
@@ -587,6 +635,7 @@ pub async fn collect(st: &StatusState, device_limit: usize) -> StatusReport {
         ("buffer_full", bs.dropped_full_total),
         ("ttl", bs.dropped_ttl_total),
         ("dead_letter_evicted", bs.dropped_dead_letter_total),
+        ("disk_full", bs.dropped_disk_total),
     ] {
         if v > 0 {
             dropped.insert(k.to_string(), v);
@@ -596,6 +645,7 @@ pub async fn collect(st: &StatusState, device_limit: usize) -> StatusReport {
     for (k, v) in [
         ("buffer.full", bs.rejected_full_total),
         ("buffer.storage", bs.rejected_storage_total),
+        ("buffer.disk_full", bs.rejected_disk_total),
     ] {
         if v > 0 {
             rejected.insert(k.to_string(), v);
@@ -654,12 +704,18 @@ pub async fn collect(st: &StatusState, device_limit: usize) -> StatusReport {
             .collect(),
     };
     let data_dir = &st.config.gateway.data_dir;
-    let disk = disk_space(data_dir).map(|(free_bytes, total_bytes)| Disk {
-        path: data_dir.display().to_string(),
-        free_bytes,
-        total_bytes,
+    let hit_recently = bs
+        .disk_reserve_hit
+        .is_some_and(|t| t.elapsed() < std::time::Duration::from_secs(60));
+    let disk = disk_space(data_dir).map(|space| {
+        Disk::new(
+            data_dir.display().to_string(),
+            space,
+            ferry_buffer::disk_reserve(space.1, st.config.buffer.min_free_bytes),
+            hit_recently,
+        )
     });
-    let summary = summarize(&uplinks, &buffer, started_ms, now);
+    let summary = summarize(&uplinks, &buffer, disk.as_ref(), started_ms, now);
     StatusReport {
         gateway: GatewayInfo {
             id: st.config.gateway.id.clone(),
@@ -804,6 +860,7 @@ mod tests {
         let s = summarize(
             &[up("kafka", UplinkState::Offline, 1234, Some(now - 125_000))],
             &buf(true, 0.1),
+            None,
             0,
             now,
         );
@@ -818,6 +875,7 @@ mod tests {
         let ok = summarize(
             &[up("kafka", UplinkState::Connected, 0, Some(now))],
             &buf(true, 0.1),
+            None,
             0,
             now,
         );
@@ -827,13 +885,59 @@ mod tests {
 
         let mut stalled = up("kafka", UplinkState::Connected, 5, Some(now - 90_000));
         stalled.stalled = true;
-        let s = summarize(&[stalled], &buf(true, 0.1), 0, now);
+        let s = summarize(&[stalled], &buf(true, 0.1), None, 0, now);
         assert_eq!(s.level, Level::Warn);
         assert!(s.headline.contains("connected but nothing is acknowledged"));
 
-        let s = summarize(&[], &buf(false, 0.0), 0, now);
+        let s = summarize(&[], &buf(false, 0.0), None, 0, now);
         assert_eq!(s.level, Level::Down);
         assert!(s.headline.starts_with("The buffer cannot write"));
+    }
+
+    #[test]
+    fn headline_says_when_the_disk_reserve_limits_the_buffer() {
+        let now = 10 * 3_600_000;
+        let connected = [up("kafka", UplinkState::Connected, 0, Some(now))];
+        let disk = |free_bytes| {
+            Disk::new(
+                "/var/lib/ferry".into(),
+                (free_bytes, 1 << 30),
+                50_000_000,
+                false,
+            )
+        };
+        let s = summarize(&connected, &buf(true, 0.1), Some(&disk(54_000_000)), 0, now);
+        assert_eq!(s.level, Level::Warn);
+        assert!(
+            s.headline.starts_with(
+                "The disk is down to the 50.0 MB ferry keeps free (buffer.min_free_bytes): the oldest readings are dropped to make room."
+            ),
+            "{}",
+            s.headline
+        );
+        let mut reject = buf(true, 0.1);
+        reject.when_full = "reject".into();
+        let s = summarize(&connected, &reject, Some(&disk(50_000_000)), 0, now);
+        assert!(
+            s.headline.contains("new readings are refused"),
+            "{}",
+            s.headline
+        );
+        // Above the reserve by more than a tenth, or without a reserve: nothing to say, unless
+        // the buffer evicted or refused for it in the last minute.
+        let s = summarize(&connected, &buf(true, 0.1), Some(&disk(56_000_000)), 0, now);
+        assert_eq!(s.level, Level::Ok, "{}", s.headline);
+        let hit = Disk::new(
+            "/var/lib/ferry".into(),
+            (90_000_000, 1 << 30),
+            50_000_000,
+            true,
+        );
+        let s = summarize(&connected, &buf(true, 0.1), Some(&hit), 0, now);
+        assert_eq!(s.level, Level::Warn, "{}", s.headline);
+        let none = Disk::new("/var/lib/ferry".into(), (0, 1 << 30), 0, true);
+        let s = summarize(&connected, &buf(true, 0.1), Some(&none), 0, now);
+        assert_eq!(s.level, Level::Ok, "{}", s.headline);
     }
 
     #[test]

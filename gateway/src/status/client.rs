@@ -251,10 +251,12 @@ pub fn render(r: &StatusReport) -> String {
     if let Some(d) = &r.disk {
         let _ = writeln!(
             o,
-            "disk     {} free of {} ({})",
+            "disk     {} free of {} ({}), {} kept free{}",
             fmt_bytes(d.free_bytes),
             fmt_bytes(d.total_bytes),
-            d.path
+            d.path,
+            fmt_bytes(d.reserve_bytes),
+            if d.at_reserve { ": reached" } else { "" }
         );
     }
     let c = &r.clock;

@@ -94,6 +94,7 @@ pub fn render(report: &StatusReport) -> String {
     if let Some(d) = &report.disk {
         metrics::gauge!("ferry_disk_free_bytes").set(d.free_bytes as f64);
         metrics::gauge!("ferry_disk_total_bytes").set(d.total_bytes as f64);
+        metrics::gauge!("ferry_disk_reserve_bytes").set(d.reserve_bytes as f64);
     }
     handle.render()
 }
@@ -179,6 +180,11 @@ pub fn describe() {
         "ferry_disk_total_bytes",
         Unit::Bytes,
         "Size of the file system of gateway.data_dir."
+    );
+    describe_gauge!(
+        "ferry_disk_reserve_bytes",
+        Unit::Bytes,
+        "Space ferry keeps free on the file system of gateway.data_dir (buffer.min_free_bytes); 0: no reserve."
     );
     describe_counter!(
         "ferry_readings_received_total",
