@@ -181,9 +181,12 @@ pub fn openapi_document(config: &Config) -> String {
             ]
         });
     }
-    // A SenML record (RFC 8428) as `senml::parse_senml` accepts it: a valid name, exactly one
-    // value field or a sum, no unknown must-understand field (ending in `_`), `bver` 1 to 10,
-    // times that resolve after 1970.
+    // A SenML record (RFC 8428) as `senml::parse_senml` accepts it: exactly one value field or
+    // a sum, no unknown must-understand field (ending in `_`), `bver` 1 to 10, times that
+    // resolve after 1970, and names of section 4.5.1's characters. The resolved name (the last
+    // base name + n) cannot be stated per record, so the schema asks a little more than the
+    // server: each record with a value names itself (a non-empty bn, or an n starting with a
+    // letter or digit). The server also takes a later record that relies on an earlier bn.
     let (min_t, max_t) = senml::TIME_RANGE;
     let time = serde_json::json!({"type": "number", "minimum": min_t, "maximum": max_t});
     let values = ["v", "vs", "vb", "vd"];
@@ -197,14 +200,20 @@ pub fn openapi_document(config: &Config) -> String {
         .iter()
         .map(|k| serde_json::json!({"required": [k]}))
         .collect();
+    const NAME_CHARS: &str = "^[A-Za-z0-9:./_-]*$";
+    const NAME_START: &str = "^[A-Za-z0-9]";
+    let names_itself = serde_json::json!({"anyOf": [
+        {"required": ["bn"], "properties": {"bn": {"minLength": 1}}},
+        {"required": ["n"], "properties": {"n": {"pattern": NAME_START}}}
+    ]});
     let record = serde_json::json!({
         "type": "object",
-        "description": "One SenML record (RFC 8428). Base fields carry over to the records after it; the resolved name (bn + n) must follow section 4.5.1 (checked on the resolved name, which a schema cannot).",
+        "description": "One SenML record (RFC 8428). Base fields carry over to the records after it, and the resolved name (the last bn + n) must follow section 4.5.1. This schema asks each record with a value to name itself (a non-empty bn, or an n starting with a letter or digit); ferry also accepts a record without them after one that set bn (a time series of one sensor), which a schema cannot state.",
         "properties": {
-            "bn": {"type": "string"},
+            "bn": {"type": "string", "pattern": "^([A-Za-z0-9][A-Za-z0-9:./_-]*)?$"},
             "bt": time, "bu": {"type": "string"}, "bv": {"type": "number"},
             "bs": {"type": "number"}, "bver": {"enum": [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]},
-            "n": {"type": "string"}, "u": {"type": "string"},
+            "n": {"type": "string", "pattern": NAME_CHARS}, "u": {"type": "string"},
             "v": {"type": "number"}, "vs": {"type": "string"}, "vb": {"type": "boolean"},
             "vd": {"type": "string"}, "s": {"type": "number"}, "t": time,
             "ut": {"type": "number"}
@@ -214,7 +223,7 @@ pub fn openapi_document(config: &Config) -> String {
         // records after it; any other holds exactly one value or a sum.
         "anyOf": [
             {"propertyNames": {"pattern": "^b"}},
-            {"allOf": [{"anyOf": one_value}, {"not": {"anyOf": pairs}}]}
+            {"allOf": [{"anyOf": one_value}, {"not": {"anyOf": pairs}}, names_itself]}
         ]
     });
     if let Some(schemas) = v

@@ -17,9 +17,10 @@
 //! is still committed atomically: all its records or none.
 //!
 //! Rejected, with the index of the offending record: a record that is not an object, a field
-//! of the wrong type, a resolved name that breaks section 4.5.1, more than one value field, a
-//! record with a name but no value or sum, an unknown field ending in `_` (must-understand,
-//! section 4.4), `bver` above 10, a non-finite or pre-1970 time. A record holding only base
+//! of the wrong type, a resolved name that breaks section 4.5.1, a base name that could never
+//! start a valid one (not empty, and breaking section 4.5.1: checked where it is set), more
+//! than one value field, a record with a name but no value or sum, an unknown field ending in
+//! `_` (must-understand, section 4.4), `bver` above 10, a non-finite or pre-1970 time. A record holding only base
 //! fields (`bn`, `bt`, ...) sets them for the records after it and yields no reading. Other
 //! unknown fields are ignored, as the RFC allows.
 
@@ -138,6 +139,16 @@ pub fn parse_senml(body: &[u8], origin: &Origin, max: usize) -> Result<Vec<Readi
             Some(other) => return Err(err(i, format!("'bver' must be a number, got {other}"))),
         }
         if let Some(bn) = string(i, rec, "bn")? {
+            // Checked where it is set: a base name that breaks section 4.5.1 can never start a
+            // valid name (empty is allowed: it clears the base name).
+            if !bn.is_empty() && !valid_name(bn) {
+                return Err(err(
+                    i,
+                    format!(
+                        "the base name '{bn}' is invalid: it must start with a letter or digit and hold only letters, digits and - : . / _ (RFC 8428 section 4.5.1)"
+                    ),
+                ));
+            }
             base.name = bn.to_string();
         }
         if let Some(bt) = time_field(i, rec, "bt")? {

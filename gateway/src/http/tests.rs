@@ -250,6 +250,20 @@ async fn senml_relative_time_is_relative_to_now() {
     assert_ne!(stored[0].clock.mark, ferry_buffer::ClockMark::Device);
 }
 
+/// A time series of one sensor: bn names it, and the records after it carry no n (the
+/// OpenAPI schema cannot state this and asks for names; the server takes it, as RFC 8428 does).
+#[tokio::test]
+async fn senml_records_without_a_name_take_the_base_name() {
+    let f = fixture(|_| {});
+    let body = r#"[{"bn":"site-7/temp","v":20.5},{"t":-10,"v":20.7},{"t":-5,"v":20.9}]"#;
+    let (status, _, resp) = f
+        .send(post("/v1/readings", Some("application/senml+json"), body))
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{resp}");
+    let topics: Vec<String> = f.stored().await.into_iter().map(|r| r.topic).collect();
+    assert_eq!(topics, vec!["site-7/temp"; 3]);
+}
+
 #[tokio::test]
 async fn senml_invalid_pack_names_the_record_and_stores_nothing() {
     let f = fixture(|_| {});
@@ -264,6 +278,17 @@ async fn senml_invalid_pack_names_the_record_and_stores_nothing() {
         ),
         (r#"[{"bver":11,"n":"a","v":1}]"#, "bver"),
         (r#"[1]"#, "record 0"),
+        // A base name that can never start a valid name is refused where it is set, even
+        // in a record of base fields only; an empty one clears the base name.
+        (
+            r#"[{"bn":"-dev/"},{"n":"t","v":1}]"#,
+            "record 0: the base name '-dev/'",
+        ),
+        (r#"[{"bn":"dev 7/"}]"#, "the base name 'dev 7/'"),
+        (
+            r#"[{"bn":"dev/","n":"t","v":1},{"bn":"","n":"-x","v":1}]"#,
+            "record 1: the resolved name '-x'",
+        ),
     ] {
         let got = f
             .send(post("/v1/readings", Some("application/senml+json"), body))
