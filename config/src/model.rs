@@ -105,8 +105,14 @@ pub struct GatewaySettings {
     /// On shutdown, how long listeners, in-flight acks, the buffer commit and the uplink flush
     /// may take in total before the remaining tasks are aborted. Default: 10000.
     pub shutdown_grace_ms: u64,
-    /// Log output format: `"text"` or `"json"`. Default: `"text"`.
+    /// Log output format on stderr: `"text"` or `"json"`. Default: `"text"`.
     pub log_format: LogFormat,
+    /// Under systemd, when stderr is the journal (`JOURNAL_STREAM` names it), send logs
+    /// through journald's native protocol instead, so that every field of an event is a
+    /// journal field (`journalctl -o json` shows `UPLINK`, `ERROR`, …). `false` keeps stderr
+    /// and `log_format`. Where this is decided: the gateway's `telemetry` module.
+    /// Default: `true`.
+    pub journald: bool,
     /// Log filter in `tracing` env-filter syntax, e.g. `"info"` or `"info,ferry_uplink=debug"`.
     /// The `FERRY_LOG` environment variable takes precedence. Default: `"info"`.
     pub log_level: String,
@@ -124,6 +130,7 @@ impl Default for GatewaySettings {
             data_dir: PathBuf::from(defaults::DATA_DIR),
             shutdown_grace_ms: defaults::SHUTDOWN_GRACE_MS,
             log_format: LogFormat::Text,
+            journald: true,
             log_level: defaults::LOG_LEVEL.to_owned(),
             clock_sync: ClockSync::Kernel,
         }
