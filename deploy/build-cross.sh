@@ -52,12 +52,22 @@ if [ -n "$gnu" ]; then
     # rust-lld ships with rustc; gcc-ld/ holds the ld.lld that `gcc -fuse-ld=lld` runs.
     gcc_ld="$(rustc --print sysroot)/lib/rustlib/$(rustc -vV | sed -n 's/^host: //p')/bin/gcc-ld"
     [ -x "$gcc_ld/ld.lld" ] || { echo "rust-lld not found in $gcc_ld" >&2; exit 1; }
-    export "CARGO_TARGET_${triple_env}_RUSTFLAGS=-C link-arg=-fuse-ld=lld -C link-arg=-B$gcc_ld -C link-arg=-Wl,-z,pack-relative-relocs"
+    rustflags="-C link-arg=-fuse-ld=lld -C link-arg=-B$gcc_ld -C link-arg=-Wl,-z,pack-relative-relocs"
+    # LINK_MAP=FILE: also write the linker's map, which names every input section (each Rust
+    # function, each C object) with its size: where the binary's bytes go. It changes the
+    # flags, so the build starts over.
+    [ -z "${LINK_MAP:-}" ] || rustflags="$rustflags -C link-arg=-Wl,-Map=$LINK_MAP"
+    export "CARGO_TARGET_${triple_env}_RUSTFLAGS=$rustflags"
     [ -z "${RUSTFLAGS:-}" ] || echo "warning: RUSTFLAGS is set and replaces the link flags above" >&2
 fi
 # rdkafka-sys hands CFLAGS to librdkafka's configure; the cc crate (OpenSSL, zstd, zlib,
 # ring) already uses these two flags, so for them nothing changes.
-export CFLAGS="${CFLAGS:+$CFLAGS }-ffunction-sections -fdata-sections"
+# -UECP_SM2P256_ASM: OpenSSL's aarch64 assembler for the SM2 curve comes with a 512 KiB
+# precomputed table that the curve list references. Undefining it (user CFLAGS come after
+# OpenSSL's own defines) leaves SM2 to the generic code and lets --gc-sections drop the
+# table; no endpoint ferry talks to (Kafka, MQTT, the clouds) offers SM2. openssl-src has no
+# switch for it, and -DOPENSSL_NO_SM2 does not build.
+export CFLAGS="${CFLAGS:+$CFLAGS }-ffunction-sections -fdata-sections -UECP_SM2P256_ASM"
 
 start=$(date +%s)
 cargo build --release --locked --target "$target" --bin ferry

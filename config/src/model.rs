@@ -214,8 +214,7 @@ pub struct BufferSettings {
     /// readings count towards it but are not paced by it: requests are bounded by
     /// `http.max_connections` and `http.max_body_bytes` instead. At least 1. Default: 1048576
     /// (1 MiB), about 3,500 readings of 100 bytes: above what the fastest QoS 1 load keeps
-    /// waiting; a 3 s disk stall at 10,000 msg/s over 1,000 connections then peaked at
-    /// 26.5–27.7 MB of RSS, against 51.8 MB without the cap (BENCHMARKS.md).
+    /// waiting. What it saves in a disk stall is measured in BENCHMARKS.md.
     pub max_pending_bytes: u64,
     /// Disk space ferry keeps free on the data directory's file system for the OS, journald
     /// and sshd; 0 turns the reserve off; unset: 5% of the file system, at most 256 MiB. What
