@@ -181,8 +181,10 @@ pub struct BufferOptions {
 ///
 /// Each commit lets the buffer grow by half of the free space above the reserve (redb writes
 /// a changed page's copy before it frees the old one), so the free space approaches the
-/// reserve instead of overshooting it; at the reserve the buffer may only replace what it
-/// holds. That limit applies when it is tighter than `max_bytes`: `drop_oldest` then evicts
+/// reserve instead of overshooting it. At the reserve the buffer may fill again the most it
+/// has held since the file was opened (the file already has those pages, so it does not grow)
+/// and no more; when other files take the free space below three quarters of the reserve, it
+/// may keep only what it holds then. That limit applies when it is tighter than `max_bytes`: `drop_oldest` then evicts
 /// the oldest segments inside the file (counted as dropped with reason `disk_full`; their
 /// pages are reused by the next commits, so the file stops growing), and `reject` refuses with
 /// [`AppendError::Full`] marked `disk_reserve` (counted as rejected, `disk_full`). When

@@ -128,6 +128,9 @@ pub(crate) struct Writer {
     now: ClockNow,
     last_reopen: Instant,
     last_failure: Option<StorageFailure>,
+    /// The most stored bytes the buffer held in its file since it was opened: pages the file
+    /// already has, which the buffer may fill again at the disk reserve without growing it.
+    stored_high_water: std::cell::Cell<u64>,
 }
 
 fn fail_storage(e: impl Into<redb::Error>) -> StorageFailure {
@@ -151,8 +154,10 @@ impl Writer {
             now,
             last_reopen: Instant::now(),
             last_failure: None,
+            stored_high_water: std::cell::Cell::new(0),
         };
         w.load_state()?;
+        w.stored_high_water.set(w.meta.used_bytes());
         Ok(w)
     }
 
@@ -436,7 +441,13 @@ impl Writer {
         if reserve == 0 {
             return None;
         }
-        Some(used + free.saturating_sub(reserve) / DISK_COST)
+        if free < reserve - reserve / 4 {
+            // Well below the reserve (other files grew): the pages the file has are all the
+            // buffer may use from now on.
+            self.stored_high_water.set(used);
+        }
+        let growth = free.saturating_sub(reserve) / DISK_COST;
+        Some((used + growth).max(self.stored_high_water.get()))
     }
 
     fn encode(&self, readings: &[&Reading]) -> Vec<Encoded> {
@@ -804,6 +815,8 @@ impl Writer {
                 *c = *seg;
             }
         }
+        self.stored_high_water
+            .set(self.stored_high_water.get().max(meta.used_bytes()));
         self.meta = meta;
         self.refresh_oldest();
         self.shared.committed.send_replace(newest_seg);

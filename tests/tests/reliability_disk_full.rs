@@ -80,6 +80,36 @@ fn small_fs(size: &str, test: &str) -> Option<SmallFs> {
     }
 }
 
+/// Writes a filler file that leaves about `free` bytes free on `fs`: other files took the
+/// space. Returns its path, to delete it when the space should come back.
+fn fill_leaving(fs: &SmallFs, free: u64) -> PathBuf {
+    let filler = fs.path().join("filler");
+    let now = free_bytes(fs.path());
+    std::fs::write(&filler, vec![0u8; now.saturating_sub(free) as usize]).unwrap();
+    filler
+}
+
+/// HTTP batches of 50 readings (payloads padded to 400 bytes) keyed under `prefix`, back to
+/// back until `stop`, counted in the returned tally.
+fn start_http_load(
+    rt: &tokio::runtime::Runtime,
+    base: &str,
+    prefix: &str,
+) -> (Arc<Tally>, Arc<AtomicBool>, tokio::task::JoinHandle<()>) {
+    let tally = Arc::new(Tally::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let task = rt.spawn(support::http_batcher(
+        base.to_string(),
+        prefix.into(),
+        50,
+        400,
+        Duration::ZERO,
+        tally.clone(),
+        stop.clone(),
+    ));
+    (tally, stop, task)
+}
+
 fn free_bytes(p: &Path) -> u64 {
     let out = Command::new("df")
         .args(["--output=avail", "-B1"])
@@ -139,26 +169,10 @@ min_free_bytes = 0
     let base = ferry.http_url();
     let mqtt = ferry.addr("mqtt");
     // Leave about 1.5 MiB free.
-    let filler = fs.path().join("filler");
-    let free = free_bytes(fs.path());
-    std::fs::write(
-        &filler,
-        vec![0u8; free.saturating_sub(1536 * 1024) as usize],
-    )
-    .unwrap();
+    let filler = fill_leaving(&fs, 1536 * 1024);
 
     let rt = support::rt();
-    let tally = Arc::new(Tally::default());
-    let stop = Arc::new(AtomicBool::new(false));
-    let task = rt.spawn(support::http_batcher(
-        base.clone(),
-        "fill".into(),
-        50,
-        400,
-        Duration::ZERO,
-        tally.clone(),
-        stop.clone(),
-    ));
+    let (tally, stop, task) = start_http_load(&rt, &base, "fill");
     let t = Instant::now();
     while tally.refused().len() < 150 && t.elapsed() < Duration::from_secs(60) {
         std::thread::sleep(Duration::from_millis(50));
@@ -311,25 +325,10 @@ min_free_bytes = {reserve}
         );
         let base = ferry.http_url();
         // Other files take the space: about 5 MiB stay free, 3 MiB beyond the reserve.
-        let free = free_bytes(fs.path());
-        std::fs::write(
-            fs.path().join("filler"),
-            vec![0u8; free.saturating_sub(5 << 20) as usize],
-        )
-        .unwrap();
+        fill_leaving(&fs, 5 << 20);
 
         let rt = support::rt();
-        let tally = Arc::new(Tally::default());
-        let stop = Arc::new(AtomicBool::new(false));
-        let task = rt.spawn(support::http_batcher(
-            base.clone(),
-            "res".into(),
-            50,
-            400,
-            Duration::ZERO,
-            tally.clone(),
-            stop.clone(),
-        ));
+        let (tally, stop, task) = start_http_load(&rt, &base, "res");
         // Ingest until about three times what fits beyond the reserve was offered.
         let t = Instant::now();
         let mut min_free = u64::MAX;
@@ -450,9 +449,7 @@ min_free_bytes = {reserve}
     let base = ferry.http_url();
     let mqtt = ferry.addr("mqtt");
     // Leave 3 MiB free: below the reserve, with room for a commit.
-    let filler = fs.path().join("filler");
-    let free = free_bytes(fs.path());
-    std::fs::write(&filler, vec![0u8; free.saturating_sub(3 << 20) as usize]).unwrap();
+    let filler = fill_leaving(&fs, 3 << 20);
     let before = free_bytes(fs.path());
 
     let rt = support::rt();
