@@ -17,13 +17,13 @@
 //!    ([`BufferOptions::consumers`]) — or by an explicit, counted drop: the byte cap in
 //!    `drop_oldest` mode, or the TTL. Both are reported in [`BufferStats`] and in
 //!    `ferry_readings_dropped_total{reason}`, and so is the disk reserve ([`disk_reserve`]),
-//!    which limits the buffer like the cap when the disk is smaller. The count is exact: `drop_oldest` evicts the
-//!    oldest segments that no reader has handed to an uplink first, and segments in flight
+//!    which limits the buffer like the cap when the disk is smaller. The count is exact:
+//!    `drop_oldest` evicts the oldest segments that no reader has handed to an uplink first, and segments in flight
 //!    (between a consumer's cursor and its reader's lease) only when nothing else makes room,
 //!    so a reading counted as dropped is not also delivered.
 //! 4. **The byte cap is enforced before the commit.** A commit never takes the buffer above
-//!    `max_bytes` (or the room [`disk_reserve`] leaves): it evicts first (`drop_oldest`) or refuses the appends that do not fit
-//!    (`reject`), handing the readings back in [`AppendError::Full`].
+//!    `max_bytes` (or the room [`disk_reserve`] leaves): it evicts first (`drop_oldest`) or
+//!    refuses the appends that do not fit (`reject`), handing the readings back in [`AppendError::Full`].
 //! 5. **A failed commit stores nothing and loses nothing acknowledged.** Every waiter of a
 //!    failed commit gets [`AppendError::Storage`] with its readings back.
 //!
@@ -184,8 +184,8 @@ pub struct BufferOptions {
 /// reserve instead of overshooting it. At the reserve the buffer may fill again the most it
 /// has held since the file was opened (the file already has those pages, so it does not grow)
 /// and no more; when other files take the free space below three quarters of the reserve, it
-/// may keep only what it holds then. That limit applies when it is tighter than `max_bytes`: `drop_oldest` then evicts
-/// the oldest segments inside the file (counted as dropped with reason `disk_full`; their
+/// may keep only what it holds then. That limit applies when it is tighter than `max_bytes`:
+/// `drop_oldest` then evicts the oldest segments inside the file (counted as dropped with reason `disk_full`; their
 /// pages are reused by the next commits, so the file stops growing), and `reject` refuses with
 /// [`AppendError::Full`] marked `disk_reserve` (counted as rejected, `disk_full`). When
 /// nothing is left to evict (the buffer is empty and other files took the space),
@@ -195,6 +195,20 @@ pub struct BufferOptions {
 /// directory has a reserve (not a custom [`StorageBackend`]).
 pub fn disk_reserve(total_bytes: u64, min_free_bytes: Option<u64>) -> u64 {
     min_free_bytes.unwrap_or((total_bytes / 20).min(256 << 20))
+}
+
+/// Free (for an unprivileged user) and total bytes of the file system holding `path`.
+pub fn disk_space(path: &std::path::Path) -> Option<(u64, u64)> {
+    let s = rustix::fs::statvfs(path).ok()?;
+    let frsize = if s.f_frsize > 0 {
+        s.f_frsize
+    } else {
+        s.f_bsize
+    };
+    Some((
+        s.f_bavail.saturating_mul(frsize),
+        s.f_blocks.saturating_mul(frsize),
+    ))
 }
 
 impl Default for BufferOptions {

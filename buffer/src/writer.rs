@@ -429,14 +429,7 @@ impl Writer {
         let Location::File { data_dir } = &self.shared.loc else {
             return None;
         };
-        let st = rustix::fs::statvfs(data_dir).ok()?;
-        let frsize = if st.f_frsize > 0 {
-            st.f_frsize
-        } else {
-            st.f_bsize
-        };
-        let total = st.f_blocks.saturating_mul(frsize);
-        let free = st.f_bavail.saturating_mul(frsize);
+        let (free, total) = crate::disk_space(data_dir)?;
         let reserve = crate::disk_reserve(total, self.shared.opts.min_free_bytes);
         if reserve == 0 {
             return None;
@@ -1014,15 +1007,15 @@ fn delete_through(
     Ok(totals)
 }
 
-/// Evicts the oldest segments until `need` bytes are freed or none are left. Segments in
-/// an `in_flight` range (inclusive) are upstream already and may still be delivered, so they
-/// go last: only if everything else is gone and room is still short.
 /// Disk bytes a stored byte may take until its pages are reused: redb writes copies of the
 /// pages a commit changes and frees the old ones only after a later commit. The disk reserve
 /// lets the buffer grow by a `DISK_COST`th of the free space above it per commit, so the free
 /// space approaches the reserve instead of overshooting it.
 const DISK_COST: u64 = 2;
 
+/// Evicts the oldest segments until `need` bytes are freed or none are left. Segments in
+/// an `in_flight` range (inclusive) are upstream already and may still be delivered, so they
+/// go last: only if everything else is gone and room is still short.
 fn evict_oldest(
     segs: &mut Segs<'_>,
     index: &mut Index<'_>,

@@ -300,7 +300,7 @@ async fn reject_mode_hands_readings_back_and_accepts_again_after_acks() {
     assert!(used <= max);
     assert!(
         !disk_reserve,
-        "a buffer without a data directory has no disk reserve"
+        "the byte cap refused, not the disk reserve (the test disk is far from it)"
     );
     let st = buf.stats();
     assert_eq!(st.readings, accepted);

@@ -20,9 +20,9 @@
 //! of the wrong type, a resolved name that breaks section 4.5.1, a base name that could never
 //! start a valid one (not empty, and breaking section 4.5.1: checked where it is set), more
 //! than one value field, a record with a name but no value or sum, an unknown field ending in
-//! `_` (must-understand, section 4.4), `bver` above 10, a non-finite or pre-1970 time. A record holding only base
-//! fields (`bn`, `bt`, ...) sets them for the records after it and yields no reading. Other
-//! unknown fields are ignored, as the RFC allows.
+//! `_` (must-understand, section 4.4), `bver` above 10, a non-finite or pre-1970 time. A
+//! record holding only base fields (`bn`, `bt`, ...) sets them for the records after it and
+//! yields no reading. Other unknown fields are ignored, as the RFC allows.
 
 use super::formats::{Origin, SENML_JSON};
 use super::problem::IngestError;

@@ -396,20 +396,6 @@ async fn uplink(st: &StatusState, u: &UplinkStatus, now: u64) -> Uplink {
     }
 }
 
-/// Free and total bytes of the file system holding `path`.
-pub fn disk_space(path: &std::path::Path) -> Option<(u64, u64)> {
-    let s = rustix::fs::statvfs(path).ok()?;
-    let frsize = if s.f_frsize > 0 {
-        s.f_frsize
-    } else {
-        s.f_bsize
-    };
-    Some((
-        s.f_bavail.saturating_mul(frsize),
-        s.f_blocks.saturating_mul(frsize),
-    ))
-}
-
 /// Human-readable bytes (for the headline and `ferry status`).
 pub fn fmt_bytes(b: u64) -> String {
     const UNITS: [&str; 5] = ["B", "kB", "MB", "GB", "TB"];
@@ -707,7 +693,7 @@ pub async fn collect(st: &StatusState, device_limit: usize) -> StatusReport {
     let hit_recently = bs
         .disk_reserve_hit
         .is_some_and(|t| t.elapsed() < std::time::Duration::from_secs(60));
-    let disk = disk_space(data_dir).map(|space| {
+    let disk = ferry_buffer::disk_space(data_dir).map(|space| {
         Disk::new(
             data_dir.display().to_string(),
             space,
