@@ -104,6 +104,7 @@ mod error;
 pub mod kafka_cloud;
 mod load;
 mod model;
+pub mod topic;
 mod validate;
 
 #[cfg(test)]
@@ -117,5 +118,5 @@ pub use load::{
 pub use model::*;
 pub use validate::{
     check_endpoint, check_gateway_id, check_kafka_topic, check_pubsub_project, check_pubsub_topic,
-    check_topic_filter, check_uplink_name, template_placeholders,
+    check_uplink_name,
 };

@@ -7,6 +7,7 @@ use std::path::Path;
 use crate::defaults::{BUFFER_MIN_MAX_BYTES, MAX_FLUSH_DELAY_LIMIT_MS, MIB};
 use crate::error::{ConfigError, ConfigErrorKind, ConfigErrors, path_segment};
 use crate::model::*;
+use crate::topic;
 
 /// Checks a gateway id: 1 to 64 characters of `A-Z a-z 0-9 . _ -`.
 pub fn check_gateway_id(id: &str) -> Result<(), String> {
@@ -67,62 +68,6 @@ pub fn check_kafka_topic(topic: &str) -> Result<(), String> {
         ));
     }
     Ok(())
-}
-
-/// Checks an MQTT topic filter: `+` and `#` stand alone in a level, `#` only as the last level.
-/// Returns the number of `+` wildcards.
-pub fn check_topic_filter(filter: &str) -> Result<usize, String> {
-    if filter.is_empty() {
-        return Err("must not be empty".into());
-    }
-    if filter.len() > 65_535 {
-        return Err("must be at most 65535 bytes long".into());
-    }
-    if filter.contains('\0') {
-        return Err("must not contain NUL".into());
-    }
-    let levels: Vec<&str> = filter.split('/').collect();
-    let mut plus = 0;
-    for (i, level) in levels.iter().enumerate() {
-        if level.contains('+') {
-            if *level != "+" {
-                return Err(format!(
-                    "'+' must stand alone in a level (level {i} is '{level}')"
-                ));
-            }
-            plus += 1;
-        }
-        if level.contains('#') {
-            if *level != "#" {
-                return Err(format!(
-                    "'#' must stand alone in a level (level {i} is '{level}')"
-                ));
-            }
-            if i + 1 != levels.len() {
-                return Err("'#' must be the last level".into());
-            }
-        }
-    }
-    Ok(plus)
-}
-
-/// The `{N}` placeholders of a rewrite template, in order.
-pub fn template_placeholders(template: &str) -> Vec<usize> {
-    let mut out = Vec::new();
-    let mut rest = template;
-    while let Some(start) = rest.find('{') {
-        let after = &rest[start + 1..];
-        match after.find('}') {
-            Some(end) if end > 0 && after[..end].bytes().all(|b| b.is_ascii_digit()) => {
-                if let Ok(n) = after[..end].parse() {
-                    out.push(n);
-                }
-                rest = &after[end + 1..];
-            }
-            _ => rest = after,
-        }
-    }
-    out
 }
 
 fn check_host_port(entry: &str) -> Result<(), String> {
@@ -415,7 +360,7 @@ impl Config {
                 );
             }
             for (i, filter) in u.topics.iter().enumerate() {
-                p.check(format!("{base}.topics[{i}]"), check_topic_filter(filter));
+                p.check(format!("{base}.topics[{i}]"), topic::check_filter(filter));
             }
             match &u.kind {
                 UplinkKind::Kafka(k) => {
@@ -595,7 +540,7 @@ fn validate_kafka(base: &str, k: &KafkaUplink, p: &mut Problems) {
     }
     for (i, route) in k.routes.iter().enumerate() {
         let base = format!("{base}.routes[{i}]");
-        p.check(format!("{base}.filter"), check_topic_filter(&route.filter));
+        p.check(format!("{base}.filter"), topic::check_filter(&route.filter));
         p.check(format!("{base}.topic"), check_kafka_topic(&route.topic));
     }
     for key in k.librdkafka.keys() {
@@ -652,7 +597,7 @@ fn validate_mqtt_uplink(base: &str, m: &MqttUplink, p: &mut Problems) {
     }
     for (i, rw) in m.rewrites.iter().enumerate() {
         let base = format!("{base}.rewrites[{i}]");
-        let plus = match check_topic_filter(&rw.filter) {
+        let plus = match topic::check_filter(&rw.filter) {
             Ok(n) => Some(n),
             Err(e) => {
                 p.invalid(format!("{base}.filter"), e);
@@ -667,7 +612,7 @@ fn validate_mqtt_uplink(base: &str, m: &MqttUplink, p: &mut Problems) {
                 "must not contain '+', '#' or NUL",
             );
         }
-        for n in template_placeholders(&rw.template) {
+        for n in topic::template_placeholders(&rw.template) {
             if n == 0 {
                 p.invalid(
                     format!("{base}.template"),

@@ -301,7 +301,7 @@ fn export(args: &ExportArgs) -> Result<u8, BufferCmdError> {
             .map_err(|e| BufferCmdError::Usage(format!("--gateway-id '{g}': {e}")))?;
     }
     for f in &args.topic {
-        ferry_config::check_topic_filter(f)
+        ferry_config::topic::check_filter(f)
             .map_err(|e| BufferCmdError::Usage(format!("--topic '{f}': {e}")))?;
     }
     let topics = if args.topic.is_empty() {

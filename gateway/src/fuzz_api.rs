@@ -57,7 +57,7 @@ pub fn http_body(
     };
     for r in &readings {
         assert_eq!(r.source, Source::Http);
-        formats::validate_topic(&r.topic).expect("an accepted reading has a valid topic");
+        ferry_config::topic::check_name(&r.topic).expect("an accepted reading has a valid topic");
         formats::validate_device(&r.device).expect("an accepted reading has a valid device");
         if let Some(b) = bound {
             assert_eq!(r.device, b, "a bound token's readings carry its device");

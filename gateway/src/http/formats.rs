@@ -4,6 +4,7 @@
 
 use super::problem::IngestError;
 use ferry_buffer::{ClockMark, Reading, Source};
+use ferry_config::topic;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -101,28 +102,6 @@ impl Origin {
     }
 }
 
-/// Checks a topic: not empty, no MQTT wildcard, no NUL, at most 65535 bytes.
-pub fn validate_topic(topic: &str) -> Result<(), String> {
-    if topic.is_empty() {
-        return Err("the topic is empty".into());
-    }
-    if let Some(w) = topic.chars().find(|c| matches!(c, '+' | '#')) {
-        return Err(format!(
-            "the topic '{topic}' contains the MQTT wildcard '{w}', which a reading's topic may not hold"
-        ));
-    }
-    if topic.contains('\0') {
-        return Err("the topic contains a NUL character".into());
-    }
-    if topic.len() > 65_535 {
-        return Err(format!(
-            "the topic is {} bytes long, more than 65535",
-            topic.len()
-        ));
-    }
-    Ok(())
-}
-
 /// Checks a device id: 1 to 256 bytes, no control characters.
 pub fn validate_device(device: &str) -> Result<(), IngestError> {
     if device.is_empty() || device.len() > 256 || device.chars().any(char::is_control) {
@@ -158,7 +137,7 @@ pub fn parse_ts(ts: &serde_json::Value) -> Result<u64, String> {
 }
 
 fn item_to_reading(item: BatchItem, origin: &Origin, at: &str) -> Result<Reading, IngestError> {
-    validate_topic(&item.topic).map_err(|e| IngestError::BadTopic(format!("{at}: {e}")))?;
+    topic::check_name(&item.topic).map_err(|e| IngestError::BadTopic(format!("{at}: {e}")))?;
     let device = origin.device(item.device.as_deref()).map_err(|e| match e {
         IngestError::BadRecord(d) => IngestError::BadRecord(format!("{at}: {d}")),
         IngestError::Forbidden(d) => IngestError::Forbidden(format!("{at}: {d}")),

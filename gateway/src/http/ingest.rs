@@ -238,7 +238,7 @@ pub async fn ingest_single(
             e.body_text()
         ))
     })?;
-    formats::validate_topic(&topic).map_err(IngestError::BadTopic)?;
+    ferry_config::topic::check_name(&topic).map_err(IngestError::BadTopic)?;
     let device = origin.device(None)?;
     let content_type = req
         .headers()

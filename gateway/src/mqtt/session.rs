@@ -22,7 +22,7 @@ use super::auth::{Auth, AuthConfigError, AuthOutcome};
 use super::stats::{MqttStats, reason};
 use bytes::{Buf, Bytes, BytesMut};
 use ferry_buffer::{AppendError, Buffer, Reading, Source, now_ms};
-use ferry_config::MqttSettings;
+use ferry_config::{MqttSettings, topic};
 use ferry_uplink::fold::Say;
 use futures_util::StreamExt;
 use futures_util::future::BoxFuture;
@@ -221,12 +221,6 @@ fn publish_meta(frame: &[u8], fixed_header_len: usize) -> (u8, bool, u16) {
         }
     }
     (qos, dup, pkid)
-}
-
-/// Whether a PUBLISH topic is acceptable: UTF-8, non-empty, no wildcard, no NUL.
-pub fn valid_topic(topic: &[u8]) -> Option<&str> {
-    let t = std::str::from_utf8(topic).ok()?;
-    (!t.is_empty() && !t.contains(['+', '#', '\0'])).then_some(t)
 }
 
 /// The device id of a reading: the certificate CN, else the topic level, else the client id.
@@ -532,7 +526,7 @@ fn will_reading(
     w: LastWill,
     props: Option<LastWillProperties>,
 ) -> Option<Reading> {
-    let topic = valid_topic(&w.topic)?;
+    let topic = topic::name_from_bytes(&w.topic)?;
     let device = device_id(
         cert_cn.filter(|c| !c.is_empty()),
         ctx.settings.device_from_topic_level,
@@ -924,7 +918,7 @@ impl Session {
         dup: bool,
         pkid: u16,
     ) -> Result<(), Close> {
-        let Some(topic) = valid_topic(&p.topic) else {
+        let Some(topic) = topic::name_from_bytes(&p.topic) else {
             return self.reject_publish(
                 qos,
                 pkid,

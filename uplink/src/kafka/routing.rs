@@ -1,9 +1,8 @@
 //! Which Kafka topic and key a reading goes to.
 //!
 //! A Kafka uplink's `[[uplinks.NAME.routes]]` are MQTT topic filters matched against the reading's source
-//! topic, in order; the first match wins, and its `topic` catches the rest. `+`
-//! matches exactly one level, `#` (last) matches the parent level and everything below it,
-//! as in MQTT. Wildcards at the first level do not match topics starting with `$`.
+//! topic, in order (matched as [`ferry_config::topic`] states); the first match wins, and its
+//! `topic` catches the rest.
 
 use ferry_buffer::Reading;
 use ferry_config::{KafkaUplink, KeyRule};
@@ -34,7 +33,7 @@ impl Router {
     pub fn route(&self, source_topic: &str) -> (&str, KeyRule) {
         self.routes
             .iter()
-            .find(|(f, _, _)| crate::topics::matches(f, source_topic))
+            .find(|(f, _, _)| ferry_config::topic::matches(f, source_topic))
             .map_or(
                 (self.default_topic.as_str(), self.default_key),
                 |(_, t, k)| (t.as_str(), *k),

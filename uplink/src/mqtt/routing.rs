@@ -3,12 +3,12 @@
 //! An MQTT uplink's `[[uplinks.NAME.rewrites]]` are tried in order against the reading's source topic; the first
 //! rule whose `filter` matches wins, and its `template` gives the new topic, with `{N}`
 //! replaced by what the N-th (1-based) `+` of the filter matched. A `#` at the end of a filter
-//! matches the rest of the topic and can be referred to as `{#}`. Topics no rule matches keep
-//! their source topic. Its `topic_prefix` is then prepended to every topic, rewritten
-//! or not. Filters follow MQTT matching ([`crate::topics::matches`]): wildcards
-//! at the first level do not match topics starting with `$`.
+//! matches the rest of the topic and can be referred to as `{#}` (the matching and the template
+//! syntax are [`ferry_config::topic`]'s). Topics no rule matches keep their source topic. Its
+//! `topic_prefix` is then prepended to every topic, rewritten or not.
 
 use ferry_config::MqttUplink;
+use ferry_config::topic::{captures, expand};
 
 /// The topic rewriting table of one MQTT uplink.
 #[derive(Debug, Clone, Default)]
@@ -44,79 +44,6 @@ impl Rewriter {
     }
 }
 
-/// What a filter's wildcards matched.
-#[derive(Debug, PartialEq, Eq)]
-struct Captures<'a> {
-    plus: Vec<&'a str>,
-    hash: Option<&'a str>,
-}
-
-/// Matches `topic` against the MQTT filter `filter`, returning what each wildcard matched.
-fn captures<'a>(filter: &str, topic: &'a str) -> Option<Captures<'a>> {
-    if !crate::topics::matches(filter, topic) {
-        return None;
-    }
-    let mut plus = Vec::new();
-    let mut hash = None;
-    let mut rest = topic;
-    let mut levels = filter.split('/').peekable();
-    while let Some(f) = levels.next() {
-        if f == "#" {
-            hash = Some(rest);
-            break;
-        }
-        let (level, after) = match rest.split_once('/') {
-            Some((l, a)) => (l, a),
-            None => (rest, ""),
-        };
-        if f == "+" {
-            plus.push(level);
-        }
-        rest = after;
-        // "a/#" also matches "a": '#' then captures nothing.
-        if rest.is_empty() && levels.peek() == Some(&"#") {
-            hash = Some("");
-            break;
-        }
-    }
-    Some(Captures { plus, hash })
-}
-
-/// Replaces `{N}` (1-based `+` capture) and `{#}` in `template`. A placeholder with no capture
-/// (validation rejects those) expands to nothing.
-fn expand(template: &str, caps: &Captures<'_>) -> String {
-    let mut out = String::with_capacity(template.len() + 16);
-    let mut rest = template;
-    while let Some(open) = rest.find('{') {
-        out.push_str(&rest[..open]);
-        let after = &rest[open + 1..];
-        match after.find('}') {
-            Some(close) => {
-                let name = &after[..close];
-                if name == "#" {
-                    out.push_str(caps.hash.unwrap_or(""));
-                } else if let Ok(n) = name.parse::<usize>() {
-                    if let Some(v) = n.checked_sub(1).and_then(|i| caps.plus.get(i)) {
-                        out.push_str(v);
-                    }
-                } else {
-                    // Not a placeholder: keep it literally.
-                    out.push('{');
-                    out.push_str(name);
-                    out.push('}');
-                }
-                rest = &after[close + 1..];
-            }
-            None => {
-                out.push_str(&rest[open..]);
-                rest = "";
-            }
-        }
-    }
-    out.push_str(rest);
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -134,40 +61,6 @@ mod tests {
                 .collect(),
             ..MqttUplink::default()
         })
-    }
-
-    #[test]
-    fn captures_plus_and_hash() {
-        assert_eq!(
-            captures("sensors/+/+", "sensors/a/temp"),
-            Some(Captures {
-                plus: vec!["a", "temp"],
-                hash: None
-            })
-        );
-        assert_eq!(
-            captures("sensors/+/#", "sensors/a/b/c"),
-            Some(Captures {
-                plus: vec!["a"],
-                hash: Some("b/c")
-            })
-        );
-        assert_eq!(
-            captures("sensors/#", "sensors"),
-            Some(Captures {
-                plus: vec![],
-                hash: Some("")
-            })
-        );
-        assert_eq!(
-            captures("+/x", "/x"),
-            Some(Captures {
-                plus: vec![""],
-                hash: None
-            })
-        );
-        assert_eq!(captures("sensors/+/temp", "sensors/a/hum"), None);
-        assert_eq!(captures("+/x", "$SYS/x"), None);
     }
 
     #[test]
@@ -191,16 +84,5 @@ mod tests {
     fn no_rules_no_prefix_is_identity() {
         let r = rw(None, &[]);
         assert_eq!(r.topic("a/b/c"), "a/b/c");
-    }
-
-    #[test]
-    fn odd_templates() {
-        let caps = Captures {
-            plus: vec!["a"],
-            hash: None,
-        };
-        assert_eq!(expand("x/{1}/{2}", &caps), "x/a/");
-        assert_eq!(expand("x/{name}/{1", &caps), "x/{name}/{1");
-        assert_eq!(expand("{0}{1}{1}", &caps), "aa");
     }
 }

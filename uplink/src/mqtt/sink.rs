@@ -49,17 +49,13 @@ struct Composer {
     v5: bool,
 }
 
-fn valid_topic_name(t: &str) -> bool {
-    !t.is_empty() && t.len() <= 65_535 && !t.contains(['+', '#', '\0'])
-}
-
 impl Composer {
     /// The message, or why the reading can never be published (dead-letter reason).
     fn compose(&self, r: &Reading, max_packet: Option<u32>) -> Result<Message, String> {
         let topic = self.rewriter.topic(&r.topic);
-        if !valid_topic_name(&topic) {
+        if let Err(why) = ferry_config::topic::check_name(&topic) {
             return Err(format!(
-                "the upstream topic {topic:?} (from {:?}) is not a valid MQTT topic name",
+                "the upstream topic {topic:?} (from {:?}) is not a valid MQTT topic name: {why}",
                 r.topic
             ));
         }
