@@ -62,8 +62,7 @@
 //! ## Recovery
 //! - After a crash, redb restores the last committed transaction, walking the file to rebuild
 //!   its allocator state; memory stays bounded by the page cache (`cache_bytes`) whatever the
-//!   backlog, and time grows with the file (62 ms for a 1M-reading backlog, see
-//!   BENCHMARKS.md). With [`BufferOptions::quick_repair`] the walk is skipped at the cost of
+//!   backlog, and time grows with the file (BENCHMARKS.md, "Recovery"). With [`BufferOptions::quick_repair`] the walk is skipped at the cost of
 //!   a second fsync per commit. Our counters come from that same last transaction.
 //! - A file redb cannot open as a database (bad magic, failed checksums, a panic inside
 //!   redb, an unexpected table layout) is **moved to `data_dir/quarantine/buffer-<ms>.redb`**,
@@ -157,13 +156,10 @@ pub struct BufferOptions {
     pub consumers: Vec<String>,
     /// Save redb's allocator state at each commit, so recovery after a crash does not walk
     /// the file. Costs a second fsync per commit; off by default because the walk is short
-    /// (measured: 62 ms and 12 MB peak RSS for a 1M-reading, 25 MB file) and bounded in memory
-    /// by the page cache.
+    /// (BENCHMARKS.md, "Recovery", has its time and memory) and bounded in memory by the page cache.
     pub quick_repair: bool,
-    /// Soft cap on the memory held by readings submitted and not yet answered (an estimate:
-    /// see [`Reading::memory_len`]). Above it, [`Buffer::pending_over`] says so, and callers
-    /// that can push back (MQTT sessions stop reading their sockets) wait for
-    /// [`Buffer::room_since`]. The buffer itself never refuses a submit for it.
+    /// Soft cap on the memory held by readings awaiting their commit (the rule: the crate
+    /// doc, "Readings awaiting their commit").
     pub max_pending_bytes: u64,
     /// Where the buffer reads the time: [`SystemClock`], or a [`ManualClock`] in tests.
     pub clock: Arc<dyn ClockSource>,

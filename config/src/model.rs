@@ -206,15 +206,13 @@ pub struct BufferSettings {
     /// adds to ferry's resident memory (BENCHMARKS.md, footprint). Default: 2097152 (2 MiB).
     pub cache_bytes: u64,
     /// Memory for readings received and not yet committed, estimated as each reading's
-    /// payload, topic, device and properties plus about 150 bytes of record (the heap holds
-    /// roughly 3× the estimate). When the disk stalls (a slow SD card, writeback), readings
-    /// keep arriving while none commit; above this cap MQTT connections stop reading their
-    /// sockets until a commit frees room, so the excess waits in the devices and the kernel's
-    /// socket buffers instead of ferry's memory. Nothing is refused or lost for it. HTTP
-    /// readings count towards it but are not paced by it: requests are bounded by
-    /// `http.max_connections` and `http.max_body_bytes` instead. At least 1. Default: 1048576
-    /// (1 MiB), about 3,500 readings of 100 bytes: above what the fastest QoS 1 load keeps
-    /// waiting. What it saves in a disk stall is measured in BENCHMARKS.md.
+    /// payload, topic, device and properties plus about 150 bytes of record. When the disk
+    /// stalls (a slow SD card, writeback), MQTT connections stop reading their sockets above
+    /// it, so the excess waits in the devices and the kernel's socket buffers instead of
+    /// ferry's memory; nothing is refused or lost for it (the rule: `ferry_gateway::mqtt`'s
+    /// session). HTTP requests are bounded by `http.max_connections` and
+    /// `http.max_body_bytes` instead. At least 1. Default: 1048576 (1 MiB). What it saves
+    /// in a disk stall: BENCHMARKS.md.
     pub max_pending_bytes: u64,
     /// Disk space ferry keeps free on the data directory's file system for the OS, journald
     /// and sshd; 0 turns the reserve off; unset: 5% of the file system, at most 256 MiB. What

@@ -13,9 +13,8 @@
 //! - A connection keeps reading while its appends are pending, up to `mqtt.max_inflight`
 //!   unacknowledged QoS 1/2 publishes (sent to v5 clients as Receive Maximum). The publishes
 //!   framed from one socket read go to the buffer as one append, and the appends of all
-//!   connections are grouped into one commit by the buffer's writer. While the readings of
-//!   all connections that await their commit hold more than `buffer.max_pending_bytes`
-//!   (a stalled disk), connections stop reading until a commit frees room.
+//!   connections are grouped into one commit by the buffer's writer. How connections pause
+//!   for a stalled disk is written in [`session`].
 //!
 //! ## Files
 //! - [`listener`]: the TCP and TLS accept loops, `max_connections`, shutdown.

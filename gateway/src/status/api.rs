@@ -250,7 +250,7 @@ pub struct MqttInfo {
     /// Clients connected now.
     pub connected_clients: i64,
     /// Times a connection stopped reading its socket because the readings received and not
-    /// yet committed reached `mqtt.max_pending_bytes` (a slow disk), since start.
+    /// yet committed reached `buffer.max_pending_bytes` (a slow disk), since start.
     pub read_pauses_total: u64,
 }
 

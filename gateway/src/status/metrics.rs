@@ -209,7 +209,7 @@ pub fn describe() {
     describe_counter!(
         "ferry_mqtt_read_pauses_total",
         Unit::Count,
-        "Times an MQTT connection stopped reading because uncommitted readings reached mqtt.max_pending_bytes."
+        "Times an MQTT connection stopped reading because uncommitted readings reached buffer.max_pending_bytes."
     );
     describe_histogram!(
         "ferry_mqtt_ack_latency_seconds",
