@@ -1,4 +1,4 @@
-//! The gateway's MQTT session (gateway/src/mqtt/session.rs) driven over an in-memory duplex by
+//! The gateway's MQTT session (gateway/src/mqtt/session/) driven over an in-memory duplex by
 //! a client sending arbitrary sequences of structured packets and raw bytes, split into
 //! arbitrary write sizes, against a real buffer on tmpfs.
 //!
