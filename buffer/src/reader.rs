@@ -132,7 +132,7 @@ impl Reader {
                     tracing::error!(segment = id, error = %e, consumer = %self.consumer,
                         "A buffer segment failed its integrity check and is skipped; its readings cannot be forwarded.");
                     metrics::counter!("ferry_buffer_corrupt_segments_total").increment(1);
-                    self.buffer.shared.stats_mut().corrupt_segments_total += 1;
+                    self.buffer.shared.stats_lock().corrupt_segments_total += 1;
                 }
             }
         }

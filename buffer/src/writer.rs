@@ -4,11 +4,11 @@
 use crate::clock::{ClockNow, SyncPoint};
 use crate::error::{AckError, AppendError, StorageFailure};
 use crate::reading::{Reading, now_ms};
-use crate::segment::{self, Cursor, encode_reading};
+use crate::segment;
 use crate::store::{
     self, BOOTS, CURSORS, DEAD, INDEX, Location, META, Meta, SEGMENTS, SegClock, SegMeta,
 };
-use crate::{AppendReceipt, Shared, WhenFull};
+use crate::{AppendReceipt, Shared, WhenFull, dead_letter, sf};
 use redb::{Database, Durability, ReadableDatabase, ReadableTable};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -133,10 +133,6 @@ pub(crate) struct Writer {
     stored_high_water: std::cell::Cell<u64>,
 }
 
-fn fail_storage(e: impl Into<redb::Error>) -> StorageFailure {
-    StorageFailure::from_redb(e)
-}
-
 impl Writer {
     pub(crate) fn new(
         shared: Arc<Shared>,
@@ -167,46 +163,41 @@ impl Writer {
             kind: crate::error::StorageFailureKind::Io,
             message: "buffer is not open".into(),
         })?;
-        let txn = db.begin_write().map_err(fail_storage)?;
+        let txn = db.begin_write().map_err(sf)?;
         {
-            let meta = txn.open_table(META).map_err(fail_storage)?;
-            self.meta = Meta::read(&meta).map_err(fail_storage)?;
-            let mut cursors = txn.open_table(CURSORS).map_err(fail_storage)?;
+            let meta = txn.open_table(META).map_err(sf)?;
+            self.meta = Meta::read(&meta).map_err(sf)?;
+            let mut cursors = txn.open_table(CURSORS).map_err(sf)?;
             self.cursors.clear();
             for name in &self.shared.opts.consumers {
-                let v = cursors
-                    .get(name.as_str())
-                    .map_err(fail_storage)?
-                    .map(|g| g.value());
+                let v = cursors.get(name.as_str()).map_err(sf)?.map(|g| g.value());
                 let v = match v {
                     Some(v) => v,
                     None => {
-                        cursors.insert(name.as_str(), 0).map_err(fail_storage)?;
+                        cursors.insert(name.as_str(), 0).map_err(sf)?;
                         0
                     }
                 };
                 self.cursors.insert(name.clone(), v);
             }
-            let index = txn.open_table(INDEX).map_err(fail_storage)?;
+            let index = txn.open_table(INDEX).map_err(sf)?;
             self.oldest = index
                 .first()
-                .map_err(fail_storage)?
+                .map_err(sf)?
                 .map(|(_, v)| SegMeta::from_tuple(v.value()));
             self.load_boots(&txn)?;
             if let Some(id) = &self.shared.opts.gateway_id {
-                let mut about = txn.open_table(store::ABOUT).map_err(fail_storage)?;
+                let mut about = txn.open_table(store::ABOUT).map_err(sf)?;
                 let same = about
                     .get("gateway_id")
-                    .map_err(fail_storage)?
+                    .map_err(sf)?
                     .is_some_and(|g| g.value() == id.as_str());
                 if !same {
-                    about
-                        .insert("gateway_id", id.as_str())
-                        .map_err(fail_storage)?;
+                    about.insert("gateway_id", id.as_str()).map_err(sf)?;
                 }
             }
         }
-        txn.commit().map_err(fail_storage)?;
+        txn.commit().map_err(sf)?;
         self.publish_stats(None);
         let newest = self.meta.next_segment_id - 1;
         self.shared.committed.send_replace(newest);
@@ -216,15 +207,15 @@ impl Writer {
     /// Finds this boot in the `boots` table (adding it when the boot id is new) and hands the
     /// known sync points to the clock.
     fn load_boots(&self, txn: &redb::WriteTransaction) -> Result<(), StorageFailure> {
-        let mut boots = txn.open_table(BOOTS).map_err(fail_storage)?;
+        let mut boots = txn.open_table(BOOTS).map_err(sf)?;
         let boot_id = self.shared.clock.boot_id();
-        let (sync, last) = crate::clock::read_boots(&boots).map_err(fail_storage)?;
+        let (sync, last) = crate::clock::read_boots(&boots).map_err(sf)?;
         let boot = match last {
             Some((n, id)) if id == boot_id => n,
             other => {
                 let n = other.map_or(1, |(n, _)| n + 1);
                 let row = crate::clock::encode_boot(&boot_id, None::<SyncPoint>);
-                boots.insert(n, row.as_slice()).map_err(fail_storage)?;
+                boots.insert(n, row.as_slice()).map_err(sf)?;
                 n
             }
         };
@@ -344,7 +335,7 @@ impl Writer {
             Ok((db, quarantined)) => {
                 let db = Arc::new(db);
                 if let Some(q) = quarantined {
-                    self.shared.stats_mut().quarantined.push(q);
+                    self.shared.stats_lock().quarantined.push(q);
                 }
                 self.db = Some(db.clone());
                 *self.shared.db.write().unwrap_or_else(|p| p.into_inner()) = Some(db.clone());
@@ -352,7 +343,7 @@ impl Writer {
                 tracing::warn!(
                     "The buffer was reopened after a storage error and accepts readings again."
                 );
-                self.shared.stats_mut().last_error = None;
+                self.shared.stats_lock().last_error = None;
                 self.last_failure = None;
                 Ok(db)
             }
@@ -364,7 +355,7 @@ impl Writer {
                         message: other.to_string(),
                     },
                 };
-                self.shared.stats_mut().last_error = Some(f.message.clone());
+                self.shared.stats_lock().last_error = Some(f.message.clone());
                 self.last_failure = Some(f.clone());
                 Err(f)
             }
@@ -414,8 +405,8 @@ impl Writer {
                 // redb poisons the handle after an I/O error: drop it and reopen on next use.
                 self.db = None;
                 *self.shared.db.write().unwrap_or_else(|p| p.into_inner()) = None;
-                self.shared.stats_mut().last_error = Some(f.message.clone());
-                self.shared.stats_mut().commit_errors_total += 1;
+                self.shared.stats_lock().last_error = Some(f.message.clone());
+                self.shared.stats_lock().commit_errors_total += 1;
                 self.last_failure = Some(f.clone());
                 self.fail(batch, f);
             }
@@ -501,7 +492,7 @@ impl Writer {
         let mut _leases_held = None;
         let mut meta = self.meta;
         let mut out = Outcome::default();
-        let mut txn = db.begin_write().map_err(fail_storage)?;
+        let mut txn = db.begin_write().map_err(sf)?;
         txn.set_durability(Durability::Immediate)
             .map_err(|e| StorageFailure {
                 kind: crate::error::StorageFailureKind::Other,
@@ -513,13 +504,13 @@ impl Writer {
         let accepted: Vec<usize>;
         let mut rejected: Vec<(usize, AppendError)> = Vec::new();
         {
-            let mut segs = txn.open_table(SEGMENTS).map_err(fail_storage)?;
-            let mut index = txn.open_table(INDEX).map_err(fail_storage)?;
-            let mut cursors = txn.open_table(CURSORS).map_err(fail_storage)?;
-            let mut dead = txn.open_table(DEAD).map_err(fail_storage)?;
+            let mut segs = txn.open_table(SEGMENTS).map_err(sf)?;
+            let mut index = txn.open_table(INDEX).map_err(sf)?;
+            let mut cursors = txn.open_table(CURSORS).map_err(sf)?;
+            let mut dead = txn.open_table(DEAD).map_err(sf)?;
             if let Some((boot, row)) = boot_row {
-                let mut boots = txn.open_table(BOOTS).map_err(fail_storage)?;
-                boots.insert(*boot, row.as_slice()).map_err(fail_storage)?;
+                let mut boots = txn.open_table(BOOTS).map_err(sf)?;
+                boots.insert(*boot, row.as_slice()).map_err(sf)?;
             }
 
             // 1. Acks: advance cursors, then delete what every consumer has acked.
@@ -530,9 +521,7 @@ impl Writer {
                     && *seg < meta.next_segment_id
                 {
                     *c = *seg;
-                    cursors
-                        .insert(consumer.as_str(), *seg)
-                        .map_err(fail_storage)?;
+                    cursors.insert(consumer.as_str(), *seg).map_err(sf)?;
                 }
             }
             if let Some(&floor) = new_cursors.values().min() {
@@ -550,13 +539,13 @@ impl Writer {
                 loop {
                     let first = index
                         .first()
-                        .map_err(fail_storage)?
+                        .map_err(sf)?
                         .map(|(k, v)| (k.value(), SegMeta::from_tuple(v.value())));
                     let Some((id, m)) = first else { break };
                     match self.age_ms(m.clock, m.newest_ms) {
                         Some(age) if age > max_age => {
-                            segs.remove(id).map_err(fail_storage)?;
-                            index.remove(id).map_err(fail_storage)?;
+                            segs.remove(id).map_err(sf)?;
+                            index.remove(id).map_err(sf)?;
                             out.dropped_ttl += m.count as u64;
                             meta.readings -= m.count as u64;
                             meta.stored_bytes -= m.stored_bytes;
@@ -570,16 +559,10 @@ impl Writer {
             // 3. Dead letters.
             for (consumer, items, _) in &batch.deads {
                 for (r, reason) in items {
-                    let mut v = Vec::with_capacity(r.encoded_len() + reason.len() + 32);
-                    v.extend_from_slice(&now_ms().to_le_bytes());
-                    v.extend_from_slice(&(consumer.len() as u32).to_le_bytes());
-                    v.extend_from_slice(consumer.as_bytes());
-                    v.extend_from_slice(&(reason.len() as u32).to_le_bytes());
-                    v.extend_from_slice(reason.as_bytes());
-                    encode_reading(&mut v, r);
+                    let v = dead_letter::encode(now_ms(), consumer, reason, r);
                     let old = dead
                         .insert(r.id, v.as_slice())
-                        .map_err(fail_storage)?
+                        .map_err(sf)?
                         .map(|g| g.value().len() as u64);
                     match old {
                         Some(len) => meta.dead_bytes -= len,
@@ -596,18 +579,18 @@ impl Writer {
                     Some(ids) => ids.clone(),
                     None => dead
                         .iter()
-                        .map_err(fail_storage)?
+                        .map_err(sf)?
                         .map(|e| e.map(|(k, _)| k.value()))
                         .collect::<Result<_, _>>()
-                        .map_err(fail_storage)?,
+                        .map_err(sf)?,
                 };
                 let mut n = 0;
                 for k in keys {
-                    if let Some(g) = dead.remove(k).map_err(fail_storage)? {
+                    if let Some(g) = dead.remove(k).map_err(sf)? {
                         let v = g.value();
                         meta.dead_bytes -= v.len() as u64;
                         meta.dead_count -= 1;
-                        if let Ok(mut dl) = crate::decode_dead_letter(k, v) {
+                        if let Ok(mut dl) = dead_letter::decode(v) {
                             dl.reading.source = crate::Source::Requeue;
                             requeued.push(dl.reading);
                             n += 1;
@@ -763,8 +746,8 @@ impl Writer {
             for e in &encoded {
                 let id = meta.next_segment_id;
                 meta.next_segment_id += 1;
-                segs.insert(id, e.value.as_slice()).map_err(fail_storage)?;
-                index.insert(id, e.meta.tuple()).map_err(fail_storage)?;
+                segs.insert(id, e.value.as_slice()).map_err(sf)?;
+                index.insert(id, e.meta.tuple()).map_err(sf)?;
                 meta.segments += 1;
                 meta.readings += e.meta.count as u64;
                 meta.stored_bytes += e.meta.stored_bytes;
@@ -782,10 +765,10 @@ impl Writer {
             }
             accepted = order;
 
-            let mut meta_t = txn.open_table(META).map_err(fail_storage)?;
-            meta.write(&mut meta_t).map_err(fail_storage)?;
+            let mut meta_t = txn.open_table(META).map_err(sf)?;
+            meta.write(&mut meta_t).map_err(sf)?;
         }
-        txn.commit().map_err(fail_storage)?;
+        txn.commit().map_err(sf)?;
         Ok((meta, out, accepted, rejected))
     }
 
@@ -816,7 +799,7 @@ impl Writer {
 
         // Stats and metrics first, so a caller that sees its ack also sees the counters.
         {
-            let mut s = self.shared.stats_mut();
+            let mut s = self.shared.stats_lock();
             s.commits_total += 1;
             s.appended_total += out.appended;
             s.acked_total += out.acked_readings;
@@ -923,7 +906,7 @@ impl Writer {
                 }
             }
         }
-        let mut s = self.shared.stats_mut();
+        let mut s = self.shared.stats_lock();
         s.readings = m.readings;
         s.stored_bytes = m.stored_bytes;
         s.segments = m.segments;
@@ -946,7 +929,7 @@ impl Writer {
         let n: u64 = batch.appends.iter().map(|(r, _)| r.len() as u64).sum();
         if n > 0 {
             metrics::counter!("ferry_readings_rejected_total", "reason" => "storage").increment(n);
-            self.shared.stats_mut().rejected_storage_total += n;
+            self.shared.stats_lock().rejected_storage_total += n;
         }
         for (readings, reply) in batch.appends {
             let _ = reply.send(Err(AppendError::Storage {
@@ -992,14 +975,14 @@ fn delete_through(
 ) -> Result<(u64, u64, u64), StorageFailure> {
     let doomed: Vec<(u64, SegMeta)> = index
         .range(..=through)
-        .map_err(fail_storage)?
+        .map_err(sf)?
         .map(|e| e.map(|(k, v)| (k.value(), SegMeta::from_tuple(v.value()))))
         .collect::<Result<_, _>>()
-        .map_err(fail_storage)?;
+        .map_err(sf)?;
     let mut totals = (0, 0, 0);
     for (id, m) in doomed {
-        segs.remove(id).map_err(fail_storage)?;
-        index.remove(id).map_err(fail_storage)?;
+        segs.remove(id).map_err(sf)?;
+        index.remove(id).map_err(sf)?;
         totals.0 += m.count as u64;
         totals.1 += m.stored_bytes;
         totals.2 += 1;
@@ -1026,11 +1009,11 @@ fn evict_oldest(
     let mut victims: Vec<(u64, SegMeta)> = Vec::new();
     let mut freed = 0u64;
     for pass_pinned in [false, true] {
-        for entry in index.iter().map_err(fail_storage)? {
+        for entry in index.iter().map_err(sf)? {
             if freed >= need {
                 break;
             }
-            let (k, v) = entry.map_err(fail_storage)?;
+            let (k, v) = entry.map_err(sf)?;
             let id = k.value();
             if pinned(id) != pass_pinned {
                 continue;
@@ -1042,8 +1025,8 @@ fn evict_oldest(
     }
     let mut totals = (0u64, 0u64, 0u64);
     for (id, m) in victims {
-        segs.remove(id).map_err(fail_storage)?;
-        index.remove(id).map_err(fail_storage)?;
+        segs.remove(id).map_err(sf)?;
+        index.remove(id).map_err(sf)?;
         totals.0 += m.count as u64;
         totals.1 += m.stored_bytes;
         totals.2 += 1;
@@ -1058,29 +1041,11 @@ fn evict_dead(
 ) -> Result<(u64, u64), StorageFailure> {
     let mut totals = (0u64, 0u64);
     while totals.1 < need {
-        let Some((_, v)) = dead.pop_first().map_err(fail_storage)? else {
+        let Some((_, v)) = dead.pop_first().map_err(sf)? else {
             break;
         };
         totals.0 += 1;
         totals.1 += v.value().len() as u64;
     }
     Ok(totals)
-}
-
-/// Decodes a dead-letter value (see the writer for the layout).
-pub(crate) fn decode_dead(
-    value: &[u8],
-) -> Result<(u64, String, String, Reading), segment::DecodeError> {
-    let whole = bytes::Bytes::copy_from_slice(value);
-    let mut c = Cursor::new(&whole);
-    let at = c.u64("dead_at_ms")?;
-    let consumer = c.string("consumer")?;
-    let reason = c.string("reason")?;
-    let mut reading = c.reading(&whole)?;
-    // Dead letters written before format 2 end after the payload.
-    if c.remaining() > 0 {
-        reading.clock = c.clock()?;
-        reading.origin = c.origin()?;
-    }
-    Ok((at, consumer, reason, reading))
 }
