@@ -477,8 +477,10 @@ impl Writer {
         out
     }
 
-    /// Runs the whole batch in one write transaction. Returns the new meta, what changed, and
-    /// which appends (by index) were accepted or refused for space.
+    /// Runs the whole batch in one write transaction, in these steps: acks, TTL, dead
+    /// letters, requeues, appends (within the byte cap and the disk reserve), then the new
+    /// segments and counters. Returns the new meta, what changed, and which appends (by index)
+    /// were accepted or refused for space.
     #[allow(clippy::type_complexity)]
     fn write_txn(
         &self,
@@ -486,290 +488,267 @@ impl Writer {
         batch: &mut Batch,
         boot_row: Option<&(u32, Vec<u8>)>,
     ) -> Result<(Meta, Outcome, Vec<usize>, Vec<(usize, AppendError)>), StorageFailure> {
-        let opts = &self.shared.opts;
-        let shared = self.shared.clone();
         // Held from choosing what `drop_oldest` evicts until the commit (see Shared::leases).
-        let mut _leases_held = None;
-        let mut meta = self.meta;
-        let mut out = Outcome::default();
+        let mut leases_held = None;
         let mut txn = db.begin_write().map_err(sf)?;
         txn.set_durability(Durability::Immediate)
             .map_err(|e| StorageFailure {
                 kind: crate::error::StorageFailureKind::Other,
                 message: e.to_string(),
             })?;
-        if opts.quick_repair {
+        if self.shared.opts.quick_repair {
             txn.set_quick_repair(true);
         }
-        let accepted: Vec<usize>;
-        let mut rejected: Vec<(usize, AppendError)> = Vec::new();
+        let (meta, out, accepted, rejected);
         {
-            let mut segs = txn.open_table(SEGMENTS).map_err(sf)?;
-            let mut index = txn.open_table(INDEX).map_err(sf)?;
-            let mut cursors = txn.open_table(CURSORS).map_err(sf)?;
-            let mut dead = txn.open_table(DEAD).map_err(sf)?;
+            let mut t = Txn {
+                segs: txn.open_table(SEGMENTS).map_err(sf)?,
+                index: txn.open_table(INDEX).map_err(sf)?,
+                dead: txn.open_table(DEAD).map_err(sf)?,
+                meta: self.meta,
+                out: Outcome::default(),
+            };
             if let Some((boot, row)) = boot_row {
                 let mut boots = txn.open_table(BOOTS).map_err(sf)?;
                 boots.insert(*boot, row.as_slice()).map_err(sf)?;
             }
-
-            // 1. Acks: advance cursors, then delete what every consumer has acked.
-            let mut new_cursors = self.cursors.clone();
-            for (consumer, seg, _) in &batch.acks {
-                if let Some(c) = new_cursors.get_mut(consumer)
-                    && *seg > *c
-                    && *seg < meta.next_segment_id
-                {
-                    *c = *seg;
-                    cursors.insert(consumer.as_str(), *seg).map_err(sf)?;
-                }
+            let mut cursors = txn.open_table(CURSORS).map_err(sf)?;
+            let new_cursors = self.apply_acks(&mut t, &mut cursors, &batch.acks)?;
+            self.expire(&mut t)?;
+            t.write_dead_letters(&batch.deads)?;
+            let requeued = t.take_requeues(&batch.requeues)?;
+            let placed =
+                self.place_appends(&mut t, batch, &requeued, &new_cursors, &mut leases_held)?;
+            t.write_segments(&placed.encoded)?;
+            for &i in &placed.accepted {
+                let readings = &batch.appends[i].0;
+                t.out.appended += readings.len() as u64;
+                t.out.raw_bytes += readings.iter().map(|r| r.encoded_len() as u64).sum::<u64>();
+                t.meta.next_reading_id += readings.len() as u64;
             }
-            if let Some(&floor) = new_cursors.values().min() {
-                let (n, b, s) = delete_through(&mut segs, &mut index, floor)?;
-                out.acked_readings += n;
-                meta.readings -= n;
-                meta.stored_bytes -= b;
-                meta.segments -= s;
-            }
-
-            // 2. TTL: drop segments whose newest reading is older than max_age, by an age
-            //    the clock can vouch for (crate::clock): never on a guess.
-            if let Some(max_age) = opts.max_age {
-                let max_age = max_age.as_millis() as u64;
-                loop {
-                    let first = index
-                        .first()
-                        .map_err(sf)?
-                        .map(|(k, v)| (k.value(), SegMeta::from_tuple(v.value())));
-                    let Some((id, m)) = first else { break };
-                    match self.age_ms(m.clock, m.newest_ms) {
-                        Some(age) if age > max_age => {
-                            segs.remove(id).map_err(sf)?;
-                            index.remove(id).map_err(sf)?;
-                            out.dropped_ttl += m.count as u64;
-                            meta.readings -= m.count as u64;
-                            meta.stored_bytes -= m.stored_bytes;
-                            meta.segments -= 1;
-                        }
-                        _ => break,
-                    }
-                }
-            }
-
-            // 3. Dead letters.
-            for (consumer, items, _) in &batch.deads {
-                for (r, reason) in items {
-                    let v = dead_letter::encode(now_ms(), consumer, reason, r);
-                    let old = dead
-                        .insert(r.id, v.as_slice())
-                        .map_err(sf)?
-                        .map(|g| g.value().len() as u64);
-                    match old {
-                        Some(len) => meta.dead_bytes -= len,
-                        None => meta.dead_count += 1,
-                    }
-                    meta.dead_bytes += v.len() as u64;
-                }
-            }
-
-            // 4. Requeues: take dead letters out and append them again with their own ids.
-            let mut requeued: Vec<Reading> = Vec::new();
-            for (ids, _) in &batch.requeues {
-                let keys: Vec<u64> = match ids {
-                    Some(ids) => ids.clone(),
-                    None => dead
-                        .iter()
-                        .map_err(sf)?
-                        .map(|e| e.map(|(k, _)| k.value()))
-                        .collect::<Result<_, _>>()
-                        .map_err(sf)?,
-                };
-                let mut n = 0;
-                for k in keys {
-                    if let Some(g) = dead.remove(k).map_err(sf)? {
-                        let v = g.value();
-                        meta.dead_bytes -= v.len() as u64;
-                        meta.dead_count -= 1;
-                        if let Ok(mut dl) = dead_letter::decode(v) {
-                            dl.reading.source = crate::Source::Requeue;
-                            requeued.push(dl.reading);
-                            n += 1;
-                        }
-                    }
-                }
-                out.requeued.push(n);
-            }
-
-            // 5. Appends, within the byte cap and the disk reserve.
-            let cap = match self.disk_room(meta.used_bytes()) {
-                Some(room) if room < opts.max_bytes => {
-                    out.disk_limited = true;
-                    room
-                }
-                _ => opts.max_bytes,
-            };
-            let mut order: Vec<usize> = (0..batch.appends.len()).collect();
-            let mut encoded;
-            // Under `drop_oldest`, whether eviction already ran and left nothing to evict.
-            let mut evicted_all = false;
-            loop {
-                let refs: Vec<&Reading> = order
-                    .iter()
-                    .flat_map(|&i| batch.appends[i].0.iter())
-                    .chain(requeued.iter())
-                    .collect();
-                encoded = self.encode(&refs);
-                let new_bytes: u64 = encoded.iter().map(|e| e.meta.stored_bytes).sum();
-                if meta.used_bytes() + new_bytes <= cap {
-                    break;
-                }
-                if new_bytes > opts.max_bytes {
-                    // Cannot fit even in an empty buffer: refuse the largest requests first.
-                    if let Some((pos, _)) = order
-                        .iter()
-                        .enumerate()
-                        .max_by_key(|(_, i)| batch.appends[**i].0.len())
-                    {
-                        let i = order.remove(pos);
-                        let bytes = batch.appends[i]
-                            .0
-                            .iter()
-                            .map(|r| r.encoded_len() as u64)
-                            .sum();
-                        rejected.push((
-                            i,
-                            AppendError::TooLarge {
-                                readings: Vec::new(),
-                                bytes,
-                                max: opts.max_bytes,
-                            },
-                        ));
-                        continue;
-                    }
-                    break;
-                }
-                // At the disk reserve with nothing left to evict, `drop_oldest` refuses too:
-                // the reserve is the system's, not the buffer's.
-                let policy = if evicted_all {
-                    WhenFull::Reject
-                } else {
-                    opts.when_full
-                };
-                match policy {
-                    WhenFull::DropOldest => {
-                        let need = meta.used_bytes() + new_bytes - cap;
-                        let leases = shared.leases.lock().unwrap_or_else(|p| p.into_inner());
-                        // Segments handed to an uplink and not yet acked by it.
-                        let in_flight: Vec<(u64, u64)> = leases
-                            .iter()
-                            .filter_map(|(c, &lease)| {
-                                let acked = new_cursors.get(c).copied().unwrap_or(0);
-                                (lease > acked).then_some((acked + 1, lease))
-                            })
-                            .collect();
-                        _leases_held = Some(leases);
-                        let (n, b, s) = evict_oldest(&mut segs, &mut index, need, &in_flight)?;
-                        if out.disk_limited {
-                            out.dropped_disk += n;
-                        } else {
-                            out.dropped_full += n;
-                        }
-                        meta.readings -= n;
-                        meta.stored_bytes -= b;
-                        meta.segments -= s;
-                        if meta.used_bytes() + new_bytes > cap {
-                            // Only dead letters are left to make room.
-                            let need = meta.used_bytes() + new_bytes - cap;
-                            let (n, b) = evict_dead(&mut dead, need)?;
-                            out.dropped_dead += n;
-                            meta.dead_count -= n;
-                            meta.dead_bytes -= b;
-                        }
-                        if !out.disk_limited || meta.used_bytes() + new_bytes <= cap {
-                            break;
-                        }
-                        // Nothing is left to evict and the disk reserve is still in the way.
-                        evicted_all = true;
-                    }
-                    WhenFull::Reject => {
-                        if order.is_empty() {
-                            break;
-                        }
-                        // Refuse from the newest request back, by an estimate of what fits,
-                        // then verify by encoding again.
-                        let free = cap.saturating_sub(meta.used_bytes());
-                        let ratio = new_bytes as f64
-                            / refs.iter().map(|r| r.encoded_len()).sum::<usize>().max(1) as f64;
-                        let mut keep = 0;
-                        let mut est = 0f64;
-                        for &i in &order {
-                            let raw: usize =
-                                batch.appends[i].0.iter().map(Reading::encoded_len).sum();
-                            est += raw as f64 * ratio;
-                            if est > free as f64 {
-                                break;
-                            }
-                            keep += 1;
-                        }
-                        let keep = keep.min(order.len() - 1);
-                        for i in order.drain(keep..) {
-                            rejected.push((
-                                i,
-                                AppendError::Full {
-                                    readings: Vec::new(),
-                                    used: meta.used_bytes(),
-                                    max: cap,
-                                    disk_reserve: out.disk_limited,
-                                },
-                            ));
-                        }
-                    }
-                }
-            }
-            // Refused requests give their ids back only if they were the newest; ids are
-            // renumbered so that the committed ones stay dense.
-            if !rejected.is_empty() {
-                let mut next = self.meta.next_reading_id;
-                for &i in &order {
-                    for r in batch.appends[i].0.iter_mut() {
-                        r.id = next;
-                        next += 1;
-                    }
-                }
-                let refs: Vec<&Reading> = order
-                    .iter()
-                    .flat_map(|&i| batch.appends[i].0.iter())
-                    .chain(requeued.iter())
-                    .collect();
-                encoded = self.encode(&refs);
-            }
-            for e in &encoded {
-                let id = meta.next_segment_id;
-                meta.next_segment_id += 1;
-                segs.insert(id, e.value.as_slice()).map_err(sf)?;
-                index.insert(id, e.meta.tuple()).map_err(sf)?;
-                meta.segments += 1;
-                meta.readings += e.meta.count as u64;
-                meta.stored_bytes += e.meta.stored_bytes;
-                out.stored_new += e.meta.stored_bytes;
-                out.segments_written += 1;
-            }
-            for &i in &order {
-                out.appended += batch.appends[i].0.len() as u64;
-                out.raw_bytes += batch.appends[i]
-                    .0
-                    .iter()
-                    .map(|r| r.encoded_len() as u64)
-                    .sum::<u64>();
-                meta.next_reading_id += batch.appends[i].0.len() as u64;
-            }
-            accepted = order;
-
             let mut meta_t = txn.open_table(META).map_err(sf)?;
-            meta.write(&mut meta_t).map_err(sf)?;
+            t.meta.write(&mut meta_t).map_err(sf)?;
+            (meta, out, accepted, rejected) = (t.meta, t.out, placed.accepted, placed.rejected);
         }
         txn.commit().map_err(sf)?;
         Ok((meta, out, accepted, rejected))
+    }
+
+    /// Step 1, acks: advances cursors, then deletes what every consumer has acked. Returns
+    /// the cursors as they will be after the commit.
+    fn apply_acks(
+        &self,
+        t: &mut Txn<'_>,
+        cursors: &mut redb::Table<'_, &'static str, u64>,
+        acks: &[AckReq],
+    ) -> Result<BTreeMap<String, u64>, StorageFailure> {
+        let mut new_cursors = self.cursors.clone();
+        for (consumer, seg, _) in acks {
+            if let Some(c) = new_cursors.get_mut(consumer)
+                && *seg > *c
+                && *seg < t.meta.next_segment_id
+            {
+                *c = *seg;
+                cursors.insert(consumer.as_str(), *seg).map_err(sf)?;
+            }
+        }
+        if let Some(&floor) = new_cursors.values().min() {
+            let (n, b, s) = delete_through(&mut t.segs, &mut t.index, floor)?;
+            t.out.acked_readings += n;
+            t.meta.readings -= n;
+            t.meta.stored_bytes -= b;
+            t.meta.segments -= s;
+        }
+        Ok(new_cursors)
+    }
+
+    /// Step 2, TTL: drops segments whose newest reading is older than `max_age`, by an age
+    /// the clock can vouch for (crate::clock): never on a guess.
+    fn expire(&self, t: &mut Txn<'_>) -> Result<(), StorageFailure> {
+        let Some(max_age) = self.shared.opts.max_age else {
+            return Ok(());
+        };
+        let max_age = max_age.as_millis() as u64;
+        loop {
+            let first = t
+                .index
+                .first()
+                .map_err(sf)?
+                .map(|(k, v)| (k.value(), SegMeta::from_tuple(v.value())));
+            let Some((id, m)) = first else { break };
+            match self.age_ms(m.clock, m.newest_ms) {
+                Some(age) if age > max_age => {
+                    t.segs.remove(id).map_err(sf)?;
+                    t.index.remove(id).map_err(sf)?;
+                    t.out.dropped_ttl += m.count as u64;
+                    t.meta.readings -= m.count as u64;
+                    t.meta.stored_bytes -= m.stored_bytes;
+                    t.meta.segments -= 1;
+                }
+                _ => break,
+            }
+        }
+        Ok(())
+    }
+
+    /// Step 5, appends: encodes the appends and the requeued readings, within the byte cap
+    /// and the disk reserve, evicting under `drop_oldest` and refusing under `reject` (or
+    /// when nothing is left to evict at the disk reserve, which is the system's, not the
+    /// buffer's). Refused appends give their ids back, so the committed ones stay dense.
+    fn place_appends<'s>(
+        &'s self,
+        t: &mut Txn<'_>,
+        batch: &mut Batch,
+        requeued: &[Reading],
+        new_cursors: &BTreeMap<String, u64>,
+        leases_held: &mut Option<std::sync::MutexGuard<'s, BTreeMap<String, u64>>>,
+    ) -> Result<Placed, StorageFailure> {
+        let opts = &self.shared.opts;
+        let cap = match self.disk_room(t.meta.used_bytes()) {
+            Some(room) if room < opts.max_bytes => {
+                t.out.disk_limited = true;
+                room
+            }
+            _ => opts.max_bytes,
+        };
+        let mut rejected: Vec<(usize, AppendError)> = Vec::new();
+        let mut order: Vec<usize> = (0..batch.appends.len()).collect();
+        let mut encoded;
+        // Under `drop_oldest`, whether eviction already ran and left nothing to evict.
+        let mut evicted_all = false;
+        loop {
+            let refs: Vec<&Reading> = order
+                .iter()
+                .flat_map(|&i| batch.appends[i].0.iter())
+                .chain(requeued.iter())
+                .collect();
+            encoded = self.encode(&refs);
+            let new_bytes: u64 = encoded.iter().map(|e| e.meta.stored_bytes).sum();
+            if t.meta.used_bytes() + new_bytes <= cap {
+                break;
+            }
+            if new_bytes > opts.max_bytes {
+                // Cannot fit even in an empty buffer: refuse the largest requests first.
+                if let Some((pos, _)) = order
+                    .iter()
+                    .enumerate()
+                    .max_by_key(|(_, i)| batch.appends[**i].0.len())
+                {
+                    let i = order.remove(pos);
+                    let bytes = batch.appends[i]
+                        .0
+                        .iter()
+                        .map(|r| r.encoded_len() as u64)
+                        .sum();
+                    rejected.push((
+                        i,
+                        AppendError::TooLarge {
+                            readings: Vec::new(),
+                            bytes,
+                            max: opts.max_bytes,
+                        },
+                    ));
+                    continue;
+                }
+                break;
+            }
+            let policy = if evicted_all {
+                WhenFull::Reject
+            } else {
+                opts.when_full
+            };
+            match policy {
+                WhenFull::DropOldest => {
+                    let need = t.meta.used_bytes() + new_bytes - cap;
+                    let leases = self.shared.leases.lock().unwrap_or_else(|p| p.into_inner());
+                    // Segments handed to an uplink and not yet acked by it.
+                    let in_flight: Vec<(u64, u64)> = leases
+                        .iter()
+                        .filter_map(|(c, &lease)| {
+                            let acked = new_cursors.get(c).copied().unwrap_or(0);
+                            (lease > acked).then_some((acked + 1, lease))
+                        })
+                        .collect();
+                    *leases_held = Some(leases);
+                    let (n, b, s) = evict_oldest(&mut t.segs, &mut t.index, need, &in_flight)?;
+                    if t.out.disk_limited {
+                        t.out.dropped_disk += n;
+                    } else {
+                        t.out.dropped_full += n;
+                    }
+                    t.meta.readings -= n;
+                    t.meta.stored_bytes -= b;
+                    t.meta.segments -= s;
+                    if t.meta.used_bytes() + new_bytes > cap {
+                        // Only dead letters are left to make room.
+                        let need = t.meta.used_bytes() + new_bytes - cap;
+                        let (n, b) = evict_dead(&mut t.dead, need)?;
+                        t.out.dropped_dead += n;
+                        t.meta.dead_count -= n;
+                        t.meta.dead_bytes -= b;
+                    }
+                    if !t.out.disk_limited || t.meta.used_bytes() + new_bytes <= cap {
+                        break;
+                    }
+                    // Nothing is left to evict and the disk reserve is still in the way.
+                    evicted_all = true;
+                }
+                WhenFull::Reject => {
+                    if order.is_empty() {
+                        break;
+                    }
+                    // Refuse from the newest request back, by an estimate of what fits,
+                    // then verify by encoding again.
+                    let free = cap.saturating_sub(t.meta.used_bytes());
+                    let ratio = new_bytes as f64
+                        / refs.iter().map(|r| r.encoded_len()).sum::<usize>().max(1) as f64;
+                    let mut keep = 0;
+                    let mut est = 0f64;
+                    for &i in &order {
+                        let raw: usize = batch.appends[i].0.iter().map(Reading::encoded_len).sum();
+                        est += raw as f64 * ratio;
+                        if est > free as f64 {
+                            break;
+                        }
+                        keep += 1;
+                    }
+                    let keep = keep.min(order.len() - 1);
+                    for i in order.drain(keep..) {
+                        rejected.push((
+                            i,
+                            AppendError::Full {
+                                readings: Vec::new(),
+                                used: t.meta.used_bytes(),
+                                max: cap,
+                                disk_reserve: t.out.disk_limited,
+                            },
+                        ));
+                    }
+                }
+            }
+        }
+        // Refused requests give their ids back only if they were the newest; ids are
+        // renumbered so that the committed ones stay dense.
+        if !rejected.is_empty() {
+            let mut next = self.meta.next_reading_id;
+            for &i in &order {
+                for r in batch.appends[i].0.iter_mut() {
+                    r.id = next;
+                    next += 1;
+                }
+            }
+            let refs: Vec<&Reading> = order
+                .iter()
+                .flat_map(|&i| batch.appends[i].0.iter())
+                .chain(requeued.iter())
+                .collect();
+            encoded = self.encode(&refs);
+        }
+        Ok(Placed {
+            encoded,
+            accepted: order,
+            rejected,
+        })
     }
 
     fn finish(
@@ -961,6 +940,94 @@ pub(crate) fn reply_closed(cmd: Cmd) {
             let _ = reply.send(Err(AckError::Closed));
         }
         Cmd::Ping(_) | Cmd::Shutdown => {}
+    }
+}
+
+/// One write transaction's tables and what it changed so far (see [`Writer::write_txn`]).
+struct Txn<'t> {
+    segs: Segs<'t>,
+    index: Index<'t>,
+    dead: redb::Table<'t, u64, &'static [u8]>,
+    meta: Meta,
+    out: Outcome,
+}
+
+/// What [`Writer::place_appends`] decided: the segments to write, and the appends (by index)
+/// accepted and refused.
+struct Placed {
+    encoded: Vec<Encoded>,
+    accepted: Vec<usize>,
+    rejected: Vec<(usize, AppendError)>,
+}
+
+impl Txn<'_> {
+    /// Step 3, dead letters: stored under their reading id (a second one replaces the first).
+    fn write_dead_letters(&mut self, deads: &[DeadReq]) -> Result<(), StorageFailure> {
+        for (consumer, items, _) in deads {
+            for (r, reason) in items {
+                let v = dead_letter::encode(now_ms(), consumer, reason, r);
+                let old = self
+                    .dead
+                    .insert(r.id, v.as_slice())
+                    .map_err(sf)?
+                    .map(|g| g.value().len() as u64);
+                match old {
+                    Some(len) => self.meta.dead_bytes -= len,
+                    None => self.meta.dead_count += 1,
+                }
+                self.meta.dead_bytes += v.len() as u64;
+            }
+        }
+        Ok(())
+    }
+
+    /// Step 4, requeues: takes dead letters out, to be appended again with their own ids.
+    /// Records how many each request took in `out.requeued`.
+    fn take_requeues(&mut self, requeues: &[RequeueReq]) -> Result<Vec<Reading>, StorageFailure> {
+        let mut requeued: Vec<Reading> = Vec::new();
+        for (ids, _) in requeues {
+            let keys: Vec<u64> = match ids {
+                Some(ids) => ids.clone(),
+                None => self
+                    .dead
+                    .iter()
+                    .map_err(sf)?
+                    .map(|e| e.map(|(k, _)| k.value()))
+                    .collect::<Result<_, _>>()
+                    .map_err(sf)?,
+            };
+            let mut n = 0;
+            for k in keys {
+                if let Some(g) = self.dead.remove(k).map_err(sf)? {
+                    let v = g.value();
+                    self.meta.dead_bytes -= v.len() as u64;
+                    self.meta.dead_count -= 1;
+                    if let Ok(mut dl) = dead_letter::decode(v) {
+                        dl.reading.source = crate::Source::Requeue;
+                        requeued.push(dl.reading);
+                        n += 1;
+                    }
+                }
+            }
+            self.out.requeued.push(n);
+        }
+        Ok(requeued)
+    }
+
+    /// Step 6: writes the new segments and their index rows.
+    fn write_segments(&mut self, encoded: &[Encoded]) -> Result<(), StorageFailure> {
+        for e in encoded {
+            let id = self.meta.next_segment_id;
+            self.meta.next_segment_id += 1;
+            self.segs.insert(id, e.value.as_slice()).map_err(sf)?;
+            self.index.insert(id, e.meta.tuple()).map_err(sf)?;
+            self.meta.segments += 1;
+            self.meta.readings += e.meta.count as u64;
+            self.meta.stored_bytes += e.meta.stored_bytes;
+            self.out.stored_new += e.meta.stored_bytes;
+            self.out.segments_written += 1;
+        }
+        Ok(())
     }
 }
 
