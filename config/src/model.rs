@@ -473,7 +473,6 @@ impl UplinkSettings {
 /// The type of an uplink (its `type` key) and the settings of that type.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
-#[non_exhaustive]
 pub enum UplinkKind {
     /// `type = "kafka"`: forward to Kafka.
     Kafka(KafkaUplink),

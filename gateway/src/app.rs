@@ -81,7 +81,7 @@ pub fn buffer_options(config: &Config) -> BufferOptions {
         max_bytes: b.max_bytes,
         when_full: match b.when_full {
             ferry_config::WhenFull::Reject => WhenFull::Reject,
-            _ => WhenFull::DropOldest,
+            ferry_config::WhenFull::DropOldest => WhenFull::DropOldest,
         },
         flush_interval: Duration::from_millis(b.flush_interval_ms),
         max_flush_delay: Duration::from_millis(b.max_flush_delay_ms),
@@ -90,7 +90,7 @@ pub fn buffer_options(config: &Config) -> BufferOptions {
         max_batch_bytes: b.max_batch_bytes,
         compression: match b.compression {
             ferry_config::Compression::None => Compression::None,
-            _ => Compression::Gzip {
+            ferry_config::Compression::Gzip => Compression::Gzip {
                 level: b.compression_level,
             },
         },

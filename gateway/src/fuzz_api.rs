@@ -53,7 +53,7 @@ pub fn http_body(
     );
     let content_type = match format {
         BatchFormat::Senml => formats::SENML_JSON,
-        _ => formats::JSON,
+        BatchFormat::JsonArray | BatchFormat::Ndjson => formats::JSON,
     };
     for r in &readings {
         assert_eq!(r.source, Source::Http);

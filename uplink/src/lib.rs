@@ -206,7 +206,6 @@ pub fn from_config(config: &Config, buffer: &Buffer) -> Result<Vec<Box<dyn Uplin
             )),
             UplinkKind::Kinesis(c) => boxed(kinesis::KinesisSink::new(c, common)),
             UplinkKind::Pubsub(c) => boxed(pubsub::PubsubSink::new(c, common)),
-            _ => Err(format!("this build of ferry has no uplink of type {kind}").into()),
         };
         out.push(built.map_err(|source| BuildError {
             name: name.to_owned(),

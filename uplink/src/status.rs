@@ -21,7 +21,6 @@ pub const DRAIN_WINDOW: Duration = Duration::from_secs(10);
 /// The connection state of an uplink.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
-#[non_exhaustive]
 pub enum LinkState {
     /// Started, nothing confirmed yet.
     Connecting,

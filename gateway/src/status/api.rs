@@ -358,7 +358,7 @@ fn state(s: LinkState) -> UplinkState {
         LinkState::Connected => UplinkState::Connected,
         LinkState::BackingOff => UplinkState::BackingOff,
         LinkState::Offline => UplinkState::Offline,
-        _ => UplinkState::Connecting,
+        LinkState::Connecting => UplinkState::Connecting,
     }
 }
 

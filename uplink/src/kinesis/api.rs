@@ -293,7 +293,7 @@ impl BatchApi for KinesisApi {
         }
         let data = match k.format {
             RecordFormat::Raw => r.payload.to_vec(),
-            _ => crate::meta::envelope(&k.gateway_id, r),
+            RecordFormat::Envelope => crate::meta::envelope(&k.gateway_id, r),
         };
         let size = data.len() + key.len();
         if size > MAX_RECORD_BYTES {
