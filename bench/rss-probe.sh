@@ -9,8 +9,8 @@
 #   OUTAGE=1 bench/rss-probe.sh 100 3000 60   # the same with a Kafka uplink whose broker
 #                                             # is unreachable (a site whose link is down)
 #
-# BIN_DIR holds ferry-bench-gateway and ferry-load (default target/release; build them with
-# `cargo build --release -p ferry-bench`). FERRY_* variables in the environment reach the
+# BIN_DIR holds ferry and ferry-load (default target/release; build them with
+# `cargo build --release -p ferry-gateway -p ferry-bench`). FERRY_* variables in the environment reach the
 # gateway, e.g. FERRY_BUFFER_CACHE_BYTES=1048576.
 set -euo pipefail
 . "$(dirname "$0")/probe-lib.sh"

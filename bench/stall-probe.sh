@@ -11,7 +11,7 @@
 # would stall the whole machine. As root, for example:
 #   truncate -s 512M /var/tmp/fimg.img && mkfs.ext4 -q -F /var/tmp/fimg.img
 #   mkdir -p /mnt/fimg && mount -o loop /var/tmp/fimg.img /mnt/fimg
-# BIN_DIR holds ferry-bench-gateway and ferry-load (default target/release). FERRY_*
+# BIN_DIR holds ferry and ferry-load (default target/release). FERRY_*
 # variables in the environment reach the gateway, e.g. FERRY_BUFFER_MAX_PENDING_BYTES.
 set -euo pipefail
 . "$(dirname "$0")/probe-lib.sh"

@@ -6,13 +6,50 @@
 //!   `kcat -P`, a no-work axum handler) and prints one Markdown table; `--smoke` runs them all
 //!   with tiny sizes in seconds (the CI smoke test in `tests/smoke.rs`).
 //! - `buffer-bench`: the buffer's group commit, compression and crash-reopen figures.
-//! - `null_http`: the no-work HTTP baseline. `ferry-bench-gateway`: the `ferry` entry point,
-//!   built in this crate so that cargo builds it before the smoke test runs.
+//! - `null_http`: the no-work HTTP baseline.
+//!
+//! The ferry under test is the shipped binary, `ferry` of ferry-gateway, built as it is
+//! shipped: [`ferry_binary`] builds it with cargo beside the tool that asks (cargo cannot make
+//! one package's binary depend on another's without the unstable artifact dependencies).
 //!
 //! Nothing here is timed by the test suite: the machines are noisy, so results are reported
 //! as figures and ratios from one run (see BENCHMARKS.md).
 
 use ferry_buffer::{Buffer, BufferOptions, Compression, Reading, Source};
+
+/// The `ferry` binary to benchmark: `explicit` if given, else `ferry` beside the running tool
+/// (target/<profile>/), built first with `cargo build [--release] -p ferry-gateway --bin ferry`
+/// so that it is current (a no-op when it is).
+pub fn ferry_binary(explicit: Option<&std::path::Path>) -> Result<std::path::PathBuf, String> {
+    if let Some(p) = explicit {
+        return Ok(p.to_path_buf());
+    }
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find this binary: {e}"))?;
+    let dir = exe.parent().ok_or("this binary has no directory")?;
+    let release = dir.file_name().is_some_and(|n| n == "release");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = std::process::Command::new(&cargo);
+    cmd.args(["build", "-q", "-p", "ferry-gateway", "--bin", "ferry"]);
+    if release {
+        cmd.arg("--release");
+    }
+    let status = cmd
+        .status()
+        .map_err(|e| format!("cannot run {cargo:?} to build ferry ({e}); pass --ferry PATH"))?;
+    if !status.success() {
+        return Err(format!(
+            "`cargo build -p ferry-gateway --bin ferry` failed ({status}); pass --ferry PATH"
+        ));
+    }
+    let ferry = dir.join("ferry");
+    if !ferry.is_file() {
+        return Err(format!(
+            "{} is missing after the build (another CARGO_TARGET_DIR?); pass --ferry PATH",
+            ferry.display()
+        ));
+    }
+    Ok(ferry)
+}
 
 /// Percentile of a sorted slice (nearest rank).
 pub fn percentile(sorted: &[u64], q: f64) -> u64 {

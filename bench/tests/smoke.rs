@@ -43,6 +43,8 @@ fn bench_run_smoke_produces_every_scenario_row() {
     let out_file = work.path().join("table.md");
     let out = Command::new(env!("CARGO_BIN_EXE_bench-run"))
         .arg("--smoke")
+        .arg("--ferry")
+        .arg(ferry_tests::bin_path("ferry"))
         .arg("--work-dir")
         .arg(work.path())
         .arg("--out")

@@ -55,7 +55,8 @@ struct Opts {
     /// Also write the table to this file.
     #[arg(long)]
     out: Option<PathBuf>,
-    /// The ferry binary. Default: `ferry-bench-gateway` beside this binary.
+    /// The ferry binary. Default: `ferry` beside this binary, built first
+    /// (`ferry_bench::ferry_binary`).
     #[arg(long)]
     ferry: Option<PathBuf>,
     /// Seconds per load run (default 10; smoke 1).
@@ -261,10 +262,10 @@ impl Bins {
         let exe = std::env::current_exe().expect("current exe");
         let dir = exe.parent().expect("bin dir").to_path_buf();
         Bins {
-            ferry: opts
-                .ferry
-                .clone()
-                .unwrap_or_else(|| dir.join("ferry-bench-gateway")),
+            ferry: ferry_bench::ferry_binary(opts.ferry.as_deref()).unwrap_or_else(|e| {
+                eprintln!("bench-run: {e}");
+                std::process::exit(2)
+            }),
             load: dir.join("ferry-load"),
             null_http: dir.join("null_http"),
             floor: dir.join("producer-floor"),

@@ -4,11 +4,11 @@
 //! emulator; prints the rates and their ratio.
 //!
 //! ```text
-//! cargo build --release -p ferry-bench --bin pubsub-drain --bin ferry-bench-gateway
+//! cargo build --release -p ferry-bench --bin pubsub-drain
 //! target/release/pubsub-drain [--backlog 100000] [--rounds 2] [--work-dir DIR]
 //! ```
 //!
-//! - ferry: `ferry-bench-gateway` (the gateway, built here) on a copy of a backlog of ~100-byte
+//! - ferry: the shipped `ferry` binary on a copy of a backlog of ~100-byte
 //!   JSON readings from 500 devices (the drain scenario's readings in `bench-run`), with one
 //!   `type = "pubsub"` uplink, `ordering_key = "none"` and the default in-flight settings.
 //!   Timed from its `ready` line until `ferry_buffer_readings` is 0: every reading confirmed
@@ -49,7 +49,8 @@ struct Opts {
     /// Where the backlog and logs go (default: `target/pubsub-drain`).
     #[arg(long)]
     work_dir: Option<PathBuf>,
-    /// The ferry binary. Default: `ferry-bench-gateway` beside this binary.
+    /// The ferry binary. Default: `ferry` beside this binary, built first
+    /// (`ferry_bench::ferry_binary`).
     #[arg(long)]
     ferry: Option<PathBuf>,
     /// The Python interpreter with `google-cloud-pubsub`.
@@ -90,11 +91,7 @@ fn run(opts: &Opts) -> Res<()> {
         .clone()
         .unwrap_or_else(|| PathBuf::from("target/pubsub-drain"));
     std::fs::create_dir_all(&work).map_err(|e| e.to_string())?;
-    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    let ferry = opts
-        .ferry
-        .clone()
-        .unwrap_or_else(|| exe.with_file_name("ferry-bench-gateway"));
+    let ferry = ferry_bench::ferry_binary(opts.ferry.as_deref())?;
     let n = opts.backlog;
     let template = backlog(&work, n)?;
     let input = python_input(&work, n)?;

@@ -7,7 +7,7 @@
 //! layout makes this build unable to read it, this test fails: bump the format version and
 //! write a migration instead.
 
-mod support;
+use crate::support;
 
 use ferry_tests::{Ferry, buffered_readings, mosquitto, require_tool};
 use redb::ReadableDatabase;

@@ -7,7 +7,7 @@
 //! Without kinesalite or python3 with boto3 the test prints a loud SKIPPED line and passes,
 //! unless `FERRY_REQUIRE_TOOLS=1` (as in CI), where it fails. `.ci/run` installs them.
 
-mod support;
+use crate::support;
 
 use ferry_tests::{Ferry, Server, free_port, require_tool};
 use serde_json::{Value, json};

@@ -9,7 +9,7 @@
 //! - it keeps serving: HTTP and MQTT readings are acknowledged and stored after the damage,
 //!   and the buffer it runs on passes `ferry buffer verify`.
 
-mod support;
+use crate::support;
 
 use ferry_tests::{Ferry, buffered_readings};
 use serde_json::{Value, json};

@@ -9,9 +9,9 @@
 //! reason code, a `ferry_mqtt_rejected_total{reason=...}` count and a log line.
 //!
 //! Already covered elsewhere (not repeated here): single malformed packets and a client
-//! packet type after CONNECT (`mqtt_e2e::malformed_bytes_do_not_hurt_the_gateway`), one
-//! oversized publish (`mqtt_e2e::oversized_and_wildcard_publishes_close_v4_connections`), one
-//! silent socket (`mqtt_e2e::silent_sockets_are_closed_after_connect_timeout`).
+//! packet type after CONNECT (`mqtt_ingest::malformed_bytes_do_not_hurt_the_gateway`), one
+//! oversized publish (`mqtt_ingest::oversized_and_wildcard_publishes_close_v4_connections`), one
+//! silent socket (`mqtt_ingest::silent_sockets_are_closed_after_connect_timeout`).
 
 use bytes::BytesMut;
 use ferry_tests::{Ferry, buffered_readings};

@@ -14,7 +14,7 @@
 //! acknowledged and delivered while the backlog drains. The drain rate is printed.
 //! `FERRY_OUTAGE_SECS` lengthens the outage (4 s by default).
 
-mod support;
+use crate::support;
 
 use ferry_tests::Ferry;
 use rdkafka::mocking::MockCluster;

@@ -8,7 +8,7 @@
 //! Without the emulator the test prints a loud SKIPPED line and passes, unless
 //! `FERRY_REQUIRE_TOOLS=1` (as in CI), where it fails.
 
-mod support;
+use crate::support;
 
 use ferry_tests::{Ferry, Server, free_port, require_tool};
 use serde_json::{Value, json};

@@ -12,7 +12,7 @@
 //! `FERRY_CRASH_CYCLES` sets the cycles (20 by default; the long variant is 50+), and
 //! `FERRY_SEED` repeats a run's kill moments.
 
-mod support;
+use crate::support;
 
 use ferry_tests::Ferry;
 use rdkafka::mocking::MockCluster;

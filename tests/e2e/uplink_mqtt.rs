@@ -5,7 +5,7 @@
 //! - two MQTT uplinks to two brokers, one taking only `alarms/#`: each broker gets what its
 //!   uplink's topics take, and a broker that goes away holds back only its own cursor.
 
-mod support;
+use crate::support;
 
 use ferry_tests::{Ferry, buffered_readings, mosquitto, mosquitto_on, require_tool};
 use rumqttc::v5::mqttbytes::v5::Packet;

@@ -1,10 +1,10 @@
-//! Shared load and delivery-check helpers for the reliability suites (`reliability_*.rs`).
+//! Shared load and delivery-check helpers for the reliability suites (`buffer_disk_full`,
+//! `uplink_outage`, `gateway_crash_loop`) and the uplinks' end-to-end tests.
 //!
 //! Every reading these clients send carries a unique key in its payload (`{"k": "..."}`), and
 //! each client records the key of every reading the gateway *acknowledged*: a PUBACK (QoS 1),
 //! a PUBREC (QoS 2) or an HTTP 202. A Kafka consumer on the mock cluster then reads what
 //! arrived, so a suite can compare "acknowledged" with "delivered" exactly.
-#![allow(dead_code)] // each test binary uses a different part of this module
 
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};

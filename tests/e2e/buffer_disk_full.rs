@@ -17,7 +17,7 @@
 //! Mounting needs root (CI runs as root). Without it the test skips loudly, or fails under
 //! `FERRY_REQUIRE_TOOLS=1`.
 
-mod support;
+use crate::support;
 
 use ferry_tests::{Ferry, buffered_readings};
 use rumqttc::v5::mqttbytes::QoS;

@@ -3,7 +3,7 @@
 //! made by the test. Delivered with `ssl_ca_path`; refused, with one readable line on the
 //! status page, when the CA is wrong or the certificate's name does not match.
 
-mod support;
+use crate::support;
 
 use ferry_tests::kafka_mock::AdvertisedMock;
 use ferry_tests::{Ferry, Server, free_port, require_tool};

@@ -5,7 +5,7 @@
 //! refused before any port is bound.
 //!
 //! Already covered elsewhere (not repeated here): MQTT v3.1.1 refusals
-//! (`mqtt_e2e::auth_failures_get_refusing_connacks`), mutual TLS
+//! (`mqtt_ingest::auth_failures_get_refusing_connacks`), mutual TLS
 //! (`mqtt_mosquitto::mosquitto_pub_over_tls_and_mutual_tls`), HTTP token refusals and device
 //! binding (`http_ingest::tokens_and_device_binding`), the status token
 //! (`status_api::status_and_metrics_under_traffic_show_no_secret`,

@@ -3,7 +3,7 @@
 //! in flight, restarted on the same data directory, and every reading that got a 202 must
 //! arrive in Kafka — at least once, with one stable `ferry-id` per reading.
 
-mod support;
+use crate::support;
 
 use ferry_tests::Ferry;
 use rdkafka::ClientConfig;
