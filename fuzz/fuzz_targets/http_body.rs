@@ -1,12 +1,12 @@
 //! The HTTP batch body parsers (JSON array, NDJSON, SenML) on arbitrary bodies.
 //!
 //! Input: one byte choosing the format, the limit and the token binding, then the body. The
-//! properties are checked in `ferry_gateway::fuzz_api::http_body`.
+//! properties are checked in `ferry_gateway::testkit::http_body`.
 
 #![no_main]
 
-use ferry_gateway::fuzz_api::http_body;
-use ferry_gateway::http::formats::BatchFormat;
+use ferry_gateway::testkit::http_body;
+use ferry_gateway::testkit::BatchFormat;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

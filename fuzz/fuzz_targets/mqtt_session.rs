@@ -2,13 +2,13 @@
 //! a client sending arbitrary sequences of structured packets and raw bytes, split into
 //! arbitrary write sizes, against a real buffer on tmpfs.
 //!
-//! Properties (checked in `ferry_gateway::fuzz_api::SessionHarness::run`): the session never
+//! Properties (checked in `ferry_gateway::testkit::SessionHarness::run`): the session never
 //! panics, always ends (20 s), and every positive PUBACK/PUBREC is for a packet id one of
 //! whose publishes is already in the buffer when the ack arrives.
 
 #![no_main]
 
-use ferry_gateway::fuzz_api::{SessionCase, SessionHarness, SessionOp};
+use ferry_gateway::testkit::{SessionCase, SessionHarness, SessionOp};
 use libfuzzer_sys::arbitrary::{self, Arbitrary};
 use libfuzzer_sys::fuzz_target;
 use std::sync::OnceLock;

@@ -9,7 +9,8 @@ use bytes::BytesMut;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use ferry_buffer::{Buffer, BufferOptions, Compression};
 use ferry_config::MqttSettings;
-use ferry_gateway::mqtt::session::{self, Ctx};
+use ferry_gateway::mqtt::Ctx;
+use ferry_gateway::testkit::mqtt_serve;
 use rumqttc::mqttbytes::QoS;
 use rumqttc::mqttbytes::v4 as c4;
 use std::sync::Arc;
@@ -30,7 +31,7 @@ impl Conn {
     async fn open(ctx: &Arc<Ctx>, stop: &CancellationToken) -> Conn {
         let (a, b) = tokio::io::duplex(1 << 20);
         let deadline = TokioInstant::now() + Duration::from_secs(10);
-        tokio::spawn(session::serve(
+        tokio::spawn(mqtt_serve(
             ctx.clone(),
             b,
             "127.0.0.1:1".parse().expect("addr"),

@@ -13,10 +13,10 @@ pub mod buffer_cmd;
 pub mod cli;
 pub mod demo;
 pub mod entry;
-#[doc(hidden)]
-pub mod fuzz_api;
 pub mod http;
 pub mod mqtt;
 pub mod status;
 pub mod systemd;
 pub mod telemetry;
+#[cfg(any(test, feature = "testkit"))]
+pub mod testkit;

@@ -103,42 +103,31 @@ max_backoff_ms = 300
     )
 }
 
-fn varint(mut n: usize, out: &mut Vec<u8>) {
-    loop {
-        let mut b = (n % 128) as u8;
-        n /= 128;
-        if n > 0 {
-            b |= 0x80;
-        }
-        out.push(b);
-        if n == 0 {
-            return;
-        }
-    }
-}
-
-fn mqtt_str(s: &str, out: &mut Vec<u8>) {
-    out.extend_from_slice(&(s.len() as u16).to_be_bytes());
-    out.extend_from_slice(s.as_bytes());
-}
-
 /// Sends a CONNECT (protocol `level` 4 or 5) with optional credentials and returns the
 /// CONNACK's return / reason code.
 fn connack(addr: SocketAddr, level: u8, id: &str, login: Option<(&str, &str)>) -> u8 {
-    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', level];
-    let flags = 0x02 | if login.is_some() { 0xC0 } else { 0 };
-    body.extend_from_slice(&[flags, 0, 60]);
+    use rumqttc::mqttbytes::v4 as c4;
+    use rumqttc::v5::mqttbytes::v5 as c5;
+    let mut pkt = bytes::BytesMut::new();
     if level == 5 {
-        body.push(0); // no properties
+        let connect = c5::Connect {
+            keep_alive: 60,
+            client_id: id.into(),
+            clean_start: true,
+            properties: None,
+        };
+        let login = login.map(|(u, p)| c5::Login::new(u, p));
+        c5::Packet::Connect(connect, None, login)
+            .write(&mut pkt, None)
+            .unwrap();
+    } else {
+        let mut connect = c4::Connect::new(id);
+        connect.keep_alive = 60;
+        connect.login = login.map(|(u, p)| c4::Login::new(u, p));
+        c4::Packet::Connect(connect)
+            .write(&mut pkt, 1 << 20)
+            .unwrap();
     }
-    mqtt_str(id, &mut body);
-    if let Some((u, p)) = login {
-        mqtt_str(u, &mut body);
-        mqtt_str(p, &mut body);
-    }
-    let mut pkt = vec![0x10];
-    varint(body.len(), &mut pkt);
-    pkt.extend_from_slice(&body);
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     s.write_all(&pkt).unwrap();

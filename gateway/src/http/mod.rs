@@ -42,7 +42,7 @@
 //! Header timeout, connection cap and TLS live in [`server`].
 
 pub mod auth;
-pub mod formats;
+pub(crate) mod formats;
 pub mod ingest;
 pub mod problem;
 pub mod senml;

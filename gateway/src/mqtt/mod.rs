@@ -38,7 +38,7 @@
 
 pub mod auth;
 pub mod listener;
-pub mod session;
+pub(crate) mod session;
 pub mod stats;
 pub mod tls;
 

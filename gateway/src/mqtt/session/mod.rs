@@ -33,8 +33,10 @@ mod connect;
 mod io;
 
 use acks::*;
+#[cfg(test)]
+pub(crate) use connect::client_id_rule;
 use connect::*;
-pub use connect::{client_id_rule, device_id, refuse_busy};
+pub(crate) use connect::{device_id, refuse_busy};
 use io::*;
 
 use super::auth::{Auth, AuthConfigError, AuthOutcome};

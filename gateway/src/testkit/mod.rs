@@ -1,9 +1,16 @@
-//! Entry points for the fuzz targets (`fuzz/`) and the property tests
-//! (`gateway/tests/fuzz_props.rs`): each takes an input, runs the real code on it, and panics
-//! when a property breaks. Not part of ferry's API.
+//! Entry points for the fuzz targets (`fuzz/`), their property-test twins ([`props`], run by
+//! `cargo test`) and the MQTT session benchmark: each takes an input, runs the real code on
+//! it, and panics when a property breaks. Compiled only with the `testkit` feature (or under
+//! `cargo test`), which the shipped binary does not enable; not part of ferry's API.
+
+#[cfg(test)]
+mod props;
+
+pub use crate::http::formats::BatchFormat;
+pub use crate::mqtt::session::serve as mqtt_serve;
 
 use crate::http::auth::Principal;
-use crate::http::formats::{self, BatchFormat, Origin};
+use crate::http::formats::{self, Origin};
 use crate::http::senml;
 use crate::mqtt::session::{self, Ctx};
 use ferry_buffer::{Buffer, BufferOptions, Compression, Reading, Source};

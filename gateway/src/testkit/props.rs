@@ -1,10 +1,10 @@
 //! Property tests of the HTTP batch parsers and the MQTT session, the stable-toolchain twins of
 //! the `http_body` and `mqtt_session` fuzz targets (fuzz/fuzz_targets/). The properties live in
-//! `ferry_gateway::fuzz_api`, shared with the fuzz targets; these tests feed them generated
+//! [`super`] (`ferry_gateway::testkit`), shared with the fuzz targets; these tests feed them generated
 //! inputs shaped like real traffic, plus the crashing inputs fuzzing found.
 
-use ferry_gateway::fuzz_api::{SessionCase, SessionHarness, SessionOp, http_body, json_vs_ndjson};
-use ferry_gateway::http::formats::BatchFormat;
+use super::{SessionCase, SessionHarness, SessionOp, http_body, json_vs_ndjson};
+use crate::http::formats::BatchFormat;
 use proptest::prelude::*;
 
 fn json_value() -> impl Strategy<Value = String> {
@@ -244,12 +244,12 @@ fn mqtt_session_harness_sees_acks() {
 /// from what the device sent. The workspace enables `float_roundtrip`.
 #[test]
 fn json_payload_numbers_are_stored_exactly() {
-    let origin = ferry_gateway::http::formats::Origin {
+    let origin = crate::http::formats::Origin {
         principal: Default::default(),
         header_device: None,
         now_ms: 0,
     };
     let body = br#"[{"topic":"t","payload":2.7784367327772994e-219}]"#;
-    let r = ferry_gateway::http::formats::parse_json_array(body, &origin, 1).unwrap();
+    let r = crate::http::formats::parse_json_array(body, &origin, 1).unwrap();
     assert_eq!(&r[0].payload[..], b"2.7784367327772994e-219");
 }
