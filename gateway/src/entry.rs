@@ -3,7 +3,7 @@
 //! always builds it before those tests run.
 
 use crate::cli::{Cli, Command};
-use crate::{app, buffer_cmd, demo, status, telemetry};
+use crate::{app, buffer_cmd, status, telemetry};
 use clap::Parser;
 use std::process::ExitCode;
 
@@ -131,12 +131,18 @@ fn status(args: crate::cli::StatusArgs) -> Result<u8, BoxError> {
     })
 }
 
+#[cfg(not(feature = "kafka"))]
+fn demo(_: crate::cli::DemoArgs) -> Result<(), BoxError> {
+    Err("this build of ferry has no Kafka uplink, which the demo shows".into())
+}
+
+#[cfg(feature = "kafka")]
 fn demo(args: crate::cli::DemoArgs) -> Result<(), BoxError> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("ferry")
         .build()?;
-    rt.block_on(demo::run(args))?;
+    rt.block_on(crate::demo::run(args))?;
     Ok(())
 }
 

@@ -11,6 +11,7 @@
 pub mod app;
 pub mod buffer_cmd;
 pub mod cli;
+#[cfg(feature = "kafka")]
 pub mod demo;
 pub mod entry;
 pub mod http;

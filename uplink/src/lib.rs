@@ -63,6 +63,7 @@ pub mod batch;
 pub(crate) mod feed;
 pub mod fold;
 pub mod http;
+#[cfg(feature = "kafka")]
 pub mod kafka;
 pub mod kinesis;
 pub mod meta;
@@ -198,7 +199,12 @@ pub fn from_config(config: &Config, buffer: &Buffer) -> Result<Vec<Box<dyn Uplin
             .grace(grace);
         let kind = settings.kind.type_name();
         let built = match &settings.kind {
+            #[cfg(feature = "kafka")]
             UplinkKind::Kafka(c) => boxed(kafka::KafkaSink::new(c, common)),
+            #[cfg(not(feature = "kafka"))]
+            UplinkKind::Kafka(_) => Err(UplinkError::from(
+                "this build of ferry has no Kafka uplink (built without the `kafka` feature)",
+            )),
             UplinkKind::Mqtt(c) => boxed(mqtt::MqttSink::new(
                 c,
                 &config.mqtt_client_id(name, c),
@@ -246,14 +252,17 @@ pub fn explain(config: &Config) -> String {
                             let _ = writeln!(kafka_notes, "#   {note}");
                         }
                     }
-                    let cc = kafka::config::client_config(
-                        k,
-                        &conn,
-                        &format!("ferry-{}", config.gateway.id),
-                    );
-                    let _ = writeln!(kafka_notes, "# librdkafka properties of the producer:");
-                    for (key, value) in kafka::config::explain(&cc) {
-                        let _ = writeln!(kafka_notes, "#   {key} = {value}");
+                    #[cfg(feature = "kafka")]
+                    {
+                        let cc = kafka::config::client_config(
+                            k,
+                            &conn,
+                            &format!("ferry-{}", config.gateway.id),
+                        );
+                        let _ = writeln!(kafka_notes, "# librdkafka properties of the producer:");
+                        for (key, value) in kafka::config::explain(&cc) {
+                            let _ = writeln!(kafka_notes, "#   {key} = {value}");
+                        }
                     }
                     // Show the effective values, not the defaults a preset replaced.
                     k.brokers = conn.brokers;

@@ -18,7 +18,18 @@
 
 use base64::Engine as _;
 use ferry_buffer::Reading;
+use ferry_config::KeyRule;
 use std::fmt::Write as _;
+
+/// The message key for `reading` under `rule`; `None` means no key.
+pub fn key_for(rule: KeyRule, reading: &Reading) -> Option<&str> {
+    match rule {
+        KeyRule::Device => Some(&reading.device),
+        KeyRule::Topic => Some(&reading.topic),
+        KeyRule::None => None,
+        KeyRule::Level(n) => Some(reading.topic.split('/').nth(n).unwrap_or(&reading.device)),
+    }
+}
 
 /// The stable id of a reading across re-sends: `<gateway id>-<reading id>`.
 pub fn ferry_id(gateway_id: &str, r: &Reading) -> String {

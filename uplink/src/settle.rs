@@ -17,6 +17,8 @@ use crate::topics::Selection;
 use ferry_buffer::{Reading, Segment};
 
 /// A transient failure: the uplink backs off and sends again from the last ack.
+// Only the Kafka uplink reports record-level transient failures.
+#[cfg_attr(not(feature = "kafka"), allow(dead_code))]
 #[derive(Debug, Clone)]
 pub(crate) struct Failure {
     pub(crate) message: String,
@@ -25,6 +27,7 @@ pub(crate) struct Failure {
 }
 
 /// What the upstream said about one record.
+#[cfg_attr(not(feature = "kafka"), allow(dead_code))]
 #[derive(Debug)]
 pub(crate) enum Outcome {
     /// Confirmed.

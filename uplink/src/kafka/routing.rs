@@ -4,7 +4,6 @@
 //! topic, in order (matched as [`ferry_config::topic`] states); the first match wins, and its
 //! `topic` catches the rest.
 
-use ferry_buffer::Reading;
 use ferry_config::{KafkaUplink, KeyRule};
 
 /// The routing table of one Kafka uplink.
@@ -46,20 +45,12 @@ impl Router {
     }
 }
 
-/// The message key for `reading` under `rule`; `None` means no key.
-pub fn key_for(rule: KeyRule, reading: &Reading) -> Option<&str> {
-    match rule {
-        KeyRule::Device => Some(&reading.device),
-        KeyRule::Topic => Some(&reading.topic),
-        KeyRule::None => None,
-        KeyRule::Level(n) => Some(reading.topic.split('/').nth(n).unwrap_or(&reading.device)),
-    }
-}
+pub use crate::meta::key_for;
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ferry_buffer::Source;
+    use ferry_buffer::{Reading, Source};
     use ferry_config::KafkaRoute;
 
     #[test]

@@ -4,7 +4,7 @@ use crate::aws::credentials::Chain;
 use crate::aws::sigv4::{self, Scope, Signable};
 use crate::batch::{BatchApi, RecordOutcome, RequestError, SendFuture};
 use crate::http::{HttpClient, Method, Request};
-use crate::kafka::routing::key_for;
+use crate::meta::key_for;
 use base64::Engine as _;
 use bytes::Bytes;
 use ferry_buffer::Reading;

@@ -4,8 +4,8 @@
 use super::auth::Auth;
 use crate::batch::{BatchApi, RecordOutcome, RequestError, SendFuture};
 use crate::http::{HttpClient, Method, Request, StatusCode, header};
-use crate::kafka::routing::key_for;
 use crate::meta::for_each_field;
+use crate::meta::key_for;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use bytes::Bytes;

@@ -15,7 +15,7 @@
 //!   ferry's own fields win over a device property of the same name.
 //! - `orderingKey`: with `ordering_key` other than `none`, the device id, the source topic or
 //!   one level of it (the same rule as the Kafka message key,
-//!   [`crate::kafka::routing::key_for`]); an empty key is sent as none.
+//!   [`crate::meta::key_for`]); an empty key is sent as none.
 //!
 //! ## Limits, and what happens at them
 //! A request holds at most 1,000 messages and 10 MB (ferry counts its JSON body, base64
