@@ -7,6 +7,9 @@
 //! loudly when it is missing, or fail when `FERRY_REQUIRE_TOOLS=1` (as in CI).
 
 pub mod kafka_mock;
+pub mod kinesis;
+pub mod scripted;
+pub mod uplink;
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};

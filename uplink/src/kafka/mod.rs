@@ -76,8 +76,5 @@ pub mod routing;
 mod sink;
 mod track;
 
-#[cfg(test)]
-mod tests;
-
 pub use ferry_buffer::segment::decode_segment;
 pub use sink::{ErrorClass, KIND, KafkaSink, KafkaSinkError, classify};

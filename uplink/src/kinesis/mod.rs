@@ -44,9 +44,6 @@
 
 mod api;
 
-#[cfg(test)]
-mod tests;
-
 use crate::Common;
 use crate::aws::credentials::{Chain, Configured};
 use crate::aws::sigv4::Credentials;

@@ -59,8 +59,5 @@ mod link;
 pub mod routing;
 mod sink;
 
-#[cfg(test)]
-mod tests;
-
 pub use config::TlsSetupError;
 pub use sink::{KIND, MqttSink, MqttSinkError};

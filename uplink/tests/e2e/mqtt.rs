@@ -4,12 +4,14 @@
 //! Without mosquitto the tests print a loud SKIPPED line and pass, unless
 //! `FERRY_REQUIRE_TOOLS=1` (as in CI), where they fail.
 
-use super::*;
-use crate::Common;
-use crate::kafka::KafkaSink;
-use crate::status::{LinkState, UplinkStatus};
-use ferry_buffer::{Buffer, BufferOptions, Reading, Source};
+use ferry_buffer::{Buffer, Reading};
 use ferry_config::{KafkaUplink, MqttProtocol, MqttUplink, TopicRewrite};
+use ferry_tests::free_port;
+use ferry_tests::uplink::{Running, reading, wait_settled, wait_until};
+use ferry_uplink::Common;
+use ferry_uplink::kafka::KafkaSink;
+use ferry_uplink::mqtt::*;
+use ferry_uplink::status::{LinkState, UplinkStatus};
 use rumqttc::v5::mqttbytes::QoS as V5QoS;
 use rumqttc::v5::mqttbytes::v5::Packet;
 use std::collections::{BTreeMap, HashSet};
@@ -44,14 +46,6 @@ fn require_mosquitto(test: &str) -> bool {
     }
     eprintln!("\n*** SKIPPED {test}: mosquitto is not installed (apt-get install mosquitto) ***\n");
     false
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// A mosquitto child process with a generated config.
@@ -232,15 +226,7 @@ impl Sub {
 }
 
 fn open_buffer(dir: &Path, consumers: &[&str]) -> Buffer {
-    Buffer::open(
-        dir,
-        BufferOptions {
-            consumers: consumers.iter().map(|c| c.to_string()).collect(),
-            flush_interval: Duration::ZERO,
-            ..Default::default()
-        },
-    )
-    .unwrap()
+    ferry_tests::uplink::open_buffer(dir, consumers)
 }
 
 fn uplink(port: u16, protocol: MqttProtocol) -> MqttUplink {
@@ -255,50 +241,17 @@ fn uplink(port: u16, protocol: MqttProtocol) -> MqttUplink {
     }
 }
 
-type Running = crate::test_util::Running<MqttSinkError>;
-
 fn start(cfg: &MqttUplink, buffer: &Buffer) -> Running {
     let common = Common::new("mqtt", "gw1", buffer.clone()).grace(Duration::from_secs(2));
-    let sink = MqttSink::new(cfg, "ferry-gw1", common).unwrap();
-    let status = sink.status();
-    let (stop, rx) = oneshot::channel::<()>();
-    let task = tokio::spawn(sink.run(async move {
-        let _ = rx.await;
-    }));
-    Running { status, stop, task }
-}
-
-fn reading(device: &str, topic: &str, payload: &[u8]) -> Reading {
-    Reading::new(Source::Mqtt, device, topic, payload.to_vec())
+    Running::start(Box::new(MqttSink::new(cfg, "ferry-gw1", common).unwrap()))
 }
 
 async fn append(buffer: &Buffer, rs: Vec<Reading>) {
     buffer.append(rs).await.unwrap();
 }
 
-async fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !f() {
-        assert!(start.elapsed() < timeout, "timed out waiting until {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
-/// Waits until the buffer is empty and the uplink's status counts every reading whose ack
-/// emptied it (the status is updated just after the ack's commit lands).
 async fn wait_empty(buffer: &Buffer, status: &UplinkStatus) {
-    let start = Instant::now();
-    let counted =
-        |s: &crate::status::UplinkSnapshot| s.acked_total + s.skipped_total + s.dead_lettered_total;
-    while buffer.stats().readings != 0 || counted(&status.snapshot()) < buffer.stats().acked_total {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "buffer still holds {} readings; uplink status {:?}",
-            buffer.stats().readings,
-            status.snapshot()
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_settled(buffer, status, Duration::from_secs(10)).await;
 }
 
 fn distinct_ids(got: &[Got]) -> usize {
@@ -403,7 +356,7 @@ async fn v311_envelope_and_qos0() {
         vec![
             reading("d1", "a/json", br#"{"t": 21.50}"#).with_content_type("application/json"),
             reading("d2", "a/text", b"hello"),
-            reading("d3", "a/bin", &[0xff, 0x00, 0x01]),
+            reading("d3", "a/bin", [0xff, 0x00, 0x01]),
         ],
     )
     .await;

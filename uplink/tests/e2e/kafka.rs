@@ -1,11 +1,12 @@
 //! End-to-end tests of the Kafka uplink against librdkafka's in-process mock cluster, with a
 //! real rdkafka consumer (and `kcat`) reading back what arrived.
 
-use super::*;
-use crate::Common;
-use crate::status::{LinkState, UplinkSnapshot, UplinkStatus};
 use ferry_buffer::{Buffer, BufferOptions, Compression, Reading, Source};
 use ferry_config::{Delivery, KafkaRoute, KafkaUplink, KeyRule};
+use ferry_tests::uplink::{Running, reading, wait_acked, wait_empty, wait_until};
+use ferry_uplink::Common;
+use ferry_uplink::kafka::*;
+use ferry_uplink::status::{LinkState, UplinkSnapshot};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::mocking::MockCluster;
@@ -14,7 +15,6 @@ use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
-use tokio::sync::oneshot;
 
 type Mock = MockCluster<'static, DefaultProducerContext>;
 
@@ -35,16 +35,7 @@ impl Rec {
 }
 
 fn open_buffer(dir: &std::path::Path, compression: Compression) -> Buffer {
-    Buffer::open(
-        dir,
-        BufferOptions {
-            consumers: vec!["kafka".into()],
-            flush_interval: Duration::ZERO,
-            compression,
-            ..Default::default()
-        },
-    )
-    .unwrap()
+    ferry_tests::uplink::open_buffer_compressed(dir, &["kafka"], compression)
 }
 
 fn uplink(bootstrap: &str) -> KafkaUplink {
@@ -59,52 +50,9 @@ fn uplink(bootstrap: &str) -> KafkaUplink {
     }
 }
 
-type Running = crate::test_util::Running<KafkaSinkError>;
-
 fn start(cfg: &KafkaUplink, buffer: &Buffer, grace: Duration) -> Running {
-    let sink = KafkaSink::new(
-        cfg,
-        Common::new("kafka", "gw1", buffer.clone()).grace(grace),
-    )
-    .unwrap();
-    let status = sink.status();
-    let (stop, rx) = oneshot::channel::<()>();
-    let task = tokio::spawn(sink.run(async move {
-        let _ = rx.await;
-    }));
-    Running { status, stop, task }
-}
-
-async fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !f() {
-        assert!(start.elapsed() < timeout, "timed out waiting until {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
-async fn wait_empty(buffer: &Buffer, status: &UplinkStatus, timeout: Duration) {
-    let start = Instant::now();
-    while buffer.stats().readings != 0 {
-        assert!(
-            start.elapsed() < timeout,
-            "buffer still holds {} readings; uplink status {:?}",
-            buffer.stats().readings,
-            status.snapshot()
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
-/// Waits (at most 2 s) until the status counts `acked` acked readings: the uplink updates it
-/// right after the ack commit returns, which is a moment after the buffer's own counts change.
-async fn wait_acked(status: &UplinkStatus, acked: u64) {
-    wait_until(
-        &format!("the status counts {acked} acked readings"),
-        Duration::from_secs(2),
-        || status.snapshot().acked_total >= acked,
-    )
-    .await;
+    let common = Common::new("kafka", "gw1", buffer.clone()).grace(grace);
+    Running::start(Box::new(KafkaSink::new(cfg, common).unwrap()))
 }
 
 /// Reads every record of `topics` from the beginning until `want` distinct `ferry-id`s (or
@@ -163,10 +111,6 @@ async fn consume(bootstrap: &str, topics: &[(&str, i32)], want: usize) -> Vec<Re
     })
     .await
     .unwrap()
-}
-
-fn reading(device: &str, topic: &str, payload: impl Into<Vec<u8>>) -> Reading {
-    Reading::new(Source::Mqtt, device, topic, payload.into())
 }
 
 /// For each key, the reading ids in the order they first arrived (per partition order).
@@ -305,15 +249,9 @@ async fn topics_filter_skips_the_rest_without_holding_segments_back() {
     let buffer = open_buffer(dir.path(), Compression::None);
     let cfg = uplink(&mock.bootstrap_servers());
     let common = Common::new("kafka", "gw1", buffer.clone())
-        .topics(crate::topics::TopicFilter::new(&["alarms/#".into()]))
+        .topics(ferry_uplink::topics::TopicFilter::new(&["alarms/#".into()]))
         .grace(Duration::from_secs(2));
-    let sink = KafkaSink::new(&cfg, common).unwrap();
-    let status = sink.status();
-    let (stop, rx) = oneshot::channel::<()>();
-    let task = tokio::spawn(sink.run(async move {
-        let _ = rx.await;
-    }));
-    let run = Running { status, stop, task };
+    let run = Running::start(Box::new(KafkaSink::new(&cfg, common).unwrap()));
     // Segments of telemetry only, of alarms only, and mixed.
     let mut alarms = HashSet::new();
     for batch in 0..6u32 {
@@ -823,179 +761,6 @@ async fn kcat_reads_what_the_uplink_sent() {
     buffer.close().await;
 }
 
-/// Drain rate of a backlog into the mock cluster, against `kcat -P` producing the same number
-/// of records of the same size. Run with
-/// `cargo test -p ferry-uplink --release drain_bench -- --ignored --nocapture`
-/// (`FERRY_BENCH_READINGS`, default 200000; `FERRY_BENCH_CHUNK`, readings per segment;
-/// `FERRY_BENCH_LIBRDKAFKA="k=v,…"` adds librdkafka
-/// properties to ferry's producer, never to kcat's).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "benchmark"]
-async fn drain_bench() {
-    let n: usize = std::env::var("FERRY_BENCH_READINGS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(200_000);
-    let mock = Mock::new(1).unwrap();
-    mock.create_topic("readings", 4, 1).unwrap();
-    mock.create_topic("kcat", 4, 1).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let buffer = open_buffer(dir.path(), Compression::Gzip { level: 1 });
-    let payload = vec![b'7'; 100];
-    // Readings per append (one commit each, so one segment each): `FERRY_BENCH_CHUNK`,
-    // default 10,000. A slow site's backlog is made of small segments.
-    let per: usize = std::env::var("FERRY_BENCH_CHUNK")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(10_000);
-    for chunk in 0..n.div_ceil(per) {
-        let rs = (0..per.min(n - chunk * per))
-            .map(|i| {
-                reading(
-                    &format!("dev-{}", i % 100),
-                    "sensors/x/temp",
-                    payload.clone(),
-                )
-            })
-            .collect();
-        buffer.append(rs).await.unwrap();
-    }
-    let mut cfg = uplink(&mock.bootstrap_servers());
-    cfg.message_timeout_ms = 30_000;
-    // The defaults of a real config, not the small test windows.
-    let d = ferry_config::KafkaUplink::default();
-    cfg.max_inflight_segments = d.max_inflight_segments;
-    // Extra librdkafka properties for experiments: `FERRY_BENCH_LIBRDKAFKA="k=v,k=v"`.
-    for kv in std::env::var("FERRY_BENCH_LIBRDKAFKA")
-        .unwrap_or_default()
-        .split(',')
-        .filter(|kv| !kv.is_empty())
-    {
-        let (k, v) = kv.split_once('=').expect("k=v");
-        cfg.librdkafka.insert(k.into(), v.into());
-    }
-    let t = Instant::now();
-    let run = start(&cfg, &buffer, Duration::from_secs(2));
-    wait_empty(&buffer, &run.status, Duration::from_secs(600)).await;
-    let took = t.elapsed();
-    run.stop().await;
-    eprintln!(
-        "ferry drained {n} readings in {took:?}: {:.0} readings/s",
-        n as f64 / took.as_secs_f64()
-    );
-    buffer.close().await;
-
-    if let Ok(out) = std::process::Command::new("kcat").arg("-V").output()
-        && out.status.success()
-    {
-        let file = dir.path().join("kcat-input");
-        let line = format!("dev-1:{}\n", String::from_utf8_lossy(&payload));
-        std::fs::write(&file, line.repeat(n)).unwrap();
-        let bootstrap = mock.bootstrap_servers();
-        let t = Instant::now();
-        let out = std::process::Command::new("kcat")
-            .args(["-P", "-b", &bootstrap, "-t", "kcat", "-K:", "-z", "zstd"])
-            .args(["-X", "enable.idempotence=true", "-X", "acks=all"])
-            .stdin(std::fs::File::open(&file).unwrap())
-            .output()
-            .unwrap();
-        let took_kcat = t.elapsed();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        eprintln!(
-            "kcat -P produced {n} records in {took_kcat:?}: {:.0} records/s; ferry/kcat = {:.2}",
-            n as f64 / took_kcat.as_secs_f64(),
-            took_kcat.as_secs_f64() / took.as_secs_f64()
-        );
-    }
-}
-
-/// Bytes on the (loopback) wire per reading for each producer compression, and for
-/// `delivery = "segment"`: 50,000 JSON telemetry readings from 100 devices are drained into a
-/// mock cluster and the loopback interface's received-bytes counter is read before and after
-/// (so broker responses and TCP/IP headers are included). Run with
-/// `cargo test -p ferry-uplink --release wire_bytes_bench -- --ignored --nocapture`.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "benchmark"]
-async fn wire_bytes_bench() {
-    fn lo_bytes() -> u64 {
-        std::fs::read_to_string("/proc/net/dev")
-            .ok()
-            .and_then(|s| {
-                s.lines()
-                    .find(|l| l.trim_start().starts_with("lo:"))
-                    .map(|l| {
-                        let f: Vec<u64> = l
-                            .split_once(':')
-                            .map(|x| x.1)
-                            .unwrap_or_default()
-                            .split_whitespace()
-                            .filter_map(|v| v.parse().ok())
-                            .collect();
-                        // On loopback every byte is both received and sent: count it once.
-                        f[0]
-                    })
-            })
-            .unwrap_or(0)
-    }
-    use ferry_config::KafkaCompression as K;
-    let n = 50_000usize;
-    let readings: Vec<Reading> = (0..n)
-        .map(|i| {
-            let d = i % 100;
-            let p = format!(
-                "{{\"device\":\"sensor-{d:04}\",\"ts\":{},\"temp\":{:.2},\"hum\":{:.1},\"seq\":{i}}}",
-                1_763_000_000_000u64 + i as u64 * 1000,
-                20.0 + (i % 100) as f64 * 0.05,
-                40.0 + (i % 37) as f64 * 0.5
-            );
-            reading(&format!("sensor-{d:04}"), &format!("sensors/{d}/env"), p)
-        })
-        .collect();
-    let payload_bytes: usize = readings.iter().map(|r| r.payload.len()).sum();
-    eprintln!(
-        "{n} readings, {:.1} payload bytes each on average",
-        payload_bytes as f64 / n as f64
-    );
-    for (label, compression, delivery) in [
-        ("reading, zstd", K::Zstd, Delivery::Reading),
-        ("reading, lz4", K::Lz4, Delivery::Reading),
-        ("reading, gzip", K::Gzip, Delivery::Reading),
-        ("reading, none", K::None, Delivery::Reading),
-        (
-            "segment (gzip 3 body), no producer compression",
-            K::None,
-            Delivery::Segment,
-        ),
-    ] {
-        let mock = Mock::new(1).unwrap();
-        mock.create_topic("readings", 1, 1).unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let buffer = open_buffer(dir.path(), Compression::Gzip { level: 3 });
-        for chunk in readings.chunks(5000) {
-            buffer.append(chunk.to_vec()).await.unwrap();
-        }
-        let mut cfg = uplink(&mock.bootstrap_servers());
-        cfg.compression = compression;
-        cfg.delivery = delivery;
-        cfg.message_timeout_ms = 30_000;
-        let before = lo_bytes();
-        let run = start(&cfg, &buffer, Duration::from_secs(2));
-        wait_empty(&buffer, &run.status, Duration::from_secs(120)).await;
-        run.stop().await;
-        let bytes = lo_bytes() - before;
-        eprintln!(
-            "{label}: {:.1} loopback bytes per reading ({:.2} per payload byte)",
-            bytes as f64 / n as f64,
-            bytes as f64 / payload_bytes as f64
-        );
-        buffer.close().await;
-    }
-}
-
 /// A Pi without a clock, through the real buffer to the mock cluster: readings taken before
 /// NTP's first sync (3 days forward) arrive with corrected times and `ferry-clock:
 /// corrected`, later ones `synced`; and a 1 h TTL drops none of them although the wall clock
@@ -1107,7 +872,7 @@ async fn an_unreachable_upstream_gets_a_probe_window() {
     }
     // The window, plus at most the one segment that may always be in flight.
     assert!(
-        most <= crate::retry::FAILING_WINDOW_READINGS + 100,
+        most <= ferry_uplink::retry::FAILING_WINDOW_READINGS + 100,
         "{most} readings in flight while offline"
     );
     assert!(most > 0, "the uplink keeps probing");
