@@ -276,19 +276,22 @@ pub fn rt() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
-/// Runs `clients` HTTP clients posting batches of 20 unique readings (`{"k": "c<C>-n<N>-i<I>"}`,
-/// device `dev-<C>`) to `ferry` for `load`, SIGKILLs ferry while they still post, and returns
-/// the keys of every reading answered 202: what ferry promised to deliver.
-pub async fn http_load_then_kill(
-    ferry: &mut ferry_tests::Ferry,
-    clients: u64,
-    load: Duration,
-) -> std::collections::BTreeSet<String> {
+/// HTTP clients posting batches of 20 unique readings (`{"k": "c<C>-n<N>-i<I>"}`, device
+/// `dev-<C>`) in a loop, recording the key of every reading answered 202.
+pub struct HttpClients {
+    /// The keys of every reading answered 202 so far: what ferry promised to deliver.
+    pub acked: Arc<Mutex<std::collections::BTreeSet<String>>>,
+    running: Arc<AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// Starts `clients` [`HttpClients`] against `base`, each pausing `pause` between requests.
+pub fn http_clients(base: &str, clients: u64, pause: Duration) -> HttpClients {
     let acked: Arc<Mutex<std::collections::BTreeSet<String>>> = Arc::default();
     let running = Arc::new(AtomicBool::new(true));
     let mut tasks = Vec::new();
     for c in 0..clients {
-        let (acked, running, base) = (acked.clone(), running.clone(), ferry.http_url());
+        let (acked, running, base) = (acked.clone(), running.clone(), base.to_string());
         tasks.push(tokio::spawn(async move {
             let http = reqwest::Client::new();
             let mut n = 0u64;
@@ -305,22 +308,46 @@ pub async fn http_load_then_kill(
                 {
                     acked.lock().unwrap().extend(keys);
                 }
+                tokio::time::sleep(pause).await;
             }
         }));
     }
+    HttpClients {
+        acked,
+        running,
+        tasks,
+    }
+}
+
+impl HttpClients {
+    /// Stops the clients and returns what was acknowledged; asserts it is more than 200
+    /// readings (a load that barely ran proves nothing).
+    pub async fn stop(self) -> std::collections::BTreeSet<String> {
+        self.running.store(false, Ordering::SeqCst);
+        for t in self.tasks {
+            t.await.unwrap();
+        }
+        let acked = self.acked.lock().unwrap().clone();
+        assert!(
+            acked.len() > 200,
+            "only {} readings were acknowledged before the kill",
+            acked.len()
+        );
+        acked
+    }
+}
+
+/// Runs `clients` [`HttpClients`] against `ferry` for `load`, SIGKILLs ferry while they still
+/// post, and returns the keys of every reading answered 202.
+pub async fn http_load_then_kill(
+    ferry: &mut ferry_tests::Ferry,
+    clients: u64,
+    load: Duration,
+) -> std::collections::BTreeSet<String> {
+    let load_clients = http_clients(&ferry.http_url(), clients, Duration::ZERO);
     tokio::time::sleep(load).await;
     ferry.kill();
-    running.store(false, Ordering::SeqCst);
-    for t in tasks {
-        t.await.unwrap();
-    }
-    let acked = acked.lock().unwrap().clone();
-    assert!(
-        acked.len() > 200,
-        "only {} readings were acknowledged before the kill",
-        acked.len()
-    );
-    acked
+    load_clients.stop().await
 }
 
 /// Asserts that every acknowledged key arrived upstream (`seen`: key → the ferry ids it came
