@@ -19,17 +19,9 @@ pub enum Server {
     Moto,
 }
 
-pub fn on_path(tool: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH").and_then(|p| {
-        std::env::split_paths(&p)
-            .map(|d| d.join(tool))
-            .find(|f| f.is_file())
-    })
-}
-
 /// The command that runs kinesalite: on PATH, else the global npm package run with node.
 pub fn kinesalite_cmd() -> Option<Command> {
-    if let Some(p) = on_path("kinesalite") {
+    if let Some(p) = crate::find_tool("kinesalite") {
         return Some(Command::new(p));
     }
     let root = Command::new("npm").args(["root", "-g"]).output().ok()?;
@@ -38,7 +30,7 @@ pub fn kinesalite_cmd() -> Option<Command> {
     let bin = root.join(".bin/kinesalite");
     if bin.is_file() {
         Some(Command::new(bin))
-    } else if cli.is_file() && on_path("node").is_some() {
+    } else if cli.is_file() && crate::find_tool("node").is_some() {
         let mut c = Command::new("node");
         c.arg(cli);
         Some(c)
@@ -63,24 +55,13 @@ pub fn require(server: Server, test: &str) -> bool {
         Server::Kinesalite if kinesalite_cmd().is_none() => {
             Some("kinesalite (npm install -g kinesalite@3)")
         }
-        Server::Moto if on_path("moto_server").is_none() => {
+        Server::Moto if crate::find_tool("moto_server").is_none() => {
             Some("moto_server (pip install 'moto[server]')")
         }
         _ if !boto3_available() => Some("python3 with boto3 (pip install boto3)"),
         _ => None,
     };
-    let Some(missing) = missing else {
-        return true;
-    };
-    if std::env::var("FERRY_REQUIRE_TOOLS").as_deref() == Ok("1") {
-        panic!("{test}: {missing} is required (FERRY_REQUIRE_TOOLS=1) but not installed");
-    }
-    eprintln!(
-        "\n========================================================================\n\
-         SKIPPED {test}: {missing} is not installed (run .ci/run).\n\
-         ========================================================================\n"
-    );
-    false
+    missing.is_none_or(|missing| crate::skip_or_fail(missing, test))
 }
 
 /// A kinesalite or moto_server child process on 127.0.0.1, killed on drop.
@@ -110,7 +91,7 @@ impl Stream {
                 c
             }
             Server::Moto => {
-                let mut c = Command::new(on_path("moto_server").expect("moto_server"));
+                let mut c = Command::new(crate::find_tool("moto_server").expect("moto_server"));
                 c.args(["-H", "127.0.0.1", "-p", &p]);
                 c
             }

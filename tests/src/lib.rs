@@ -56,21 +56,43 @@ pub fn bin_path(name: &str) -> PathBuf {
     p
 }
 
-/// Whether an external tool is available. When it is not: panics if
+/// Where Debian installs tools off `PATH`: mosquitto in /usr/sbin, the Pub/Sub emulator's
+/// launcher in the Cloud SDK's tree.
+const OFF_PATH: &[&str] = &[
+    "/usr/sbin/mosquitto",
+    "/usr/lib/google-cloud-sdk/platform/pubsub-emulator/bin/cloud-pubsub-emulator",
+];
+
+/// Where `tool` is: on `PATH`, else where Debian installs it off `PATH` ([`OFF_PATH`]).
+pub fn find_tool(tool: &str) -> Option<PathBuf> {
+    let on_path = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|p| p.join(tool))
+            .find(|p| p.is_file())
+    });
+    on_path.or_else(|| {
+        OFF_PATH
+            .iter()
+            .map(PathBuf::from)
+            .find(|p| p.file_name().is_some_and(|n| n == tool) && p.is_file())
+    })
+}
+
+/// Whether an external tool is available ([`find_tool`]). When it is not: panics if
 /// `FERRY_REQUIRE_TOOLS=1`, else prints a loud SKIPPED line and returns false.
 pub fn require_tool(tool: &str, test: &str) -> bool {
-    let found = std::env::var_os("PATH")
-        .map(|paths| std::env::split_paths(&paths).any(|p| p.join(tool).is_file()))
-        .unwrap_or(false);
-    if found {
-        return true;
-    }
+    find_tool(tool).is_some() || skip_or_fail(&format!("'{tool}'"), test)
+}
+
+/// What a test does when `missing` (a tool, named for the reader) is not installed: panics
+/// under `FERRY_REQUIRE_TOOLS=1` (as in CI), else prints a loud SKIPPED line. Returns false.
+pub fn skip_or_fail(missing: &str, test: &str) -> bool {
     if std::env::var("FERRY_REQUIRE_TOOLS").as_deref() == Ok("1") {
-        panic!("{test}: the tool '{tool}' is required (FERRY_REQUIRE_TOOLS=1) but not installed");
+        panic!("{test}: {missing} is required (FERRY_REQUIRE_TOOLS=1) but not installed");
     }
     eprintln!(
         "\n========================================================================\n\
-         SKIPPED {test}: '{tool}' is not installed (apt-get install it, or run .ci/run).\n\
+         SKIPPED {test}: {missing} is not installed (apt-get install it, or run .ci/run).\n\
          ========================================================================\n"
     );
     false
@@ -382,12 +404,7 @@ pub fn mosquitto_on(port: u16) -> Mosquitto {
         format!("user root\nlistener {port} 127.0.0.1\nallow_anonymous true\n"),
     )
     .unwrap();
-    let bin = if std::path::Path::new("/usr/sbin/mosquitto").exists() {
-        "/usr/sbin/mosquitto"
-    } else {
-        "mosquitto"
-    };
-    let mut cmd = std::process::Command::new(bin);
+    let mut cmd = std::process::Command::new(find_tool("mosquitto").expect("mosquitto"));
     cmd.arg("-c").arg(&conf);
     Mosquitto {
         _server: Server::spawn(cmd, port, "mosquitto", std::time::Duration::from_secs(5)),

@@ -31,9 +31,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-const EMULATOR: &str =
-    "/usr/lib/google-cloud-sdk/platform/pubsub-emulator/bin/cloud-pubsub-emulator";
-
 #[derive(Debug, Clone, Parser)]
 #[command(
     name = "pubsub-drain",
@@ -72,7 +69,7 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run(opts: &Opts) -> Res<()> {
-    let emulator = emulator_bin().ok_or(
+    let emulator = ferry_tests::find_tool("cloud-pubsub-emulator").ok_or(
         "the Pub/Sub emulator is not installed (Debian package google-cloud-cli-pubsub-emulator)",
     )?;
     let ok = Command::new(&opts.python)
@@ -137,17 +134,6 @@ fn run(opts: &Opts) -> Res<()> {
         fr / pr
     );
     Ok(())
-}
-
-fn emulator_bin() -> Option<PathBuf> {
-    if Path::new(EMULATOR).is_file() {
-        return Some(EMULATOR.into());
-    }
-    std::env::var_os("PATH").and_then(|p| {
-        std::env::split_paths(&p)
-            .map(|d| d.join("cloud-pubsub-emulator"))
-            .find(|f| f.is_file())
-    })
 }
 
 /// The emulator on a free port with the topic `projects/bench/topics/readings` (no

@@ -6,8 +6,8 @@
 
 use ferry_buffer::{Buffer, Reading};
 use ferry_config::{KafkaUplink, MqttProtocol, MqttUplink, TopicRewrite};
-use ferry_tests::free_port;
 use ferry_tests::uplink::{Running, reading, wait_settled, wait_until};
+use ferry_tests::{free_port, require_tool};
 use ferry_uplink::Common;
 use ferry_uplink::kafka::KafkaSink;
 use ferry_uplink::mqtt::*;
@@ -22,31 +22,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-
-const MOSQUITTO: &str = "/usr/sbin/mosquitto";
-
-fn mosquitto_bin() -> Option<PathBuf> {
-    if Path::new(MOSQUITTO).exists() {
-        return Some(MOSQUITTO.into());
-    }
-    std::env::var_os("PATH").and_then(|p| {
-        std::env::split_paths(&p)
-            .map(|d| d.join("mosquitto"))
-            .find(|f| f.exists())
-    })
-}
-
-/// Like `ferry_tests::require_tool`: skip loudly, or fail under `FERRY_REQUIRE_TOOLS=1`.
-fn require_mosquitto(test: &str) -> bool {
-    if mosquitto_bin().is_some() {
-        return true;
-    }
-    if std::env::var("FERRY_REQUIRE_TOOLS").as_deref() == Ok("1") {
-        panic!("{test}: mosquitto is required (FERRY_REQUIRE_TOOLS=1) but not installed");
-    }
-    eprintln!("\n*** SKIPPED {test}: mosquitto is not installed (apt-get install mosquitto) ***\n");
-    false
-}
 
 /// A mosquitto child process with a generated config.
 struct Broker {
@@ -86,7 +61,7 @@ impl Broker {
     }
 
     fn spawn(&mut self) {
-        let child = Command::new(mosquitto_bin().unwrap())
+        let child = Command::new(ferry_tests::find_tool("mosquitto").unwrap())
             .arg("-c")
             .arg(self.dir.path().join("mosquitto.conf"))
             .stdout(Stdio::null())
@@ -264,7 +239,10 @@ fn distinct_ids(got: &[Got]) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn v5_forwards_with_rewrites_properties_and_order() {
-    if !require_mosquitto("v5_forwards_with_rewrites_properties_and_order") {
+    if !require_tool(
+        "mosquitto",
+        "v5_forwards_with_rewrites_properties_and_order",
+    ) {
         return;
     }
     let broker = Broker::start("allow_anonymous true", "");
@@ -339,7 +317,7 @@ async fn v5_forwards_with_rewrites_properties_and_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn v311_envelope_and_qos0() {
-    if !require_mosquitto("v311_envelope_and_qos0") {
+    if !require_tool("mosquitto", "v311_envelope_and_qos0") {
         return;
     }
     let broker = Broker::start("allow_anonymous true", "");
@@ -402,7 +380,10 @@ async fn v311_envelope_and_qos0() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_restart_everything_arrives_at_least_once() {
-    if !require_mosquitto("broker_restart_everything_arrives_at_least_once") {
+    if !require_tool(
+        "mosquitto",
+        "broker_restart_everything_arrives_at_least_once",
+    ) {
         return;
     }
     let mut broker = Broker::start("allow_anonymous true", "");
@@ -490,7 +471,10 @@ async fn broker_restart_everything_arrives_at_least_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_credentials_clear_error_and_no_tight_loop() {
-    if !require_mosquitto("wrong_credentials_clear_error_and_no_tight_loop") {
+    if !require_tool(
+        "mosquitto",
+        "wrong_credentials_clear_error_and_no_tight_loop",
+    ) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -602,7 +586,7 @@ fn make_pki(dir: &Path) -> (PathBuf, PathBuf, PathBuf, PathBuf, PathBuf) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mutual_tls_with_a_test_ca() {
-    if !require_mosquitto("mutual_tls_with_a_test_ca") {
+    if !require_tool("mosquitto", "mutual_tls_with_a_test_ca") {
         return;
     }
     let pki = tempfile::tempdir().unwrap();
@@ -659,7 +643,10 @@ async fn mutual_tls_with_a_test_ca() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kafka_down_mqtt_keeps_flowing_and_the_buffer_keeps_kafkas_share() {
-    if !require_mosquitto("kafka_down_mqtt_keeps_flowing_and_the_buffer_keeps_kafkas_share") {
+    if !require_tool(
+        "mosquitto",
+        "kafka_down_mqtt_keeps_flowing_and_the_buffer_keeps_kafkas_share",
+    ) {
         return;
     }
     let broker = Broker::start("allow_anonymous true", "");

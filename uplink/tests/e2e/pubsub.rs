@@ -10,16 +10,16 @@ use base64::engine::general_purpose::STANDARD;
 use bytes::Bytes;
 use ferry_buffer::{Buffer, Reading};
 use ferry_config::{KeyRule, PubsubUplink};
-use ferry_tests::free_port;
 use ferry_tests::scripted::Scripted;
 use ferry_tests::uplink::{Running, reading, wait_until};
+use ferry_tests::{free_port, require_tool};
 use ferry_uplink::Common;
 use ferry_uplink::http::{HttpClient, Request, Response};
 use ferry_uplink::pubsub::*;
 use ferry_uplink::status::UplinkStatus;
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -30,36 +30,6 @@ fn client() -> HttpClient {
 
 fn google_error(code: u16, status: &str, message: &str) -> String {
     json!({"error": {"code": code, "message": message, "status": status}}).to_string()
-}
-
-const EMULATOR: &str =
-    "/usr/lib/google-cloud-sdk/platform/pubsub-emulator/bin/cloud-pubsub-emulator";
-
-fn emulator_bin() -> Option<PathBuf> {
-    if Path::new(EMULATOR).exists() {
-        return Some(EMULATOR.into());
-    }
-    std::env::var_os("PATH").and_then(|p| {
-        std::env::split_paths(&p)
-            .map(|d| d.join("cloud-pubsub-emulator"))
-            .find(|f| f.exists())
-    })
-}
-
-/// Like `ferry_tests::require_tool`: skip loudly, or fail under `FERRY_REQUIRE_TOOLS=1`.
-fn require_emulator(test: &str) -> bool {
-    if emulator_bin().is_some() {
-        return true;
-    }
-    if std::env::var("FERRY_REQUIRE_TOOLS").as_deref() == Ok("1") {
-        panic!(
-            "{test}: the Pub/Sub emulator is required (FERRY_REQUIRE_TOOLS=1) but not installed"
-        );
-    }
-    eprintln!(
-        "\n*** SKIPPED {test}: the Pub/Sub emulator is not installed (apt-get install google-cloud-cli-pubsub-emulator) ***\n"
-    );
-    false
 }
 
 /// One message pulled from a subscription.
@@ -107,7 +77,7 @@ impl Emulator {
 
     /// Starts a fresh emulator (no topics) on the port.
     fn spawn(&mut self) {
-        let child = Command::new(emulator_bin().unwrap())
+        let child = Command::new(ferry_tests::find_tool("cloud-pubsub-emulator").unwrap())
             .arg("--host=127.0.0.1")
             .arg(format!("--port={}", self.port))
             .stdin(Stdio::null())
@@ -260,7 +230,8 @@ async fn wait_empty(buffer: &Buffer, status: &UplinkStatus) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_reading_arrives_with_its_attributes_and_the_oversized_one_is_dead_lettered() {
-    if !require_emulator(
+    if !require_tool(
+        "cloud-pubsub-emulator",
         "every_reading_arrives_with_its_attributes_and_the_oversized_one_is_dead_lettered",
     ) {
         return;
@@ -374,7 +345,10 @@ async fn every_reading_arrives_with_its_attributes_and_the_oversized_one_is_dead
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ordering_key_device_keeps_each_devices_order() {
-    if !require_emulator("ordering_key_device_keeps_each_devices_order") {
+    if !require_tool(
+        "cloud-pubsub-emulator",
+        "ordering_key_device_keeps_each_devices_order",
+    ) {
         return;
     }
     let emu = Emulator::start();
@@ -433,7 +407,10 @@ async fn ordering_key_device_keeps_each_devices_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_emulator_without_the_topic_is_reported_and_recovered_from() {
-    if !require_emulator("a_restarted_emulator_without_the_topic_is_reported_and_recovered_from") {
+    if !require_tool(
+        "cloud-pubsub-emulator",
+        "a_restarted_emulator_without_the_topic_is_reported_and_recovered_from",
+    ) {
         return;
     }
     let mut emu = Emulator::start();
