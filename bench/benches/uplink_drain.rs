@@ -9,7 +9,7 @@
 
 use base64::Engine as _;
 use ferry_buffer::{Buffer, Compression, Reading};
-use ferry_config::{Delivery, KafkaUplink, KinesisUplink};
+use ferry_config::{Delivery, KafkaUplink};
 use ferry_tests::kinesis::{BOTO3_PUT, Server, Stream, counting_forwarder, require};
 use ferry_tests::uplink::{Running, open_buffer, open_buffer_compressed, reading, wait_empty};
 use ferry_uplink::Common;
@@ -62,21 +62,6 @@ fn kafka_uplink(bootstrap: &str) -> KafkaUplink {
 fn start_kafka(cfg: &KafkaUplink, buffer: &Buffer) -> Running {
     let common = Common::new("kafka", "gw1", buffer.clone()).grace(Duration::from_secs(2));
     Running::start(Box::new(KafkaSink::new(cfg, common).unwrap()))
-}
-
-/// A Kinesis uplink on `endpoint` with kinesalite's dummy credentials.
-fn kinesis_uplink(endpoint: &str) -> KinesisUplink {
-    KinesisUplink {
-        stream: "readings".into(),
-        region: Some("us-east-1".into()),
-        endpoint: Some(endpoint.into()),
-        access_key_id: Some("AKIDTEST".into()),
-        secret_access_key: Some("secret".into()),
-        request_timeout_ms: 5000,
-        initial_backoff_ms: 50,
-        max_backoff_ms: 400,
-        ..KinesisUplink::default()
-    }
 }
 
 /// Drain rate of a backlog into the mock cluster, against `kcat -P` producing the same number
@@ -289,7 +274,7 @@ async fn kinesis_drain() {
         }));
     }
     let (port, wire) = counting_forwarder(server.port).await;
-    let cfg = kinesis_uplink(&format!("http://127.0.0.1:{port}"));
+    let cfg = ferry_tests::kinesis::uplink(&format!("http://127.0.0.1:{port}"), "readings");
     let t = Instant::now();
     let run = Running::start(Box::new(
         KinesisSink::new(&cfg, Common::new("kinesis", "gw1", buffer.clone())).unwrap(),

@@ -13,6 +13,22 @@ use std::time::{Duration, Instant};
 
 use crate::free_port;
 
+/// A Kinesis uplink's config for `stream` at `endpoint`, with the servers' dummy credentials
+/// and short timeouts and backoffs.
+pub fn uplink(endpoint: &str, stream: &str) -> ferry_config::KinesisUplink {
+    ferry_config::KinesisUplink {
+        stream: stream.into(),
+        region: Some("us-east-1".into()),
+        endpoint: Some(endpoint.into()),
+        access_key_id: Some("AKIDTEST".into()),
+        secret_access_key: Some("secret".into()),
+        request_timeout_ms: 5000,
+        initial_backoff_ms: 50,
+        max_backoff_ms: 400,
+        ..Default::default()
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Server {
     Kinesalite,

@@ -76,17 +76,7 @@ fn open_buffer(dir: &Path) -> Buffer {
 }
 
 fn uplink(endpoint: &str) -> KinesisUplink {
-    KinesisUplink {
-        stream: STREAM.into(),
-        region: Some("us-east-1".into()),
-        endpoint: Some(endpoint.into()),
-        access_key_id: Some("AKIDTEST".into()),
-        secret_access_key: Some("secret".into()),
-        request_timeout_ms: 5000,
-        initial_backoff_ms: 50,
-        max_backoff_ms: 400,
-        ..KinesisUplink::default()
-    }
+    ferry_tests::kinesis::uplink(endpoint, STREAM)
 }
 
 fn start(cfg: &KinesisUplink, buffer: &Buffer) -> Running {
