@@ -11,6 +11,7 @@
 //! (`status_api::status_and_metrics_under_traffic_show_no_secret`,
 //! `status_api::ferry_status_needs_the_token_when_one_is_set`).
 
+use crate::support;
 use ferry_tests::Ferry;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -137,22 +138,6 @@ fn connack(addr: SocketAddr, level: u8, id: &str, login: Option<(&str, &str)>) -
     b[3]
 }
 
-fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .timeout(Duration::from_secs(20))
-        .build()
-        .unwrap()
-}
-
-async fn get(url: &str, token: Option<&str>) -> (u16, String) {
-    let mut req = client().get(url);
-    if let Some(t) = token {
-        req = req.bearer_auth(t);
-    }
-    let resp = req.send().await.unwrap();
-    (resp.status().as_u16(), resp.text().await.unwrap())
-}
-
 /// Secrets configured in every place ferry has one (MQTT user password, HTTP token, status
 /// token, Kafka SASL password, MQTT uplink password), with ferry logging at debug level, the
 /// uplink refused by its broker, and failed logins carrying wrong passwords and tokens: no
@@ -183,7 +168,7 @@ async fn secrets_are_never_shown() {
     assert_eq!(codes, [0, 0, 0x04, 0x86, 0x87]);
 
     // HTTP: a good token, a wrong one, none.
-    let c = client();
+    let c = support::http();
     let post = |token: Option<&'static str>| {
         let mut b = c.post(format!("{base}/v1/readings/site/t")).body("1");
         if let Some(t) = token {
@@ -212,12 +197,12 @@ async fn secrets_are_never_shown() {
     // Every endpoint that shows state, with the right token, a wrong one and none.
     for path in ["/", "/api/status", "/metrics", "/healthz", "/readyz"] {
         for token in [Some(STATUS_TOKEN), Some(WRONG_STATUS_TOKEN), None] {
-            let (code, body) = get(&format!("{base}{path}"), token).await;
+            let (code, body) = support::get(&format!("{base}{path}"), token).await;
             assert!(code == 200 || code == 401, "{path}: {code}");
             assert_no_secret(&format!("{path} ({code})"), &body);
         }
     }
-    let (code, body) = get(&format!("{base}/api/status"), Some(STATUS_TOKEN)).await;
+    let (code, body) = support::get(&format!("{base}/api/status"), Some(STATUS_TOKEN)).await;
     assert_eq!(code, 200);
     assert!(
         body.contains("\"uplinks\"") || body.contains("uplink"),

@@ -13,6 +13,7 @@
 //! (`http_ingest::slow_headers_are_cut_off`); the connection cap
 //! (`http_ingest::connections_are_capped`).
 
+use crate::support;
 use ferry_tests::{Ferry, buffered_readings};
 use serde_json::Value;
 use std::io::{ErrorKind, Read, Write};
@@ -27,16 +28,9 @@ fn start(toml: &str) -> Ferry {
     Ferry::start(toml)
 }
 
-fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .timeout(Duration::from_secs(30))
-        .build()
-        .unwrap()
-}
-
 /// The well-behaved client: one reading POSTed to `/v1/readings/good/<id>`, answered 202.
 async fn good_post(url: &str, id: &str, payload: &str) {
-    let r = client()
+    let r = support::http()
         .post(format!("{url}/v1/readings/good/{id}"))
         .body(payload.to_string())
         .send()
@@ -150,7 +144,7 @@ async fn zip_bombs_are_cut_at_max_decompressed_bytes() {
                 } else {
                     "/v1/readings".to_string()
                 };
-                let r = client()
+                let r = support::http()
                     .post(format!("{url}{path}"))
                     .header("content-type", "application/json")
                     .header("content-encoding", "gzip")
@@ -338,7 +332,7 @@ async fn invalid_utf8_topics_are_400() {
     let f = start("");
     let url = f.http_url();
     let addr = f.addr("http");
-    let c = client();
+    let c = support::http();
     let r = c
         .post(format!("{url}/v1/readings/sensors/%FF%FE/t"))
         .body("1")
@@ -405,7 +399,7 @@ async fn invalid_utf8_topics_are_400() {
 async fn deeply_nested_json_is_400() {
     let f = start("");
     let url = f.http_url();
-    let c = client();
+    let c = support::http();
     let nested = |depth: usize| format!("{}{}", "[".repeat(depth), "]".repeat(depth));
     let cases = [
         (

@@ -1,5 +1,6 @@
 //! End-to-end tests of the HTTP ingest API against the real `ferry` binary.
 
+use crate::support;
 use ferry_tests::{Ferry, buffered_readings};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
@@ -19,13 +20,6 @@ async fn stored(data_dir: &std::path::Path) -> Vec<ferry_buffer::Reading> {
     let dir = data_dir.to_path_buf();
     tokio::task::spawn_blocking(move || buffered_readings(&dir, "kafka"))
         .await
-        .unwrap()
-}
-
-fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .timeout(Duration::from_secs(30))
-        .build()
         .unwrap()
 }
 
@@ -71,7 +65,7 @@ async fn accepted(resp: reqwest::Response) -> Value {
 async fn every_format_is_stored() {
     let mut ferry = Ferry::start("");
     let url = ferry.http_url();
-    let c = client();
+    let c = support::http();
     let single = accepted(
         c.post(format!("{url}/v1/readings/site/a/temp"))
             .header("content-type", "text/plain")
@@ -168,7 +162,7 @@ async fn every_format_is_stored() {
 async fn errors_are_problem_json() {
     let ferry = Ferry::start("[http]\nmax_body_bytes = 4096\nmax_decompressed_bytes = 8192\n");
     let url = ferry.http_url();
-    let c = client();
+    let c = support::http();
     let post = |path: &str| c.post(format!("{url}{path}"));
 
     let r = post("/v1/readings")
@@ -224,7 +218,7 @@ async fn full_buffer_in_reject_mode_is_503() {
         "[buffer]\nmax_bytes = 1048576\nmax_batch_bytes = 262144\nwhen_full = \"reject\"\ncompression = \"none\"\n\n[http]\nretry_after_secs = 9\n",
     );
     let url = ferry.http_url();
-    let c = client();
+    let c = support::http();
     for i in 0..20 {
         let r = c
             .post(format!("{url}/v1/readings/big/{i}"))
@@ -249,7 +243,7 @@ async fn tokens_and_device_binding() {
         "[[http.tokens]]\ntoken = \"fleet-secret\"\nname = \"fleet\"\n\n[[http.tokens]]\ntoken = \"dev7-secret\"\ndevice = \"dev-7\"\n",
     );
     let url = ferry.http_url();
-    let c = client();
+    let c = support::http();
     let send = |token: Option<&str>, device: Option<&str>| {
         let mut b = c.post(format!("{url}/v1/readings/t")).body("1");
         if let Some(t) = token {
@@ -319,7 +313,7 @@ async fn every_acknowledged_reading_survives_sigkill() {
         let url = url.clone();
         let acked = acked.clone();
         tasks.push(tokio::spawn(async move {
-            let c = client();
+            let c = support::http();
             for seq in 0u64.. {
                 let n = 1 + (seq % 20) as usize;
                 let topics: Vec<String> = (0..n).map(|i| format!("kill/{w}/{seq}/{i}")).collect();
@@ -388,7 +382,7 @@ async fn every_acknowledged_reading_survives_sigkill() {
 
     // The gateway restarts on that buffer and keeps numbering after it.
     ferry.restart();
-    let c = client();
+    let c = support::http();
     let b = accepted(
         c.post(format!("{}/v1/readings/after/restart", ferry.http_url()))
             .body("1")
@@ -433,7 +427,7 @@ async fn connections_are_capped() {
     let a = tokio::net::TcpStream::connect(addr).await.unwrap();
     let b = tokio::net::TcpStream::connect(addr).await.unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let c = client();
+    let c = support::http();
     let third = tokio::spawn({
         let c = c.clone();
         let url = url.clone();

@@ -13,6 +13,7 @@
 //! oversized publish (`mqtt_ingest::oversized_and_wildcard_publishes_close_v4_connections`), one
 //! silent socket (`mqtt_ingest::silent_sockets_are_closed_after_connect_timeout`).
 
+use crate::support;
 use bytes::BytesMut;
 use ferry_tests::{Ferry, buffered_readings};
 use rumqttc::mqttbytes::v4 as c4;
@@ -28,19 +29,11 @@ fn start(toml: &str) -> Ferry {
     Ferry::start(toml)
 }
 
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
 /// The well-behaved client: rumqttc v3.1.1, one QoS 1 publish of `payload` on `good/<id>`,
 /// waits for its PUBACK. `Err` carries what went wrong (e.g. a refusing CONNACK).
 fn good_publish(addr: SocketAddr, id: &str, payload: &str) -> Result<(), String> {
     use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
-    rt().block_on(async {
+    support::rt().block_on(async {
         let mut o = MqttOptions::new(id, addr.ip().to_string(), addr.port());
         o.set_keep_alive(Duration::from_secs(30));
         let (c, mut el) = AsyncClient::new(o, 10);
@@ -494,7 +487,7 @@ fn connects_that_never_finish_are_closed_and_release_their_slot() {
 fn a_client_that_stops_reading_is_cut_off() {
     let mut f = start("[mqtt]\nwrite_timeout_ms = 1000\n");
     let addr = f.addr("mqtt");
-    let mut s = rt().block_on(async {
+    let mut s = support::rt().block_on(async {
         let sock = tokio::net::TcpSocket::new_v4().unwrap();
         sock.set_recv_buffer_size(4096).unwrap();
         let s = sock.connect(addr).await.unwrap();
@@ -604,7 +597,7 @@ fn a_reconnect_loop_with_a_wrong_password_is_logged_once_then_summarised() {
     assert_eq!(count("CONNECTs keep being refused"), 1, "{log}");
     assert!(log.contains("repeats=40"), "{log}");
     // Every refusal is still counted for the status page and metrics.
-    let rt = rt();
+    let rt = support::rt();
     let st: serde_json::Value = rt.block_on(async {
         reqwest::get(format!("{}/api/status", ferry.http_url()))
             .await

@@ -1,6 +1,7 @@
 //! MQTT listener end to end, against the real binary: rumqttc v4 and v5 at QoS 0/1/2, auth,
 //! oversized and wildcard publishes, malformed bytes, CONNECT timeout, keep-alive, last will.
 
+use crate::support;
 use bytes::BytesMut;
 use ferry_tests::{Ferry, buffered_readings};
 use rumqttc::mqttbytes::v4 as c4;
@@ -21,21 +22,13 @@ fn payloads(f: &Ferry) -> Vec<(String, String, String)> {
         .collect()
 }
 
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
 /// v3.1.1 client: QoS 0, 1 and 2 with each ack checked.
 #[test]
 fn rumqttc_v4_qos_0_1_2() {
     use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
     let mut f = Ferry::start("");
     let addr = f.addr("mqtt");
-    rt().block_on(async {
+    support::rt().block_on(async {
         let opts = MqttOptions::new("v4-dev", addr.ip().to_string(), addr.port());
         let (client, mut el) = AsyncClient::new(opts, 10);
         client
@@ -90,7 +83,7 @@ fn rumqttc_v5_qos_0_1_2_with_properties() {
     use rumqttc::v5::{AsyncClient, Event, MqttOptions};
     let mut f = Ferry::start("");
     let addr = f.addr("mqtt");
-    rt().block_on(async {
+    support::rt().block_on(async {
         let opts = MqttOptions::new("v5-dev", addr.ip().to_string(), addr.port());
         let (client, mut el) = AsyncClient::new(opts, 10);
         let props = PublishProperties {
@@ -215,7 +208,7 @@ fn auth_failures_get_refusing_connacks() {
     c.login = Some(c4::Login::new("dev", "pw"));
     assert_eq!(Raw::connect(addr, c).1, c4::ConnectReturnCode::Success);
     // rumqttc sees the refusal too.
-    rt().block_on(async {
+    support::rt().block_on(async {
         let mut o = rumqttc::MqttOptions::new("d", addr.ip().to_string(), addr.port());
         o.set_credentials("dev", "nope");
         let (_c, mut el) = rumqttc::AsyncClient::new(o, 10);

@@ -2,9 +2,10 @@
 //! `/metrics` under MQTT and HTTP traffic, secrets never shown, the status token, the health
 //! endpoints, `status.listen`, and `ferry status`.
 
+use crate::support;
 use ferry_tests::Ferry;
 use serde_json::{Value, json};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const INGEST_TOKEN: &str = "ingest-secret-token-123";
 const STATUS_TOKEN: &str = "status-secret-token-456";
@@ -43,41 +44,8 @@ max_backoff_ms = 1000
     )
 }
 
-fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .timeout(Duration::from_secs(20))
-        .build()
-        .unwrap()
-}
-
-async fn get(url: &str, token: Option<&str>) -> (u16, String) {
-    let mut req = client().get(url);
-    if let Some(t) = token {
-        req = req.bearer_auth(t);
-    }
-    let resp = req.send().await.unwrap();
-    (resp.status().as_u16(), resp.text().await.unwrap())
-}
-
-async fn status(base: &str) -> Value {
-    let (code, body) = get(&format!("{base}/api/status"), Some(STATUS_TOKEN)).await;
-    assert_eq!(code, 200, "{body}");
-    serde_json::from_str(&body).unwrap()
-}
-
-/// Polls `/api/status` until `f` holds, or panics with the last report.
 async fn wait_status(base: &str, what: &str, f: impl Fn(&Value) -> bool) -> Value {
-    let start = Instant::now();
-    loop {
-        let v = status(base).await;
-        if f(&v) {
-            return v;
-        }
-        if start.elapsed() > Duration::from_secs(20) {
-            panic!("timed out waiting until {what}; last report:\n{v:#}");
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    support::wait_status(base, Some(STATUS_TOKEN), what, Duration::from_secs(20), f).await
 }
 
 fn assert_no_secret(what: &str, text: &str) {
@@ -120,7 +88,7 @@ async fn mqtt_publish(addr: std::net::SocketAddr, client_id: &str, n: usize) {
 async fn status_and_metrics_under_traffic_show_no_secret() {
     let ferry = Ferry::start(&config());
     let base = ferry.http_url();
-    let http = client();
+    let http = support::http();
     for batch in 0..3 {
         let items: Vec<Value> = (0..5)
             .map(|i| json!({"topic": "site/power", "device": format!("meter-{batch}"), "payload": {"w": i}}))
@@ -199,7 +167,7 @@ async fn status_and_metrics_under_traffic_show_no_secret() {
     assert!(v["clock"]["synchronized"].is_boolean(), "{:#}", v["clock"]);
     assert_no_secret("/api/status", &v.to_string());
 
-    let (code, text) = get(&format!("{base}/metrics"), Some(STATUS_TOKEN)).await;
+    let (code, text) = support::get(&format!("{base}/metrics"), Some(STATUS_TOKEN)).await;
     assert_eq!(code, 200);
     for needle in [
         "ferry_readings_received_total{source=\"http\"} 15",
@@ -235,7 +203,7 @@ async fn status_and_metrics_under_traffic_show_no_secret() {
         ("/metrics", None, 401),
         ("/metrics", Some(INGEST_TOKEN), 401),
     ] {
-        let (code, body) = get(&format!("{base}{path}"), token).await;
+        let (code, body) = support::get(&format!("{base}{path}"), token).await;
         assert_eq!(code, want, "{path} with {token:?}: {body}");
         assert_no_secret(path, &body);
     }
@@ -255,7 +223,7 @@ listen = "127.0.0.1:0"
 "#,
     );
     let status_base = format!("http://{}", ferry.addr("status"));
-    let (code, body) = get(&format!("{status_base}/api/status"), None).await;
+    let (code, body) = support::get(&format!("{status_base}/api/status"), None).await;
     assert_eq!(code, 200, "{body}");
     let v: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["uplinks"].as_array().unwrap().len(), 0);
@@ -263,10 +231,10 @@ listen = "127.0.0.1:0"
     assert_eq!(v["clock"]["synchronized"], true, "{:#}", v["clock"]);
     assert_eq!(v["clock"]["source"], "assume", "{:#}", v["clock"]);
     assert!(v["clock"]["since_boot_ms"].as_u64().unwrap() > 0);
-    let (code, _) = get(&format!("{status_base}/readyz"), None).await;
+    let (code, _) = support::get(&format!("{status_base}/readyz"), None).await;
     assert_eq!(code, 200);
     // Not on the ingest listener any more.
-    let (code, _) = get(&format!("{}/api/status", ferry.http_url()), None).await;
+    let (code, _) = support::get(&format!("{}/api/status", ferry.http_url()), None).await;
     assert_eq!(code, 404);
 
     let url = status_base.clone();

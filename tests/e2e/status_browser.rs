@@ -5,6 +5,7 @@
 //! It saves a screenshot of the outage as `target/test-artifacts/status.png` (and a phone-sized
 //! dark one as `status-phone-dark.png`).
 
+use crate::support;
 use ferry_tests::{Ferry, require_tool};
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::DefaultProducerContext;
@@ -104,28 +105,8 @@ fn number_of(dom: &str, id: &str) -> u64 {
         .unwrap_or_else(|_| panic!("#{id} is not a number: {:?}", text_of(dom, id)))
 }
 
-async fn status(base: &str) -> Value {
-    reqwest::get(format!("{base}/api/status"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
-}
-
 async fn wait_status(base: &str, what: &str, f: impl Fn(&Value) -> bool) -> Value {
-    let start = Instant::now();
-    loop {
-        let v = status(base).await;
-        if f(&v) {
-            return v;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(40),
-            "timed out waiting until {what}; last report:\n{v:#}"
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    support::wait_status(base, None, what, Duration::from_secs(40), f).await
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {

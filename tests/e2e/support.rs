@@ -231,14 +231,9 @@ pub fn kafka_arrivals(
     seen
 }
 
-/// `GET /api/status` as JSON.
+/// `GET /api/status` as JSON (no status token).
 pub async fn status(base: &str) -> Value {
-    reqwest::get(format!("{base}/api/status"))
-        .await
-        .expect("status request")
-        .json()
-        .await
-        .expect("status json")
+    status_as(base, None).await
 }
 
 /// A small xorshift generator, seeded from the clock unless `FERRY_SEED` is set; the seed is
@@ -378,4 +373,52 @@ pub fn assert_every_acked_arrived(
         assert!(ids.iter().all(|i| i.starts_with(id_prefix)), "{ids:?}");
     }
     seen.values().map(|(_, n)| n - 1).sum()
+}
+
+/// An HTTP client that gives up on a request after 30 s.
+pub fn http() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
+}
+
+/// GETs `url`, with `token` as a bearer token if given: the status code and the body.
+pub async fn get(url: &str, token: Option<&str>) -> (u16, String) {
+    let mut req = http().get(url);
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    let resp = req.send().await.unwrap();
+    (resp.status().as_u16(), resp.text().await.unwrap())
+}
+
+/// `/api/status` of the gateway at `base` (with the status `token`, if one is set), which must
+/// answer 200.
+pub async fn status_as(base: &str, token: Option<&str>) -> Value {
+    let (code, body) = get(&format!("{base}/api/status"), token).await;
+    assert_eq!(code, 200, "{body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+/// Polls `/api/status` until `f` holds, or panics after `timeout` with the last report.
+pub async fn wait_status(
+    base: &str,
+    token: Option<&str>,
+    what: &str,
+    timeout: Duration,
+    f: impl Fn(&Value) -> bool,
+) -> Value {
+    let start = Instant::now();
+    loop {
+        let v = status_as(base, token).await;
+        if f(&v) {
+            return v;
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "timed out waiting until {what}; last report:\n{v:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
