@@ -955,7 +955,9 @@ pub struct TopicRewrite {
     /// MQTT topic filter matched against the source topic. Required.
     pub filter: String,
     /// New topic; `{N}` is replaced by what the N-th (1-based) `+` of the filter matched, e.g.
-    /// filter `"sensors/+/+"` and template `"site-7/{2}/{1}"`. Required.
+    /// filter `"sensors/+/+"` and template `"site-7/{2}/{1}"`, and `{#}` by what a trailing `#`
+    /// matched, e.g. filter `"logs/#"` and template `"archive/{#}"` (the syntax is
+    /// `ferry_config::topic`'s). Required.
     pub template: String,
 }
 

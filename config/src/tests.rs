@@ -197,7 +197,7 @@ fn example_uplinks_are_what_their_comments_say() {
     assert_eq!(k.routes.len(), 1);
     assert_eq!(k.librdkafka["socket.keepalive.enable"], "true");
     assert_eq!(config.uplinks["kafka"].topics, ["#"]);
-    assert_eq!(mqtt(&config, "local").rewrites.len(), 1);
+    assert_eq!(mqtt(&config, "local").rewrites.len(), 2);
     assert_eq!(config.uplinks["local"].topics, ["alarms/#"]);
     let aws = kinesis(&config, "aws");
     assert_eq!(aws.stream, "ferry-readings");
@@ -802,6 +802,20 @@ fn gateway_ids() {
     for bad in ["", "a b", "ü", &"x".repeat(65)] {
         assert!(check_gateway_id(bad).is_err(), "{bad}");
     }
+}
+
+/// A `{#}` template, documented since rewrites existed, loads (validation used to refuse any
+/// '#' in a template), and one without a trailing '#' to refer to is refused.
+#[test]
+fn rewrite_templates_take_the_hash_placeholder() {
+    let cfg = |filter: &str| {
+        format!(
+            "[uplinks.up]\ntype = \"mqtt\"\nurl = \"mqtt://b\"\n\n[[uplinks.up.rewrites]]\nfilter = \"{filter}\"\ntemplate = \"archive/{{#}}\"\n"
+        )
+    };
+    load_str(&cfg("logs/#"), no_env()).expect("a {#} template with a trailing '#' loads");
+    let errors = load_str(&cfg("logs/+"), no_env()).expect_err("no '#' to refer to");
+    assert_eq!(paths(&errors), ["uplinks.up.rewrites[0].template"], "{errors}");
 }
 
 #[test]

@@ -141,6 +141,49 @@ pub fn captures<'a>(filter: &str, topic: &'a str) -> Option<Captures<'a>> {
     Some(Captures { plus, hash })
 }
 
+/// Checks a part of a topic name, such as an uplink's `topic_prefix`: no `+`, `#` or NUL (it
+/// may be empty).
+pub fn check_part(part: &str) -> Result<(), String> {
+    if part.contains(['+', '#', '\0']) {
+        return Err("must not contain '+', '#' or NUL".into());
+    }
+    Ok(())
+}
+
+/// Checks a rewrite template: not empty, no NUL, no `+`, and `#` only as the placeholder
+/// `{#}`, placeholders 1-based. What they refer to is checked against the filter by
+/// [`check_rewrite`].
+pub fn check_template(template: &str) -> Result<(), String> {
+    if template.is_empty() {
+        return Err("is required".into());
+    }
+    if template.replace("{#}", "").contains(['+', '#', '\0']) {
+        return Err("must not contain '+', NUL, or '#' other than the placeholder {#}".into());
+    }
+    if template_placeholders(template).contains(&0) {
+        return Err("placeholders are 1-based: use {1} for the first '+'".into());
+    }
+    Ok(())
+}
+
+/// Checks a rewrite: `template` ([`check_template`]) may refer only to wildcards `filter` has:
+/// `{N}` to one of its `+` (1-based), `{#}` to its trailing `#`.
+pub fn check_rewrite(filter: &str, template: &str) -> Result<(), String> {
+    let plus = check_filter(filter)?;
+    check_template(template)?;
+    for n in template_placeholders(template) {
+        if n > plus {
+            return Err(format!(
+                "{{{n}}} refers to wildcard {n}, but the filter has {plus} '+'"
+            ));
+        }
+    }
+    if template.contains("{#}") && !(filter == "#" || filter.ends_with("/#")) {
+        return Err("{#} refers to the filter's trailing '#', which it does not have".into());
+    }
+    Ok(())
+}
+
 /// The `{N}` placeholders of a template, in order (validation checks each against its
 /// filter's `+` count).
 pub fn template_placeholders(template: &str) -> Vec<usize> {
@@ -271,6 +314,26 @@ mod tests {
 
     #[test]
     fn templates() {
+        assert_eq!(check_rewrite("logs/#", "archive/{#}"), Ok(()));
+        assert_eq!(check_rewrite("s/+/+", "x/{2}/{1}"), Ok(()));
+        assert_eq!(check_rewrite("#", "all/{#}"), Ok(()));
+        for (filter, template) in [
+            ("s/+", "x/{2}"),
+            ("s/+", "x/{0}"),
+            ("s/+", "x/{#}"),
+            ("s/#", "x/#"),
+            ("s/#", "x/+"),
+            ("s/#", ""),
+            ("s/+/", "a\0b"),
+            ("s/#/x", "a"),
+        ] {
+            assert!(
+                check_rewrite(filter, template).is_err(),
+                "{filter} -> {template}"
+            );
+        }
+        assert!(check_part("gw/").is_ok() && check_part("").is_ok());
+        assert!(check_part("gw/#").is_err());
         assert_eq!(template_placeholders("a/{1}/{12}/{x}/{"), [1, 12]);
         let caps = Captures {
             plus: vec!["a"],

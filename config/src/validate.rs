@@ -567,13 +567,8 @@ fn validate_mqtt_uplink(base: &str, m: &MqttUplink, p: &mut Problems) {
     if m.password.is_some() && m.username.is_none() {
         p.invalid(format!("{base}.password"), format!("needs {base}.username"));
     }
-    if let Some(prefix) = &m.topic_prefix
-        && prefix.contains(['+', '#', '\0'])
-    {
-        p.invalid(
-            format!("{base}.topic_prefix"),
-            "must not contain '+', '#' or NUL",
-        );
+    if let Some(prefix) = &m.topic_prefix {
+        p.check(format!("{base}.topic_prefix"), topic::check_part(prefix));
     }
     match (&m.client_cert_path, &m.client_key_path) {
         (Some(_), None) => p.invalid(
@@ -597,35 +592,18 @@ fn validate_mqtt_uplink(base: &str, m: &MqttUplink, p: &mut Problems) {
     }
     for (i, rw) in m.rewrites.iter().enumerate() {
         let base = format!("{base}.rewrites[{i}]");
-        let plus = match topic::check_filter(&rw.filter) {
-            Ok(n) => Some(n),
+        match topic::check_filter(&rw.filter) {
             Err(e) => {
                 p.invalid(format!("{base}.filter"), e);
-                None
+                p.check(
+                    format!("{base}.template"),
+                    topic::check_template(&rw.template),
+                );
             }
-        };
-        if rw.template.is_empty() {
-            p.invalid(format!("{base}.template"), "is required");
-        } else if rw.template.contains(['+', '#', '\0']) {
-            p.invalid(
+            Ok(_) => p.check(
                 format!("{base}.template"),
-                "must not contain '+', '#' or NUL",
-            );
-        }
-        for n in topic::template_placeholders(&rw.template) {
-            if n == 0 {
-                p.invalid(
-                    format!("{base}.template"),
-                    "placeholders are 1-based: use {1} for the first '+'",
-                );
-            } else if let Some(plus) = plus
-                && n > plus
-            {
-                p.invalid(
-                    format!("{base}.template"),
-                    format!("{{{n}}} refers to wildcard {n}, but the filter has {plus} '+'"),
-                );
-            }
+                topic::check_rewrite(&rw.filter, &rw.template),
+            ),
         }
     }
 }
