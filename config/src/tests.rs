@@ -815,7 +815,11 @@ fn rewrite_templates_take_the_hash_placeholder() {
     };
     load_str(&cfg("logs/#"), no_env()).expect("a {#} template with a trailing '#' loads");
     let errors = load_str(&cfg("logs/+"), no_env()).expect_err("no '#' to refer to");
-    assert_eq!(paths(&errors), ["uplinks.up.rewrites[0].template"], "{errors}");
+    assert_eq!(
+        paths(&errors),
+        ["uplinks.up.rewrites[0].template"],
+        "{errors}"
+    );
 }
 
 #[test]

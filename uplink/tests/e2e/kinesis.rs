@@ -147,7 +147,11 @@ fn assert_arrived_once(recs: &[Rec], sent: &[Reading]) {
         let payload: Value = serde_json::from_slice(&r.payload).unwrap();
         assert_eq!(env["payload"], payload, "payload of {id}");
     }
-    assert_eq!(got.len(), sent.len(), "readings missing in the stream");
+    let missing: Vec<&String> = by_id.keys().filter(|id| !got.contains(*id)).collect();
+    assert!(
+        missing.is_empty(),
+        "readings missing in the stream: {missing:?}"
+    );
     assert_order_per_key(recs);
 }
 
@@ -204,7 +208,16 @@ async fn moto_requests_are_signed_for_kinesis_and_everything_arrives() {
     server.create(STREAM, 2).await;
     let dir = tempfile::tempdir().unwrap();
     let buffer = open_buffer(dir.path());
-    let run = start(&uplink(&server.endpoint()), &buffer);
+    // One request at a time: moto's shard gives a record the highest sequence number plus one
+    // without a lock ("not safe for concurrency", moto 5.2.1 kinesis/models.py), so two
+    // concurrent PutRecords on one shard can share a number and one record overwrites the
+    // other, both answered as stored (seen: 599 of 600 read back). Concurrency is kinesalite's
+    // test; this one is about moto's SigV4 checks.
+    let cfg = KinesisUplink {
+        max_inflight_requests: 1,
+        ..uplink(&server.endpoint())
+    };
+    let run = start(&cfg, &buffer);
 
     let sent = append_json(&buffer, "m", 6, 100, 5).await;
     wait_empty(&buffer, &run.status, Duration::from_secs(30)).await;
