@@ -57,30 +57,7 @@ impl Session {
                     repeats = n, "PUBLISHes keep being refused: {message}."),
                 Say::Quiet => {}
             }
-            let props = Some(message);
-            let p = if qos == 1 {
-                Packet::PubAck(
-                    PubAck {
-                        pkid,
-                        reason: code_v5,
-                    },
-                    props.map(|m| PubAckProperties {
-                        reason_string: Some(m),
-                        user_properties: vec![],
-                    }),
-                )
-            } else {
-                Packet::PubRec(
-                    PubRec {
-                        pkid,
-                        reason: pubrec_reason(code_v5),
-                    },
-                    props.map(|m| PubRecProperties {
-                        reason_string: Some(m),
-                        user_properties: vec![],
-                    }),
-                )
-            };
+            let p = ack(qos, pkid, code_v5, Some(message));
             self.reply(vec![p]);
             return Ok(());
         }
