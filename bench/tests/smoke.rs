@@ -31,6 +31,9 @@ const SCENARIO_ROWS: &[(&str, &str)] = &[
     ),
     ("6 recovery", "spawn to `ready` line"),
     ("6 recovery", "peak RSS until ready"),
+    ("7 ingest matrix", "QoS1, 4 clients × 16 in flight, 64 B"),
+    ("7 ingest matrix", "QoS2, 4 clients × 16 in flight, 64 B"),
+    ("8 instructions", "user-space instructions per reading"),
 ];
 
 #[test]
@@ -39,6 +42,7 @@ fn bench_run_smoke_produces_every_scenario_row() {
     // under FERRY_REQUIRE_TOOLS=1 these panic instead, as for every test needing a tool.
     let mosquitto = ferry_tests::require_tool("mosquitto", "bench_run_smoke");
     let kcat = ferry_tests::require_tool("kcat", "bench_run_smoke");
+    let valgrind = ferry_tests::require_tool("valgrind", "bench_run_smoke");
     let work = tempfile::tempdir().unwrap();
     let out_file = work.path().join("table.md");
     let out = Command::new(env!("CARGO_BIN_EXE_bench-run"))
@@ -106,6 +110,10 @@ fn bench_run_smoke_produces_every_scenario_row() {
     if mosquitto {
         assert!(peer("1 QoS1 ingest").starts_with("mosquitto "), "{table}");
         assert!(peer("2 QoS0 ingest").starts_with("mosquitto "), "{table}");
+        assert!(peer("7 ingest matrix").starts_with("mosquitto "), "{table}");
+    }
+    if valgrind && mosquitto {
+        assert!(peer("8 instructions").starts_with("mosquitto "), "{table}");
     }
     if kcat {
         assert!(peer("4 drain").starts_with("kcat -P "), "{table}");

@@ -21,6 +21,19 @@
 //!    during QoS1 runs, buffer file bytes per reading, compression ratio per codec and level.
 //! 6. Recovery: ferry is SIGKILLed holding a 1M-reading backlog and restarted; time from spawn
 //!    to its `ready` line, and its peak RSS by then.
+//! 7. Ingest matrix: QoS 1 and 2 × 10, 50 and 500 clients × 1, 16 and 100 in flight per client
+//!    × 64 B, 200 B and 1 KiB payloads, ferry (durable acks, `max_inflight` 100) against
+//!    mosquitto (persistence off, no in-flight limit), same load, alternating rounds, `sync`
+//!    before each run. Per cell: the rates, each broker's CPU seconds per 1M readings and
+//!    cores used (`/proc/PID/stat`), and the load tool's cores. A cell is judged (goal ≥ 1.5×
+//!    and CPU per reading ≤ mosquitto's) only where mosquitto, single-threaded, used at least
+//!    [`SATURATED`] of a core; below that the load, not mosquitto, set its rate.
+//! 8. Instructions per reading: ferry and mosquitto each run under `valgrind --tool=cachegrind`
+//!    twice, for 5,000 and 25,000 readings of the same load (QoS 1, 10 clients × 16 in flight,
+//!    100 B) and stopped with SIGTERM; the difference of the instruction totals over the
+//!    difference of the readings. User-space instructions only (the kernel's share of
+//!    fsync and sockets is not counted); noise cannot move the figure much, the group
+//!    commit's batch sizes can a little.
 //!
 //! `--smoke` runs everything with tiny sizes in seconds (the CI smoke test); its figures mean
 //! nothing. A scenario whose peer tool is missing reports `skipped`, or fails the run when
@@ -49,7 +62,7 @@ struct Opts {
     /// Tiny sizes, seconds in all (CI). The figures mean nothing.
     #[arg(long)]
     smoke: bool,
-    /// Run only these scenarios (comma-separated numbers 1-6).
+    /// Run only these scenarios (comma-separated numbers 1-8).
     #[arg(long, value_delimiter = ',')]
     only: Vec<u32>,
     /// Also write the table to this file.
@@ -68,6 +81,13 @@ struct Opts {
     /// Backlog for the drain and recovery scenarios (default 1,000,000; smoke 2,000).
     #[arg(long)]
     backlog: Option<u64>,
+    /// Seconds per load run in the ingest matrix, scenario 7 (default 3; smoke 1).
+    #[arg(long)]
+    matrix_secs: Option<f64>,
+    /// Keep scenario 8's cachegrind profiles here (for `cg_annotate`); by default they go
+    /// with the work directory.
+    #[arg(long)]
+    cachegrind_dir: Option<PathBuf>,
     /// Where temporary data directories go (default: `target/bench-run` under the current
     /// directory, on the real disk rather than a tmpfs).
     #[arg(long)]
@@ -77,7 +97,9 @@ struct Opts {
 /// The sizes of one run.
 #[derive(Debug, Clone)]
 struct Sizes {
+    smoke: bool,
     secs: f64,
+    matrix_secs: f64,
     rounds: u32,
     clients: usize,
     http_clients: usize,
@@ -164,7 +186,9 @@ fn main() -> std::process::ExitCode {
     let opts = Opts::parse();
     let sizes = if opts.smoke {
         Sizes {
+            smoke: true,
             secs: opts.secs.unwrap_or(1.0),
+            matrix_secs: opts.matrix_secs.unwrap_or(1.0),
             rounds: opts.rounds.unwrap_or(1),
             clients: 4,
             http_clients: 4,
@@ -175,7 +199,9 @@ fn main() -> std::process::ExitCode {
         }
     } else {
         Sizes {
+            smoke: false,
             secs: opts.secs.unwrap_or(10.0),
+            matrix_secs: opts.matrix_secs.unwrap_or(3.0),
             rounds: opts.rounds.unwrap_or(2),
             clients: 50,
             http_clients: 64,
@@ -197,17 +223,20 @@ fn main() -> std::process::ExitCode {
         bins,
         sizes: sizes.clone(),
         work: work.path().to_path_buf(),
+        cachegrind_dir: opts.cachegrind_dir.clone(),
         require_tools: std::env::var("FERRY_REQUIRE_TOOLS").as_deref() == Ok("1"),
     };
     let want = |n: u32| opts.only.is_empty() || opts.only.contains(&n);
     let mut rows = Vec::new();
-    let scenarios: [(u32, &str, Scenario); 6] = [
+    let scenarios: [(u32, &str, Scenario); 8] = [
         (1, "1 QoS1 ingest", |c| qos_vs_mosquitto(c, 1)),
         (2, "2 QoS0 ingest", |c| qos_vs_mosquitto(c, 0)),
         (3, "3 HTTP ingest", http_ingest),
         (4, "4 drain", drain),
         (5, "5 footprint", footprint),
         (6, "6 recovery", recovery),
+        (7, "7 ingest matrix", matrix),
+        (8, "8 instructions", instructions),
     ];
     for (n, name, f) in scenarios {
         if want(n) {
@@ -278,6 +307,7 @@ struct Ctx {
     bins: Bins,
     sizes: Sizes,
     work: PathBuf,
+    cachegrind_dir: Option<PathBuf>,
     require_tools: bool,
 }
 
@@ -358,6 +388,16 @@ impl Gw {
 /// Starts ferry on `data_dir` with every listener on 127.0.0.1:0, the Kafka uplink off unless
 /// `env` turns it on, and waits for its `ready` line.
 fn start_ferry(ctx: &Ctx, data_dir: &Path, env: &[(&str, &str)]) -> Res<Gw> {
+    start_ferry_under(ctx, data_dir, env, &[])
+}
+
+/// [`start_ferry`] under a wrapper command (`valgrind --tool=cachegrind ...`), if not empty.
+fn start_ferry_under(
+    ctx: &Ctx,
+    data_dir: &Path,
+    env: &[(&str, &str)],
+    wrapper: &[String],
+) -> Res<Gw> {
     let cfg = ctx.work.join("ferry.toml");
     std::fs::write(&cfg, "").map_err(|e| e.to_string())?;
     let log = ctx.work.join(format!(
@@ -369,7 +409,14 @@ fn start_ferry(ctx: &Ctx, data_dir: &Path, env: &[(&str, &str)]) -> Res<Gw> {
         .append(true)
         .open(&log)
         .map_err(|e| e.to_string())?;
-    let mut cmd = Command::new(&ctx.bins.ferry);
+    let mut cmd = match wrapper.split_first() {
+        Some((w, args)) => {
+            let mut c = Command::new(w);
+            c.args(args).arg(&ctx.bins.ferry);
+            c
+        }
+        None => Command::new(&ctx.bins.ferry),
+    };
     cmd.arg("run")
         .arg("--config")
         .arg(&cfg)
@@ -431,6 +478,10 @@ struct Mosquitto {
 
 impl Mosquitto {
     fn start(ctx: &Ctx) -> Res<Mosquitto> {
+        Mosquitto::start_under(ctx, &[])
+    }
+    /// [`Mosquitto::start`] under a wrapper command, if not empty.
+    fn start_under(ctx: &Ctx, wrapper: &[String]) -> Res<Mosquitto> {
         let port = free_port()?;
         let conf = ctx.work.join("mosquitto.conf");
         std::fs::write(
@@ -441,7 +492,15 @@ impl Mosquitto {
             ),
         )
         .map_err(|e| e.to_string())?;
-        let child = Command::new("mosquitto")
+        let mut cmd = match wrapper.split_first() {
+            Some((w, args)) => {
+                let mut c = Command::new(w);
+                c.args(args).arg("mosquitto");
+                c
+            }
+            None => Command::new("mosquitto"),
+        };
+        let child = cmd
             .arg("-c")
             .arg(&conf)
             .stdin(Stdio::null())
@@ -1264,6 +1323,322 @@ fn recovery_run(ctx: &Ctx) -> Res<Vec<Row>> {
         .goal("< 1 s", ready < 1.0),
         row(SC, "peak RSS until ready, MiB (VmHWM)").ferry(format!("{peak:.1}")),
     ])
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scenario 7: the ingest matrix
+
+/// The cells of the matrix: (QoS, clients, in flight per client, payload bytes).
+fn matrix_cells(smoke: bool) -> Vec<(u8, usize, u16, usize)> {
+    let (clients, inflight, sizes): (&[usize], &[u16], &[usize]) = if smoke {
+        (&[4], &[16], &[64])
+    } else {
+        (&[10, 50, 500], &[1, 16, 100], &[64, 200, 1024])
+    };
+    let mut cells = Vec::new();
+    for qos in [1u8, 2] {
+        for &c in clients {
+            for &i in inflight {
+                for &b in sizes {
+                    cells.push((qos, c, i, b));
+                }
+            }
+        }
+    }
+    cells
+}
+
+/// One load run against one broker process: its rate, and CPU use from `/proc`.
+#[derive(Debug, Clone)]
+struct Measured {
+    load: Load,
+    /// The broker's CPU seconds (user + system) during the run.
+    cpu: f64,
+    /// The load tool's CPU seconds.
+    tool_cpu: f64,
+    /// Wall seconds of the run.
+    wall: f64,
+}
+
+impl Measured {
+    fn cpu_per_million(&self) -> f64 {
+        self.cpu / self.load.acked.max(1) as f64 * 1e6
+    }
+}
+
+/// Runs the load against `pid`'s broker at `addr` and reads the CPU both sides used.
+fn measured_load(ctx: &Ctx, pid: &str, args: &[String]) -> Res<Measured> {
+    let cpu0 = ferry_bench::proc_cpu_secs(pid, false).ok_or("no /proc/PID/stat")?;
+    let tool0 = ferry_bench::proc_cpu_secs("self", true).unwrap_or(0.0);
+    let t = Instant::now();
+    let load = run_load(ctx, args)?;
+    let wall = t.elapsed().as_secs_f64();
+    let cpu = ferry_bench::proc_cpu_secs(pid, false).ok_or("no /proc/PID/stat")? - cpu0;
+    let tool_cpu = ferry_bench::proc_cpu_secs("self", true).unwrap_or(0.0) - tool0;
+    Ok(Measured {
+        load,
+        cpu,
+        tool_cpu,
+        wall,
+    })
+}
+
+/// A mosquitto run below this share of one core was not limited by mosquitto (it is
+/// single-threaded): the load tool or the round trips set its rate, so the cell has no goal.
+const SATURATED: f64 = 0.85;
+
+fn matrix(ctx: &Ctx) -> Vec<Row> {
+    const SC: &str = "7 ingest matrix";
+    let with_peer = match ctx.tool("mosquitto") {
+        Ok(b) => b,
+        Err(e) => return error_rows(SC, e),
+    };
+    let secs = ctx.sizes.matrix_secs;
+    let mut rows = Vec::new();
+    for (qos, clients, inflight, size) in matrix_cells(ctx.sizes.smoke) {
+        let metric = format!("QoS{qos}, {clients} clients × {inflight} in flight, {size} B");
+        eprintln!("bench-run: matrix {metric}");
+        let args = {
+            let mut a = mqtt_args("ADDR", qos, clients, secs);
+            a.extend([
+                "--inflight".into(),
+                inflight.to_string(),
+                "--size".into(),
+                size.to_string(),
+            ]);
+            a
+        };
+        let with = |addr: &str| -> Vec<String> {
+            args.iter()
+                .map(|a| {
+                    if a == "ADDR" {
+                        addr.to_string()
+                    } else {
+                        a.clone()
+                    }
+                })
+                .collect()
+        };
+        let mut ferry: Vec<Measured> = Vec::new();
+        let mut mosq: Vec<Measured> = Vec::new();
+        let mut failed = None;
+        for r in 0..ctx.sizes.rounds {
+            let _ = Command::new("sync").status();
+            let dir = ctx.fresh_dir(&format!("matrix-r{r}"));
+            let res =
+                start_ferry(ctx, &dir, &[("FERRY_MQTT_MAX_INFLIGHT", "100")]).and_then(|gw| {
+                    let m = measured_load(ctx, &gw.pid(), &with(&gw.mqtt()?));
+                    let tail = gw.log_tail();
+                    gw.kill();
+                    m.map_err(|e| format!("{e}; ferry log: {tail}"))
+                });
+            match res {
+                Ok(m) => ferry.push(m),
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
+            if with_peer {
+                let _ = Command::new("sync").status();
+                let res = Mosquitto::start(ctx).and_then(|m| {
+                    let pid = m.child.id().to_string();
+                    let l = measured_load(ctx, &pid, &with(&m.addr));
+                    m.kill();
+                    l
+                });
+                match res {
+                    Ok(m) => mosq.push(m),
+                    Err(e) => {
+                        failed = Some(e);
+                        break;
+                    }
+                }
+            }
+        }
+        if let Some(e) = failed {
+            rows.push(row(SC, metric).verdict(Verdict::Error(e)));
+            continue;
+        }
+        rows.push(matrix_row(SC, metric, &ferry, &mosq));
+    }
+    rows
+}
+
+/// Means over the rounds: (rate, CPU s per 1M readings, broker cores used, tool cores used).
+fn matrix_means(runs: &[Measured]) -> (f64, f64, f64, f64) {
+    let n = runs.len().max(1) as f64;
+    let sum = |f: &dyn Fn(&Measured) -> f64| runs.iter().map(f).sum::<f64>() / n;
+    (
+        sum(&|m| m.load.rate),
+        sum(&|m| m.cpu_per_million()),
+        sum(&|m| m.cpu / m.wall.max(1e-9)),
+        sum(&|m| m.tool_cpu / m.wall.max(1e-9)),
+    )
+}
+
+fn matrix_row(sc: &'static str, metric: String, ferry: &[Measured], mosq: &[Measured]) -> Row {
+    let (fr, fc, fu, ft) = matrix_means(ferry);
+    let errors: String = ferry.iter().chain(mosq).map(|m| errs(&m.load)).collect();
+    let r = row(sc, metric).ferry(format!(
+        "{fr:.0}/s · {fc:.1} CPU s/1M · {fu:.2} cores (load tool {ft:.2}){errors}"
+    ));
+    if mosq.is_empty() {
+        return r.verdict(Verdict::Skipped("mosquitto not installed".into()));
+    }
+    let (mr, mc, mu, mt) = matrix_means(mosq);
+    let ratio = fr / mr;
+    let r = r
+        .peer(format!(
+            "mosquitto {mr:.0}/s · {mc:.1} CPU s/1M · {mu:.2} cores (load tool {mt:.2})"
+        ))
+        .ratio(ratio);
+    if mu < SATURATED {
+        // Not judged: mosquitto had CPU to spare, so the load set its rate.
+        r.verdict(Verdict::Info)
+    } else {
+        r.goal(
+            "≥ 1.5× and CPU/reading ≤ mosquitto's",
+            ratio >= 1.5 && fc <= mc,
+        )
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scenario 8: instructions per reading (cachegrind)
+
+/// The fixed workload: QoS 1, 10 clients × 16 in flight, 100-byte payloads; two runs of
+/// different length per broker, so that start-up, connections and shutdown cancel out.
+fn instructions(ctx: &Ctx) -> Vec<Row> {
+    const SC: &str = "8 instructions";
+    let with_valgrind = match ctx.tool("valgrind") {
+        Ok(b) => b,
+        Err(e) => return error_rows(SC, e),
+    };
+    let metric = |n: (u64, u64)| {
+        format!(
+            "user-space instructions per reading (cachegrind), QoS1, 10 clients × 16 in flight, \
+             100 B, ({} − {}) readings",
+            n.1, n.0
+        )
+    };
+    let counts = if ctx.sizes.smoke {
+        (200, 600)
+    } else {
+        (5_000, 25_000)
+    };
+    if !with_valgrind {
+        return vec![
+            row(SC, metric(counts)).verdict(Verdict::Skipped("valgrind not installed".into())),
+        ];
+    }
+    let with_peer = match ctx.tool("mosquitto") {
+        Ok(b) => b,
+        Err(e) => return error_rows(SC, e),
+    };
+    let ferry = match per_reading(ctx, counts, false) {
+        Ok(x) => x,
+        Err(e) => return error_rows(SC, e),
+    };
+    let r = row(SC, metric(counts)).ferry(format!("{ferry:.0}"));
+    if !with_peer {
+        return vec![r.verdict(Verdict::Skipped("mosquitto not installed".into()))];
+    }
+    match per_reading(ctx, counts, true) {
+        Ok(m) => vec![r.peer(format!("mosquitto {m:.0}")).ratio(ferry / m)],
+        Err(e) => vec![r.verdict(Verdict::Error(e))],
+    }
+}
+
+/// Instructions per reading: the difference of two cachegrind runs' totals over the
+/// difference of their readings.
+fn per_reading(ctx: &Ctx, (n1, n2): (u64, u64), mosquitto: bool) -> Res<f64> {
+    let a = instructions_total(ctx, n1, mosquitto)?;
+    let b = instructions_total(ctx, n2, mosquitto)?;
+    Ok((b as f64 - a as f64) / (n2 - n1) as f64)
+}
+
+/// Runs ferry (or mosquitto) under cachegrind for a load of `n` readings, stops it with
+/// SIGTERM and returns the instructions counted over its whole life. cachegrind rather than
+/// callgrind: callgrind opens its output file at start, which mosquitto can no longer write
+/// once it has dropped root for its own user.
+fn instructions_total(ctx: &Ctx, n: u64, mosquitto: bool) -> Res<u64> {
+    let who = if mosquitto { "mosquitto" } else { "ferry" };
+    let dir = ctx
+        .cachegrind_dir
+        .clone()
+        .unwrap_or_else(|| ctx.work.join("cachegrind"));
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    // mosquitto started as root drops to its own user before it writes the profile.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777));
+    }
+    let out = dir.join(format!("cachegrind.{who}.{n}"));
+    let _ = std::fs::remove_file(&out);
+    let wrapper = vec![
+        "valgrind".to_string(),
+        "--tool=cachegrind".into(),
+        "--cache-sim=no".into(),
+        "--quiet".into(),
+        format!("--cachegrind-out-file={}", out.display()),
+    ];
+    let load = |addr: &str| {
+        let mut a = mqtt_args(addr, 1, 10, 600.0);
+        a.extend([
+            "--inflight".into(),
+            "16".into(),
+            "--size".into(),
+            "100".into(),
+            "--messages".into(),
+            n.to_string(),
+        ]);
+        run_load(ctx, &a)
+    };
+    let (mut child, l) = if mosquitto {
+        let m = Mosquitto::start_under(ctx, &wrapper)?;
+        let l = load(&m.addr);
+        (m.child, l)
+    } else {
+        let data = ctx.fresh_dir(&format!("cachegrind-{n}"));
+        let gw = start_ferry_under(ctx, &data, &[], &wrapper)?;
+        let l = load(&gw.mqtt()?);
+        (gw.child, l)
+    };
+    let _ = rustix::process::kill_process(
+        rustix::process::Pid::from_child(&child),
+        rustix::process::Signal::TERM,
+    );
+    let waited = wait_child(&mut child, Duration::from_secs(120));
+    let l = l?;
+    if l.acked != n {
+        return Err(format!("{who}: {} of {n} readings acked", l.acked));
+    }
+    waited?;
+    let text = std::fs::read_to_string(&out).map_err(|e| format!("{}: {e}", out.display()))?;
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix("summary:")
+                .or_else(|| l.strip_prefix("totals:"))
+        })
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .ok_or_else(|| format!("no totals in {}", out.display()))
+}
+
+/// Waits for `child` to exit within `limit`, else kills it and says so.
+fn wait_child(child: &mut Child, limit: Duration) -> Res<()> {
+    let until = Instant::now() + limit;
+    loop {
+        if child.try_wait().map_err(|e| e.to_string())?.is_some() {
+            return Ok(());
+        }
+        if Instant::now() > until {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!("did not exit within {limit:?} of SIGTERM"));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
