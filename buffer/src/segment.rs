@@ -34,9 +34,9 @@ use crate::reading::{Origin, Reading, Source};
 use bytes::Bytes;
 use flate2::Crc;
 use flate2::read::GzDecoder;
-use flate2::write::GzEncoder;
 use std::borrow::Borrow;
-use std::io::{Read, Write};
+use std::cell::RefCell;
+use std::io::Read;
 
 /// The four bytes every segment this build writes starts with.
 pub const MAGIC: &[u8; 4] = b"FRY2";
@@ -331,15 +331,11 @@ pub fn encode_segment<R: Borrow<Reading>>(readings: &[R], compression: Compressi
     let first_id = readings.first().map_or(0, |r| r.borrow().id);
     let (codec, compressed) = match compression {
         Compression::None => (0u8, None),
-        Compression::Gzip { level } => {
-            let mut enc = GzEncoder::new(
-                Vec::with_capacity(HEADER_LEN + body.len() / 3),
-                flate2::Compression::new(level.min(9)),
-            );
-            // Writing to a Vec cannot fail.
-            let _ = enc.write_all(&body);
-            (1u8, Some(enc.finish().unwrap_or_default()))
-        }
+        Compression::Gzip { level } => match gzip(&body, crc.sum(), level.min(9)) {
+            Some(z) => (1u8, Some(z)),
+            // Cannot happen (see `gzip`); stored uncompressed rather than lost.
+            None => (0u8, None),
+        },
     };
     let payload = compressed.as_deref().unwrap_or(&body);
     let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
@@ -351,6 +347,61 @@ pub fn encode_segment<R: Borrow<Reading>>(readings: &[R], compression: Compressi
     out.extend_from_slice(&crc.sum().to_le_bytes());
     out.extend_from_slice(payload);
     out
+}
+
+thread_local! {
+    /// The deflate state of this thread's last gzip segment, with its level, reused.
+    static DEFLATE: RefCell<Option<(u32, flate2::Compress)>> = const { RefCell::new(None) };
+}
+
+/// `body` as one gzip member (RFC 1952) whose CRC-32 is `crc`.
+///
+/// The deflate state (a few hundred KB of tables, whose set-up costs more than compressing a
+/// segment of a few hundred readings) is made once per thread and reset between segments,
+/// rather than built anew for each, as `flate2::write::GzEncoder` would.
+///
+/// `None` if deflate reports an error, which it has no reason to do from memory into a
+/// growing `Vec`; the state is then dropped and the caller stores the body uncompressed.
+fn gzip(body: &[u8], crc: u32, level: u32) -> Option<Vec<u8>> {
+    // ID1 ID2, CM = deflate, no flags, MTIME 0, XFL 0, OS unknown.
+    const GZIP_HEADER: [u8; 10] = [0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 255];
+    let mut out = Vec::with_capacity(GZIP_HEADER.len() + body.len() / 3 + 64);
+    out.extend_from_slice(&GZIP_HEADER);
+    let done = DEFLATE.with_borrow_mut(|slot| {
+        let d = match slot {
+            Some((l, d)) if *l == level => {
+                d.reset();
+                d
+            }
+            _ => {
+                &mut slot
+                    .insert((
+                        level,
+                        flate2::Compress::new(flate2::Compression::new(level), false),
+                    ))
+                    .1
+            }
+        };
+        loop {
+            let consumed = d.total_in() as usize;
+            if out.capacity() - out.len() < 64 {
+                out.reserve(body.len() / 4 + 64);
+            }
+            match d.compress_vec(&body[consumed..], &mut out, flate2::FlushCompress::Finish) {
+                Ok(flate2::Status::StreamEnd) => return true,
+                Ok(_) => {}
+                Err(_) => {
+                    *slot = None;
+                    return false;
+                }
+            }
+        }
+    });
+    done.then(|| {
+        out.extend_from_slice(&crc.to_le_bytes());
+        out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        out
+    })
 }
 
 /// Reads a segment's header without touching its body.
@@ -476,6 +527,31 @@ mod tests {
             assert_eq!(h.first_id, 100);
             assert_eq!(h.gzip, matches!(c, Compression::Gzip { .. }));
             assert_eq!(decode_segment(&v).unwrap(), rs);
+        }
+    }
+
+    /// The deflate state is reused between segments: back-to-back segments of other sizes
+    /// and levels each decode to their own readings, and each is a gzip member any reader
+    /// takes.
+    #[test]
+    fn reused_deflate_state_keeps_segments_apart() {
+        for (i, level) in [3, 3, 1, 9, 3, 0, 6].into_iter().enumerate() {
+            let rs = sample(1 + i * 37);
+            let v = encode_segment(&rs, Compression::Gzip { level });
+            assert_eq!(v[4], 1, "gzip codec");
+            assert_eq!(
+                decode_segment(&v).unwrap(),
+                rs,
+                "segment {i} at level {level}"
+            );
+            let mut body = Vec::new();
+            GzDecoder::new(&v[HEADER_LEN..])
+                .read_to_end(&mut body)
+                .expect("a valid gzip member");
+            assert_eq!(
+                body.len(),
+                rs.iter().map(reading_encoded_len).sum::<usize>()
+            );
         }
     }
 
