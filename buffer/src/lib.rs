@@ -221,7 +221,7 @@ impl Default for BufferOptions {
             flush_target_bytes: 256 << 10,
             max_batch_readings: 10_000,
             max_batch_bytes: 1 << 20,
-            compression: Compression::Gzip { level: 3 },
+            compression: Compression::Gzip { level: 6 },
             max_age: None,
             cache_bytes: 2 << 20,
             consumers: Vec::new(),

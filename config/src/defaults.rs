@@ -33,7 +33,7 @@ pub const MAX_BATCH_READINGS: usize = 10_000;
 /// `buffer.max_batch_bytes`.
 pub const BUFFER_MAX_BATCH_BYTES: u64 = MIB;
 /// `buffer.compression_level`.
-pub const COMPRESSION_LEVEL: u32 = 3;
+pub const COMPRESSION_LEVEL: u32 = 6;
 /// `buffer.cache_bytes`.
 pub const BUFFER_CACHE_BYTES: u64 = 2 * MIB;
 /// `buffer.max_pending_bytes`.

@@ -193,7 +193,8 @@ pub struct BufferSettings {
     pub max_batch_bytes: u64,
     /// Compression of stored segments: `"gzip"` or `"none"`. Default: `"gzip"`.
     pub compression: Compression,
-    /// Gzip level, 0 (fastest) to 9 (smallest). Default: 3.
+    /// Gzip level, 0 (fastest) to 9 (smallest). Default: 6 (BENCHMARKS.md, "CPU per reading",
+    /// weighs the levels).
     pub compression_level: u32,
     /// Readings that have waited longer than this many seconds are dropped instead of
     /// forwarded. The wait is counted as `ferry_buffer::clock` says (by the boot clock, so a
