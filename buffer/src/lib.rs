@@ -30,7 +30,8 @@
 //! ## Group commit
 //! The writer thread takes the first request, then keeps gathering requests while they keep
 //! coming less than `flush_interval` apart (a tenth of `max_flush_delay` while a steady
-//! stream arrives during commits), for at most `max_flush_delay`, until the batch holds
+//! stream arrives during commits, as long as that longer gap keeps bridging pauses the short
+//! one would have cut at), for at most `max_flush_delay`, until the batch holds
 //! `flush_target_bytes`, or until `max_batch_readings` / `max_batch_bytes` are reached. The
 //! batch's readings are numbered, encoded into one or more segments (gzip-compressed, see
 //! [`segment`]), and written with any pending acks, dead letters and evictions in **one** redb

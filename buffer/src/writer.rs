@@ -48,6 +48,82 @@ type AckReq = (String, u64, Reply<Result<(), AckError>>);
 type DeadReq = (String, Vec<(Reading, String)>, Reply<Result<(), AckError>>);
 type RequeueReq = (Option<Vec<u64>>, Reply<Result<usize, AckError>>);
 
+/// Which gap the group commit waits for, request to request (see the crate doc, "Group
+/// commit").
+///
+/// A steady stream (requests arrived while the previous commit was written) pauses for
+/// scheduling now and then (the listeners share the CPU with everything else on a Pi), so it
+/// gets the long gap, a tenth of `max_flush_delay`, lest every pause split a commit and
+/// multiply the pages written. Clients that wait for each ack send nothing during a commit
+/// and keep the short gap, `flush_interval`.
+///
+/// Clients that pipeline up to a window of unacknowledged publishes and then wait for their
+/// acks also send during commits, but after their burst only stragglers come: for them the
+/// long gap only delays every ack by its length (it halved their rate in bench-run's ingest
+/// matrix). So the long gap must earn its wait: at least a quarter of the commit's readings
+/// came after a pause longer than the short gap, where the short gap would have cut the
+/// commit. One that did not is not used again for `retry` commits, then tried once more;
+/// each try that fails doubles `retry`, up to [`GapPolicy::RETRY_MAX`].
+#[derive(Debug, Clone)]
+struct GapPolicy {
+    short: Duration,
+    long: Duration,
+    earned: bool,
+    since_long: u32,
+    retry: u32,
+}
+
+impl GapPolicy {
+    /// Commits with the short gap after a long gap that gathered only stragglers: at first,
+    /// and at most.
+    const RETRY_MIN: u32 = 8;
+    const RETRY_MAX: u32 = 512;
+
+    fn new(flush_interval: Duration, max_flush_delay: Duration) -> GapPolicy {
+        let long = if flush_interval.is_zero() {
+            Duration::ZERO
+        } else {
+            flush_interval.max(max_flush_delay / 10)
+        };
+        GapPolicy {
+            short: flush_interval,
+            long,
+            earned: true,
+            since_long: 0,
+            retry: Self::RETRY_MIN,
+        }
+    }
+
+    /// The gap for a batch whose first request arrived while the previous commit was written.
+    /// (A batch that starts on an idle writer always gets the short gap.)
+    fn after_busy_commit(&self) -> Duration {
+        if self.earned || self.since_long >= self.retry {
+            self.long
+        } else {
+            self.short
+        }
+    }
+
+    /// A batch gathered with `gap` holds `readings`, of which those after index `late` came
+    /// after the first pause longer than the short gap (`None`: no such pause).
+    fn gathered(&mut self, gap: Duration, readings: usize, late: Option<usize>) {
+        if gap <= self.short {
+            self.since_long = self.since_long.saturating_add(1);
+            return;
+        }
+        let tried = !self.earned;
+        self.earned = late.is_some_and(|before| (readings - before) * 4 >= readings);
+        self.retry = if self.earned {
+            Self::RETRY_MIN
+        } else if tried {
+            (self.retry * 2).min(Self::RETRY_MAX)
+        } else {
+            self.retry
+        };
+        self.since_long = 0;
+    }
+}
+
 #[derive(Default)]
 struct Batch {
     appends: Vec<AppendReq>,
@@ -227,19 +303,10 @@ impl Writer {
         let opts = self.shared.opts.clone();
         let tick = Duration::from_millis(1000);
         let mut shutting_down = false;
-        // A steady stream: requests arrived while the previous commit was written. Its
-        // arrivals pause for scheduling now and then (the listeners share the CPU with
-        // everything else on a Pi), so it gets a longer gap, a tenth of `max_flush_delay`,
-        // lest every pause split a commit. Clients that wait for their acks send nothing
-        // during a commit, so they keep the short gap and are never held back by it.
-        let stream_gap = if opts.flush_interval.is_zero() {
-            Duration::ZERO
-        } else {
-            opts.flush_interval.max(opts.max_flush_delay / 10)
-        };
+        let mut gaps = GapPolicy::new(opts.flush_interval, opts.max_flush_delay);
         while !shutting_down {
             let (first, gap) = match self.rx.try_recv() {
-                Ok(c) => (c, stream_gap),
+                Ok(c) => (c, gaps.after_busy_commit()),
                 Err(_) => match self.rx.recv_timeout(tick) {
                     Ok(c) => (c, opts.flush_interval),
                     Err(RecvTimeoutError::Timeout) => {
@@ -255,7 +322,10 @@ impl Writer {
             // `max_flush_delay`, or until the batch is big enough that the commit's fixed page
             // writes stay small against what it stores.
             let cap = Instant::now() + opts.max_flush_delay.max(gap);
-            let mut deadline = (Instant::now() + gap).min(cap);
+            let mut last = Instant::now();
+            let mut deadline = (last + gap).min(cap);
+            // Readings that came after the first pause longer than the short gap.
+            let mut late: Option<usize> = None;
             while !shutting_down
                 && batch.readings < opts.max_batch_readings
                 && (batch.raw_bytes as u64) < opts.max_batch_bytes.min(opts.flush_target_bytes)
@@ -268,12 +338,18 @@ impl Writer {
                 };
                 match next {
                     Ok(cmd) => {
+                        let now = Instant::now();
+                        if late.is_none() && now.duration_since(last) > opts.flush_interval {
+                            late = Some(batch.readings);
+                        }
                         shutting_down = batch.push(cmd);
-                        deadline = (Instant::now() + gap).min(cap);
+                        last = now;
+                        deadline = (now + gap).min(cap);
                     }
                     Err(()) => break,
                 }
             }
+            gaps.gathered(gap, batch.readings, late);
             if !batch.is_empty() {
                 self.commit(batch);
             }
@@ -1115,4 +1191,78 @@ fn evict_dead(
         totals.1 += v.value().len() as u64;
     }
     Ok(totals)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::GapPolicy;
+    use std::time::Duration;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    /// Runs one batch: the gap the policy picks after a busy commit, and what it gathered.
+    fn batch(p: &mut GapPolicy, readings: usize, late: Option<usize>) -> Duration {
+        let gap = p.after_busy_commit();
+        p.gathered(gap, readings, late);
+        gap
+    }
+
+    #[test]
+    fn a_stream_whose_pauses_the_long_gap_bridges_keeps_it() {
+        let mut p = GapPolicy::new(MS, 100 * MS);
+        for _ in 0..100 {
+            // Half the commit came after a pause the short gap would have cut at.
+            assert_eq!(batch(&mut p, 200, Some(100)), 10 * MS);
+        }
+    }
+
+    #[test]
+    fn stragglers_do_not_earn_the_long_gap_and_retries_back_off() {
+        let mut p = GapPolicy::new(MS, 100 * MS);
+        // A pipelined burst: no pause, or a few stragglers after one.
+        assert_eq!(batch(&mut p, 160, Some(150)), 10 * MS);
+        let mut longs = Vec::new();
+        for i in 1..=1000u32 {
+            if batch(&mut p, 160, None) == 10 * MS {
+                longs.push(i);
+            }
+        }
+        // Tried again after 8 short commits, then 16, 32, ... up to 512.
+        assert_eq!(longs, [9, 26, 59, 124, 253, 510]);
+    }
+
+    #[test]
+    fn a_retry_that_earns_the_long_gap_keeps_it() {
+        let mut p = GapPolicy::new(MS, 100 * MS);
+        assert_eq!(batch(&mut p, 160, None), 10 * MS);
+        for _ in 0..8 {
+            assert_eq!(batch(&mut p, 160, None), MS);
+        }
+        assert_eq!(batch(&mut p, 160, Some(40)), 10 * MS, "the retry");
+        assert_eq!(batch(&mut p, 160, Some(40)), 10 * MS, "earned: kept");
+    }
+
+    #[test]
+    fn a_quarter_of_the_readings_after_a_pause_earns_the_long_gap() {
+        let mut p = GapPolicy::new(MS, 100 * MS);
+        batch(&mut p, 100, Some(75));
+        assert_eq!(
+            p.after_busy_commit(),
+            10 * MS,
+            "25 of 100 came late: earned"
+        );
+        batch(&mut p, 100, Some(76));
+        assert_eq!(p.after_busy_commit(), MS, "24 of 100: stragglers");
+    }
+
+    #[test]
+    fn without_a_longer_gap_nothing_changes() {
+        // max_flush_delay / 10 below flush_interval: one gap, whatever happens.
+        let mut p = GapPolicy::new(20 * MS, 100 * MS);
+        for late in [None, Some(10), None] {
+            assert_eq!(batch(&mut p, 100, late), 20 * MS);
+        }
+        let mut z = GapPolicy::new(Duration::ZERO, 100 * MS);
+        assert_eq!(batch(&mut z, 100, None), Duration::ZERO);
+    }
 }

@@ -179,7 +179,8 @@ pub struct BufferSettings {
     /// (never less than `flush_interval_ms`): the most that group commit adds to an ack's
     /// latency. While readings keep arriving during commits (a steady stream), the gap of
     /// `flush_interval_ms` grows to a tenth of this, so that short scheduling pauses do not
-    /// split commits. At most 10000. Default: 100.
+    /// split commits, for as long as the longer gap keeps bridging such pauses
+    /// (`ferry_buffer`'s crate doc, "Group commit"). At most 10000. Default: 100.
     pub max_flush_delay_ms: u64,
     /// A commit closes as soon as it holds this many uncompressed bytes. Every commit writes
     /// a fixed ~40 KB of database pages besides its data, so commits of at least this size
