@@ -390,7 +390,8 @@ fn gzip(body: &[u8], crc: u32, level: u32) -> Option<Vec<u8>> {
             match d.compress_vec(&body[consumed..], &mut out, flate2::FlushCompress::Finish) {
                 Ok(flate2::Status::StreamEnd) => return true,
                 Ok(_) => {}
-                Err(_) => {
+                Err(e) => {
+                    tracing::warn!(error = %e, "A segment could not be gzip-compressed; it is stored uncompressed, and the deflate state is rebuilt.");
                     *slot = None;
                     return false;
                 }

@@ -98,6 +98,25 @@ pub fn skip_or_fail(missing: &str, test: &str) -> bool {
     false
 }
 
+/// Sends `child` SIGTERM and waits up to `timeout` for it to exit; returns its exit status,
+/// or `None` after killing it when it did not exit in time.
+pub fn terminate_child(child: &mut Child, timeout: Duration) -> Option<std::process::ExitStatus> {
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status();
+    let start = std::time::Instant::now();
+    while start.elapsed() < timeout {
+        if let Ok(Some(st)) = child.try_wait() {
+            return Some(st);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    None
+}
+
 /// A running ferry child process.
 #[derive(Debug)]
 pub struct Ferry {
@@ -248,21 +267,7 @@ impl Ferry {
 
     /// Sends SIGTERM and waits up to `timeout` for a clean exit. Returns the exit status.
     pub fn terminate(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
-        let mut c = self.child.take()?;
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(c.id().to_string())
-            .status();
-        let start = std::time::Instant::now();
-        while start.elapsed() < timeout {
-            if let Ok(Some(st)) = c.try_wait() {
-                return Some(st);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = c.kill();
-        let _ = c.wait();
-        None
+        terminate_child(&mut self.child.take()?, timeout)
     }
 
     /// Starts ferry again on the same data directory and config.

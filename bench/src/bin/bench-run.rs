@@ -409,14 +409,7 @@ fn start_ferry_under(
         .append(true)
         .open(&log)
         .map_err(|e| e.to_string())?;
-    let mut cmd = match wrapper.split_first() {
-        Some((w, args)) => {
-            let mut c = Command::new(w);
-            c.args(args).arg(&ctx.bins.ferry);
-            c
-        }
-        None => Command::new(&ctx.bins.ferry),
-    };
+    let mut cmd = command_under(wrapper, &ctx.bins.ferry);
     cmd.arg("run")
         .arg("--config")
         .arg(&cfg)
@@ -469,6 +462,18 @@ fn start_ferry_under(
     }
 }
 
+/// `program` run by `wrapper` (`valgrind --tool=cachegrind ...`), or directly when it is empty.
+fn command_under(wrapper: &[String], program: impl AsRef<std::ffi::OsStr>) -> Command {
+    match wrapper.split_first() {
+        Some((w, args)) => {
+            let mut c = Command::new(w);
+            c.args(args).arg(program);
+            c
+        }
+        None => Command::new(program),
+    }
+}
+
 /// Debian's mosquitto with persistence off on a free port.
 #[derive(Debug)]
 struct Mosquitto {
@@ -492,15 +497,7 @@ impl Mosquitto {
             ),
         )
         .map_err(|e| e.to_string())?;
-        let mut cmd = match wrapper.split_first() {
-            Some((w, args)) => {
-                let mut c = Command::new(w);
-                c.args(args).arg("mosquitto");
-                c
-            }
-            None => Command::new("mosquitto"),
-        };
-        let child = cmd
+        let child = command_under(wrapper, "mosquitto")
             .arg("-c")
             .arg(&conf)
             .stdin(Stdio::null())
@@ -1398,8 +1395,8 @@ fn matrix(ctx: &Ctx) -> Vec<Row> {
     for (qos, clients, inflight, size) in matrix_cells(ctx.sizes.smoke) {
         let metric = format!("QoS{qos}, {clients} clients × {inflight} in flight, {size} B");
         eprintln!("bench-run: matrix {metric}");
-        let args = {
-            let mut a = mqtt_args("ADDR", qos, clients, secs);
+        let with = |addr: &str| -> Vec<String> {
+            let mut a = mqtt_args(addr, qos, clients, secs);
             a.extend([
                 "--inflight".into(),
                 inflight.to_string(),
@@ -1407,17 +1404,6 @@ fn matrix(ctx: &Ctx) -> Vec<Row> {
                 size.to_string(),
             ]);
             a
-        };
-        let with = |addr: &str| -> Vec<String> {
-            args.iter()
-                .map(|a| {
-                    if a == "ADDR" {
-                        addr.to_string()
-                    } else {
-                        a.clone()
-                    }
-                })
-                .collect()
         };
         let mut ferry: Vec<Measured> = Vec::new();
         let mut mosq: Vec<Measured> = Vec::new();
@@ -1605,16 +1591,14 @@ fn instructions_total(ctx: &Ctx, n: u64, mosquitto: bool) -> Res<u64> {
         let l = load(&gw.mqtt()?);
         (gw.child, l)
     };
-    let _ = rustix::process::kill_process(
-        rustix::process::Pid::from_child(&child),
-        rustix::process::Signal::TERM,
-    );
-    let waited = wait_child(&mut child, Duration::from_secs(120));
+    let exited = ferry_tests::terminate_child(&mut child, Duration::from_secs(120));
     let l = l?;
     if l.acked != n {
         return Err(format!("{who}: {} of {n} readings acked", l.acked));
     }
-    waited?;
+    if exited.is_none() {
+        return Err(format!("{who} did not exit within 120 s of SIGTERM"));
+    }
     let text = std::fs::read_to_string(&out).map_err(|e| format!("{}: {e}", out.display()))?;
     text.lines()
         .find_map(|l| {
@@ -1623,22 +1607,6 @@ fn instructions_total(ctx: &Ctx, n: u64, mosquitto: bool) -> Res<u64> {
         })
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .ok_or_else(|| format!("no totals in {}", out.display()))
-}
-
-/// Waits for `child` to exit within `limit`, else kills it and says so.
-fn wait_child(child: &mut Child, limit: Duration) -> Res<()> {
-    let until = Instant::now() + limit;
-    loop {
-        if child.try_wait().map_err(|e| e.to_string())?.is_some() {
-            return Ok(());
-        }
-        if Instant::now() > until {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(format!("did not exit within {limit:?} of SIGTERM"));
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
