@@ -55,6 +55,7 @@
 //! | `dead_letters`  | `u64` reading id     | a dead letter ([`dead_letter`]): when, which uplink, why, the reading |
 //! | `boots`         | `u32` boot index     | `sync boottime u64, sync wall u64 (0: none), boot id` ([`clock`]) |
 //! | `about`         | `&str`               | `&str`: `gateway_id` ([`BufferOptions::gateway_id`])           |
+//! | `state`         | `&str` key           | bytes another component keeps durable with an append ([`StateWrite`]), e.g. the MQTT broker's retained messages |
 //!
 //! The counters in `meta` are updated in every transaction, so opening reads O(1) rows
 //! whatever the backlog. `max_bytes` counts the stored segment values plus dead letters; the
@@ -104,7 +105,7 @@ pub use salvage::{SalvageReport, salvage};
 pub use segment::Compression;
 pub use store::{BackendFactory, FILE_NAME, FORMAT_VERSION, QUARANTINE_DIR};
 
-use redb::ReadableTable;
+use redb::{ReadableDatabase, ReadableTable};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -233,6 +234,18 @@ impl Default for BufferOptions {
             min_free_bytes: None,
         }
     }
+}
+
+/// A change to the `state` table, committed with the append it is submitted with
+/// ([`Buffer::submit_with_state`]): in the same transaction, so both or neither are durable.
+/// An append refused for the byte cap writes none of its state. The state is not counted in
+/// `max_bytes`; its owner bounds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StateWrite {
+    /// The key; owners keep to their own prefix (the MQTT broker's is `retained/`).
+    pub key: String,
+    /// The new value, or `None` to delete the key.
+    pub value: Option<Vec<u8>>,
 }
 
 /// What a successful append returns.
@@ -550,7 +563,18 @@ impl Buffer {
         &self,
         readings: Vec<Reading>,
     ) -> impl Future<Output = Result<AppendReceipt, AppendError>> + Send + 'static + use<> {
-        let sent = if readings.is_empty() {
+        self.submit_with_state(readings, Vec::new())
+    }
+
+    /// Like [`Buffer::submit`], with changes to the `state` table committed in the same
+    /// transaction as the readings ([`StateWrite`]). With no readings, the state is still
+    /// written by the next commit.
+    pub fn submit_with_state(
+        &self,
+        readings: Vec<Reading>,
+        state: Vec<StateWrite>,
+    ) -> impl Future<Output = Result<AppendReceipt, AppendError>> + Send + 'static + use<> {
+        let sent = if readings.is_empty() && state.is_empty() {
             let s = self.shared.stats_lock();
             let next = s.next_reading_id;
             Err(AppendReceipt {
@@ -567,7 +591,11 @@ impl Buffer {
                 bytes,
             };
             let (reply, rx) = oneshot::channel();
-            self.send(Cmd::Append { readings, reply });
+            self.send(Cmd::Append {
+                readings,
+                state,
+                reply,
+            });
             Ok((rx, guard))
         };
         async move {
@@ -676,6 +704,26 @@ impl Buffer {
             .oldest_received_ms
             .and_then(|wall| c.age_ms(clock.map(|(b, oldest, _)| (b, oldest)), wall, &c.now()));
         Ok(lag)
+    }
+
+    /// Every `state` row whose key starts with `prefix`, in key order ([`StateWrite`]).
+    pub fn state(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, ReadError> {
+        let db = self.shared.db()?;
+        let txn = db.begin_read().map_err(sf)?;
+        let table = match txn.open_table(store::STATE) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(ReadError::Storage(sf(e))),
+        };
+        let mut out = Vec::new();
+        for row in table.range(prefix..).map_err(sf)? {
+            let (k, v) = row.map_err(sf)?;
+            if !k.value().starts_with(prefix) {
+                break;
+            }
+            out.push((k.value().to_owned(), v.value().to_vec()));
+        }
+        Ok(out)
     }
 
     /// The clock: synchronized or not, since when, jumps seen (see [`clock`]).

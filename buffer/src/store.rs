@@ -39,6 +39,10 @@ pub(crate) const BOOTS: TableDefinition<u32, &[u8]> = TableDefinition::new("boot
 /// Facts about the file: `gateway_id` (the `gateway.id` of the gateway that last opened it
 /// for writing, so that an export names its readings as that gateway sends them).
 pub(crate) const ABOUT: TableDefinition<&str, &str> = TableDefinition::new("about");
+/// Key -> value: state other components keep durable beside the readings, written in the same
+/// transaction as the append it belongs to ([`crate::StateWrite`]); the MQTT broker keeps its
+/// retained messages here.
+pub(crate) const STATE: TableDefinition<&str, &[u8]> = TableDefinition::new("state");
 
 pub(crate) type IndexRow = (u64, u32, u64, u64, u64, u32, u64, u64);
 type IndexRowV1 = (u64, u32, u64, u64, u64);

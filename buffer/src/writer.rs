@@ -6,9 +6,9 @@ use crate::error::{AckError, AppendError, StorageFailure};
 use crate::reading::{Reading, now_ms};
 use crate::segment;
 use crate::store::{
-    self, BOOTS, CURSORS, DEAD, INDEX, Location, META, Meta, SEGMENTS, SegClock, SegMeta,
+    self, BOOTS, CURSORS, DEAD, INDEX, Location, META, Meta, SEGMENTS, STATE, SegClock, SegMeta,
 };
-use crate::{AppendReceipt, Shared, WhenFull, dead_letter, sf};
+use crate::{AppendReceipt, Shared, StateWrite, WhenFull, dead_letter, sf};
 use redb::{Database, Durability, ReadableDatabase, ReadableTable};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -22,6 +22,7 @@ pub(crate) type Reply<T> = oneshot::Sender<T>;
 pub(crate) enum Cmd {
     Append {
         readings: Vec<Reading>,
+        state: Vec<StateWrite>,
         reply: Reply<Result<AppendReceipt, AppendError>>,
     },
     Ack {
@@ -127,6 +128,8 @@ impl GapPolicy {
 #[derive(Default)]
 struct Batch {
     appends: Vec<AppendReq>,
+    /// Each append's state writes, by the append's index.
+    states: Vec<Vec<StateWrite>>,
     acks: Vec<AckReq>,
     deads: Vec<DeadReq>,
     requeues: Vec<RequeueReq>,
@@ -137,10 +140,19 @@ struct Batch {
 impl Batch {
     fn push(&mut self, cmd: Cmd) -> bool {
         match cmd {
-            Cmd::Append { readings, reply } => {
+            Cmd::Append {
+                readings,
+                state,
+                reply,
+            } => {
                 self.readings += readings.len();
                 self.raw_bytes += readings.iter().map(Reading::encoded_len).sum::<usize>();
+                self.raw_bytes += state
+                    .iter()
+                    .map(|w| w.key.len() + w.value.as_ref().map_or(0, Vec::len))
+                    .sum::<usize>();
                 self.appends.push((readings, reply));
+                self.states.push(state);
             }
             Cmd::Ack {
                 consumer,
@@ -596,6 +608,17 @@ impl Writer {
             let placed =
                 self.place_appends(&mut t, batch, &requeued, &new_cursors, &mut leases_held)?;
             t.write_segments(&placed.encoded)?;
+            if batch.states.iter().any(|s| !s.is_empty()) {
+                let mut state = txn.open_table(STATE).map_err(sf)?;
+                for &i in &placed.accepted {
+                    for w in &batch.states[i] {
+                        match &w.value {
+                            Some(v) => state.insert(w.key.as_str(), v.as_slice()).map_err(sf)?,
+                            None => state.remove(w.key.as_str()).map_err(sf)?,
+                        };
+                    }
+                }
+            }
             for &i in &placed.accepted {
                 let readings = &batch.appends[i].0;
                 t.out.appended += readings.len() as u64;
@@ -1006,7 +1029,9 @@ impl Writer {
 
 pub(crate) fn reply_closed(cmd: Cmd) {
     match cmd {
-        Cmd::Append { readings, reply } => {
+        Cmd::Append {
+            readings, reply, ..
+        } => {
             let _ = reply.send(Err(AppendError::Closed { readings }));
         }
         Cmd::Ack { reply, .. } | Cmd::DeadLetter { reply, .. } => {

@@ -620,3 +620,74 @@ async fn salvage_recovers_the_segments_of_a_file_redb_refuses() {
     );
     assert_eq!(rep.readings as usize, ids.len());
 }
+
+#[tokio::test]
+async fn state_commits_with_its_append_and_survives_reopen() {
+    use ferry_buffer::StateWrite;
+    let put = |k: &str, v: &str| StateWrite {
+        key: k.into(),
+        value: Some(v.as_bytes().to_vec()),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut o = opts(&["k"]);
+    o.max_bytes = 1 << 20;
+    o.when_full = WhenFull::Reject;
+    let buf = Buffer::open(dir.path(), o.clone()).unwrap();
+    assert!(buf.state("retained/").unwrap().is_empty());
+    buf.submit_with_state(
+        vec![reading(0, 50)],
+        vec![
+            put("retained/a", "1"),
+            put("retained/b", "2"),
+            put("other/x", "9"),
+        ],
+    )
+    .await
+    .unwrap();
+    // Replace one key, delete another; with no readings the state is still committed.
+    buf.submit_with_state(
+        Vec::new(),
+        vec![
+            put("retained/a", "3"),
+            StateWrite {
+                key: "retained/b".into(),
+                value: None,
+            },
+        ],
+    )
+    .await
+    .unwrap();
+    // Appends of 100 readings until the byte cap refuses one: each writes `kept-<n>`; the
+    // refused one's write (`kept-<n>` of the last n) must not be in the file.
+    let mut n = 0;
+    let refused = loop {
+        match buf
+            .submit_with_state(
+                (0..100).map(|i| reading(i, 1000)).collect(),
+                vec![put("retained/c", &format!("kept-{n}"))],
+            )
+            .await
+        {
+            Ok(_) => n += 1,
+            Err(e) => break e,
+        }
+        assert!(n < 1000, "the cap never refused an append");
+    };
+    assert!(matches!(refused, AppendError::Full { .. }));
+    assert!(n > 0);
+    buf.close().await;
+
+    let buf = Buffer::open(dir.path(), o).unwrap();
+    assert_eq!(
+        buf.state("retained/").unwrap(),
+        vec![
+            ("retained/a".to_string(), b"3".to_vec()),
+            (
+                "retained/c".to_string(),
+                format!("kept-{}", n - 1).into_bytes()
+            )
+        ]
+    );
+    assert_eq!(buf.state("other/").unwrap().len(), 1);
+    buf.close().await;
+}

@@ -85,7 +85,29 @@ fn options(max_bytes: u64, when_full: WhenFull) -> BufferOptions {
     o.when_full = when_full;
     o.max_age = Some(Duration::from_millis(HOUR_MS));
     o.max_batch_bytes = 1 << 20;
+    o.clock = std::sync::Arc::new(LongUp);
     o
+}
+
+/// The real wall clock, synchronized, on a machine up for years. The model ages readings by
+/// their wall-clock receipt time; the buffer ages them by the boot clock and places a receipt
+/// before the boot at the boot (ferry_buffer::clock), so on a machine up for less than the
+/// two hours a reading is backdated, it would not expire.
+#[derive(Debug)]
+struct LongUp;
+
+impl ferry_buffer::ClockSource for LongUp {
+    fn now(&self) -> ferry_buffer::ClockNow {
+        let wall_ms = ferry_buffer::now_ms();
+        ferry_buffer::ClockNow {
+            wall_ms,
+            boottime_ms: wall_ms - 1_600_000_000_000,
+            synced: true,
+        }
+    }
+    fn boot_id(&self) -> String {
+        "model-boot".into()
+    }
 }
 
 fn run(ops: Vec<Op>, when_full: WhenFull) -> Result<(), TestCaseError> {
