@@ -49,6 +49,12 @@ pub const MAX_CONNECTIONS: usize = 1024;
 pub const CONNECT_TIMEOUT_MS: u64 = 10_000;
 /// `mqtt.write_timeout_ms`.
 pub const WRITE_TIMEOUT_MS: u64 = 30_000;
+/// `mqtt.subscriber_queue_messages`.
+pub const SUBSCRIBER_QUEUE_MESSAGES: usize = 1000;
+/// `mqtt.subscriber_queue_bytes`.
+pub const SUBSCRIBER_QUEUE_BYTES: usize = 4 * MIB as usize;
+/// `mqtt.max_retained`.
+pub const MAX_RETAINED: usize = 10_000;
 /// `mqtt.max_payload_bytes`.
 pub const MQTT_MAX_PAYLOAD_BYTES: usize = 262_144;
 /// `mqtt.max_inflight` and `max_inflight` of an MQTT uplink.

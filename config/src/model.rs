@@ -295,6 +295,16 @@ pub struct MqttSettings {
     /// socket. A client that leaves them unread this long, with the socket's buffers full, is
     /// disconnected, so it cannot hold a connection slot forever. Default: 30000.
     pub write_timeout_ms: u64,
+    /// Messages queued for one local subscriber (waiting for its in-flight window or its
+    /// socket) at most. Over it, a QoS 0 message is dropped first, else the new message, and
+    /// counted. Default: 1000.
+    pub subscriber_queue_messages: usize,
+    /// Payload and topic bytes queued for one local subscriber at most (as above).
+    /// Default: 4194304.
+    pub subscriber_queue_bytes: usize,
+    /// Topics with a retained message at most. A retained publish on a new topic over it is
+    /// stored as a reading but not kept as retained, and counted. Default: 10000.
+    pub max_retained: usize,
     /// Accounts allowed to connect (`[[mqtt.users]]`).
     pub users: Vec<MqttUser>,
     /// TLS listener (`[mqtt.tls]`). Not set: no TLS listener.
@@ -314,6 +324,9 @@ impl Default for MqttSettings {
             device_from_topic_level: None,
             full_ack_wait_ms: defaults::FULL_ACK_WAIT_MS,
             write_timeout_ms: defaults::WRITE_TIMEOUT_MS,
+            subscriber_queue_messages: defaults::SUBSCRIBER_QUEUE_MESSAGES,
+            subscriber_queue_bytes: defaults::SUBSCRIBER_QUEUE_BYTES,
+            max_retained: defaults::MAX_RETAINED,
             users: Vec::new(),
             tls: None,
         }

@@ -263,6 +263,22 @@ impl Config {
         p.at_least("mqtt.max_connections", m.max_connections as u64, 1);
         p.at_least("mqtt.max_payload_bytes", m.max_payload_bytes as u64, 1);
         p.at_least("mqtt.max_inflight", u64::from(m.max_inflight), 1);
+        p.at_least(
+            "mqtt.subscriber_queue_messages",
+            m.subscriber_queue_messages as u64,
+            1,
+        );
+        let one_message = m.max_payload_bytes as u64 + topic::MAX_LEN as u64;
+        if (m.subscriber_queue_bytes as u64) < one_message {
+            p.invalid(
+                "mqtt.subscriber_queue_bytes",
+                format!(
+                    "must hold one message of max_payload_bytes and the longest topic, \
+                     at least {one_message}, got {}",
+                    m.subscriber_queue_bytes
+                ),
+            );
+        }
         if m.enabled && !m.allow_anonymous && m.users.is_empty() {
             p.invalid(
                 "mqtt.allow_anonymous",

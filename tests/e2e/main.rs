@@ -15,6 +15,7 @@ mod gateway_security;
 mod gateway_upgrade;
 mod http_hostile;
 mod http_ingest;
+mod mqtt_broker;
 mod mqtt_hostile;
 mod mqtt_ingest;
 mod mqtt_kill;

@@ -1,6 +1,7 @@
-//! # MQTT ingest listener
+//! # MQTT listener: ingest and the local broker
 //!
-//! Devices publish readings over MQTT 3.1.1 or 5. ferry frames packets with rumqttd's protocol
+//! Devices publish readings over MQTT 3.1.1 or 5; local clients subscribe to them
+//! ([`broker`]). ferry frames packets with rumqttd's protocol
 //! codecs (`rumqttd::protocol::{V4, V5}`) and runs the server-side session itself on tokio,
 //! because rumqttd's broker acknowledges a publish before anything durable has happened.
 //!
@@ -18,7 +19,10 @@
 //!
 //! ## Files
 //! - [`listener`]: the TCP and TLS accept loops, `max_connections`, shutdown.
-//! - [`session`]: one connection: CONNECT, PUBLISH/PUBREL/PING/SUBSCRIBE, keep-alive, will.
+//! - [`session`]: one connection: CONNECT, PUBLISH/PUBREL/PING/SUBSCRIBE, keep-alive, will,
+//!   and delivery to it as a subscriber.
+//! - [`broker`]: subscriptions, subscriber queues and retained messages; when a local
+//!   subscriber sees a publish.
 //! - [`auth`]: `[[mqtt.users]]` (constant-time password compare, argon2 PHC hashes).
 //! - [`tls`]: the rustls server config and the client certificate's Common Name.
 //! - [`stats`]: the figures shown on the status page.
@@ -37,6 +41,7 @@
 //!   if they send CONNECT quickly, else they are closed.
 
 pub mod auth;
+pub mod broker;
 pub mod listener;
 pub(crate) mod session;
 pub mod stats;

@@ -38,7 +38,7 @@ pub mod reason {
     pub const KEEP_ALIVE: &str = "keep_alive";
     /// The client left ferry's replies unread for `write_timeout_ms`.
     pub const WRITE_TIMEOUT: &str = "write_timeout";
-    /// SUBSCRIBE refused (ferry is ingest-only).
+    /// A subscription refused (invalid filter, shared subscription).
     pub const SUBSCRIBE: &str = "subscribe";
 }
 
@@ -54,6 +54,8 @@ struct Inner {
     latency: Mutex<(Vec<u32>, usize)>,
     /// Refusals repeat when a device retries in a loop: their log lines are folded.
     refusals: ferry_uplink::fold::Fold,
+    /// The local broker, for its figures.
+    broker: std::sync::OnceLock<Arc<crate::mqtt::broker::Broker>>,
 }
 
 /// The MQTT listener's counters. Cheap to clone; all clones share the same figures.
@@ -69,6 +71,15 @@ impl MqttStats {
 }
 
 impl MqttStats {
+    pub(crate) fn set_broker(&self, broker: Arc<crate::mqtt::broker::Broker>) {
+        let _ = self.0.broker.set(broker);
+    }
+
+    /// The local broker's figures: subscribers, retained messages, deliveries and drops.
+    pub fn broker(&self) -> Option<&crate::mqtt::broker::Broker> {
+        self.0.broker.get().map(|b| &**b)
+    }
+
     pub(crate) fn connected(&self) {
         self.0.connects.fetch_add(1, Relaxed);
         let n = self.0.connected.fetch_add(1, Relaxed) + 1;

@@ -252,6 +252,28 @@ pub struct MqttInfo {
     /// Times a connection stopped reading its socket because the readings received and not
     /// yet committed reached `buffer.max_pending_bytes` (a slow disk), since start.
     pub read_pauses_total: u64,
+    /// Topics with a retained message.
+    pub retained: u64,
+    /// PUBLISHes written to local subscribers since start.
+    pub delivered_total: u64,
+    /// Messages that did not reach a local subscriber since start, by reason
+    /// (`qos0_queue_full`, `queue_full`, `expired`, `too_large_for_client`, `retained_full`).
+    pub subscriber_drops: BTreeMap<String, u64>,
+    /// Local subscribers, by client id.
+    pub subscribers: Vec<Subscriber>,
+}
+
+/// One local subscriber (a connected client with subscriptions).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Subscriber {
+    /// Client id.
+    pub client: String,
+    /// Its topic filters.
+    pub filters: Vec<String>,
+    /// Messages queued for it now (waiting for its in-flight window or its socket).
+    pub queued: u64,
+    /// Messages dropped from its queue since it connected.
+    pub dropped: u64,
 }
 
 /// The device table.
@@ -718,9 +740,31 @@ pub async fn collect(st: &StatusState, device_limit: usize) -> StatusReport {
             count: bs.dead_letters,
             bytes: bs.dead_letter_bytes,
         },
-        mqtt: hub.mqtt().map(|m| MqttInfo {
-            connected_clients: m.connected_clients(),
-            read_pauses_total: m.read_pauses(),
+        mqtt: hub.mqtt().map(|m| {
+            let b = m.broker();
+            MqttInfo {
+                connected_clients: m.connected_clients(),
+                read_pauses_total: m.read_pauses(),
+                retained: b.map_or(0, |b| b.retained_count() as u64),
+                delivered_total: b.map_or(0, |b| b.delivered_total()),
+                subscriber_drops: b.map_or_else(BTreeMap::new, |b| {
+                    b.drops()
+                        .into_iter()
+                        .map(|(k, v)| (k.to_string(), v))
+                        .collect()
+                }),
+                subscribers: b.map_or_else(Vec::new, |b| {
+                    b.subscribers()
+                        .into_iter()
+                        .map(|s| Subscriber {
+                            client: s.client,
+                            filters: s.filters,
+                            queued: s.queued as u64,
+                            dropped: s.dropped,
+                        })
+                        .collect()
+                }),
+            }
         }),
         devices,
         disk,

@@ -241,7 +241,14 @@ pub fn render(r: &StatusReport) -> String {
         r.losses.dropped_total, r.losses.rejected_total, r.dead_letters.count
     );
     if let Some(m) = &r.mqtt {
-        let _ = writeln!(o, "mqtt     {} clients connected", m.connected_clients);
+        let _ = writeln!(
+            o,
+            "mqtt     {} clients connected, {} subscribers, {} retained, {} delivered",
+            m.connected_clients,
+            m.subscribers.len(),
+            m.retained,
+            m.delivered_total
+        );
     }
     let _ = writeln!(
         o,

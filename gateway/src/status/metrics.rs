@@ -207,6 +207,26 @@ pub fn describe() {
         "MQTT publishes or connections refused, by reason."
     );
     describe_counter!(
+        "ferry_mqtt_delivered_total",
+        Unit::Count,
+        "PUBLISHes written to local MQTT subscribers."
+    );
+    describe_counter!(
+        "ferry_mqtt_subscriber_dropped_total",
+        Unit::Count,
+        "Messages that did not reach a local MQTT subscriber, by reason (qos0_queue_full, queue_full, expired, too_large_for_client, retained_full)."
+    );
+    describe_gauge!(
+        "ferry_mqtt_subscriptions",
+        Unit::Count,
+        "Subscriptions of connected local MQTT clients."
+    );
+    describe_gauge!(
+        "ferry_mqtt_retained_messages",
+        Unit::Count,
+        "Topics with a retained MQTT message (kept in the buffer file)."
+    );
+    describe_counter!(
         "ferry_mqtt_read_pauses_total",
         Unit::Count,
         "Times an MQTT connection stopped reading because uncommitted readings reached buffer.max_pending_bytes."

@@ -9,6 +9,8 @@ pub(super) enum Done {
     /// An append completed (or failed) for these publishes.
     Appended {
         acks: Vec<(u16, u8)>,
+        /// For local subscribers, after the acks.
+        msgs: Vec<Arc<Message>>,
         by_qos: [u64; 3],
         started: Instant,
         result: Result<(), AppendError>,
@@ -17,11 +19,15 @@ pub(super) enum Done {
     Reply(Vec<Packet>),
     /// A QoS 2 DUP re-send: PUBREC again if the original was stored.
     Dup(u16),
+    /// A SUBACK, in order, then the retained messages for the new subscriptions.
+    Subscribed(Box<(Packet, Vec<super::super::broker::Delivery>)>),
 }
 
 #[derive(Default)]
 pub(super) struct Batch {
     readings: Vec<Reading>,
+    msgs: Vec<Arc<Message>>,
+    state: Vec<ferry_buffer::StateWrite>,
     acks: Vec<(u16, u8)>,
     by_qos: [u64; 3],
     bytes: usize,
@@ -120,12 +126,39 @@ impl Session {
         // A copy, so that no reading keeps the connection's read buffer alive (see the module
         // doc): the buffer is then reused in place instead of reallocated at every read.
         let payload = Bytes::copy_from_slice(&p.payload);
+        // Routed to local subscribers after the commit; a retained one is also kept.
+        let routed = p.retain || self.ctx.broker.has_subscriptions();
+        let mut routed = routed.then(|| Message {
+            topic: Arc::from(topic),
+            payload: payload.clone(),
+            qos,
+            retain: p.retain,
+            keep: false,
+            props: None,
+            expires: props
+                .as_ref()
+                .and_then(|pp| pp.message_expiry_interval)
+                .map(|s| std::time::Instant::now() + Duration::from_secs(s as u64)),
+            from: self.conn,
+        });
         let mut r = Reading::new(Source::Mqtt, device, topic, payload);
         if let Some(pp) = props {
+            if let Some(m) = &mut routed {
+                m.props = passed_through(
+                    pp.content_type.clone(),
+                    pp.user_properties.clone(),
+                    Some(&pp),
+                );
+            }
             r.content_type = pp.content_type;
             r.properties = pp.user_properties;
         }
         let b = &mut self.batch;
+        if let Some(m) = routed {
+            let (m, state) = self.ctx.broker.prepare(m);
+            b.msgs.push(m);
+            b.state.extend(state);
+        }
         b.started.get_or_insert_with(Instant::now);
         b.bytes += r.payload.len() + r.topic.len();
         if b.readings.capacity() == 0 {
@@ -156,8 +189,9 @@ impl Session {
         // Submitted now, so the readings reach the buffer's writer whatever this loop does
         // next; the queue entry only waits for the answer. No task per append: with a
         // thousand slow connections, appends in flight are what the heap holds.
-        let submitted = self.ctx.buffer.submit(b.readings);
-        let retry = (!self.v5() && self.ctx.reject_when_full).then(|| self.client_id.clone());
+        let retry = (!self.v5() && self.ctx.reject_when_full)
+            .then(|| (self.client_id.clone(), b.state.clone()));
+        let submitted = self.ctx.buffer.submit_with_state(b.readings, b.state);
         let ctx = self.ctx.clone();
         self.pending.push_back(Box::pin(async move {
             let result = match (submitted.await, retry) {
@@ -169,10 +203,10 @@ impl Session {
                         max,
                         ..
                     }),
-                    Some(client_id),
+                    Some((client_id, state)),
                 ) if ctx.settings.full_ack_wait_ms > 0 => {
                     // Rare: boxed, so the common entry stays small.
-                    Box::pin(retry_full(&ctx, readings, (used, max), &client_id)).await
+                    Box::pin(retry_full(&ctx, readings, state, (used, max), &client_id)).await
                 }
                 (Err(e), _) => Err(e),
             };
@@ -181,6 +215,7 @@ impl Session {
             }
             Done::Appended {
                 acks: b.acks,
+                msgs: b.msgs,
                 by_qos: b.by_qos,
                 started,
                 result,
@@ -196,6 +231,17 @@ impl Session {
                     self.queue(p);
                 }
             }
+            Done::Subscribed(s) => {
+                let (suback, retained) = *s;
+                self.queue(suback);
+                if let Some(outbox) = &self.sub.outbox {
+                    for d in retained {
+                        if let Some(why) = outbox.push(d) {
+                            self.ctx.broker.count_drop(why, 1);
+                        }
+                    }
+                }
+            }
             Done::Dup(pkid) => {
                 if self.qos2.contains(&pkid) {
                     self.queue(Packet::PubRec(
@@ -209,6 +255,7 @@ impl Session {
             }
             Done::Appended {
                 acks,
+                msgs,
                 by_qos,
                 started,
                 result,
@@ -222,6 +269,9 @@ impl Session {
                         self.ctx
                             .stats
                             .committed(by_qos, (!acks.is_empty()).then(|| started.elapsed()));
+                        if !msgs.is_empty() {
+                            self.ctx.broker.route(&msgs);
+                        }
                     }
                     Err(e) => {
                         let n = e.readings().len() as u64;
@@ -274,6 +324,7 @@ impl Session {
 pub(super) async fn retry_full(
     ctx: &Ctx,
     mut readings: Vec<Reading>,
+    state: Vec<ferry_buffer::StateWrite>,
     (used, max): (u64, u64),
     client_id: &str,
 ) -> Result<(), AppendError> {
@@ -283,7 +334,7 @@ pub(super) async fn retry_full(
         "The buffer is full: the acknowledgement to this MQTT 3.1.1 client is withheld until space frees or full_ack_wait_ms passes.");
     loop {
         tokio::time::sleep(FULL_RETRY).await;
-        match ctx.buffer.append(readings).await {
+        match ctx.buffer.submit_with_state(readings, state.clone()).await {
             Err(AppendError::Full { readings: back, .. }) if Instant::now() < until => {
                 readings = back
             }

@@ -30,6 +30,7 @@
 
 mod acks;
 mod connect;
+mod deliver;
 mod io;
 
 use acks::*;
@@ -37,9 +38,11 @@ use acks::*;
 pub(crate) use connect::client_id_rule;
 use connect::*;
 pub(crate) use connect::{device_id, refuse_busy};
+use deliver::*;
 use io::*;
 
 use super::auth::{Auth, AuthConfigError, AuthOutcome};
+use super::broker::{Broker, Message, Outbox};
 use super::stats::{MqttStats, reason};
 use bytes::{Buf, Bytes, BytesMut};
 use ferry_buffer::{AppendError, Buffer, Reading, Source, now_ms};
@@ -106,6 +109,8 @@ pub struct Ctx {
     pub slots: Arc<tokio::sync::Semaphore>,
     /// The status page's device table, fed once per committed batch.
     pub devices: crate::status::DeviceTable,
+    /// Subscriptions, subscriber queues and retained messages.
+    pub broker: Arc<Broker>,
     sessions: Mutex<HashMap<String, (u64, CancellationToken)>>,
     next_id: AtomicU64,
 }
@@ -117,14 +122,28 @@ impl Ctx {
         buffer: Buffer,
         reject_when_full: bool,
     ) -> Result<Ctx, AuthConfigError> {
+        let broker = Arc::new(Broker::new(&settings));
+        match broker.load_retained(&buffer) {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(
+                retained = n,
+                "Retained MQTT messages were loaded from the buffer file."
+            ),
+            Err(e) => {
+                tracing::error!(error = %e, "The retained MQTT messages could not be read from the buffer file; none are served until they are published again.")
+            }
+        }
+        let stats = MqttStats::default();
+        stats.set_broker(broker.clone());
         Ok(Ctx {
             auth: Auth::new(&settings)?,
             frame_limit: settings.max_payload_bytes.saturating_add(FRAME_HEADROOM),
             slots: Arc::new(tokio::sync::Semaphore::new(settings.max_connections.max(1))),
             settings,
             buffer,
-            stats: MqttStats::default(),
+            stats,
             devices: crate::status::DeviceTable::default(),
+            broker,
             reject_when_full,
             sessions: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
@@ -206,6 +225,9 @@ struct Session {
     inflight: usize,
     qos2: HashSet<u16>,
     batch: Batch,
+    /// This connection's id (for No Local and the subscription table).
+    conn: u64,
+    sub: Subscriber,
 }
 
 /// Serves one accepted connection until it closes. `cert_cn` is the TLS client certificate's
@@ -265,7 +287,6 @@ pub async fn serve<IO>(
     let Packet::Connect(connect, connect_props, will, will_props, login) = packet else {
         return;
     };
-    let _ = connect_props;
     let conn = ctx.next_conn_id();
     let v5 = codec.is_v5();
 
@@ -289,9 +310,8 @@ pub async fn serve<IO>(
         receive_max: Some(ctx.settings.max_inflight.max(1)),
         max_packet_size: Some((ctx.frame_limit + 5).min(u32::MAX as usize) as u32),
         assigned_client_identifier: assigned.then(|| client_id.clone()),
-        retain_available: Some(0),
-        wildcard_subscription_available: Some(0),
-        subscription_identifiers_available: Some(0),
+        // Retained messages, wildcards and subscription identifiers are available (absent
+        // means available); shared subscriptions are not.
         shared_subscription_available: Some(0),
         ..Default::default()
     });
@@ -315,7 +335,16 @@ pub async fn serve<IO>(
     ctx.stats.connected();
     tracing::debug!(client_id = %client_id, peer = %peer, v5, keep_alive = connect.keep_alive, "An MQTT client connected.");
 
-    let will = will.and_then(|w| will_reading(&ctx, &client_id, cert_cn.as_deref(), w, will_props));
+    let will = will.and_then(|w| {
+        let (qos, retain) = (w.qos as u8, w.retain);
+        let r = will_reading(&ctx, &client_id, cert_cn.as_deref(), w, will_props)?;
+        Some((will_message(&r, qos, retain, conn), r))
+    });
+    let window = connect_props
+        .as_ref()
+        .and_then(|p| p.receive_maximum)
+        .unwrap_or(ctx.settings.max_inflight);
+    let max_packet = connect_props.as_ref().and_then(|p| p.max_packet_size);
     let (rd, mut wr) = tokio::io::split(io);
     let mut s = Session {
         ctx: ctx.clone(),
@@ -327,6 +356,8 @@ pub async fn serve<IO>(
         inflight: 0,
         qos2: HashSet::new(),
         batch: Batch::default(),
+        conn,
+        sub: Subscriber::new(window as usize, max_packet),
     };
     let close = s.run(rd, &mut wr, buf, &connect, stop, takeover).await;
     // Finish what is owed: every append already went to the buffer; send the acks that
@@ -369,15 +400,18 @@ pub async fn serve<IO>(
         let _ = tokio::time::timeout(Duration::from_secs(2), finish).await;
     }
     drop(s);
+    ctx.broker.leave(conn);
     ctx.deregister(&client_id, conn);
     ctx.stats.disconnected();
-    if let (true, Some(w)) = (close.will, will) {
+    if let (true, Some((msg, w))) = (close.will, will) {
         let topic = w.topic.clone();
         let seen = crate::status::DeviceBatch::of(std::slice::from_ref(&w));
-        match ctx.buffer.append(vec![w]).await {
+        let (msg, state) = ctx.broker.prepare(msg);
+        match ctx.buffer.submit_with_state(vec![w], state).await {
             Ok(_) => {
                 ctx.stats.will();
                 ctx.devices.record(&seen);
+                ctx.broker.route(&[msg]);
                 tracing::info!(client_id = %client_id, topic = %topic, "The client's last will was stored as a reading.");
             }
             Err(e) => {
@@ -427,6 +461,7 @@ impl Session {
         let mut paused_at: Option<u64> = None;
         let mut granted = false;
         loop {
+            self.drain_outbox();
             // Frame and handle what is buffered, as far as the inflight window allows.
             while self.can_take_more() {
                 match self.next_packet(&mut buf).await {
@@ -469,7 +504,13 @@ impl Session {
                 write_by = Instant::now() + write_timeout;
             }
             let ka_on = connect.keep_alive > 0 && self.pending.is_empty() && !paused;
+            let outbox = self
+                .sub
+                .outbox
+                .clone()
+                .filter(|_| self.out.len() < OUT_HIGH);
             tokio::select! {
+                () = async { if let Some(o) = &outbox { o.notify.notified().await } }, if outbox.is_some() => {}
                 _ = stop.cancelled() => {
                     return Close { reason: None, message: "ferry is shutting down".into(), v5: Some(DisconnectReasonCode::ServerShuttingDown), will: false, write_failed: false };
                 }
@@ -582,37 +623,8 @@ impl Session {
                 ));
             }
             Packet::PingReq(_) => self.queue(Packet::PingResp(PingResp)),
-            Packet::Subscribe(sub, _) => {
-                self.ctx.stats.rejected(reason::SUBSCRIBE, 1);
-                tracing::info!(client_id = %self.client_id, "A SUBSCRIBE was refused: ferry is ingest-only.");
-                let code = if self.v5() {
-                    SubscribeReasonCode::NotAuthorized
-                } else {
-                    SubscribeReasonCode::Failure
-                };
-                let return_codes = vec![code; sub.filters.len().max(1)];
-                self.reply(vec![Packet::SubAck(
-                    SubAck {
-                        pkid: sub.pkid,
-                        return_codes,
-                    },
-                    None,
-                )]);
-            }
-            Packet::Unsubscribe(unsub, _) => {
-                let reasons = if self.v5() {
-                    vec![UnsubAckReason::NotAuthorized; unsub.filters.len().max(1)]
-                } else {
-                    Vec::new()
-                };
-                self.reply(vec![Packet::UnsubAck(
-                    UnsubAck {
-                        pkid: unsub.pkid,
-                        reasons,
-                    },
-                    None,
-                )]);
-            }
+            Packet::Subscribe(sub, props) => self.on_subscribe(sub, props)?,
+            Packet::Unsubscribe(unsub, _) => self.on_unsubscribe(unsub),
             Packet::Disconnect(d, _) => {
                 let with_will = d.reason_code == DisconnectReasonCode::DisconnectWithWillMessage;
                 return Err(Close {
@@ -623,8 +635,10 @@ impl Session {
                     write_failed: false,
                 });
             }
-            // ferry sends no PUBLISH, so client PUBACK/PUBREC/PUBCOMP have nothing to match.
-            Packet::PubAck(..) | Packet::PubRec(..) | Packet::PubComp(..) => {}
+            // Answers to the PUBLISHes ferry sent to this client as a subscriber.
+            p @ (Packet::PubAck(..) | Packet::PubRec(..) | Packet::PubComp(..)) => {
+                self.on_client_ack(&p)
+            }
             other => {
                 return Err(Close::error(
                     reason::PROTOCOL,

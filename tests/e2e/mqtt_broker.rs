@@ -1,0 +1,489 @@
+//! ferry as the box's MQTT broker, with clients no one here wrote: rumqttc subscribers and
+//! publishers, Debian's `mosquitto_sub` / `mosquitto_pub` (MQTT 3.1.1 and 5). Fan-out and
+//! wildcards, `$` topics, QoS 2 to a subscriber, retained messages across SIGKILL, MQTT 5
+//! properties and subscription options, and a stuck subscriber beside 50 publishers.
+
+use crate::support::{rt, status};
+use ferry_tests::{Ferry, buffered_readings, require_tool};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+/// A rumqttc v3.1.1 subscriber to `filters`, gathering `(topic, payload, qos)` of what it
+/// receives until it has `want` messages or `within` passed.
+async fn subscribe(
+    addr: SocketAddr,
+    id: &str,
+    filters: &[(&str, QoS)],
+) -> (AsyncClient, rumqttc::EventLoop) {
+    let mut o = MqttOptions::new(id, addr.ip().to_string(), addr.port());
+    o.set_keep_alive(Duration::from_secs(30));
+    o.set_max_packet_size(2 << 20, 2 << 20);
+    let (c, mut el) = AsyncClient::new(o, 64);
+    for (f, q) in filters {
+        c.subscribe(*f, *q).await.unwrap();
+    }
+    // Until every SUBACK is in: after that, a publish is routed to this client.
+    let mut subacks = 0;
+    while subacks < filters.len() {
+        match tokio::time::timeout(Duration::from_secs(10), el.poll()).await {
+            Ok(Ok(Event::Incoming(Packet::SubAck(a)))) => {
+                assert!(
+                    a.return_codes
+                        .iter()
+                        .all(|c| matches!(c, rumqttc::SubscribeReasonCode::Success(_))),
+                    "{id}: {a:?}"
+                );
+                subacks += 1;
+            }
+            Ok(Ok(_)) => {}
+            other => panic!("{id}: no SUBACK: {other:?}"),
+        }
+    }
+    (c, el)
+}
+
+async fn gather(
+    el: &mut rumqttc::EventLoop,
+    want: usize,
+    within: Duration,
+) -> Vec<(String, String, QoS)> {
+    let until = tokio::time::Instant::now() + within;
+    let mut got = Vec::new();
+    while got.len() < want {
+        match tokio::time::timeout_at(until, el.poll()).await {
+            Ok(Ok(Event::Incoming(Packet::Publish(p)))) => got.push((
+                p.topic.clone(),
+                String::from_utf8_lossy(&p.payload).into_owned(),
+                p.qos,
+            )),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => panic!("subscriber connection failed: {e}"),
+            Err(_) => break,
+        }
+    }
+    got
+}
+
+#[test]
+fn fan_out_wildcards_dollar_topics_and_qos2_to_subscribers() {
+    let mut f = Ferry::start("");
+    let addr = f.addr("mqtt");
+    rt().block_on(async {
+        let (_a, mut a) = subscribe(addr, "sub-a", &[("site/+/temp", QoS::ExactlyOnce)]).await;
+        let (_b, mut b) = subscribe(addr, "sub-b", &[("#", QoS::AtLeastOnce)]).await;
+        let (_c, mut c) = subscribe(addr, "sub-c", &[("$ops/#", QoS::AtMostOnce)]).await;
+        let (p, mut pel) = {
+            let o = MqttOptions::new("pub", addr.ip().to_string(), addr.port());
+            AsyncClient::new(o, 16)
+        };
+        let sends = [
+            ("site/d1/temp", QoS::ExactlyOnce),
+            ("site/d2/temp", QoS::AtLeastOnce),
+            ("site/d1/hum", QoS::ExactlyOnce),
+            ("$ops/health", QoS::AtLeastOnce),
+        ];
+        for (i, (t, q)) in sends.iter().enumerate() {
+            p.publish(*t, *q, false, format!("m{i}")).await.unwrap();
+        }
+        let driver = tokio::spawn(async move { while pel.poll().await.is_ok() {} });
+        let ga = gather(&mut a, 2, Duration::from_secs(10)).await;
+        let gb = gather(&mut b, 3, Duration::from_secs(10)).await;
+        let gc = gather(&mut c, 1, Duration::from_secs(10)).await;
+        // Nothing more arrives: `#` does not match `$ops/health`, `site/+/temp` not `hum`.
+        let more_a = gather(&mut a, 1, Duration::from_millis(500)).await;
+        let more_b = gather(&mut b, 1, Duration::from_millis(500)).await;
+        driver.abort();
+        let topics =
+            |g: &[(String, String, QoS)]| g.iter().map(|x| x.0.clone()).collect::<Vec<_>>();
+        assert_eq!(topics(&ga), ["site/d1/temp", "site/d2/temp"]);
+        // The lower of the publish's and the subscription's QoS: QoS 2 end to end for the
+        // first, QoS 1 for the one published at 1.
+        assert_eq!((ga[0].2, ga[1].2), (QoS::ExactlyOnce, QoS::AtLeastOnce));
+        assert_eq!(topics(&gb), ["site/d1/temp", "site/d2/temp", "site/d1/hum"]);
+        assert!(gb.iter().all(|x| x.2 == QoS::AtLeastOnce), "{gb:?}");
+        assert_eq!(topics(&gc), ["$ops/health"]);
+        assert_eq!(gc[0].2, QoS::AtMostOnce);
+        assert!(
+            more_a.is_empty() && more_b.is_empty(),
+            "{more_a:?} {more_b:?}"
+        );
+
+        let s = status(&f.http_url()).await;
+        let subs = s["mqtt"]["subscribers"].as_array().unwrap();
+        let clients: BTreeSet<&str> = subs.iter().map(|x| x["client"].as_str().unwrap()).collect();
+        assert_eq!(clients, BTreeSet::from(["sub-a", "sub-b", "sub-c"]));
+        assert!(s["mqtt"]["delivered_total"].as_u64().unwrap() >= 6, "{s}");
+    });
+    // Every message a subscriber saw is a committed reading.
+    f.terminate(Duration::from_secs(10)).expect("clean exit");
+    let stored: BTreeSet<String> = buffered_readings(&f.data_dir, "kafka")
+        .into_iter()
+        .map(|r| String::from_utf8_lossy(&r.payload).into_owned())
+        .collect();
+    assert_eq!(
+        stored,
+        BTreeSet::from(["m0", "m1", "m2", "m3"].map(String::from))
+    );
+}
+
+fn mosquitto(tool: &str, port: u16, args: &[&str]) -> std::process::Output {
+    let out = Command::new(tool)
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success() || tool == "mosquitto_sub",
+        "{tool} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// What `mosquitto_sub` prints for `filter` within `secs` (at most `count` messages).
+fn sub_lines(
+    port: u16,
+    v: &str,
+    filter: &str,
+    count: usize,
+    secs: u32,
+    format: &str,
+) -> Vec<String> {
+    let out = mosquitto(
+        "mosquitto_sub",
+        port,
+        &[
+            "-V",
+            v,
+            "-t",
+            filter,
+            "-C",
+            &count.to_string(),
+            "-W",
+            &secs.to_string(),
+            "-F",
+            format,
+        ],
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn retained_messages_survive_sigkill_and_clear_with_an_empty_payload() {
+    let test = "retained_messages_survive_sigkill_and_clear_with_an_empty_payload";
+    if !require_tool("mosquitto_pub", test) || !require_tool("mosquitto_sub", test) {
+        return;
+    }
+    let mut f = Ferry::start("");
+    let port = f.addr("mqtt").port();
+    mosquitto(
+        "mosquitto_pub",
+        port,
+        &["-V", "mqttv311", "-q", "1", "-r", "-t", "cfg/a", "-m", "a1"],
+    );
+    mosquitto(
+        "mosquitto_pub",
+        port,
+        &["-V", "mqttv5", "-q", "1", "-r", "-t", "cfg/b", "-m", "b1"],
+    );
+    // Replace one, add and then clear another.
+    mosquitto(
+        "mosquitto_pub",
+        port,
+        &["-V", "mqttv5", "-q", "1", "-r", "-t", "cfg/a", "-m", "a2"],
+    );
+    mosquitto(
+        "mosquitto_pub",
+        port,
+        &["-V", "mqttv311", "-q", "1", "-r", "-t", "cfg/c", "-m", "c1"],
+    );
+    mosquitto(
+        "mosquitto_pub",
+        port,
+        &["-V", "mqttv311", "-q", "1", "-r", "-t", "cfg/c", "-n"],
+    );
+    let before = sub_lines(port, "mqttv311", "cfg/#", 3, 3, "%t %p %r");
+    assert_eq!(before, ["cfg/a a2 1", "cfg/b b1 1"]);
+
+    f.kill();
+    f.restart();
+    let port = f.addr("mqtt").port();
+    for v in ["mqttv311", "mqttv5"] {
+        let after = sub_lines(port, v, "cfg/#", 3, 3, "%t %p %r");
+        assert_eq!(after, ["cfg/a a2 1", "cfg/b b1 1"], "{v} after SIGKILL");
+    }
+    // A live message to a subscriber has RETAIN 0 (MQTT-3.3.1-9); a new subscriber gets it
+    // as retained.
+    let port_s = port.to_string();
+    let live = Command::new("mosquitto_sub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port_s,
+            "-t",
+            "cfg/live",
+            "-C",
+            "1",
+            "-W",
+            "10",
+            "-F",
+            "%t %p %r",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    mosquitto(
+        "mosquitto_pub",
+        port,
+        &["-q", "1", "-r", "-t", "cfg/live", "-m", "L"],
+    );
+    let out = live.wait_with_output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "cfg/live L 0");
+    let s = rt().block_on(status(&f.http_url()));
+    assert_eq!(s["mqtt"]["retained"], 3, "{s}");
+}
+
+#[test]
+fn mqtt5_properties_subscription_options_and_refusals() {
+    let test = "mqtt5_properties_subscription_options_and_refusals";
+    if !require_tool("mosquitto_pub", test) || !require_tool("mosquitto_sub", test) {
+        return;
+    }
+    let f = Ferry::start("");
+    let port = f.addr("mqtt").port();
+    let port_s = port.to_string();
+    // A v5 subscriber with a subscription identifier prints the properties it received.
+    let sub = Command::new("mosquitto_sub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port_s,
+            "-V",
+            "mqttv5",
+            "-t",
+            "v5/#",
+            "-C",
+            "1",
+            "-W",
+            "10",
+            "-D",
+            "subscribe",
+            "subscription-identifier",
+            "42",
+            "-F",
+            "%t|%p|%C|%R|%D|%P|%S|%E",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    mosquitto(
+        "mosquitto_pub",
+        port,
+        &[
+            "-V",
+            "mqttv5",
+            "-q",
+            "1",
+            "-t",
+            "v5/x",
+            "-m",
+            "hello",
+            "-D",
+            "publish",
+            "content-type",
+            "text/plain",
+            "-D",
+            "publish",
+            "response-topic",
+            "reply/here",
+            "-D",
+            "publish",
+            "correlation-data",
+            "c0rr",
+            "-D",
+            "publish",
+            "user-property",
+            "unit",
+            "C",
+            "-D",
+            "publish",
+            "message-expiry-interval",
+            "60",
+        ],
+    );
+    let out = sub.wait_with_output().unwrap();
+    let line = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let parts: Vec<&str> = line.split('|').collect();
+    assert_eq!(
+        &parts[..7],
+        [
+            "v5/x",
+            "hello",
+            "text/plain",
+            "reply/here",
+            "c0rr",
+            "unit:C",
+            "42"
+        ],
+        "{line}"
+    );
+    // The expiry is passed on, less the time the message waited (at most 60 s).
+    let left: u32 = parts[7].parse().unwrap_or_else(|_| panic!("{line}"));
+    assert!((1..=60).contains(&left), "{line}");
+
+    // A shared subscription and an invalid filter are refused with their reason codes; the
+    // valid filter in the same SUBSCRIBE is granted. mosquitto_sub prints the SUBACK codes
+    // in debug mode.
+    let out = Command::new("mosquitto_sub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port_s,
+            "-V",
+            "mqttv5",
+            "-d",
+            "-W",
+            "2",
+            "-E",
+            "-t",
+            "$share/g/x",
+            "-t",
+            "ok/#",
+        ])
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(text.contains("SUBACK"), "{text}");
+    assert!(
+        text.contains("158") || text.contains("Shared Subscriptions not supported"),
+        "{text}"
+    );
+}
+
+/// CONNECT (v3.1.1, clean session) as `id` and SUBSCRIBE `#` at `qos` from a raw socket
+/// that then never reads.
+fn stuck_subscriber(addr: SocketAddr, id: &str, qos: u8) -> TcpStream {
+    let mut s = TcpStream::connect(addr).unwrap();
+    let id = id.as_bytes();
+    let mut connect = vec![0x10, (10 + 2 + id.len()) as u8, 0, 4];
+    connect.extend_from_slice(b"MQTT");
+    connect.extend_from_slice(&[4, 0x02, 0, 60, 0, id.len() as u8]);
+    connect.extend_from_slice(id);
+    s.write_all(&connect).unwrap();
+    let mut connack = [0u8; 4];
+    s.read_exact(&mut connack).unwrap();
+    assert_eq!(connack, [0x20, 2, 0, 0]);
+    s.write_all(&[0x82, 6, 0, 1, 0, 1, b'#', qos]).unwrap();
+    let mut suback = [0u8; 5];
+    s.read_exact(&mut suback).unwrap();
+    assert_eq!(suback, [0x90, 3, 0, 1, qos]);
+    s
+}
+
+/// A rumqttc publisher sending `n` QoS 1 messages `<id>-<i>` of about 500 bytes to
+/// `load/<id>`, one every `pause`, then waiting for every PUBACK; returns how many came.
+async fn paced_publisher(addr: SocketAddr, id: String, n: usize, pause: Duration) -> usize {
+    let mut o = MqttOptions::new(id.clone(), addr.ip().to_string(), addr.port());
+    o.set_keep_alive(Duration::from_secs(30));
+    let (c, mut el) = AsyncClient::new(o, 64);
+    let sender = tokio::spawn(async move {
+        for i in 0..n {
+            let body = format!("{id}-{i} {}", crate::support::noise(i as u64, 500));
+            c.publish(format!("load/{id}"), QoS::AtLeastOnce, false, body)
+                .await
+                .unwrap();
+            tokio::time::sleep(pause).await;
+        }
+        c
+    });
+    let mut acks = 0;
+    while acks < n {
+        match tokio::time::timeout(Duration::from_secs(20), el.poll()).await {
+            Ok(Ok(Event::Incoming(Packet::PubAck(_)))) => acks += 1,
+            Ok(Ok(_)) => {}
+            _ => break,
+        }
+    }
+    let _ = sender.await;
+    acks
+}
+
+#[test]
+fn a_stuck_subscriber_slows_no_publisher_and_no_other_subscriber() {
+    let f = Ferry::start("[mqtt]\nsubscriber_queue_messages = 1000\nwrite_timeout_ms = 120000\n");
+    let addr = f.addr("mqtt");
+    // Two subscribers to everything that never read: one at QoS 0 (no window: it fills its
+    // socket, then its queue), one at QoS 1 (its 64 unacknowledged messages close its window).
+    let _stuck0 = stuck_subscriber(addr, "stuck0", 0);
+    let _stuck1 = stuck_subscriber(addr, "stuck1", 1);
+    rt().block_on(async {
+        let (_h, mut healthy) = subscribe(addr, "healthy", &[("load/#", QoS::AtLeastOnce)]).await;
+        // 50 publishers, 300 messages each, about 5,000 per second together for 3 s: 7.5 MB,
+        // more than the stuck subscribers' sockets and queues hold.
+        let (per, pubs) = (300, 50);
+        let tasks: Vec<_> = (0..pubs)
+            .map(|i| {
+                tokio::spawn(paced_publisher(
+                    addr,
+                    format!("p{i}"),
+                    per,
+                    Duration::from_millis(10),
+                ))
+            })
+            .collect();
+        let reader = tokio::spawn(async move {
+            let mut got: BTreeMap<String, usize> = BTreeMap::new();
+            loop {
+                let batch = gather(&mut healthy, 1000, Duration::from_secs(3)).await;
+                if batch.is_empty() {
+                    // The connection stays up for the status check below.
+                    return (got, healthy);
+                }
+                for (_, payload, _) in batch {
+                    let key = payload.split(' ').next().unwrap().to_owned();
+                    *got.entry(key).or_default() += 1;
+                }
+            }
+        });
+        let mut acked = 0;
+        for t in tasks {
+            acked += t.await.unwrap();
+        }
+        // Every publish was acknowledged: the stuck subscribers held no publisher back.
+        assert_eq!(acked, per * pubs);
+        let (got, _healthy) = reader.await.unwrap();
+        // The healthy subscriber got every one, once.
+        assert_eq!(got.len(), per * pubs, "healthy subscriber");
+        assert!(got.values().all(|n| *n == 1));
+
+        let s = status(&f.http_url()).await;
+        let subs = s["mqtt"]["subscribers"].as_array().unwrap();
+        let by: BTreeMap<&str, &serde_json::Value> = subs
+            .iter()
+            .map(|x| (x["client"].as_str().unwrap(), x))
+            .collect();
+        assert_eq!(by["healthy"]["dropped"], 0, "{s}");
+        for stuck in ["stuck0", "stuck1"] {
+            // Bounded, and the excess dropped and counted.
+            assert!(by[stuck]["queued"].as_u64().unwrap() <= 1000, "{s}");
+            assert!(by[stuck]["dropped"].as_u64().unwrap() > 0, "{s}");
+        }
+        let drops = &s["mqtt"]["subscriber_drops"];
+        assert!(drops["qos0_queue_full"].as_u64().unwrap_or(0) > 0, "{s}");
+        assert!(drops["queue_full"].as_u64().unwrap_or(0) > 0, "{s}");
+    });
+}
