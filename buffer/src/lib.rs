@@ -239,13 +239,31 @@ impl Default for BufferOptions {
 /// A change to the `state` table, committed with the append it is submitted with
 /// ([`Buffer::submit_with_state`]): in the same transaction, so both or neither are durable.
 /// An append refused for the byte cap writes none of its state. The state is not counted in
-/// `max_bytes`; its owner bounds it.
+/// `max_bytes`; its owner bounds it. Owners keep to their own key prefix (the MQTT broker's
+/// are `retained/` and `session/`).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StateWrite {
-    /// The key; owners keep to their own prefix (the MQTT broker's is `retained/`).
-    pub key: String,
-    /// The new value, or `None` to delete the key.
-    pub value: Option<Vec<u8>>,
+pub enum StateWrite {
+    /// Sets a key.
+    Put(String, Vec<u8>),
+    /// Deletes a key, if present.
+    Delete(String),
+    /// Deletes every key that starts with this prefix.
+    DeletePrefix(String),
+}
+
+impl StateWrite {
+    /// The bytes it carries, for the batch's size.
+    pub fn len(&self) -> usize {
+        match self {
+            StateWrite::Put(k, v) => k.len() + v.len(),
+            StateWrite::Delete(k) | StateWrite::DeletePrefix(k) => k.len(),
+        }
+    }
+
+    /// Whether it carries nothing (never: a key is at least empty).
+    pub fn is_empty(&self) -> bool {
+        false
+    }
 }
 
 /// What a successful append returns.

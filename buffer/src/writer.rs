@@ -147,10 +147,7 @@ impl Batch {
             } => {
                 self.readings += readings.len();
                 self.raw_bytes += readings.iter().map(Reading::encoded_len).sum::<usize>();
-                self.raw_bytes += state
-                    .iter()
-                    .map(|w| w.key.len() + w.value.as_ref().map_or(0, Vec::len))
-                    .sum::<usize>();
+                self.raw_bytes += state.iter().map(StateWrite::len).sum::<usize>();
                 self.appends.push((readings, reply));
                 self.states.push(state);
             }
@@ -612,10 +609,19 @@ impl Writer {
                 let mut state = txn.open_table(STATE).map_err(sf)?;
                 for &i in &placed.accepted {
                     for w in &batch.states[i] {
-                        match &w.value {
-                            Some(v) => state.insert(w.key.as_str(), v.as_slice()).map_err(sf)?,
-                            None => state.remove(w.key.as_str()).map_err(sf)?,
-                        };
+                        match w {
+                            StateWrite::Put(k, v) => {
+                                state.insert(k.as_str(), v.as_slice()).map_err(sf)?;
+                            }
+                            StateWrite::Delete(k) => {
+                                state.remove(k.as_str()).map_err(sf)?;
+                            }
+                            StateWrite::DeletePrefix(p) => {
+                                state
+                                    .retain_in(p.as_str().., |k, _| !k.starts_with(p.as_str()))
+                                    .map_err(sf)?;
+                            }
+                        }
                     }
                 }
             }

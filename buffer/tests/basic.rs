@@ -624,10 +624,7 @@ async fn salvage_recovers_the_segments_of_a_file_redb_refuses() {
 #[tokio::test]
 async fn state_commits_with_its_append_and_survives_reopen() {
     use ferry_buffer::StateWrite;
-    let put = |k: &str, v: &str| StateWrite {
-        key: k.into(),
-        value: Some(v.as_bytes().to_vec()),
-    };
+    let put = |k: &str, v: &str| StateWrite::Put(k.into(), v.as_bytes().to_vec());
     let dir = tempfile::tempdir().unwrap();
     let mut o = opts(&["k"]);
     o.max_bytes = 1 << 20;
@@ -649,11 +646,18 @@ async fn state_commits_with_its_append_and_survives_reopen() {
         Vec::new(),
         vec![
             put("retained/a", "3"),
-            StateWrite {
-                key: "retained/b".into(),
-                value: None,
-            },
+            StateWrite::Delete("retained/b".into()),
+            put("other/y/1", "1"),
+            put("other/y/2", "2"),
+            put("other/z", "3"),
         ],
+    )
+    .await
+    .unwrap();
+    // A prefix is deleted whole, and nothing beside it.
+    buf.submit_with_state(
+        Vec::new(),
+        vec![StateWrite::DeletePrefix("other/y/".into())],
     )
     .await
     .unwrap();
@@ -688,6 +692,12 @@ async fn state_commits_with_its_append_and_survives_reopen() {
             )
         ]
     );
-    assert_eq!(buf.state("other/").unwrap().len(), 1);
+    let other: Vec<String> = buf
+        .state("other/")
+        .unwrap()
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect();
+    assert_eq!(other, ["other/x", "other/z"]);
     buf.close().await;
 }

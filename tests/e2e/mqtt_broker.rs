@@ -487,3 +487,168 @@ fn a_stuck_subscriber_slows_no_publisher_and_no_other_subscriber() {
         assert!(drops["queue_full"].as_u64().unwrap_or(0) > 0, "{s}");
     });
 }
+
+/// A raw 3.1.1 CONNECT as `id` (clean session `clean`); returns the socket and CONNACK's
+/// session present flag.
+fn raw_connect(addr: SocketAddr, id: &str, clean: bool) -> (TcpStream, bool) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let id = id.as_bytes();
+    let mut connect = vec![0x10, (10 + 2 + id.len()) as u8, 0, 4];
+    connect.extend_from_slice(b"MQTT");
+    connect.extend_from_slice(&[4, if clean { 0x02 } else { 0x00 }, 0, 60, 0, id.len() as u8]);
+    connect.extend_from_slice(id);
+    s.write_all(&connect).unwrap();
+    let mut connack = [0u8; 4];
+    s.read_exact(&mut connack).unwrap();
+    assert_eq!(
+        (connack[0], connack[1], connack[3]),
+        (0x20, 2, 0),
+        "{connack:?}"
+    );
+    (s, connack[2] == 1)
+}
+
+/// Sends a QoS 2 PUBLISH (DUP if `dup`) and returns the 4 bytes that answer it.
+fn raw_publish_qos2(
+    s: &mut TcpStream,
+    pkid: u16,
+    topic: &str,
+    payload: &str,
+    dup: bool,
+) -> [u8; 4] {
+    let mut p = vec![
+        if dup { 0x3C } else { 0x34 },
+        (2 + topic.len() + 2 + payload.len()) as u8,
+    ];
+    p.extend_from_slice(&(topic.len() as u16).to_be_bytes());
+    p.extend_from_slice(topic.as_bytes());
+    p.extend_from_slice(&pkid.to_be_bytes());
+    p.extend_from_slice(payload.as_bytes());
+    s.write_all(&p).unwrap();
+    let mut r = [0u8; 4];
+    s.read_exact(&mut r).unwrap();
+    r
+}
+
+#[test]
+fn an_incoming_qos2_publish_is_stored_once_across_a_sigkill() {
+    let mut f = Ferry::start("");
+    let (mut s, present) = raw_connect(f.addr("mqtt"), "q2-device", false);
+    assert!(!present);
+    assert_eq!(
+        raw_publish_qos2(&mut s, 7, "q2/t", "once", false),
+        [0x50, 2, 0, 7]
+    );
+    // PUBREC came, so the reading and the packet id are on disk. ferry dies before PUBREL.
+    f.kill();
+    drop(s);
+    f.restart();
+    let (mut s, present) = raw_connect(f.addr("mqtt"), "q2-device", false);
+    assert!(present, "the session survived the SIGKILL");
+    // The device sends it again with DUP: PUBREC again, not a second reading.
+    assert_eq!(
+        raw_publish_qos2(&mut s, 7, "q2/t", "once", true),
+        [0x50, 2, 0, 7]
+    );
+    s.write_all(&[0x62, 2, 0, 7]).unwrap();
+    let mut comp = [0u8; 4];
+    s.read_exact(&mut comp).unwrap();
+    assert_eq!(comp, [0x70, 2, 0, 7]);
+    // The packet id is free again: a new publish with it is a new reading.
+    assert_eq!(
+        raw_publish_qos2(&mut s, 7, "q2/t", "again", false),
+        [0x50, 2, 0, 7]
+    );
+    s.write_all(&[0x62, 2, 0, 7]).unwrap();
+    s.read_exact(&mut comp).unwrap();
+    assert_eq!(comp, [0x70, 2, 0, 7]);
+    drop(s);
+    f.terminate(Duration::from_secs(10)).expect("clean exit");
+    let payloads: Vec<String> = buffered_readings(&f.data_dir, "kafka")
+        .into_iter()
+        .map(|r| String::from_utf8_lossy(&r.payload).into_owned())
+        .collect();
+    assert_eq!(payloads, ["once", "again"]);
+}
+
+#[test]
+fn a_persistent_session_keeps_its_subscription_and_queue_across_sigkill() {
+    let test = "a_persistent_session_keeps_its_subscription_and_queue_across_sigkill";
+    if !require_tool("mosquitto_pub", test) || !require_tool("mosquitto_sub", test) {
+        return;
+    }
+    let mut f = Ferry::start("");
+    let port = f.addr("mqtt").port();
+    // Two persistent subscribers: 3.1.1 clean session 0, and MQTT 5 with an hour's session
+    // expiry. Each subscribes and leaves at once (-E).
+    let v311 = [
+        "-V",
+        "mqttv311",
+        "-c",
+        "-i",
+        "keeper-311",
+        "-q",
+        "1",
+        "-t",
+        "cmd/#",
+    ];
+    let v5 = [
+        "-V", "mqttv5", "-c", "-x", "3600", "-i", "keeper-5", "-q", "2", "-t", "cmd/#",
+    ];
+    for args in [&v311[..], &v5[..]] {
+        let mut a = args.to_vec();
+        a.push("-E");
+        mosquitto("mosquitto_sub", port, &a);
+    }
+    for i in 0..3 {
+        mosquitto(
+            "mosquitto_pub",
+            port,
+            &["-q", "1", "-t", &format!("cmd/{i}"), "-m", &format!("c{i}")],
+        );
+    }
+    let s = rt().block_on(status(&f.http_url()));
+    assert_eq!(s["mqtt"]["sessions"], 2, "{s}");
+    let offline: Vec<u64> = s["mqtt"]["subscribers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|x| x["online"] == false)
+        .map(|x| x["queued"].as_u64().unwrap())
+        .collect();
+    assert_eq!(offline, [3, 3], "{s}");
+
+    f.kill();
+    f.restart();
+    let port = f.addr("mqtt").port();
+    for args in [&v311[..], &v5[..]] {
+        let mut a = args.to_vec();
+        a.extend(["-C", "3", "-W", "10", "-F", "%t %p"]);
+        let out = mosquitto("mosquitto_sub", port, &a);
+        let lines: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_owned)
+            .collect();
+        assert_eq!(lines, ["cmd/0 c0", "cmd/1 c1", "cmd/2 c2"], "{args:?}");
+    }
+    // Acknowledged: gone from the file too, so a later SIGKILL does not bring them back.
+    std::thread::sleep(Duration::from_millis(500));
+    f.kill();
+    f.restart();
+    let port = f.addr("mqtt").port();
+    for args in [&v311[..], &v5[..]] {
+        let mut a = args.to_vec();
+        a.extend(["-C", "1", "-W", "2", "-F", "%t %p"]);
+        let out = mosquitto("mosquitto_sub", port, &a);
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "", "{args:?}");
+    }
+    // A clean connect ends the 3.1.1 session.
+    mosquitto(
+        "mosquitto_sub",
+        port,
+        &["-V", "mqttv311", "-i", "keeper-311", "-t", "x", "-E"],
+    );
+    let s = rt().block_on(status(&f.http_url()));
+    assert_eq!(s["mqtt"]["sessions"], 1, "{s}");
+}

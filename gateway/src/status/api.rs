@@ -254,6 +254,8 @@ pub struct MqttInfo {
     pub read_pauses_total: u64,
     /// Topics with a retained message.
     pub retained: u64,
+    /// Persistent sessions (3.1.1 clean session 0, MQTT 5 session expiry), online or not.
+    pub sessions: u64,
     /// PUBLISHes written to local subscribers since start.
     pub delivered_total: u64,
     /// Messages that did not reach a local subscriber since start, by reason
@@ -272,8 +274,10 @@ pub struct Subscriber {
     pub filters: Vec<String>,
     /// Messages queued for it now (waiting for its in-flight window or its socket).
     pub queued: u64,
-    /// Messages dropped from its queue since it connected.
+    /// Messages dropped from its queue (since ferry started, for a persistent session).
     pub dropped: u64,
+    /// Whether it is connected: a persistent session's messages queue while it is not.
+    pub online: bool,
 }
 
 /// The device table.
@@ -746,6 +750,7 @@ pub async fn collect(st: &StatusState, device_limit: usize) -> StatusReport {
                 connected_clients: m.connected_clients(),
                 read_pauses_total: m.read_pauses(),
                 retained: b.map_or(0, |b| b.retained_count() as u64),
+                sessions: b.map_or(0, |b| b.sessions() as u64),
                 delivered_total: b.map_or(0, |b| b.delivered_total()),
                 subscriber_drops: b.map_or_else(BTreeMap::new, |b| {
                     b.drops()
@@ -761,6 +766,7 @@ pub async fn collect(st: &StatusState, device_limit: usize) -> StatusReport {
                             filters: s.filters,
                             queued: s.queued as u64,
                             dropped: s.dropped,
+                            online: s.online,
                         })
                         .collect()
                 }),

@@ -9,8 +9,9 @@ pub(super) enum Done {
     /// An append completed (or failed) for these publishes.
     Appended {
         acks: Vec<(u16, u8)>,
-        /// For local subscribers, after the acks.
-        msgs: Vec<Arc<Message>>,
+        /// For local subscribers, after the acks: the messages and their deliveries to
+        /// persistent sessions ([`Broker::prepare`]).
+        routed: Box<Routed>,
         by_qos: [u64; 3],
         started: Instant,
         result: Result<(), AppendError>,
@@ -20,13 +21,21 @@ pub(super) enum Done {
     /// A QoS 2 DUP re-send: PUBREC again if the original was stored.
     Dup(u16),
     /// A SUBACK, in order, then the retained messages for the new subscriptions.
-    Subscribed(Box<(Packet, Vec<super::super::broker::Delivery>)>),
+    Subscribed(Box<(Packet, Vec<broker::Delivery>)>),
+}
+
+/// What a committed batch hands to the broker.
+#[derive(Default)]
+pub(super) struct Routed {
+    msgs: Vec<Arc<Message>>,
+    durable: Vec<(u64, Arc<str>, broker::Delivery)>,
 }
 
 #[derive(Default)]
 pub(super) struct Batch {
     readings: Vec<Reading>,
     msgs: Vec<Arc<Message>>,
+    durable: Vec<(u64, Arc<str>, broker::Delivery)>,
     state: Vec<ferry_buffer::StateWrite>,
     acks: Vec<(u16, u8)>,
     by_qos: [u64; 3],
@@ -155,9 +164,15 @@ impl Session {
         }
         let b = &mut self.batch;
         if let Some(m) = routed {
-            let (m, state) = self.ctx.broker.prepare(m);
-            b.msgs.push(m);
-            b.state.extend(state);
+            let p = self.ctx.broker.prepare(m);
+            b.msgs.push(p.msg);
+            b.state.extend(p.writes);
+            b.durable.extend(p.durable);
+        }
+        if qos == 2 && self.sub.persistent {
+            // Committed with the reading: a re-send after a crash is still recognised.
+            b.state
+                .push(Broker::in_qos2_row(&self.client_id, pkid, true));
         }
         b.started.get_or_insert_with(Instant::now);
         b.bytes += r.payload.len() + r.topic.len();
@@ -215,7 +230,10 @@ impl Session {
             }
             Done::Appended {
                 acks: b.acks,
-                msgs: b.msgs,
+                routed: Box::new(Routed {
+                    msgs: b.msgs,
+                    durable: b.durable,
+                }),
                 by_qos: b.by_qos,
                 started,
                 result,
@@ -236,9 +254,7 @@ impl Session {
                 self.queue(suback);
                 if let Some(outbox) = &self.sub.outbox {
                     for d in retained {
-                        if let Some(why) = outbox.push(d) {
-                            self.ctx.broker.count_drop(why, 1);
-                        }
+                        self.ctx.broker.push(outbox, d);
                     }
                 }
             }
@@ -255,7 +271,7 @@ impl Session {
             }
             Done::Appended {
                 acks,
-                msgs,
+                routed,
                 by_qos,
                 started,
                 result,
@@ -269,8 +285,9 @@ impl Session {
                         self.ctx
                             .stats
                             .committed(by_qos, (!acks.is_empty()).then(|| started.elapsed()));
-                        if !msgs.is_empty() {
-                            self.ctx.broker.route(&msgs);
+                        if !routed.msgs.is_empty() {
+                            let Routed { msgs, durable } = *routed;
+                            self.ctx.broker.route(&msgs, durable);
                         }
                     }
                     Err(e) => {

@@ -4,7 +4,7 @@
 //! [`crate::mqtt::broker`].
 
 use super::*;
-use crate::mqtt::broker::{Delivery, SubOpts, drop_reason};
+use crate::mqtt::broker::{Delivery, Leftover, SessionStart, SubOpts, drop_reason};
 use rumqttd::protocol::{
     PubRel, PubRelReason, QoS, RetainForwardRule, Subscribe, SubscribeProperties, Unsubscribe,
 };
@@ -20,13 +20,27 @@ pub(super) enum Sent {
     Comp,
 }
 
+/// A PUBLISH ferry sent and the client has not finished acknowledging.
+#[derive(Debug)]
+pub(super) struct Outgoing {
+    state: Sent,
+    /// Kept until PUBACK / PUBREC, to be sent again to a persistent session's next connection.
+    d: Option<Delivery>,
+    order: u64,
+}
+
 /// The subscriber half of a session.
 #[derive(Debug)]
 pub(super) struct Subscriber {
-    /// Created at the first SUBSCRIBE.
+    /// Subscriber id in the broker ([`Broker::start_session`]).
+    pub(super) sid: u64,
+    /// Whether the session outlives the connection.
+    pub(super) persistent: bool,
+    /// A persistent session's from the start; a clean one's created at the first SUBSCRIBE.
     pub(super) outbox: Option<Arc<Outbox>>,
     /// PUBLISHes sent and not yet acknowledged, by packet id.
-    pub(super) sent: HashMap<u16, Sent>,
+    pub(super) sent: HashMap<u16, Outgoing>,
+    sent_count: u64,
     next_pkid: u16,
     /// The client's Receive Maximum (MQTT 5), else `mqtt.max_inflight`.
     pub(super) window: usize,
@@ -35,13 +49,39 @@ pub(super) struct Subscriber {
 }
 
 impl Subscriber {
-    pub(super) fn new(window: usize, max_packet: Option<u32>) -> Subscriber {
+    pub(super) fn new(start: &SessionStart, window: usize, max_packet: Option<u32>) -> Subscriber {
         Subscriber {
-            outbox: None,
+            sid: start.sid,
+            persistent: start.persistent,
+            outbox: start.outbox.clone(),
             sent: HashMap::new(),
+            sent_count: 0,
             next_pkid: 0,
             window: window.max(1),
             max_packet,
+        }
+    }
+
+    /// What the connection leaves to its session: unacknowledged messages in the order sent,
+    /// and QoS 2 exchanges waiting for PUBCOMP.
+    pub(super) fn leftover(&mut self, in_qos2: HashSet<u16>) -> Leftover {
+        let mut unacked = Vec::new();
+        let mut rel = Vec::new();
+        for (pkid, o) in self.sent.drain() {
+            match (o.state, o.d) {
+                (Sent::Comp, _) => rel.push(pkid),
+                (_, Some(mut d)) => {
+                    d.pkid = Some(pkid);
+                    unacked.push((o.order, d));
+                }
+                (_, None) => {}
+            }
+        }
+        unacked.sort_by_key(|(order, _)| *order);
+        Leftover {
+            unacked: unacked.into_iter().map(|(_, d)| d).collect(),
+            rel,
+            in_qos2,
         }
     }
 
@@ -122,6 +162,7 @@ impl Session {
             .outbox
             .get_or_insert_with(|| self.ctx.broker.outbox(self.client_id.clone()))
             .clone();
+        let mut rows = Vec::new();
         // A live message may reach the client before the SUBACK (MQTT 5 3.8.4 allows it).
         let mut codes = Vec::with_capacity(sub.filters.len());
         let mut retained = Vec::new();
@@ -155,7 +196,15 @@ impl Session {
                 retain_as_published: v5 && f.preserve_retain,
                 id,
             };
-            let existed = self.ctx.broker.subscribe(self.conn, &outbox, &f.path, o);
+            let (existed, row) = self.ctx.broker.subscribe(
+                &self.client_id,
+                self.sub.sid,
+                self.conn,
+                &outbox,
+                &f.path,
+                o,
+            );
+            rows.extend(row);
             let send_retained = match f.retain_forward_rule {
                 RetainForwardRule::OnEverySubscribe => true,
                 RetainForwardRule::OnNewSubscribe => !existed,
@@ -168,6 +217,8 @@ impl Session {
                         retain: true,
                         ids: o.id.into_iter().collect(),
                         msg: m,
+                        seq: None,
+                        pkid: None,
                     });
                 }
             }
@@ -183,19 +234,40 @@ impl Session {
         );
         self.flush_batch();
         let done = Done::Subscribed(Box::new((suback, retained)));
-        self.pending.push_back(Box::pin(std::future::ready(done)));
+        if rows.is_empty() {
+            self.pending.push_back(Box::pin(std::future::ready(done)));
+        } else {
+            // A persistent session's subscriptions are on disk before its SUBACK.
+            let committed = self.ctx.buffer.submit_with_state(Vec::new(), rows);
+            let client_id = self.client_id.clone();
+            self.pending.push_back(Box::pin(async move {
+                if let Err(e) = committed.await {
+                    tracing::warn!(client_id = %client_id, error = %e, "A persistent session's subscription could not be stored; it holds until ferry restarts.");
+                }
+                done
+            }));
+        }
         Ok(())
     }
 
     pub(super) fn on_unsubscribe(&mut self, unsub: Unsubscribe) {
         let mut reasons = Vec::with_capacity(unsub.filters.len());
+        let mut rows = Vec::new();
         for f in &unsub.filters {
-            let had = self.ctx.broker.unsubscribe(self.conn, f);
+            let (had, row) = self
+                .ctx
+                .broker
+                .unsubscribe(&self.client_id, self.sub.sid, f);
+            rows.extend(row);
             reasons.push(if had {
                 UnsubAckReason::Success
             } else {
                 UnsubAckReason::NoSubscriptionExisted
             });
+        }
+        if !rows.is_empty() {
+            // Sent now, in order before anything later; the UNSUBACK need not wait for it.
+            drop(self.ctx.buffer.submit_with_state(Vec::new(), rows));
         }
         if !self.v5() {
             reasons.clear();
@@ -225,7 +297,12 @@ impl Session {
                 self.ctx.broker.count_drop(drop_reason::EXPIRED, 1);
                 continue;
             }
-            let pkid = if d.qos > 0 { self.sub.pkid() } else { 0 };
+            let (pkid, dup) = match (d.qos, d.pkid) {
+                (0, _) => (0, false),
+                // Sent before to this persistent session: again with its packet id and DUP.
+                (_, Some(p)) => (p, true),
+                _ => (self.sub.pkid(), false),
+            };
             let props = if self.v5() {
                 let mut p = d.msg.props.clone().unwrap_or_else(|| PublishProperties {
                     payload_format_indicator: None,
@@ -238,7 +315,7 @@ impl Session {
                     content_type: None,
                 });
                 p.message_expiry_interval = left;
-                p.subscription_identifiers = d.ids;
+                p.subscription_identifiers = d.ids.clone();
                 Some(p)
             } else {
                 None
@@ -258,7 +335,7 @@ impl Session {
                 continue;
             }
             if d.qos > 0 {
-                set_qos(&mut self.out, start, d.qos, pkid);
+                set_qos(&mut self.out, start, d.qos, pkid, dup);
             }
             if let Some(max) = self.sub.max_packet
                 && self.out.len() - start > max as usize
@@ -269,7 +346,10 @@ impl Session {
             }
             if d.qos > 0 {
                 let state = if d.qos == 1 { Sent::Ack } else { Sent::Rec };
-                self.sub.sent.insert(pkid, state);
+                self.sub.sent_count += 1;
+                let order = self.sub.sent_count;
+                let d = (d.seq.is_some() || self.sub.persistent).then_some(d);
+                self.sub.sent.insert(pkid, Outgoing { state, d, order });
             }
             sent += 1;
         }
@@ -280,24 +360,34 @@ impl Session {
 
     /// The client's answer to a PUBLISH ferry sent.
     pub(super) fn on_client_ack(&mut self, p: &Packet) {
+        let state = |s: &Subscriber, pkid: u16| s.sent.get(&pkid).map(|o| o.state);
         match p {
-            Packet::PubAck(a, _) if self.sub.sent.get(&a.pkid) == Some(&Sent::Ack) => {
-                self.sub.sent.remove(&a.pkid);
+            Packet::PubAck(a, _) if state(&self.sub, a.pkid) == Some(Sent::Ack) => {
+                if let Some(o) = self.sub.sent.remove(&a.pkid) {
+                    self.delivered_durably(o.d);
+                }
             }
             Packet::PubRec(r, _) => {
-                let known = self.sub.sent.get(&r.pkid) == Some(&Sent::Rec);
-                // A v5 PUBREC with a failure code ends the exchange.
-                if known
-                    && !matches!(
-                        r.reason,
-                        PubRecReason::Success | PubRecReason::NoMatchingSubscribers
-                    )
-                {
-                    self.sub.sent.remove(&r.pkid);
-                    return;
-                }
+                let known = state(&self.sub, r.pkid) == Some(Sent::Rec);
+                let failed = !matches!(
+                    r.reason,
+                    PubRecReason::Success | PubRecReason::NoMatchingSubscribers
+                );
                 if known {
-                    self.sub.sent.insert(r.pkid, Sent::Comp);
+                    // The client has the message (or, with a failure code, refused it): its
+                    // row goes; a failure code ends the exchange.
+                    let o = self.sub.sent.remove(&r.pkid);
+                    if !failed && let Some(mut o) = o {
+                        let d = o.d.take();
+                        o.state = Sent::Comp;
+                        self.sub.sent.insert(r.pkid, o);
+                        self.delivered_durably(d);
+                    } else if let Some(o) = o {
+                        self.delivered_durably(o.d);
+                    }
+                    if failed {
+                        return;
+                    }
                 }
                 let reason = if known || !self.v5() {
                     PubRelReason::Success
@@ -312,10 +402,39 @@ impl Session {
                     None,
                 ));
             }
-            Packet::PubComp(c, _) if self.sub.sent.get(&c.pkid) == Some(&Sent::Comp) => {
+            Packet::PubComp(c, _) if state(&self.sub, c.pkid) == Some(Sent::Comp) => {
                 self.sub.sent.remove(&c.pkid);
             }
             _ => {}
+        }
+    }
+
+    fn delivered_durably(&self, d: Option<Delivery>) {
+        if let Some(seq) = d.and_then(|d| d.seq) {
+            self.ctx.broker.acked(&self.client_id, seq);
+        }
+    }
+
+    /// PUBRELs owed from a persistent session's last connection, sent again first.
+    pub(super) fn resend_rel(&mut self, rel: Vec<u16>) {
+        for pkid in rel {
+            self.sub.sent_count += 1;
+            let order = self.sub.sent_count;
+            self.sub.sent.insert(
+                pkid,
+                Outgoing {
+                    state: Sent::Comp,
+                    d: None,
+                    order,
+                },
+            );
+            self.queue(Packet::PubRel(
+                PubRel {
+                    pkid,
+                    reason: PubRelReason::Success,
+                },
+                None,
+            ));
         }
     }
 }

@@ -98,10 +98,10 @@ pub(super) async fn write_some<W: AsyncWrite + Unpin>(
 /// `pkid`: rumqttd keeps a publish's QoS and packet id crate-private, so its writer is given
 /// QoS 0 and the two bytes of packet id are put in here, after the topic, where both protocol
 /// versions have them.
-pub(super) fn set_qos(out: &mut BytesMut, start: usize, qos: u8, pkid: u16) {
+pub(super) fn set_qos(out: &mut BytesMut, start: usize, qos: u8, pkid: u16, dup: bool) {
     let packet = out[start..].to_vec();
     out.truncate(start);
-    let byte1 = packet[0] | (qos << 1);
+    let byte1 = packet[0] | (qos << 1) | ((dup as u8) << 3);
     // The remaining length: 1 to 4 bytes of 7 bits, low first.
     let (mut remaining, mut k) = (0usize, 1usize);
     loop {
@@ -157,13 +157,13 @@ mod tests {
                 codec
                     .write(Packet::Publish(p, props.clone()), &mut out)
                     .unwrap();
-                set_qos(&mut out, 3, 2, 0xBEEF);
+                set_qos(&mut out, 3, 2, 0xBEEF, true);
                 assert_eq!(&out[..3], b"xyz");
                 let mut frame = out.split_off(3);
                 let fh = v4::check(frame.iter(), 1 << 20).unwrap();
                 assert_eq!(fh.frame_length(), frame.len(), "len {len}");
                 let meta = publish_meta(&frame, fh.fixed_header_len);
-                assert_eq!(meta, (2, false, 0xBEEF));
+                assert_eq!(meta, (2, true, 0xBEEF));
                 match codec.read(&mut frame, 1 << 20).unwrap() {
                     Packet::Publish(back, back_props) => {
                         assert_eq!(

@@ -42,7 +42,7 @@ use deliver::*;
 use io::*;
 
 use super::auth::{Auth, AuthConfigError, AuthOutcome};
-use super::broker::{Broker, Message, Outbox};
+use super::broker::{self, Broker, Message, Outbox};
 use super::stats::{MqttStats, reason};
 use bytes::{Buf, Bytes, BytesMut};
 use ferry_buffer::{AppendError, Buffer, Reading, Source, now_ms};
@@ -122,15 +122,23 @@ impl Ctx {
         buffer: Buffer,
         reject_when_full: bool,
     ) -> Result<Ctx, AuthConfigError> {
-        let broker = Arc::new(Broker::new(&settings));
-        match broker.load_retained(&buffer) {
-            Ok(0) => {}
-            Ok(n) => tracing::info!(
-                retained = n,
-                "Retained MQTT messages were loaded from the buffer file."
-            ),
+        let broker = Arc::new(Broker::new(&settings, Some(buffer.clone())));
+        match broker.load(&buffer) {
+            Ok(timers) => {
+                let (retained, sessions) = (broker.retained_count(), broker.sessions());
+                if retained + sessions > 0 {
+                    tracing::info!(
+                        retained,
+                        sessions,
+                        "Retained MQTT messages and persistent sessions were loaded from the buffer file."
+                    );
+                }
+                for (client, after, generation) in timers {
+                    expire_after(&broker, client, after, generation);
+                }
+            }
             Err(e) => {
-                tracing::error!(error = %e, "The retained MQTT messages could not be read from the buffer file; none are served until they are published again.")
+                tracing::error!(error = %e, "The retained MQTT messages and persistent sessions could not be read from the buffer file; they are not served until published or subscribed again.")
             }
         }
         let stats = MqttStats::default();
@@ -306,6 +314,26 @@ pub async fn serve<IO>(
     }
     let mut out = BytesMut::new();
     let (client_id, assigned) = admitted.unwrap_or_default();
+    let client: Arc<str> = Arc::from(client_id.as_str());
+    // 3.1.1: clean session 0 is a session that never expires. MQTT 5: the session expiry
+    // interval says how long it outlives the connection, and clean start 0 resumes it.
+    let persist = if v5 {
+        connect_props
+            .as_ref()
+            .and_then(|p| p.session_expiry_interval)
+            .filter(|s| *s > 0)
+    } else {
+        (!connect.clean_session).then_some(broker::NEVER)
+    };
+    let start = ctx
+        .broker
+        .start_session(&client, conn, persist, !connect.clean_session);
+    if !start.writes.is_empty() {
+        drop(
+            ctx.buffer
+                .submit_with_state(Vec::new(), start.writes.clone()),
+        );
+    }
     let props = v5.then(|| ConnAckProperties {
         receive_max: Some(ctx.settings.max_inflight.max(1)),
         max_packet_size: Some((ctx.frame_limit + 5).min(u32::MAX as usize) as u32),
@@ -318,7 +346,7 @@ pub async fn serve<IO>(
     let _ = codec.write(
         Packet::ConnAck(
             ConnAck {
-                session_present: false,
+                session_present: start.present,
                 code: ConnectReturnCode::Success,
             },
             props,
@@ -349,16 +377,17 @@ pub async fn serve<IO>(
     let mut s = Session {
         ctx: ctx.clone(),
         codec,
-        client_id: Arc::from(client_id.as_str()),
+        client_id: client.clone(),
         cert_cn: cert_cn.filter(|c| !c.is_empty()),
         out: BytesMut::new(),
         pending: FuturesOrdered::new(),
         inflight: 0,
-        qos2: HashSet::new(),
+        qos2: start.in_qos2.clone(),
         batch: Batch::default(),
         conn,
-        sub: Subscriber::new(window as usize, max_packet),
+        sub: Subscriber::new(&start, window as usize, max_packet),
     };
+    s.resend_rel(start.rel);
     let close = s.run(rd, &mut wr, buf, &connect, stop, takeover).await;
     // Finish what is owed: every append already went to the buffer; send the acks that
     // can still be delivered, in order.
@@ -399,19 +428,23 @@ pub async fn serve<IO>(
         };
         let _ = tokio::time::timeout(Duration::from_secs(2), finish).await;
     }
+    let left = s.sub.leftover(std::mem::take(&mut s.qos2));
+    let sid = s.sub.sid;
     drop(s);
-    ctx.broker.leave(conn);
+    if let Some((after, generation)) = ctx.broker.end_session(&client, conn, sid, left) {
+        expire_after(&ctx.broker, client.clone(), after, generation);
+    }
     ctx.deregister(&client_id, conn);
     ctx.stats.disconnected();
     if let (true, Some((msg, w))) = (close.will, will) {
         let topic = w.topic.clone();
         let seen = crate::status::DeviceBatch::of(std::slice::from_ref(&w));
-        let (msg, state) = ctx.broker.prepare(msg);
-        match ctx.buffer.submit_with_state(vec![w], state).await {
+        let p = ctx.broker.prepare(msg);
+        match ctx.buffer.submit_with_state(vec![w], p.writes).await {
             Ok(_) => {
                 ctx.stats.will();
                 ctx.devices.record(&seen);
-                ctx.broker.route(&[msg]);
+                ctx.broker.route(&[p.msg], p.durable);
                 tracing::info!(client_id = %client_id, topic = %topic, "The client's last will was stored as a reading.");
             }
             Err(e) => {
@@ -419,6 +452,15 @@ pub async fn serve<IO>(
             }
         }
     }
+}
+
+/// Ends `client`'s persistent session after `after` offline, unless it came back since.
+fn expire_after(broker: &Arc<Broker>, client: Arc<str>, after: Duration, generation: u64) {
+    let broker = broker.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(after).await;
+        broker.expire(&client, generation);
+    });
 }
 
 impl Session {
@@ -614,13 +656,26 @@ impl Session {
                 } else {
                     PubCompReason::PacketIdentifierNotFound
                 };
-                self.queue(Packet::PubComp(
+                let comp = Packet::PubComp(
                     PubComp {
                         pkid: rel.pkid,
                         reason,
                     },
                     None,
-                ));
+                );
+                if known && self.sub.persistent {
+                    // The packet id is free again only once that is on disk: else, after a
+                    // crash, a new publish reusing it would be taken for a re-send.
+                    let row = Broker::in_qos2_row(&self.client_id, rel.pkid, false);
+                    let committed = self.ctx.buffer.submit_with_state(Vec::new(), vec![row]);
+                    self.flush_batch();
+                    self.pending.push_back(Box::pin(async move {
+                        let _ = committed.await;
+                        Done::Reply(vec![comp])
+                    }));
+                } else {
+                    self.queue(comp);
+                }
             }
             Packet::PingReq(_) => self.queue(Packet::PingResp(PingResp)),
             Packet::Subscribe(sub, props) => self.on_subscribe(sub, props)?,
