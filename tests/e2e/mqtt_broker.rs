@@ -343,9 +343,9 @@ fn mqtt5_properties_subscription_options_and_refusals() {
     let left: u32 = parts[7].parse().unwrap_or_else(|_| panic!("{line}"));
     assert!((1..=60).contains(&left), "{line}");
 
-    // A shared subscription and an invalid filter are refused with their reason codes; the
-    // valid filter in the same SUBSCRIBE is granted. mosquitto_sub prints the SUBACK codes
-    // in debug mode.
+    // A shared subscription without a group name is refused with 0x8F (143), topic filter
+    // invalid; the valid filter in the same SUBSCRIBE is granted. mosquitto_sub prints the
+    // SUBACK codes in debug mode.
     let out = Command::new("mosquitto_sub")
         .args([
             "-h",
@@ -359,7 +359,7 @@ fn mqtt5_properties_subscription_options_and_refusals() {
             "2",
             "-E",
             "-t",
-            "$share/g/x",
+            "$share//x",
             "-t",
             "ok/#",
         ])
@@ -367,11 +367,77 @@ fn mqtt5_properties_subscription_options_and_refusals() {
         .unwrap();
     let text =
         String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    assert!(text.contains("SUBACK"), "{text}");
-    assert!(
-        text.contains("158") || text.contains("Shared Subscriptions not supported"),
-        "{text}"
-    );
+    assert!(text.contains("Subscribed (mid: 1): 143, 0"), "{text}");
+}
+
+#[test]
+fn a_shared_subscription_spreads_messages_over_its_members() {
+    let test = "a_shared_subscription_spreads_messages_over_its_members";
+    if !require_tool("mosquitto_pub", test) || !require_tool("mosquitto_sub", test) {
+        return;
+    }
+    let f = Ferry::start("");
+    let port = f.addr("mqtt").port().to_string();
+    // Two members of group "workers" (MQTT 5 and 3.1.1) and a plain subscriber.
+    let spawn = |v: &str, filter: &str| {
+        Command::new("mosquitto_sub")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port,
+                "-V",
+                v,
+                "-q",
+                "1",
+                "-t",
+                filter,
+                "-W",
+                "4",
+                "-F",
+                "%p",
+            ])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let members = [
+        spawn("mqttv5", "$share/workers/jobs/#"),
+        spawn("mqttv311", "$share/workers/jobs/#"),
+    ];
+    let plain = spawn("mqttv5", "jobs/#");
+    std::thread::sleep(Duration::from_millis(700));
+    for i in 0..20 {
+        mosquitto(
+            "mosquitto_pub",
+            port.parse().unwrap(),
+            &[
+                "-q",
+                "1",
+                "-t",
+                &format!("jobs/{i}"),
+                "-m",
+                &format!("j{i}"),
+            ],
+        );
+    }
+    let lines = |c: std::process::Child| -> Vec<String> {
+        let out = c.wait_with_output().unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    };
+    let per: Vec<Vec<String>> = members.into_iter().map(lines).collect();
+    let all = lines(plain);
+    assert_eq!(all.len(), 20, "{all:?}");
+    // Each message went to exactly one member, and both members got a share.
+    let mut shared: Vec<String> = per.concat();
+    shared.sort();
+    let mut want: Vec<String> = (0..20).map(|i| format!("j{i}")).collect();
+    want.sort();
+    assert_eq!(shared, want);
+    assert!(per.iter().all(|p| !p.is_empty()), "{per:?}");
 }
 
 /// CONNECT (v3.1.1, clean session) as `id` and SUBSCRIBE `#` at `qos` from a raw socket

@@ -80,6 +80,14 @@ pub mod drop_reason {
 /// connection id.
 const PERSISTENT: u64 = 1 << 63;
 
+/// The tree holds a shared subscription group under an id with this bit.
+const SHARED: u64 = 1 << 62;
+
+/// `$share/<group>/<filter>`: the group and the filter, if `filter` is a shared subscription.
+pub fn shared(filter: &str) -> Option<(&str, &str)> {
+    filter.strip_prefix("$share/")?.split_once('/')
+}
+
 /// A session expiry interval meaning "never" (3.1.1 clean session 0).
 pub const NEVER: u32 = u32::MAX;
 
@@ -103,6 +111,8 @@ pub struct Message {
     pub expires: Option<Instant>,
     /// The connection that published it (0: none), for No Local.
     pub from: u64,
+    /// Its number in routing order, which picks the member of a shared subscription group.
+    pub n: u64,
 }
 
 impl Message {
@@ -191,6 +201,49 @@ struct Client {
 struct Subs {
     root: tree::Node,
     clients: HashMap<u64, Client>,
+    /// Shared subscription groups by id, and their ids by `$share/<group>/<filter>`.
+    groups: HashMap<u64, BTreeMap<u64, SubOpts>>,
+    group_ids: HashMap<String, u64>,
+    next_group: u64,
+}
+
+impl Subs {
+    /// Adds `sid`'s subscription to `filter`, shared or not; whether it replaced one.
+    fn insert(&mut self, filter: &str, sid: u64, o: SubOpts) -> bool {
+        let Some((_, real)) = shared(filter) else {
+            return self.root.insert(filter, sid, o);
+        };
+        let gid = match self.group_ids.get(filter) {
+            Some(g) => *g,
+            None => {
+                self.next_group += 1;
+                let gid = SHARED | self.next_group;
+                self.group_ids.insert(filter.to_owned(), gid);
+                // The group's own options are not used: its members' are.
+                self.root.insert(real, gid, o);
+                gid
+            }
+        };
+        self.groups.entry(gid).or_default().insert(sid, o).is_some()
+    }
+
+    /// Removes `sid`'s subscription to `filter`; whether there was one.
+    fn remove(&mut self, filter: &str, sid: u64) -> bool {
+        let Some((_, real)) = shared(filter) else {
+            return self.root.remove(filter, sid);
+        };
+        let Some(&gid) = self.group_ids.get(filter) else {
+            return false;
+        };
+        let members = self.groups.entry(gid).or_default();
+        let removed = members.remove(&sid).is_some();
+        if members.is_empty() {
+            self.groups.remove(&gid);
+            self.group_ids.remove(filter);
+            self.root.remove(real, gid);
+        }
+        removed
+    }
 }
 
 /// A persistent session, online or not.
@@ -235,6 +288,7 @@ pub struct Broker {
     persist: Mutex<HashMap<Arc<str>, Persist>>,
     next_sid: AtomicU64,
     next_seq: AtomicU64,
+    next_msg: AtomicU64,
     retained: Mutex<BTreeMap<String, Arc<Message>>>,
     max_retained: usize,
     queue_limits: (usize, usize),
@@ -254,6 +308,7 @@ impl Broker {
             persist: Mutex::default(),
             next_sid: AtomicU64::new(1),
             next_seq: AtomicU64::new(1),
+            next_msg: AtomicU64::new(0),
             retained: Mutex::default(),
             max_retained: settings.max_retained,
             queue_limits: (
@@ -445,7 +500,7 @@ impl Broker {
             return;
         };
         for f in c.filters.keys() {
-            s.root.remove(f, sid);
+            s.remove(f, sid);
         }
         self.counted(-(c.filters.len() as isize), sid);
     }
@@ -478,7 +533,7 @@ impl Broker {
         o: SubOpts,
     ) -> (bool, Option<StateWrite>) {
         let mut s = self.subs_write();
-        let replaced = s.root.insert(filter, sid, o);
+        let replaced = s.insert(filter, sid, o);
         s.clients
             .entry(sid)
             .or_insert_with(|| Client {
@@ -504,7 +559,7 @@ impl Broker {
     /// Ends `sid`'s subscription to `filter`; whether it had one, and the row to commit.
     pub fn unsubscribe(&self, client: &str, sid: u64, filter: &str) -> (bool, Option<StateWrite>) {
         let mut s = self.subs_write();
-        let removed = s.root.remove(filter, sid);
+        let removed = s.remove(filter, sid);
         if let Some(c) = s.clients.get_mut(&sid) {
             c.filters.remove(filter);
             if c.filters.is_empty() && sid & PERSISTENT == 0 {
@@ -529,6 +584,7 @@ impl Broker {
             None
         };
         m.keep = retained.is_some();
+        m.n = self.next_msg.fetch_add(1, Relaxed);
         let msg = Arc::new(m);
         let mut p = Prepared {
             writes: retained.into_iter().collect(),
@@ -564,6 +620,18 @@ impl Broker {
     ) -> HashMap<u64, Delivery> {
         let mut targets: HashMap<u64, Delivery> = HashMap::new();
         s.root.matches(&m.topic, &mut |sid, o| {
+            // A shared group: one member per message, by the message's number.
+            let (sid, o) = match s.groups.get(&sid) {
+                Some(members) if !members.is_empty() => {
+                    let i = (m.n % members.len() as u64) as usize;
+                    match members.iter().nth(i) {
+                        Some((sid, o)) => (*sid, *o),
+                        None => return,
+                    }
+                }
+                Some(_) => return,
+                None => (sid, o),
+            };
             if o.no_local && s.clients.get(&sid).is_some_and(|c| c.conn == m.from) {
                 return;
             }
@@ -870,6 +938,7 @@ mod tests {
             props: None,
             expires: None,
             from,
+            n: 0,
         }
     }
 
@@ -1000,6 +1069,37 @@ mod tests {
         assert_eq!(drops[drop_reason::QOS0_QUEUE_FULL], 2);
         assert_eq!(drops[drop_reason::QUEUE_FULL], 1);
         assert_eq!(b.subscribers()[0].dropped, 3);
+    }
+
+    #[test]
+    fn a_shared_group_gets_each_message_once_spread_over_its_members() {
+        let b = broker(100);
+        let obs: Vec<Arc<Outbox>> = (1..=3)
+            .map(|i| b.outbox(Arc::from(format!("w{i}").as_str())))
+            .collect();
+        for (i, ob) in obs.iter().enumerate() {
+            sub(&b, i as u64 + 1, ob, "$share/workers/jobs/+", opts(1));
+        }
+        // A plain subscriber beside the group gets everything.
+        let all = b.outbox(Arc::from("all"));
+        sub(&b, 9, &all, "jobs/#", opts(1));
+        for i in 0..30 {
+            publish(&b, msg(&format!("jobs/{i}"), 1, 0));
+        }
+        let per: Vec<usize> = obs.iter().map(|o| got(o).len()).collect();
+        assert_eq!(per, [10, 10, 10]);
+        assert_eq!(got(&all).len(), 30);
+        // Members leave; the last one takes everything; then the group is gone.
+        b.unsubscribe("w1", 1, "$share/workers/jobs/+");
+        b.end_session(&Arc::from("w2"), 2, 2, Leftover::default());
+        for i in 0..5 {
+            publish(&b, msg(&format!("jobs/{i}"), 1, 0));
+        }
+        assert_eq!(got(&obs[2]).len(), 5);
+        b.unsubscribe("w3", 3, "$share/workers/jobs/+");
+        b.unsubscribe("all", 9, "jobs/#");
+        assert!(b.subs_read().root.is_empty() && b.subs_read().groups.is_empty());
+        assert!(!b.has_subscriptions());
     }
 
     #[test]

@@ -226,6 +226,7 @@ fn decode_message(mut b: &[u8], now: Instant, wall: u64) -> Option<Message> {
         expires: (expires_wall != 0)
             .then(|| now + Duration::from_millis(expires_wall.saturating_sub(wall))),
         from: 0,
+        n: 0,
     })
 }
 
@@ -253,6 +254,7 @@ mod tests {
             }),
             expires: Some(Instant::now() + Duration::from_secs(100)),
             from: 3,
+            n: 0,
         });
         let now = Instant::now();
         let back = decode_retained(&retained(&m), now, now_ms()).unwrap();

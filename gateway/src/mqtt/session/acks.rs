@@ -149,6 +149,7 @@ impl Session {
                 .and_then(|pp| pp.message_expiry_interval)
                 .map(|s| std::time::Instant::now() + Duration::from_secs(s as u64)),
             from: self.conn,
+            n: 0,
         });
         let mut r = Reading::new(Source::Mqtt, device, topic, payload);
         if let Some(pp) = props {

@@ -106,6 +106,7 @@ pub(super) fn will_message(r: &Reading, qos: u8, retain: bool, conn: u64) -> Mes
         props: passed_through(r.content_type.clone(), r.properties.clone(), None),
         expires: None,
         from: conn,
+        n: 0,
     }
 }
 
@@ -132,6 +133,30 @@ pub(super) fn passed_through(
         && props.user_properties.is_empty()
         && props.content_type.is_none();
     (!empty).then_some(props)
+}
+
+/// Whether `filter` can be subscribed to: a valid topic filter, or `$share/<group>/<filter>`
+/// with a group name without wildcards.
+pub(super) fn check_subscription(filter: &str) -> Result<(), String> {
+    let (group, real) = match broker::shared(filter) {
+        Some((g, f)) => (Some(g), f),
+        None if filter.starts_with("$share/") => {
+            return Err(format!(
+                "shared subscription {filter:?} has no topic filter"
+            ));
+        }
+        None => (None, filter),
+    };
+    if let Some(g) = group
+        && (g.is_empty() || g.contains(['+', '#']))
+    {
+        return Err(format!(
+            "shared subscription {filter:?}: the group name must be non-empty, without wildcards"
+        ));
+    }
+    topic::check_filter(real)
+        .map(|_| ())
+        .map_err(|e| format!("topic filter {real:?} {e}"))
 }
 
 fn qos_of(q: u8) -> QoS {
@@ -167,18 +192,17 @@ impl Session {
         let mut codes = Vec::with_capacity(sub.filters.len());
         let mut retained = Vec::new();
         for f in &sub.filters {
-            let refused = if f.path.starts_with("$share/") {
-                Some((
-                    SubscribeReasonCode::SharedSubscriptionsNotSupported,
-                    "shared subscriptions are not supported yet".to_string(),
-                ))
-            } else if let Err(e) = topic::check_filter(&f.path) {
-                Some((
-                    SubscribeReasonCode::TopicFilterInvalid,
-                    format!("topic filter {:?} {e}", f.path),
-                ))
-            } else {
-                None
+            let group = broker::shared(&f.path);
+            if group.is_some() && v5 && f.nolocal {
+                return Err(Close::error(
+                    reason::PROTOCOL,
+                    DisconnectReasonCode::ProtocolError,
+                    format!("No Local on the shared subscription {:?}", f.path),
+                ));
+            }
+            let refused = match check_subscription(&f.path) {
+                Err(why) => Some((SubscribeReasonCode::TopicFilterInvalid, why)),
+                Ok(()) => None,
             };
             if let Some((code, why)) = refused {
                 self.ctx.stats.rejected(reason::SUBSCRIBE, 1);
@@ -205,11 +229,13 @@ impl Session {
                 o,
             );
             rows.extend(row);
-            let send_retained = match f.retain_forward_rule {
-                RetainForwardRule::OnEverySubscribe => true,
-                RetainForwardRule::OnNewSubscribe => !existed,
-                RetainForwardRule::Never => false,
-            };
+            // Not for a shared subscription (MQTT 5 4.8.2).
+            let send_retained = group.is_none()
+                && match f.retain_forward_rule {
+                    RetainForwardRule::OnEverySubscribe => true,
+                    RetainForwardRule::OnNewSubscribe => !existed,
+                    RetainForwardRule::Never => false,
+                };
             if send_retained {
                 for m in self.ctx.broker.retained_matching(&f.path) {
                     retained.push(Delivery {

@@ -338,9 +338,8 @@ pub async fn serve<IO>(
         receive_max: Some(ctx.settings.max_inflight.max(1)),
         max_packet_size: Some((ctx.frame_limit + 5).min(u32::MAX as usize) as u32),
         assigned_client_identifier: assigned.then(|| client_id.clone()),
-        // Retained messages, wildcards and subscription identifiers are available (absent
-        // means available); shared subscriptions are not.
-        shared_subscription_available: Some(0),
+        // Retained messages, wildcards, subscription identifiers and shared subscriptions
+        // are available: absent means available.
         ..Default::default()
     });
     let _ = codec.write(
