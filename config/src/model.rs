@@ -307,6 +307,9 @@ pub struct MqttSettings {
     pub max_retained: usize,
     /// Accounts allowed to connect (`[[mqtt.users]]`).
     pub users: Vec<MqttUser>,
+    /// Topic access rules (`[[mqtt.acl]]`). None: every client that may connect may publish and
+    /// subscribe to any topic. Any: a client may only what a rule that applies to it allows.
+    pub acl: Vec<MqttAcl>,
     /// TLS listener (`[mqtt.tls]`). Not set: no TLS listener.
     pub tls: Option<MqttTls>,
 }
@@ -328,9 +331,28 @@ impl Default for MqttSettings {
             subscriber_queue_bytes: defaults::SUBSCRIBER_QUEUE_BYTES,
             max_retained: defaults::MAX_RETAINED,
             users: Vec::new(),
+            acl: Vec::new(),
             tls: None,
         }
     }
+}
+
+/// `[[mqtt.acl]]`: topics some clients may publish and subscribe to. A rule applies to the
+/// client with username `user`, or to the one whose TLS client certificate has the Common Name
+/// `cert_cn`, or, with neither, to every client. In the filters, `%u` stands for the username
+/// and `%c` for the client id; a filter whose `%u` or `%c` a client cannot fill (no username;
+/// a value with `/`, `+` or `#`) allows that client nothing.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MqttAcl {
+    /// The username the rule applies to.
+    pub user: Option<String>,
+    /// The client certificate CN the rule applies to (needs `mqtt.tls.device_from_cert_cn`).
+    pub cert_cn: Option<String>,
+    /// Topic filters the client may publish to.
+    pub publish: Vec<String>,
+    /// Topic filters the client may subscribe to (a subscription must lie within one).
+    pub subscribe: Vec<String>,
 }
 
 /// `[[mqtt.users]]`: one MQTT account. Set exactly one of `password` and `password_hash`.

@@ -2432,3 +2432,38 @@ fn confluent_preset_and_keys_without_a_preset() {
     let errors = preset("cloud = \"aws\"\n").expect_err("unknown cloud");
     assert!(errors.find("uplinks.x.cloud").is_some(), "{errors}");
 }
+
+#[test]
+fn mqtt_acl_and_subscriber_limits_are_checked() {
+    let errors = load_str(
+        r#"
+[mqtt]
+subscriber_queue_messages = 0
+subscriber_queue_bytes = 1000
+
+[[mqtt.acl]]
+user = "a"
+cert_cn = "b"
+publish = ["ok/%c/#", "bad/#/x"]
+subscribe = ["%u/+"]
+"#,
+        no_env(),
+    )
+    .expect_err("bad");
+    assert_eq!(
+        paths(&errors),
+        [
+            "mqtt.subscriber_queue_messages",
+            "mqtt.subscriber_queue_bytes",
+            "mqtt.acl[0]",
+            "mqtt.acl[0].cert_cn",
+            "mqtt.acl[0].publish[1]",
+        ]
+    );
+    let ok = load_str(
+        "[[mqtt.acl]]\npublish = [\"s/%c/#\"]\nsubscribe = [\"cmd/%u/#\"]\n",
+        no_env(),
+    )
+    .expect("good");
+    assert_eq!(ok.mqtt.acl[0].subscribe, ["cmd/%u/#"]);
+}

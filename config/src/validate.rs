@@ -312,6 +312,30 @@ impl Config {
                 _ => {}
             }
         }
+        let cn = m.tls.as_ref().is_some_and(|t| t.device_from_cert_cn);
+        for (i, rule) in m.acl.iter().enumerate() {
+            let base = format!("mqtt.acl[{i}]");
+            if rule.user.is_some() && rule.cert_cn.is_some() {
+                p.invalid(base.clone(), "set user or cert_cn, not both");
+            }
+            if rule.cert_cn.is_some() && !cn {
+                p.invalid(
+                    format!("{base}.cert_cn"),
+                    "needs mqtt.tls.device_from_cert_cn = true, which reads the certificate's CN",
+                );
+            }
+            for (key, filters) in [("publish", &rule.publish), ("subscribe", &rule.subscribe)] {
+                for (j, f) in filters.iter().enumerate() {
+                    let filled = f.replace("%u", "u").replace("%c", "c");
+                    if let Err(e) = topic::check_filter(&filled) {
+                        p.invalid(
+                            format!("{base}.{key}[{j}]"),
+                            format!("topic filter {f:?} {e}"),
+                        );
+                    }
+                }
+            }
+        }
         if let Some(tls) = &m.tls {
             p.path_required("mqtt.tls.cert_path", &tls.cert_path);
             p.path_required("mqtt.tls.key_path", &tls.key_path);

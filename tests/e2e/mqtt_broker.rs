@@ -718,3 +718,90 @@ fn a_persistent_session_keeps_its_subscription_and_queue_across_sigkill() {
     let s = rt().block_on(status(&f.http_url()));
     assert_eq!(s["mqtt"]["sessions"], 1, "{s}");
 }
+
+#[test]
+fn acl_rules_refuse_what_they_do_not_allow_and_count_it() {
+    let test = "acl_rules_refuse_what_they_do_not_allow_and_count_it";
+    if !require_tool("mosquitto_pub", test) || !require_tool("mosquitto_sub", test) {
+        return;
+    }
+    let mut f = Ferry::start(
+        r#"
+[[mqtt.users]]
+username = "dash"
+password = "pw"
+
+[[mqtt.acl]]
+publish = ["sensors/%c/#"]
+subscribe = ["cmd/%c/#"]
+
+[[mqtt.acl]]
+user = "dash"
+subscribe = ["sensors/#"]
+"#,
+    );
+    let port = f.addr("mqtt").port();
+    // A device publishes to its own topics; another device's are refused: MQTT 5 with 0x87,
+    // 3.1.1 acknowledged and dropped.
+    for (v, t, m) in [
+        ("mqttv5", "sensors/d1/t", "mine-5"),
+        ("mqttv5", "sensors/d2/t", "theirs-5"),
+        ("mqttv311", "sensors/d1/t", "mine-311"),
+        ("mqttv311", "sensors/d2/t", "theirs-311"),
+    ] {
+        let out = mosquitto(
+            "mosquitto_pub",
+            port,
+            &["-V", v, "-q", "1", "-i", "d1", "-t", t, "-m", m],
+        );
+        let refused = String::from_utf8_lossy(&out.stderr).contains("Not authorized");
+        assert_eq!(
+            refused,
+            m == "theirs-5",
+            "{v} {t}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // Subscriptions: within an allowed filter or refused (0x87 MQTT 5, 0x80 3.1.1).
+    let suback = |args: &[&str]| -> String {
+        let mut a = vec!["-d", "-E"];
+        a.extend_from_slice(args);
+        let out = mosquitto("mosquitto_sub", port, &a);
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find(|l| l.starts_with("Subscribed"))
+            .unwrap_or_default()
+            .to_owned()
+    };
+    assert_eq!(
+        suback(&[
+            "-V",
+            "mqttv5",
+            "-u",
+            "dash",
+            "-P",
+            "pw",
+            "-t",
+            "#",
+            "-t",
+            "sensors/+/t"
+        ]),
+        "Subscribed (mid: 1): 135, 0"
+    );
+    assert_eq!(
+        suback(&[
+            "-V", "mqttv311", "-i", "d1", "-t", "cmd/d1/#", "-t", "cmd/d2/#"
+        ]),
+        "Subscribed (mid: 1): 0, 128"
+    );
+    let s = rt().block_on(status(&f.http_url()));
+    assert_eq!(s["losses"]["rejected"]["mqtt.acl_publish"], 2, "{s}");
+    assert_eq!(s["losses"]["rejected"]["mqtt.acl_subscribe"], 2, "{s}");
+    f.terminate(Duration::from_secs(10)).expect("clean exit");
+    let mut stored: Vec<String> = buffered_readings(&f.data_dir, "kafka")
+        .into_iter()
+        .map(|r| String::from_utf8_lossy(&r.payload).into_owned())
+        .collect();
+    stored.sort();
+    assert_eq!(stored, ["mine-311", "mine-5"]);
+}

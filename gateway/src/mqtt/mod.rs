@@ -24,6 +24,7 @@
 //! - [`broker`]: subscriptions, subscriber queues and retained messages; when a local
 //!   subscriber sees a publish.
 //! - [`auth`]: `[[mqtt.users]]` (constant-time password compare, argon2 PHC hashes).
+//! - [`acl`]: `[[mqtt.acl]]`, the topics each client may publish and subscribe to.
 //! - [`tls`]: the rustls server config and the client certificate's Common Name.
 //! - [`stats`]: the figures shown on the status page.
 //!
@@ -40,6 +41,7 @@
 //! - Connections beyond `max_connections` get CONNACK 0x03 (v3.1.1) or 0x97 quota exceeded (v5)
 //!   if they send CONNECT quickly, else they are closed.
 
+pub mod acl;
 pub mod auth;
 pub mod broker;
 pub mod listener;

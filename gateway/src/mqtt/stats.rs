@@ -38,8 +38,12 @@ pub mod reason {
     pub const KEEP_ALIVE: &str = "keep_alive";
     /// The client left ferry's replies unread for `write_timeout_ms`.
     pub const WRITE_TIMEOUT: &str = "write_timeout";
-    /// A subscription refused (invalid filter, shared subscription).
+    /// A subscription refused for an invalid filter.
     pub const SUBSCRIBE: &str = "subscribe";
+    /// A PUBLISH to a topic `[[mqtt.acl]]` does not allow the client.
+    pub const ACL_PUBLISH: &str = "acl_publish";
+    /// A SUBSCRIBE to a filter `[[mqtt.acl]]` does not allow the client.
+    pub const ACL_SUBSCRIBE: &str = "acl_subscribe";
 }
 
 #[derive(Debug, Default)]

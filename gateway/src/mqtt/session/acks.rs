@@ -83,6 +83,35 @@ impl Session {
         Err(Close::error(why, v5, message))
     }
 
+    /// A publish `[[mqtt.acl]]` does not allow: MQTT 5 gets PUBACK/PUBREC 0x87; 3.1.1 (which
+    /// has no negative ack) gets its ack and the publish is dropped; counted either way.
+    fn refuse_by_acl(&mut self, qos: u8, pkid: u16, topic: &str) -> Result<(), Close> {
+        self.ctx.stats.rejected(reason::ACL_PUBLISH, 1);
+        let message = format!("[[mqtt.acl]] does not allow this client to publish to {topic:?}");
+        match self
+            .ctx
+            .stats
+            .fold_refusal(&format!("ACL {} {topic}", self.client_id))
+        {
+            Say::New => {
+                tracing::info!(client_id = %self.client_id, "A PUBLISH was refused: {message}.")
+            }
+            Say::Again(n) => {
+                tracing::info!(client_id = %self.client_id, repeats = n, "PUBLISHes keep being refused: {message}.")
+            }
+            Say::Quiet => {}
+        }
+        if qos > 0 {
+            let p = if self.v5() {
+                ack(qos, pkid, PubAckReason::NotAuthorized, Some(message))
+            } else {
+                ack(qos, pkid, PubAckReason::Success, None)
+            };
+            self.reply(vec![p]);
+        }
+        Ok(())
+    }
+
     pub(super) async fn on_publish(
         &mut self,
         p: Publish,
@@ -115,6 +144,11 @@ impl Session {
                     self.ctx.settings.max_payload_bytes
                 ),
             );
+        }
+        if let Some(acl) = &self.acl
+            && !acl.may_publish(topic)
+        {
+            return self.refuse_by_acl(qos, pkid, topic);
         }
         if qos == 2 && !self.qos2.insert(pkid) {
             // A re-send of a QoS 2 publish already stored (or being stored): do not store it

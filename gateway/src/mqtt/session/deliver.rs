@@ -201,11 +201,30 @@ impl Session {
                 ));
             }
             let refused = match check_subscription(&f.path) {
-                Err(why) => Some((SubscribeReasonCode::TopicFilterInvalid, why)),
-                Ok(()) => None,
+                Err(why) => Some((
+                    reason::SUBSCRIBE,
+                    SubscribeReasonCode::TopicFilterInvalid,
+                    why,
+                )),
+                Ok(()) => {
+                    let real = group.map_or(f.path.as_str(), |(_, real)| real);
+                    self.acl
+                        .as_ref()
+                        .filter(|a| !a.may_subscribe(real))
+                        .map(|_| {
+                            (
+                                reason::ACL_SUBSCRIBE,
+                                SubscribeReasonCode::NotAuthorized,
+                                format!(
+                                    "[[mqtt.acl]] does not allow this client to subscribe to {:?}",
+                                    f.path
+                                ),
+                            )
+                        })
+                }
             };
-            if let Some((code, why)) = refused {
-                self.ctx.stats.rejected(reason::SUBSCRIBE, 1);
+            if let Some((counter, code, why)) = refused {
+                self.ctx.stats.rejected(counter, 1);
                 tracing::info!(client_id = %self.client_id, "A subscription was refused: {why}.");
                 codes.push(if v5 {
                     code

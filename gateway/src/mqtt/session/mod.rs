@@ -111,6 +111,8 @@ pub struct Ctx {
     pub devices: crate::status::DeviceTable,
     /// Subscriptions, subscriber queues and retained messages.
     pub broker: Arc<Broker>,
+    /// `[[mqtt.acl]]`.
+    pub acl: super::acl::Acl,
     sessions: Mutex<HashMap<String, (u64, CancellationToken)>>,
     next_id: AtomicU64,
 }
@@ -143,6 +145,7 @@ impl Ctx {
         }
         let stats = MqttStats::default();
         stats.set_broker(broker.clone());
+        let acl = super::acl::Acl::new(&settings.acl);
         Ok(Ctx {
             auth: Auth::new(&settings)?,
             frame_limit: settings.max_payload_bytes.saturating_add(FRAME_HEADROOM),
@@ -152,6 +155,7 @@ impl Ctx {
             stats,
             devices: crate::status::DeviceTable::default(),
             broker,
+            acl,
             reject_when_full,
             sessions: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
@@ -235,6 +239,8 @@ struct Session {
     batch: Batch,
     /// This connection's id (for No Local and the subscription table).
     conn: u64,
+    /// What `[[mqtt.acl]]` allows this client; `None`: anything.
+    acl: Option<super::acl::ClientAcl>,
     sub: Subscriber,
 }
 
@@ -315,6 +321,11 @@ pub async fn serve<IO>(
     let mut out = BytesMut::new();
     let (client_id, assigned) = admitted.unwrap_or_default();
     let client: Arc<str> = Arc::from(client_id.as_str());
+    let acl = ctx.acl.for_client(
+        login.as_ref().map(|l| l.username.as_str()),
+        cert_cn.as_deref().filter(|c| !c.is_empty()),
+        &client_id,
+    );
     // 3.1.1: clean session 0 is a session that never expires. MQTT 5: the session expiry
     // interval says how long it outlives the connection, and clean start 0 resumes it.
     let persist = if v5 {
@@ -384,6 +395,7 @@ pub async fn serve<IO>(
         qos2: start.in_qos2.clone(),
         batch: Batch::default(),
         conn,
+        acl: acl.clone(),
         sub: Subscriber::new(&start, window as usize, max_packet),
     };
     s.resend_rel(start.rel);
@@ -435,6 +447,14 @@ pub async fn serve<IO>(
     }
     ctx.deregister(&client_id, conn);
     ctx.stats.disconnected();
+    let will = will.filter(|(_, w)| {
+        let allowed = acl.as_ref().is_none_or(|a| a.may_publish(&w.topic));
+        if !allowed {
+            ctx.stats.rejected(reason::ACL_PUBLISH, 1);
+            tracing::info!(client_id = %client_id, topic = %w.topic, "The client's last will is not published: [[mqtt.acl]] does not allow it that topic.");
+        }
+        allowed
+    });
     if let (true, Some((msg, w))) = (close.will, will) {
         let topic = w.topic.clone();
         let seen = crate::status::DeviceBatch::of(std::slice::from_ref(&w));
