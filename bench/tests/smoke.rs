@@ -34,6 +34,10 @@ const SCENARIO_ROWS: &[(&str, &str)] = &[
     ("7 ingest matrix", "QoS1, 4 clients × 16 in flight, 64 B"),
     ("7 ingest matrix", "QoS2, 4 clients × 16 in flight, 64 B"),
     ("8 instructions", "user-space instructions per reading"),
+    ("9 local subscribers", "1 publisher → 10 subscribers"),
+    ("9 local subscribers", "4 publishers → 1 subscriber"),
+    ("9 local subscribers", "publish → delivery p50 / p99 ms"),
+    ("9 local subscribers", "RSS per idle subscriber connection"),
 ];
 
 #[test]
@@ -111,6 +115,10 @@ fn bench_run_smoke_produces_every_scenario_row() {
         assert!(peer("1 QoS1 ingest").starts_with("mosquitto "), "{table}");
         assert!(peer("2 QoS0 ingest").starts_with("mosquitto "), "{table}");
         assert!(peer("7 ingest matrix").starts_with("mosquitto "), "{table}");
+        assert!(
+            peer("9 local subscribers").starts_with("mosquitto "),
+            "{table}"
+        );
     }
     if valgrind && mosquitto {
         assert!(peer("8 instructions").starts_with("mosquitto "), "{table}");

@@ -53,6 +53,8 @@ pub const WRITE_TIMEOUT_MS: u64 = 30_000;
 pub const SUBSCRIBER_QUEUE_MESSAGES: usize = 1000;
 /// `mqtt.subscriber_queue_bytes`.
 pub const SUBSCRIBER_QUEUE_BYTES: usize = 4 * MIB as usize;
+/// `mqtt.subscriber_queues_total_bytes`.
+pub const SUBSCRIBER_QUEUES_TOTAL_BYTES: usize = 64 * MIB as usize;
 /// `mqtt.max_retained`.
 pub const MAX_RETAINED: usize = 10_000;
 /// `mqtt.max_payload_bytes`.

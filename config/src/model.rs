@@ -302,6 +302,10 @@ pub struct MqttSettings {
     /// Payload and topic bytes queued for one local subscriber at most (as above).
     /// Default: 4194304.
     pub subscriber_queue_bytes: usize,
+    /// Payload and topic bytes queued for all local subscribers together at most, persistent
+    /// sessions included (as above: QoS 0 dropped first, then the new message). Default:
+    /// 67108864.
+    pub subscriber_queues_total_bytes: usize,
     /// Topics with a retained message at most. A retained publish on a new topic over it is
     /// stored as a reading but not kept as retained, and counted. Default: 10000.
     pub max_retained: usize,
@@ -329,6 +333,7 @@ impl Default for MqttSettings {
             write_timeout_ms: defaults::WRITE_TIMEOUT_MS,
             subscriber_queue_messages: defaults::SUBSCRIBER_QUEUE_MESSAGES,
             subscriber_queue_bytes: defaults::SUBSCRIBER_QUEUE_BYTES,
+            subscriber_queues_total_bytes: defaults::SUBSCRIBER_QUEUES_TOTAL_BYTES,
             max_retained: defaults::MAX_RETAINED,
             users: Vec::new(),
             acl: Vec::new(),

@@ -269,6 +269,15 @@ impl Config {
             1,
         );
         let one_message = m.max_payload_bytes as u64 + topic::MAX_LEN as u64;
+        if (m.subscriber_queues_total_bytes) < m.subscriber_queue_bytes {
+            p.invalid(
+                "mqtt.subscriber_queues_total_bytes",
+                format!(
+                    "must be at least subscriber_queue_bytes ({}), got {}",
+                    m.subscriber_queue_bytes, m.subscriber_queues_total_bytes
+                ),
+            );
+        }
         if (m.subscriber_queue_bytes as u64) < one_message {
             p.invalid(
                 "mqtt.subscriber_queue_bytes",

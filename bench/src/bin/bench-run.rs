@@ -34,6 +34,12 @@
 //!    difference of the readings. User-space instructions only (the kernel's share of
 //!    fsync and sockets is not counted); noise cannot move the figure much, the group
 //!    commit's batch sizes can a little.
+//! 9. Local subscribers: ferry as the box's broker against mosquitto (persistence off, no
+//!    queue limit), `ferry-load --subscribers`, QoS 1 both ways, alternating rounds. Delivered
+//!    messages per second for 1 publisher → 10 subscribers on `sensors/#` and 50 publishers →
+//!    1 subscriber (goal ≥ 1.0× mosquitto), with ferry's subscriber drops; publish-to-delivery
+//!    latency p50 / p99 for 50 → 1 at half the lower of the two delivered rates; RSS per idle
+//!    subscriber connection with 1,000 connected, and in total.
 //!
 //! `--smoke` runs everything with tiny sizes in seconds (the CI smoke test); its figures mean
 //! nothing. A scenario whose peer tool is missing reports `skipped`, or fails the run when
@@ -228,7 +234,7 @@ fn main() -> std::process::ExitCode {
     };
     let want = |n: u32| opts.only.is_empty() || opts.only.contains(&n);
     let mut rows = Vec::new();
-    let scenarios: [(u32, &str, Scenario); 8] = [
+    let scenarios: [(u32, &str, Scenario); 9] = [
         (1, "1 QoS1 ingest", |c| qos_vs_mosquitto(c, 1)),
         (2, "2 QoS0 ingest", |c| qos_vs_mosquitto(c, 0)),
         (3, "3 HTTP ingest", http_ingest),
@@ -237,6 +243,7 @@ fn main() -> std::process::ExitCode {
         (6, "6 recovery", recovery),
         (7, "7 ingest matrix", matrix),
         (8, "8 instructions", instructions),
+        (9, "9 local subscribers", subscribers),
     ];
     for (n, name, f) in scenarios {
         if want(n) {
@@ -571,7 +578,8 @@ impl Load {
     }
 }
 
-fn run_load(ctx: &Ctx, args: &[String]) -> Res<Load> {
+/// Runs `ferry-load ARGS --json` and reads its summary.
+fn run_json<T: serde::de::DeserializeOwned>(ctx: &Ctx, args: &[String]) -> Res<T> {
     let out = Command::new(&ctx.bins.load)
         .args(args)
         .arg("--json")
@@ -584,8 +592,11 @@ fn run_load(ctx: &Ctx, args: &[String]) -> Res<Load> {
         ));
     }
     let line = String::from_utf8_lossy(&out.stdout);
-    let l: Load = serde_json::from_str(line.trim())
-        .map_err(|e| format!("ferry-load output {line:?}: {e}"))?;
+    serde_json::from_str(line.trim()).map_err(|e| format!("ferry-load output {line:?}: {e}"))
+}
+
+fn run_load(ctx: &Ctx, args: &[String]) -> Res<Load> {
+    let l: Load = run_json(ctx, args)?;
     if l.acked == 0 {
         return Err(format!(
             "ferry-load {args:?}: nothing acked, errors {:?}",
@@ -1611,6 +1622,208 @@ fn instructions_total(ctx: &Ctx, n: u64, mosquitto: bool) -> Res<u64> {
 
 // ---------------------------------------------------------------------------------------------
 // Output
+
+// ---------------------------------------------------------------------------------------------
+// Scenario 9
+
+/// A `ferry-load --subscribers` summary.
+#[derive(Debug, Clone, serde::Deserialize)]
+struct Fan {
+    acked: u64,
+    delivered: u64,
+    delivered_rate: Option<f64>,
+    deliver_p50_ms: Option<f64>,
+    deliver_p99_ms: Option<f64>,
+    errors_total: u64,
+    errors: BTreeMap<String, u64>,
+}
+
+fn fan_args(addr: &str, publishers: usize, subscribers: usize, secs: f64) -> Vec<String> {
+    let mut a = mqtt_args(addr, 1, publishers, secs);
+    a.extend(
+        [
+            "--subscribers",
+            &subscribers.to_string(),
+            "--sub-filter",
+            "sensors/#",
+            "--sub-qos",
+            "1",
+        ]
+        .map(String::from),
+    );
+    a
+}
+
+/// One fan-out run against the broker at `addr`; `drops`: ferry's subscriber drops after it.
+fn fan_run(ctx: &Ctx, args: &[String]) -> Res<Fan> {
+    let f: Fan = run_json(ctx, args)?;
+    if f.delivered == 0 || f.errors_total > 0 {
+        return Err(format!(
+            "ferry-load {args:?}: {} delivered, errors {:?}",
+            f.delivered, f.errors
+        ));
+    }
+    Ok(f)
+}
+
+fn subscribers(ctx: &Ctx) -> Vec<Row> {
+    const SC: &str = "9 local subscribers";
+    let with_peer = match ctx.tool("mosquitto") {
+        Ok(b) => b,
+        Err(e) => return error_rows(SC, e),
+    };
+    match subscriber_runs(ctx, with_peer) {
+        Ok(rows) => rows,
+        Err(e) => error_rows(SC, e),
+    }
+}
+
+fn subscriber_runs(ctx: &Ctx, with_peer: bool) -> Res<Vec<Row>> {
+    const SC: &str = "9 local subscribers";
+    let s = &ctx.sizes;
+    let mut rows = Vec::new();
+    let mut half_rate = f64::MAX;
+    for (label, publishers, subs) in [
+        ("1 publisher → 10 subscribers".to_string(), 1, 10),
+        (
+            format!("{} publishers → 1 subscriber", s.clients),
+            s.clients,
+            1,
+        ),
+    ] {
+        eprintln!("bench-run: local subscribers, {label}");
+        let (mut ferry, mut mosq, mut drops) = (Vec::new(), Vec::new(), 0.0);
+        for r in 0..s.rounds {
+            let dir = ctx.fresh_dir(&format!("fan-{publishers}-{subs}-r{r}"));
+            let gw = start_ferry(ctx, &dir, &[])?;
+            let f = fan_run(ctx, &fan_args(&gw.mqtt()?, publishers, subs, s.secs));
+            drops += gw
+                .metric("ferry_mqtt_subscriber_dropped_total")
+                .unwrap_or(0.0);
+            let tail = gw.log_tail();
+            gw.kill();
+            ferry.push(f.map_err(|e| format!("{e}; ferry log: {tail}"))?);
+            if with_peer {
+                let m = Mosquitto::start(ctx)?;
+                let f = fan_run(ctx, &fan_args(&m.addr, publishers, subs, s.secs));
+                m.kill();
+                mosq.push(f?);
+            }
+        }
+        let mean = |v: &[Fan]| {
+            v.iter()
+                .map(|f| f.delivered_rate.unwrap_or(0.0))
+                .sum::<f64>()
+                / v.len().max(1) as f64
+        };
+        let share = |v: &[Fan]| {
+            let (d, a): (u64, u64) = v
+                .iter()
+                .fold((0, 0), |(d, a), f| (d + f.delivered, a + f.acked));
+            d as f64 / (a.max(1) * subs as u64) as f64 * 100.0
+        };
+        let (fr, mr) = (mean(&ferry), mean(&mosq));
+        let mut row = row(
+            SC,
+            format!("{label}, QoS 1: delivered msg/s (share of published delivered)"),
+        )
+        .ferry(format!(
+            "{fr:.0} ({:.1} %, {drops:.0} dropped by the queue limit)",
+            share(&ferry)
+        ));
+        if with_peer {
+            half_rate = half_rate.min(fr.min(mr) / 2.0);
+            row = row
+                .peer(format!("mosquitto {mr:.0} ({:.1} %)", share(&mosq)))
+                .ratio(fr / mr.max(1.0))
+                .goal("≥ 1.0×", fr >= mr);
+        } else {
+            half_rate = half_rate.min(fr / 2.0);
+            row = row.verdict(Verdict::Skipped("mosquitto is not installed".into()));
+        }
+        rows.push(row);
+    }
+
+    // Latency at half the lower delivered rate, 50 → 1.
+    let rate = half_rate.max(10.0).round();
+    let lat = |addr: &str| -> Res<Fan> {
+        let mut a = fan_args(addr, s.clients, 1, s.secs);
+        a.extend(["--rate".to_string(), rate.to_string()]);
+        fan_run(ctx, &a)
+    };
+    let ms = |f: &Fan| {
+        format!(
+            "{} / {}",
+            f.deliver_p50_ms.map_or("n/a".into(), |v| format!("{v:.1}")),
+            f.deliver_p99_ms.map_or("n/a".into(), |v| format!("{v:.1}"))
+        )
+    };
+    let dir = ctx.fresh_dir("fan-latency");
+    let gw = start_ferry(ctx, &dir, &[])?;
+    let f = lat(&gw.mqtt()?);
+    gw.kill();
+    let mut lat_row = row(
+        SC,
+        format!("publish → delivery p50 / p99 ms, 50 → 1 at {rate:.0} msg/s"),
+    )
+    .ferry(ms(&f?));
+    if with_peer {
+        let m = Mosquitto::start(ctx)?;
+        let f = lat(&m.addr);
+        m.kill();
+        lat_row = lat_row.peer(format!("mosquitto {}", ms(&f?)));
+    }
+    rows.push(lat_row);
+
+    // Idle subscriber connections.
+    let n = s.footprint_conns;
+    // (RSS with them, KiB per connection, what `count` said while they were connected)
+    let idle =
+        |pid: &str, addr: &str, count: &dyn Fn() -> Option<f64>| -> Res<(f64, f64, Option<f64>)> {
+            let before = rss_mib(pid, "VmRSS:");
+            let hold = s.idle_wait.as_secs_f64() + 2.0;
+            let mut child = Command::new(&ctx.bins.load)
+                .args(fan_args(addr, 0, n, 0.1))
+                .args(["--hold", &hold.to_string()])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .map_err(|e| format!("spawn ferry-load: {e}"))?;
+            std::thread::sleep(s.idle_wait + Duration::from_secs(1));
+            let during = rss_mib(pid, "VmRSS:");
+            let counted = count();
+            let _ = child.wait();
+            Ok((during, (during - before) * 1024.0 / n as f64, counted))
+        };
+    let dir = ctx.fresh_dir("fan-idle");
+    let gw = start_ferry(ctx, &dir, &[])?;
+    let (f_total, f_per, subscribed) = idle(&gw.pid(), &gw.mqtt()?, &|| {
+        gw.metric("ferry_mqtt_subscriptions")
+    })?;
+    let subscribed = subscribed.unwrap_or(0.0);
+    gw.kill();
+    let mut per = row(
+        SC,
+        format!("RSS per idle subscriber connection, {n} connected"),
+    )
+    .ferry(format!("{f_per:.1} KiB ({subscribed:.0} subscribed)"));
+    let mut total =
+        row(SC, format!("RSS with {n} idle subscribers")).ferry(format!("{f_total:.1} MiB"));
+    if with_peer {
+        let m = Mosquitto::start(ctx)?;
+        let (m_total, m_per, _) = idle(&m.child.id().to_string(), &m.addr, &|| None)?;
+        m.kill();
+        per = per
+            .peer(format!("mosquitto {m_per:.1} KiB"))
+            .ratio(f_per / m_per.max(0.1));
+        total = total
+            .peer(format!("mosquitto {m_total:.1} MiB"))
+            .ratio(f_total / m_total.max(0.1));
+    }
+    rows.push(per);
+    rows.push(total);
+    Ok(rows)
+}
 
 fn machine() -> Vec<(String, String)> {
     let sh = |c: &str| {

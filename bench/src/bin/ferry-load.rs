@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! ferry-load mqtt HOST:PORT [--protocol v4|v5] [--qos 0|1|2] [--clients N] [--inflight N]
-//!            [--topics-per-device N] [common flags]
+//!            [--topics-per-device N] [--subscribers N [--sub-filter F] [--sub-qos Q] [--hold S]]
+//!            [common flags]
 //! ferry-load http http://HOST:PORT [--batch N] [--clients N] [--token T] [common flags]
 //! common: [--secs S] [--messages N] [--rate R] [--size BYTES] [--json] [--acked-ids FILE]
 //! ```
@@ -20,6 +21,14 @@
 //! digits). After `--secs` (or `--messages`) nothing new is sent, and acks still outstanding
 //! are awaited for up to 10 s; the rate is acked readings over the time until the last ack.
 //! `--acked-ids FILE` writes the id of every acknowledged reading, one per line.
+//!
+//! `--subscribers N` first connects N MQTT 3.1.1 subscribers to `--sub-filter` (each waits
+//! for its SUBACK before any publisher starts), then counts what they receive: `delivered`,
+//! the delivered rate (messages over the time from the first publish to the last delivery),
+//! and publish-to-delivery latency (the payload's `ts` field is then µs since the epoch, set
+//! just before the PUBLISH is handed to the client). They stay connected at least `--hold`
+//! seconds after the publishers finish and until nothing arrived for a second; with
+//! `--clients 0` they only hold (idle connections, for memory figures).
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use ferry_bench::telemetry_with_id;
@@ -108,6 +117,18 @@ struct MqttArgs {
     username: Option<String>,
     #[arg(long, default_value = "")]
     password: String,
+    /// Subscribers connected before the publishers start.
+    #[arg(long, default_value_t = 0)]
+    subscribers: usize,
+    /// The subscribers' topic filter.
+    #[arg(long, default_value = "sensors/#")]
+    sub_filter: String,
+    /// The subscribers' QoS.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=2))]
+    sub_qos: u8,
+    /// Seconds the subscribers stay after the publishers finish, at least.
+    #[arg(long, default_value_t = 0.0)]
+    hold: f64,
     #[command(flatten)]
     common: Common,
 }
@@ -134,6 +155,10 @@ struct HttpArgs {
 #[derive(Debug)]
 struct Tally {
     hist: Histogram<u64>,
+    /// Publish-to-delivery latency at the subscribers (µs).
+    dhist: Histogram<u64>,
+    delivered: u64,
+    last_delivery: Option<Instant>,
     acked: u64,
     payload_bytes: u64,
     requests: u64,
@@ -145,6 +170,9 @@ impl Tally {
     fn new() -> Tally {
         Tally {
             hist: Histogram::new_with_bounds(1, 600_000_000, 3).expect("histogram bounds"),
+            dhist: Histogram::new_with_bounds(1, 600_000_000, 3).expect("histogram bounds"),
+            delivered: 0,
+            last_delivery: None,
             acked: 0,
             payload_bytes: 0,
             requests: 0,
@@ -161,6 +189,9 @@ impl Tally {
     }
     fn merge(&mut self, o: Tally) {
         let _ = self.hist.add(&o.hist);
+        let _ = self.dhist.add(&o.dhist);
+        self.delivered += o.delivered;
+        self.last_delivery = self.last_delivery.max(o.last_delivery);
         self.acked += o.acked;
         self.payload_bytes += o.payload_bytes;
         self.requests += o.requests;
@@ -177,14 +208,51 @@ struct Shared {
     stop: AtomicBool,
     claimed: AtomicU64,
     limit: Option<u64>,
-    deadline: Instant,
+    /// The run's length, from [`Shared::begin`].
+    secs: f64,
+    base: Instant,
+    /// Nanoseconds after `base` when sending stops; set by [`Shared::begin`].
+    deadline_ns: AtomicU64,
     keep_ids: bool,
+    /// When the publishers started, and when the last one finished (ns after `base`).
+    began_ns: AtomicU64,
+    pubs_done_ns: AtomicU64,
 }
 
 impl Shared {
+    fn new(limit: Option<u64>, secs: f64, keep_ids: bool) -> Shared {
+        let s = Shared {
+            stop: AtomicBool::new(false),
+            claimed: AtomicU64::new(0),
+            limit,
+            secs,
+            base: Instant::now(),
+            deadline_ns: AtomicU64::new(0),
+            keep_ids,
+            began_ns: AtomicU64::new(0),
+            pubs_done_ns: AtomicU64::new(u64::MAX),
+        };
+        s.begin();
+        s
+    }
+
+    fn now_ns(&self) -> u64 {
+        self.base.elapsed().as_nanos() as u64
+    }
+
+    /// The publishers start now: `--secs` counts from here.
+    fn begin(&self) {
+        let now = self.now_ns();
+        self.began_ns.store(now, Ordering::Relaxed);
+        self.deadline_ns
+            .store(now + (self.secs * 1e9) as u64, Ordering::Relaxed);
+    }
+
     /// Takes `n` readings from the budget; false when the run is over.
     fn claim(&self, n: u64) -> bool {
-        if self.stop.load(Ordering::Relaxed) || Instant::now() >= self.deadline {
+        if self.stop.load(Ordering::Relaxed)
+            || self.now_ns() >= self.deadline_ns.load(Ordering::Relaxed)
+        {
             return false;
         }
         let before = self.claimed.fetch_add(n, Ordering::Relaxed);
@@ -217,13 +285,11 @@ fn main() -> std::process::ExitCode {
             serde_json::json!({"mode": "http", "batch": a.batch, "clients": a.clients}),
         ),
     };
-    let shared = Arc::new(Shared {
-        stop: AtomicBool::new(false),
-        claimed: AtomicU64::new(0),
-        limit: common.messages,
-        deadline: Instant::now() + Duration::from_secs_f64(common.secs),
-        keep_ids: common.acked_ids.is_some(),
-    });
+    let shared = Arc::new(Shared::new(
+        common.messages,
+        common.secs,
+        common.acked_ids.is_some(),
+    ));
     let start = Instant::now();
     let tally = rt.block_on(async {
         match cli.mode {
@@ -240,6 +306,18 @@ fn main() -> std::process::ExitCode {
         f.flush().expect("write --acked-ids");
     }
     let rate = tally.acked as f64 / elapsed;
+    // Deliveries over the time from the first publish to the last delivery.
+    let delivered_rate = tally.last_delivery.map(|last| {
+        let began = shared.base + Duration::from_nanos(shared.began_ns.load(Ordering::Relaxed));
+        tally.delivered as f64
+            / last
+                .saturating_duration_since(began)
+                .as_secs_f64()
+                .max(1e-3)
+    });
+    let dms = |q: f64| {
+        (!tally.dhist.is_empty()).then(|| tally.dhist.value_at_quantile(q) as f64 / 1000.0)
+    };
     let errors_total: u64 = tally.errors.values().sum();
     let has_lat = !tally.hist.is_empty();
     let ms = |q: f64| has_lat.then(|| tally.hist.value_at_quantile(q) as f64 / 1000.0);
@@ -251,6 +329,8 @@ fn main() -> std::process::ExitCode {
             "p50_ms": ms(0.5), "p99_ms": ms(0.99), "p999_ms": ms(0.999),
             "max_ms": has_lat.then(|| tally.hist.max() as f64 / 1000.0),
             "errors_total": errors_total, "errors": tally.errors,
+            "delivered": tally.delivered, "delivered_rate": delivered_rate,
+            "deliver_p50_ms": dms(0.5), "deliver_p99_ms": dms(0.99),
         });
         if let (Some(o), Some(e)) = (v.as_object_mut(), extra.as_object()) {
             o.extend(e.clone());
@@ -267,8 +347,24 @@ fn main() -> std::process::ExitCode {
             f(ms(0.999)),
             tally.errors
         );
+        if tally.delivered > 0 {
+            println!(
+                "subscribers: {} delivered = {:.0}/s; publish to delivery p50 {} p99 {}",
+                tally.delivered,
+                delivered_rate.unwrap_or(0.0),
+                f(dms(0.5)),
+                f(dms(0.99))
+            );
+        }
     }
     std::process::ExitCode::SUCCESS
+}
+
+fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
 }
 
 fn now_ms() -> u64 {
@@ -291,6 +387,25 @@ fn pacer(rate: Option<f64>, clients: usize) -> Option<tokio::time::Interval> {
 async fn run_mqtt(a: MqttArgs, shared: Arc<Shared>) -> Tally {
     let (host, port) = a.addr.rsplit_once(':').expect("HOST:PORT");
     let port: u16 = port.parse().expect("port");
+    let mut subscribers = Vec::new();
+    if a.subscribers > 0 {
+        let ready = Arc::new(tokio::sync::Semaphore::new(0));
+        for k in 0..a.subscribers {
+            let (a, shared, ready, host) =
+                (a.clone(), shared.clone(), ready.clone(), host.to_string());
+            subscribers.push(tokio::spawn(async move {
+                subscriber(k, &host, port, &a, &shared, &ready).await
+            }));
+        }
+        let all = ready.acquire_many(a.subscribers as u32);
+        if tokio::time::timeout(Duration::from_secs(60), all)
+            .await
+            .is_err()
+        {
+            eprintln!("ferry-load: not every subscriber got its SUBACK within 60 s");
+        }
+        shared.begin();
+    }
     let mut tasks = Vec::new();
     for c in 0..a.clients {
         let a = a.clone();
@@ -310,7 +425,99 @@ async fn run_mqtt(a: MqttArgs, shared: Arc<Shared>) -> Tally {
             Err(_) => total.error("client_panicked"),
         }
     }
+    shared
+        .pubs_done_ns
+        .store(shared.now_ns(), Ordering::Relaxed);
+    for t in subscribers {
+        match t.await {
+            Ok(t) => total.merge(t),
+            Err(_) => total.error("subscriber_panicked"),
+        }
+    }
     total
+}
+
+/// One subscriber (see the crate doc): connects, subscribes, adds a permit to `ready`, then
+/// counts deliveries until the publishers are done, `--hold` passed and a second was quiet.
+async fn subscriber(
+    k: usize,
+    host: &str,
+    port: u16,
+    a: &MqttArgs,
+    shared: &Shared,
+    ready: &tokio::sync::Semaphore,
+) -> Tally {
+    use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+    let mut t = Tally::new();
+    let mut opts = MqttOptions::new(
+        format!("ferry-load-sub-{}-{k}", std::process::id()),
+        host,
+        port,
+    );
+    opts.set_keep_alive(Duration::from_secs(60));
+    opts.set_max_packet_size(1 << 20, 1 << 20);
+    if let Some(u) = &a.username {
+        opts.set_credentials(u, &a.password);
+    }
+    let (client, mut el) = AsyncClient::new(opts, 16);
+    let qos = match a.sub_qos {
+        0 => QoS::AtMostOnce,
+        1 => QoS::AtLeastOnce,
+        _ => QoS::ExactlyOnce,
+    };
+    if client.subscribe(&a.sub_filter, qos).await.is_err() {
+        t.error("subscribe");
+        ready.add_permits(1);
+        return t;
+    }
+    let mut subscribed = false;
+    let mut last_rx = Instant::now();
+    loop {
+        let done_ns = shared.pubs_done_ns.load(Ordering::Relaxed);
+        if subscribed && done_ns != u64::MAX {
+            let since_done = shared.now_ns().saturating_sub(done_ns) as f64 / 1e9;
+            if since_done >= a.hold && last_rx.elapsed() >= Duration::from_secs(1) {
+                break;
+            }
+        }
+        match tokio::time::timeout(Duration::from_millis(200), el.poll()).await {
+            Err(_) => {}
+            Ok(Ok(Event::Incoming(Packet::SubAck(_)))) => {
+                subscribed = true;
+                ready.add_permits(1);
+            }
+            Ok(Ok(Event::Incoming(Packet::Publish(p)))) => {
+                let now = Instant::now();
+                last_rx = now;
+                t.delivered += 1;
+                t.last_delivery = Some(now);
+                if let Some(sent) = payload_ts(&p.payload) {
+                    let us = now_us().saturating_sub(sent).clamp(1, 600_000_000);
+                    let _ = t.dhist.record(us);
+                }
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                t.error(format!("subscriber_{}", conn_error_kind(&e)));
+                if !subscribed {
+                    ready.add_permits(1);
+                }
+                break;
+            }
+        }
+    }
+    let _ = client.disconnect().await;
+    t
+}
+
+/// The `ts` field of a telemetry payload.
+fn payload_ts(payload: &[u8]) -> Option<u64> {
+    let s = std::str::from_utf8(payload).ok()?;
+    let rest = &s[s.find("\"ts\":")? + 5..];
+    let end = rest
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(rest.len());
+    rest[..end].parse().ok()
 }
 
 /// What the publisher of one client tells its event loop: the id of the reading whose
@@ -342,7 +549,13 @@ async fn publish_loop<F, Fut>(
         }
         n += 1;
         let id = format!("{}{c}-{n}", a.common.id_prefix);
-        let payload = telemetry_with_id(&device, &id, n, now_ms(), a.common.size);
+        // With subscribers, `ts` is µs, for the publish-to-delivery latency.
+        let ts = if a.subscribers > 0 {
+            now_us()
+        } else {
+            now_ms()
+        };
+        let payload = telemetry_with_id(&device, &id, n, ts, a.common.size);
         let len = payload.len();
         outstanding.fetch_add(1, Ordering::Relaxed);
         if ids.send((id, len)).is_err() {

@@ -685,3 +685,74 @@ async fn over_the_pending_cap_a_session_stops_reading_until_a_commit_frees_room(
     assert_eq!(sizes.first(), Some(&1), "{sizes:?}");
     assert_eq!(sizes.iter().sum::<usize>(), 20, "{sizes:?}");
 }
+
+/// An MQTT 5 CONNECT of `id` with a session expiry of 60 s and a will delayed by 1 s.
+async fn connect_with_delayed_will(e: &Env, id: &str) -> Client {
+    let mut c = e.connect();
+    let mut props = c5::ConnectProperties::new();
+    props.session_expiry_interval = Some(60);
+    let will_props = c5::LastWillProperties {
+        delay_interval: Some(1),
+        payload_format_indicator: None,
+        message_expiry_interval: None,
+        content_type: None,
+        response_topic: None,
+        correlation_data: None,
+        user_properties: Vec::new(),
+    };
+    c.send5(c5::Packet::Connect(
+        c5::Connect {
+            keep_alive: 30,
+            client_id: id.into(),
+            clean_start: false,
+            properties: Some(props),
+        },
+        Some(c5::LastWill::new(
+            format!("status/{id}"),
+            "offline",
+            Q5::AtLeastOnce,
+            false,
+            Some(will_props),
+        )),
+        None,
+    ))
+    .await;
+    match c.recv5().await {
+        Some(c5::Packet::ConnAck(a)) => assert_eq!(a.code, c5::ConnectReturnCode::Success),
+        other => panic!("expected CONNACK, got {other:?}"),
+    }
+    c
+}
+
+#[tokio::test]
+async fn a_delayed_will_waits_and_is_dropped_if_the_client_comes_back() {
+    let e = env();
+    let c = connect_with_delayed_will(&e, "dev-w").await;
+    drop(c);
+    // Back within the delay: no will.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let c = connect_with_delayed_will(&e, "dev-w").await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        e.stored().await.is_empty(),
+        "the will was published though the client came back"
+    );
+    // Gone for longer than the delay: the will comes, after it.
+    drop(c);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        e.stored().await.is_empty(),
+        "the will did not wait for its delay"
+    );
+    for _ in 0..100 {
+        if let Some(r) = e.stored().await.first() {
+            assert_eq!(
+                (r.topic.as_str(), &r.payload[..]),
+                ("status/dev-w", &b"offline"[..])
+            );
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("no will after its delay");
+}

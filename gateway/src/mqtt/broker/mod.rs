@@ -18,8 +18,10 @@
 //!   (`ferry_mqtt_subscriber_dropped_total{reason="retained_full"}`).
 //! - **A subscriber never slows anyone else.** Routing pushes into the subscriber's bounded
 //!   [`Outbox`] and never waits: over `mqtt.subscriber_queue_messages` or
-//!   `mqtt.subscriber_queue_bytes`, the oldest queued QoS 0 message is dropped to make room, and
-//!   if there is none the new message is dropped, each counted by reason in
+//!   `mqtt.subscriber_queue_bytes` (or all queues together over
+//!   `mqtt.subscriber_queues_total_bytes`), the oldest queued QoS 0 message of that queue is
+//!   dropped to make room, and if there is none the new message is dropped, each counted by
+//!   reason in
 //!   `ferry_mqtt_subscriber_dropped_total{reason}` (a dropped message's queue row is deleted).
 //!   The session drains its outbox as its in-flight window (the client's Receive Maximum, or
 //!   `mqtt.max_inflight` for 3.1.1) and its socket allow.
@@ -66,6 +68,8 @@ pub mod drop_reason {
     pub const QOS0_QUEUE_FULL: &str = "qos0_queue_full";
     /// A QoS 1/2 message found the queue full of QoS 1/2 messages.
     pub const QUEUE_FULL: &str = "queue_full";
+    /// A QoS 1/2 message found all queues together at `mqtt.subscriber_queues_total_bytes`.
+    pub const ALL_QUEUES_FULL: &str = "all_queues_full";
     /// Its message expiry interval passed while it was queued.
     pub const EXPIRED: &str = "expired";
     /// Larger than the Maximum Packet Size the subscriber asked for.
@@ -96,6 +100,8 @@ pub const NEVER: u32 = u32::MAX;
 pub struct Message {
     /// Topic name.
     pub topic: Arc<str>,
+    /// The same, as the bytes every PUBLISH of it carries (one copy for all subscribers).
+    pub topic_bytes: Bytes,
     /// Payload, shared with the reading.
     pub payload: Bytes,
     /// QoS it was published with.
@@ -291,7 +297,7 @@ pub struct Broker {
     next_msg: AtomicU64,
     retained: Mutex<BTreeMap<String, Arc<Message>>>,
     max_retained: usize,
-    queue_limits: (usize, usize),
+    limits: outbox::Limits,
     delivered: AtomicU64,
     dropped: Mutex<BTreeMap<&'static str, u64>>,
     /// Where rows go outside a publish's commit (acks, expiry); `None` in unit tests.
@@ -311,10 +317,12 @@ impl Broker {
             next_msg: AtomicU64::new(0),
             retained: Mutex::default(),
             max_retained: settings.max_retained,
-            queue_limits: (
-                settings.subscriber_queue_messages.max(1),
-                settings.subscriber_queue_bytes.max(1),
-            ),
+            limits: outbox::Limits {
+                messages: settings.subscriber_queue_messages.max(1),
+                bytes: settings.subscriber_queue_bytes.max(1),
+                total: Arc::default(),
+                max_total: settings.subscriber_queues_total_bytes.max(1),
+            },
             delivered: AtomicU64::new(0),
             dropped: Mutex::default(),
             buffer,
@@ -352,11 +360,7 @@ impl Broker {
 
     /// A new queue for a clean session of `client`.
     pub fn outbox(&self, client: Arc<str>) -> Arc<Outbox> {
-        Arc::new(Outbox::new(
-            client,
-            self.queue_limits.0,
-            self.queue_limits.1,
-        ))
+        Arc::new(Outbox::new(client, &self.limits))
     }
 
     /// Starts the session of a connection: `persist` is the expiry interval of a persistent
@@ -617,37 +621,56 @@ impl Broker {
         s: &Subs,
         m: &Arc<Message>,
         pick: impl Fn(u64, u8) -> bool,
-    ) -> HashMap<u64, Delivery> {
-        let mut targets: HashMap<u64, Delivery> = HashMap::new();
+    ) -> Vec<(u64, Delivery)> {
+        let mut hits: Vec<(u64, SubOpts)> = Vec::new();
         s.root.matches(&m.topic, &mut |sid, o| {
             // A shared group: one member per message, by the message's number.
-            let (sid, o) = match s.groups.get(&sid) {
-                Some(members) if !members.is_empty() => {
-                    let i = (m.n % members.len() as u64) as usize;
-                    match members.iter().nth(i) {
-                        Some((sid, o)) => (*sid, *o),
-                        None => return,
-                    }
+            let (sid, o) = if sid & SHARED == 0 {
+                (sid, o)
+            } else {
+                let Some(members) = s.groups.get(&sid).filter(|g| !g.is_empty()) else {
+                    return;
+                };
+                let i = (m.n % members.len() as u64) as usize;
+                match members.iter().nth(i) {
+                    Some((sid, o)) => (*sid, *o),
+                    None => return,
                 }
-                Some(_) => return,
-                None => (sid, o),
             };
             if o.no_local && s.clients.get(&sid).is_some_and(|c| c.conn == m.from) {
                 return;
             }
-            let d = targets.entry(sid).or_insert_with(|| Delivery {
-                msg: m.clone(),
-                qos: 0,
-                retain: false,
-                ids: Vec::new(),
-                seq: None,
-                pkid: None,
-            });
+            hits.push((sid, o));
+        });
+        // One delivery per subscriber, merging its overlapping subscriptions.
+        hits.sort_unstable_by_key(|h| h.0);
+        let mut targets: Vec<(u64, Delivery)> = Vec::with_capacity(hits.len());
+        for (sid, o) in hits {
+            let d = match targets.last_mut() {
+                Some((last, d)) if *last == sid => d,
+                _ => {
+                    targets.push((
+                        sid,
+                        Delivery {
+                            msg: m.clone(),
+                            qos: 0,
+                            retain: false,
+                            ids: Vec::new(),
+                            seq: None,
+                            pkid: None,
+                        },
+                    ));
+                    match targets.last_mut() {
+                        Some((_, d)) => d,
+                        None => continue,
+                    }
+                }
+            };
             d.qos = d.qos.max(o.qos.min(m.qos));
             d.retain |= o.retain_as_published && m.retain;
             d.ids.extend(o.id);
-        });
-        targets.retain(|sid, d| pick(*sid, d.qos));
+        }
+        targets.retain(|(sid, d)| pick(*sid, d.qos));
         targets
     }
 
@@ -931,6 +954,7 @@ mod tests {
     fn msg(topic: &str, qos: u8, from: u64) -> Message {
         Message {
             topic: Arc::from(topic),
+            topic_bytes: Bytes::copy_from_slice(topic.as_bytes()),
             payload: Bytes::from_static(b"x"),
             qos,
             retain: false,
@@ -1100,6 +1124,33 @@ mod tests {
         b.unsubscribe("all", 9, "jobs/#");
         assert!(b.subs_read().root.is_empty() && b.subs_read().groups.is_empty());
         assert!(!b.has_subscriptions());
+    }
+
+    #[test]
+    fn all_queues_together_are_bounded_and_a_gone_queue_gives_its_bytes_back() {
+        let settings = ferry_config::MqttSettings {
+            // Each message below costs 2 bytes (topic "a", payload "x"): 4 fit in total.
+            subscriber_queues_total_bytes: 8,
+            ..Default::default()
+        };
+        let b = Broker::new(&settings, None);
+        let (x, y) = (b.outbox(Arc::from("x")), b.outbox(Arc::from("y")));
+        sub(&b, 1, &x, "a", opts(1));
+        sub(&b, 2, &y, "a", opts(1));
+        for _ in 0..3 {
+            publish(&b, msg("a", 1, 0));
+        }
+        assert_eq!((x.depth(), y.depth()), (2, 2));
+        assert_eq!(b.drops()[drop_reason::ALL_QUEUES_FULL], 2);
+        // Taking one out makes room for one.
+        x.pop(true);
+        publish(&b, msg("a", 1, 0));
+        assert_eq!(x.depth() + y.depth(), 4);
+        // A queue that goes gives its bytes back.
+        b.end_session(&Arc::from("y"), 2, 2, Leftover::default());
+        drop(y);
+        publish(&b, msg("a", 1, 0));
+        assert_eq!(x.depth(), 3);
     }
 
     #[test]

@@ -4,6 +4,7 @@
 
 use super::{Message, drop_reason};
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::Notify;
 
@@ -33,7 +34,19 @@ pub struct Outbox {
     pub notify: Notify,
     max_messages: usize,
     max_bytes: usize,
+    /// Bytes queued in every outbox together, and their limit.
+    total: Arc<AtomicUsize>,
+    max_total: usize,
     q: Mutex<Queue>,
+}
+
+/// The limits of one queue and of all of them together.
+#[derive(Debug, Clone)]
+pub(super) struct Limits {
+    pub(super) messages: usize,
+    pub(super) bytes: usize,
+    pub(super) total: Arc<AtomicUsize>,
+    pub(super) max_total: usize,
 }
 
 #[derive(Debug, Default)]
@@ -44,14 +57,26 @@ struct Queue {
 }
 
 impl Outbox {
-    pub(super) fn new(client: Arc<str>, max_messages: usize, max_bytes: usize) -> Outbox {
+    pub(super) fn new(client: Arc<str>, limits: &Limits) -> Outbox {
         Outbox {
             client,
             notify: Notify::new(),
-            max_messages,
-            max_bytes,
+            max_messages: limits.messages,
+            max_bytes: limits.bytes,
+            total: limits.total.clone(),
+            max_total: limits.max_total,
             q: Mutex::default(),
         }
+    }
+
+    fn add(&self, q: &mut Queue, cost: usize) {
+        q.bytes += cost;
+        self.total.fetch_add(cost, Relaxed);
+    }
+
+    fn sub(&self, q: &mut Queue, cost: usize) {
+        q.bytes -= cost;
+        self.total.fetch_sub(cost, Relaxed);
     }
 
     fn lock(&self) -> MutexGuard<'_, Queue> {
@@ -63,28 +88,34 @@ impl Outbox {
     pub fn push(&self, d: Delivery) -> Result<(), (&'static str, Option<Delivery>)> {
         let cost = d.msg.cost();
         let mut q = self.lock();
-        let full =
+        let own_full =
             |q: &Queue| q.items.len() >= self.max_messages || q.bytes + cost > self.max_bytes;
+        let all_full = || self.total.load(Relaxed) + cost > self.max_total;
         let mut dropped = None;
-        if full(&q) {
+        if own_full(&q) || all_full() {
             if d.qos == 0 {
                 q.dropped += 1;
                 return Err((drop_reason::QOS0_QUEUE_FULL, Some(d)));
             }
-            // Make room by dropping the oldest QoS 0 messages.
-            while full(&q) {
+            // Make room by dropping this queue's oldest QoS 0 messages.
+            while own_full(&q) || all_full() {
                 let Some(i) = q.items.iter().position(|x| x.qos == 0) else {
                     q.dropped += 1;
-                    return Err((drop_reason::QUEUE_FULL, Some(d)));
+                    let why = if own_full(&q) {
+                        drop_reason::QUEUE_FULL
+                    } else {
+                        drop_reason::ALL_QUEUES_FULL
+                    };
+                    return Err((why, Some(d)));
                 };
                 if let Some(old) = q.items.remove(i) {
-                    q.bytes -= old.msg.cost();
+                    self.sub(&mut q, old.msg.cost());
                     q.dropped += 1;
                     dropped = Some(drop_reason::QOS0_QUEUE_FULL);
                 }
             }
         }
-        q.bytes += cost;
+        self.add(&mut q, cost);
         q.items.push_back(d);
         drop(q);
         self.notify.notify_one();
@@ -99,7 +130,7 @@ impl Outbox {
     pub fn requeue(&self, ds: Vec<Delivery>) {
         let mut q = self.lock();
         for d in ds.into_iter().rev() {
-            q.bytes += d.msg.cost();
+            self.add(&mut q, d.msg.cost());
             q.items.push_front(d);
         }
         drop(q);
@@ -115,7 +146,7 @@ impl Outbox {
             return None;
         }
         let d = q.items.pop_front()?;
-        q.bytes -= d.msg.cost();
+        self.sub(&mut q, d.msg.cost());
         Some(d)
     }
 
@@ -132,7 +163,14 @@ impl Outbox {
     /// Queues a message loaded from the buffer file (it was within the limits once).
     pub(super) fn load(&self, d: Delivery) {
         let mut q = self.lock();
-        q.bytes += d.msg.cost();
+        self.add(&mut q, d.msg.cost());
         q.items.push_back(d);
+    }
+}
+
+impl Drop for Outbox {
+    fn drop(&mut self) {
+        let bytes = self.lock().bytes;
+        self.total.fetch_sub(bytes, Relaxed);
     }
 }

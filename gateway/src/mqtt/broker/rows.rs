@@ -217,6 +217,7 @@ fn decode_message(mut b: &[u8], now: Instant, wall: u64) -> Option<Message> {
         && props.correlation_data.is_none()
         && props.user_properties.is_empty();
     Some(Message {
+        topic_bytes: Bytes::copy_from_slice(topic.as_bytes()),
         topic: Arc::from(topic.as_str()),
         payload: Bytes::copy_from_slice(b),
         qos,
@@ -238,6 +239,7 @@ mod tests {
     fn rows_round_trip() {
         let m = Arc::new(Message {
             topic: Arc::from("t/1"),
+            topic_bytes: Bytes::from_static(b"t/1"),
             payload: Bytes::from_static(b"21.5"),
             qos: 1,
             retain: true,

@@ -173,6 +173,7 @@ impl Session {
         let routed = p.retain || self.ctx.broker.has_subscriptions();
         let mut routed = routed.then(|| Message {
             topic: Arc::from(topic),
+            topic_bytes: Bytes::copy_from_slice(topic.as_bytes()),
             payload: payload.clone(),
             qos,
             retain: p.retain,

@@ -99,6 +99,7 @@ impl Subscriber {
 pub(super) fn will_message(r: &Reading, qos: u8, retain: bool, conn: u64) -> Message {
     Message {
         topic: Arc::from(r.topic.as_str()),
+        topic_bytes: Bytes::copy_from_slice(r.topic.as_bytes()),
         payload: r.payload.clone(),
         qos,
         retain,
@@ -340,6 +341,7 @@ impl Session {
             let left = d.msg.expiry_left(now);
             if left == Some(0) {
                 self.ctx.broker.count_drop(drop_reason::EXPIRED, 1);
+                self.delivered_durably(Some(d));
                 continue;
             }
             let (pkid, dup) = match (d.qos, d.pkid) {
@@ -366,27 +368,35 @@ impl Session {
                 None
             };
             let start = self.out.len();
-            let publish = Publish::new(
-                Bytes::copy_from_slice(d.msg.topic.as_bytes()),
-                d.msg.payload.clone(),
-                d.retain,
-            );
-            if self
-                .codec
-                .write(Packet::Publish(publish, props), &mut self.out)
-                .is_err()
-            {
-                self.out.truncate(start);
-                continue;
-            }
-            if d.qos > 0 {
-                set_qos(&mut self.out, start, d.qos, pkid, dup);
+            if !self.v5() {
+                // 3.1.1 has no properties: written here, with its QoS and packet id at once.
+                publish_v4(
+                    &mut self.out,
+                    &d.msg.topic_bytes,
+                    &d.msg.payload,
+                    (d.qos, pkid, dup, d.retain),
+                );
+            } else {
+                let publish =
+                    Publish::new(d.msg.topic_bytes.clone(), d.msg.payload.clone(), d.retain);
+                if self
+                    .codec
+                    .write(Packet::Publish(publish, props), &mut self.out)
+                    .is_err()
+                {
+                    self.out.truncate(start);
+                    continue;
+                }
+                if d.qos > 0 {
+                    set_qos(&mut self.out, start, d.qos, pkid, dup);
+                }
             }
             if let Some(max) = self.sub.max_packet
                 && self.out.len() - start > max as usize
             {
                 self.out.truncate(start);
                 self.ctx.broker.count_drop(drop_reason::TOO_LARGE, 1);
+                self.delivered_durably(Some(d));
                 continue;
             }
             if d.qos > 0 {
@@ -454,6 +464,8 @@ impl Session {
         }
     }
 
+    /// A message leaves a persistent session's queue for good (acknowledged, expired, too
+    /// large): its row goes.
     fn delivered_durably(&self, d: Option<Delivery>) {
         if let Some(seq) = d.and_then(|d| d.seq) {
             self.ctx.broker.acked(&self.client_id, seq);

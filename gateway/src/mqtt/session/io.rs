@@ -94,6 +94,39 @@ pub(super) async fn write_some<W: AsyncWrite + Unpin>(
     }
 }
 
+/// Writes an MQTT 3.1.1 PUBLISH; `(qos, pkid, dup, retain)`.
+pub(super) fn publish_v4(
+    out: &mut BytesMut,
+    topic: &[u8],
+    payload: &[u8],
+    (qos, pkid, dup, retain): (u8, u16, bool, bool),
+) {
+    let remaining = 2 + topic.len() + if qos > 0 { 2 } else { 0 } + payload.len();
+    out.reserve(remaining + 5);
+    out.extend_from_slice(&[0x30 | ((dup as u8) << 3) | (qos << 1) | retain as u8]);
+    put_remaining_length(out, remaining);
+    out.extend_from_slice(&(topic.len() as u16).to_be_bytes());
+    out.extend_from_slice(topic);
+    if qos > 0 {
+        out.extend_from_slice(&pkid.to_be_bytes());
+    }
+    out.extend_from_slice(payload);
+}
+
+fn put_remaining_length(out: &mut BytesMut, mut n: usize) {
+    loop {
+        let mut b = (n & 0x7f) as u8;
+        n >>= 7;
+        if n > 0 {
+            b |= 0x80;
+        }
+        out.extend_from_slice(&[b]);
+        if n == 0 {
+            break;
+        }
+    }
+}
+
 /// Turns the QoS 0 PUBLISH encoded at `out[start..]` into one of QoS `qos` with packet id
 /// `pkid`: rumqttd keeps a publish's QoS and packet id crate-private, so its writer is given
 /// QoS 0 and the two bytes of packet id are put in here, after the topic, where both protocol
@@ -115,18 +148,7 @@ pub(super) fn set_qos(out: &mut BytesMut, start: usize, qos: u8, pkid: u16, dup:
     let topic_end = k + 2 + u16::from_be_bytes([packet[k], packet[k + 1]]) as usize;
     out.reserve(packet.len() + 3);
     out.extend_from_slice(&[byte1]);
-    let mut n = remaining + 2;
-    loop {
-        let mut b = (n & 0x7f) as u8;
-        n >>= 7;
-        if n > 0 {
-            b |= 0x80;
-        }
-        out.extend_from_slice(&[b]);
-        if n == 0 {
-            break;
-        }
-    }
+    put_remaining_length(out, remaining + 2);
     out.extend_from_slice(&packet[k..topic_end]);
     out.extend_from_slice(&pkid.to_be_bytes());
     out.extend_from_slice(&packet[topic_end..]);
@@ -164,6 +186,11 @@ mod tests {
                 assert_eq!(fh.frame_length(), frame.len(), "len {len}");
                 let meta = publish_meta(&frame, fh.fixed_header_len);
                 assert_eq!(meta, (2, true, 0xBEEF));
+                if !codec.is_v5() {
+                    let mut direct = BytesMut::new();
+                    publish_v4(&mut direct, b"a/b", &payload, (2, 0xBEEF, true, true));
+                    assert_eq!(direct, frame, "len {len}");
+                }
                 match codec.read(&mut frame, 1 << 20).unwrap() {
                     Packet::Publish(back, back_props) => {
                         assert_eq!(

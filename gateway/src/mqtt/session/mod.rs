@@ -182,6 +182,14 @@ impl Ctx {
         }
     }
 
+    /// Whether a connection with this client id is open.
+    fn is_connected(&self, client_id: &str) -> bool {
+        self.sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(client_id)
+    }
+
     fn deregister(&self, client_id: &str, conn: u64) {
         let mut m = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
         if m.get(client_id).is_some_and(|(c, _)| *c == conn) {
@@ -373,6 +381,12 @@ pub async fn serve<IO>(
     ctx.stats.connected();
     tracing::debug!(client_id = %client_id, peer = %peer, v5, keep_alive = connect.keep_alive, "An MQTT client connected.");
 
+    // MQTT 5 Will Delay Interval: it only matters while the session outlives the connection.
+    let will_delay = will_props
+        .as_ref()
+        .and_then(|p| p.delay_interval)
+        .unwrap_or(0)
+        .min(persist.unwrap_or(0));
     let will = will.and_then(|w| {
         let (qos, retain) = (w.qos as u8, w.retain);
         let r = will_reading(&ctx, &client_id, cert_cn.as_deref(), w, will_props)?;
@@ -456,19 +470,39 @@ pub async fn serve<IO>(
         allowed
     });
     if let (true, Some((msg, w))) = (close.will, will) {
-        let topic = w.topic.clone();
-        let seen = crate::status::DeviceBatch::of(std::slice::from_ref(&w));
-        let p = ctx.broker.prepare(msg);
-        match ctx.buffer.submit_with_state(vec![w], p.writes).await {
-            Ok(_) => {
-                ctx.stats.will();
-                ctx.devices.record(&seen);
-                ctx.broker.route(&[p.msg], p.durable);
-                tracing::info!(client_id = %client_id, topic = %topic, "The client's last will was stored as a reading.");
-            }
-            Err(e) => {
-                tracing::warn!(client_id = %client_id, error = %e, "The client's last will could not be stored.")
-            }
+        if will_delay == 0 {
+            publish_will(&ctx, &client_id, msg, w).await;
+        } else {
+            // Published after the delay, unless the client is back by then. Kept in memory: a
+            // ferry that stops meanwhile does not publish it.
+            tracing::debug!(client_id = %client_id, delay_s = will_delay, "The client's last will waits for its will delay.");
+            let ctx = ctx.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_secs(will_delay as u64)).await;
+                if ctx.is_connected(&client_id) {
+                    tracing::info!(client_id = %client_id, "The client came back within its will delay; its last will is not published.");
+                } else {
+                    publish_will(&ctx, &client_id, msg, w).await;
+                }
+            });
+        }
+    }
+}
+
+/// Stores the will as a reading and delivers it to local subscribers.
+async fn publish_will(ctx: &Ctx, client_id: &str, msg: Message, w: Reading) {
+    let topic = w.topic.clone();
+    let seen = crate::status::DeviceBatch::of(std::slice::from_ref(&w));
+    let p = ctx.broker.prepare(msg);
+    match ctx.buffer.submit_with_state(vec![w], p.writes).await {
+        Ok(_) => {
+            ctx.stats.will();
+            ctx.devices.record(&seen);
+            ctx.broker.route(&[p.msg], p.durable);
+            tracing::info!(client_id = %client_id, topic = %topic, "The client's last will was stored as a reading.");
+        }
+        Err(e) => {
+            tracing::warn!(client_id = %client_id, error = %e, "The client's last will could not be stored.")
         }
     }
 }
@@ -522,7 +556,6 @@ impl Session {
         let mut paused_at: Option<u64> = None;
         let mut granted = false;
         loop {
-            self.drain_outbox();
             // Frame and handle what is buffered, as far as the inflight window allows.
             while self.can_take_more() {
                 match self.next_packet(&mut buf).await {
@@ -535,6 +568,8 @@ impl Session {
                 }
             }
             self.flush_batch();
+            // After the client's acks were read: they may have opened its window.
+            self.drain_outbox();
             let wants_read = self.can_take_more() && self.out.len() < OUT_HIGH;
             // Readings awaiting commit over `buffer.max_pending_bytes` (a stalled disk): stop
             // reading, so the excess waits in the client and the kernel, not in memory.
