@@ -35,7 +35,8 @@
 //!    fsync and sockets is not counted); noise cannot move the figure much, the group
 //!    commit's batch sizes can a little.
 //! 9. Local subscribers: ferry as the box's broker against mosquitto (persistence off, no
-//!    queue limit), `ferry-load --subscribers`, QoS 1 both ways, alternating rounds. Delivered
+//!    queue limit, at most [`WINDOW`] unacknowledged messages per subscriber like ferry),
+//!    `ferry-load --subscribers` (MQTT 3.1.1), QoS 1 both ways, alternating rounds. Delivered
 //!    messages per second for 1 publisher → 10 subscribers on `sensors/#` and 50 publishers →
 //!    1 subscriber (goal ≥ 1.0× mosquitto), with ferry's subscriber drops; publish-to-delivery
 //!    latency p50 / p99 for 50 → 1 at half the lower of the two delivered rates; RSS per idle
@@ -494,13 +495,17 @@ impl Mosquitto {
     }
     /// [`Mosquitto::start`] under a wrapper command, if not empty.
     fn start_under(ctx: &Ctx, wrapper: &[String]) -> Res<Mosquitto> {
+        Mosquitto::start_conf(ctx, wrapper, 0)
+    }
+    /// With `max_inflight` unacknowledged QoS 1/2 messages per subscriber at most (0: no limit).
+    fn start_conf(ctx: &Ctx, wrapper: &[String], max_inflight: u16) -> Res<Mosquitto> {
         let port = free_port()?;
         let conf = ctx.work.join("mosquitto.conf");
         std::fs::write(
             &conf,
             format!(
                 "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n\
-                 max_inflight_messages 0\nmax_queued_messages 0\nmax_connections -1\n"
+                 max_inflight_messages {max_inflight}\nmax_queued_messages 0\nmax_connections -1\n"
             ),
         )
         .map_err(|e| e.to_string())?;
@@ -1666,6 +1671,10 @@ fn fan_run(ctx: &Ctx, args: &[String]) -> Res<Fan> {
     Ok(f)
 }
 
+/// Unacknowledged QoS 1/2 messages per subscriber, for both brokers: ferry's default
+/// `mqtt.max_inflight`, which 3.1.1 subscribers get (mosquitto's `max_inflight_messages`).
+const WINDOW: u16 = 64;
+
 fn subscribers(ctx: &Ctx) -> Vec<Row> {
     const SC: &str = "9 local subscribers";
     let with_peer = match ctx.tool("mosquitto") {
@@ -1704,7 +1713,7 @@ fn subscriber_runs(ctx: &Ctx, with_peer: bool) -> Res<Vec<Row>> {
             gw.kill();
             ferry.push(f.map_err(|e| format!("{e}; ferry log: {tail}"))?);
             if with_peer {
-                let m = Mosquitto::start(ctx)?;
+                let m = Mosquitto::start_conf(ctx, &[], WINDOW)?;
                 let f = fan_run(ctx, &fan_args(&m.addr, publishers, subs, s.secs));
                 m.kill();
                 mosq.push(f?);
@@ -1768,7 +1777,7 @@ fn subscriber_runs(ctx: &Ctx, with_peer: bool) -> Res<Vec<Row>> {
     )
     .ferry(ms(&f?));
     if with_peer {
-        let m = Mosquitto::start(ctx)?;
+        let m = Mosquitto::start_conf(ctx, &[], WINDOW)?;
         let f = lat(&m.addr);
         m.kill();
         lat_row = lat_row.peer(format!("mosquitto {}", ms(&f?)));

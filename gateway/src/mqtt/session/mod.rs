@@ -392,10 +392,12 @@ pub async fn serve<IO>(
         let r = will_reading(&ctx, &client_id, cert_cn.as_deref(), w, will_props)?;
         Some((will_message(&r, qos, retain, conn), r))
     });
-    let window = connect_props
-        .as_ref()
-        .and_then(|p| p.receive_maximum)
-        .unwrap_or(ctx.settings.max_inflight);
+    // What the client takes unacknowledged: its Receive Maximum (MQTT 5; 65,535 when absent),
+    // or `mqtt.max_inflight` for 3.1.1, which has no such limit.
+    let window = match (v5, connect_props.as_ref().and_then(|p| p.receive_maximum)) {
+        (true, r) => r.unwrap_or(u16::MAX),
+        (false, _) => ctx.settings.max_inflight,
+    };
     let max_packet = connect_props.as_ref().and_then(|p| p.max_packet_size);
     let (rd, mut wr) = tokio::io::split(io);
     let mut s = Session {
