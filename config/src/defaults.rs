@@ -55,6 +55,8 @@ pub const SUBSCRIBER_QUEUE_MESSAGES: usize = 1000;
 pub const SUBSCRIBER_QUEUE_BYTES: usize = 4 * MIB as usize;
 /// `mqtt.subscriber_queues_total_bytes`.
 pub const SUBSCRIBER_QUEUES_TOTAL_BYTES: usize = 64 * MIB as usize;
+/// `mqtt.max_sessions`.
+pub const MAX_SESSIONS: usize = 1000;
 /// `mqtt.max_retained`.
 pub const MAX_RETAINED: usize = 10_000;
 /// `mqtt.max_payload_bytes`.

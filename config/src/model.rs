@@ -309,6 +309,9 @@ pub struct MqttSettings {
     /// Topics with a retained message at most. A retained publish on a new topic over it is
     /// stored as a reading but not kept as retained, and counted. Default: 10000.
     pub max_retained: usize,
+    /// Persistent sessions (3.1.1 clean session 0, MQTT 5 session expiry) at most, connected or
+    /// not. A CONNECT asking for one more is refused (CONNACK 0x03, MQTT 5 0x97). Default: 1000.
+    pub max_sessions: usize,
     /// Accounts allowed to connect (`[[mqtt.users]]`).
     pub users: Vec<MqttUser>,
     /// Topic access rules (`[[mqtt.acl]]`). None: every client that may connect may publish and
@@ -335,6 +338,7 @@ impl Default for MqttSettings {
             subscriber_queue_bytes: defaults::SUBSCRIBER_QUEUE_BYTES,
             subscriber_queues_total_bytes: defaults::SUBSCRIBER_QUEUES_TOTAL_BYTES,
             max_retained: defaults::MAX_RETAINED,
+            max_sessions: defaults::MAX_SESSIONS,
             users: Vec::new(),
             acl: Vec::new(),
             tls: None,

@@ -805,3 +805,34 @@ subscribe = ["sensors/#"]
     stored.sort();
     assert_eq!(stored, ["mine-311", "mine-5"]);
 }
+
+#[test]
+fn persistent_sessions_beyond_max_sessions_are_refused() {
+    let test = "persistent_sessions_beyond_max_sessions_are_refused";
+    if !require_tool("mosquitto_sub", test) {
+        return;
+    }
+    let f = Ferry::start("[mqtt]\nmax_sessions = 1\n");
+    let port = f.addr("mqtt").port().to_string();
+    let sub = |args: &[&str]| {
+        Command::new("mosquitto_sub")
+            .args(["-h", "127.0.0.1", "-p", &port, "-t", "x", "-E"])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    assert!(sub(&["-c", "-i", "first"]).status.success());
+    // A second persistent session is refused (0x03 for 3.1.1); a clean one is not.
+    let refused = sub(&["-c", "-i", "second"]);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("unavailable"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    assert!(sub(&["-i", "third"]).status.success());
+    // Resuming the first is not a new session.
+    assert!(sub(&["-c", "-i", "first"]).status.success());
+    let s = rt().block_on(status(&f.http_url()));
+    assert_eq!(s["losses"]["rejected"]["mqtt.max_sessions"], 1, "{s}");
+}

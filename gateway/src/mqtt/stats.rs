@@ -40,6 +40,8 @@ pub mod reason {
     pub const WRITE_TIMEOUT: &str = "write_timeout";
     /// A subscription refused for an invalid filter.
     pub const SUBSCRIBE: &str = "subscribe";
+    /// A CONNECT asking for a new persistent session beyond `mqtt.max_sessions`.
+    pub const SESSIONS: &str = "max_sessions";
     /// A PUBLISH to a topic `[[mqtt.acl]]` does not allow the client.
     pub const ACL_PUBLISH: &str = "acl_publish";
     /// A SUBSCRIBE to a filter `[[mqtt.acl]]` does not allow the client.

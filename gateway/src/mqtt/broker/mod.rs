@@ -33,7 +33,8 @@
 //!   acknowledges it (PUBACK, or PUBREC for QoS 2); messages sent and not acknowledged are sent
 //!   again with DUP and their packet id on reconnect. An MQTT 5 session ends its expiry
 //!   interval after the disconnect (after a restart, counted from the restart); a 3.1.1 one
-//!   lasts until a clean connect with its client id.
+//!   lasts until a clean connect with its client id. At most `mqtt.max_sessions` persistent
+//!   sessions exist: a CONNECT asking for one more is refused (CONNACK 0x03 / 0x97), counted.
 //! - **One copy per message**: the payload is reference-counted; each subscriber costs a queue
 //!   entry.
 //! - A client with overlapping subscriptions gets a message once, at the highest QoS granted
@@ -297,6 +298,7 @@ pub struct Broker {
     next_msg: AtomicU64,
     retained: Mutex<BTreeMap<String, Arc<Message>>>,
     max_retained: usize,
+    max_sessions: usize,
     limits: outbox::Limits,
     delivered: AtomicU64,
     dropped: Mutex<BTreeMap<&'static str, u64>>,
@@ -317,6 +319,7 @@ impl Broker {
             next_msg: AtomicU64::new(0),
             retained: Mutex::default(),
             max_retained: settings.max_retained,
+            max_sessions: settings.max_sessions,
             limits: outbox::Limits {
                 messages: settings.subscriber_queue_messages.max(1),
                 bytes: settings.subscriber_queue_bytes.max(1),
@@ -365,14 +368,14 @@ impl Broker {
 
     /// Starts the session of a connection: `persist` is the expiry interval of a persistent
     /// session (`None`: it ends with the connection); `resume` is 3.1.1 clean session 0 or MQTT
-    /// 5 clean start 0.
+    /// 5 clean start 0. `Err(max)`: a new persistent session would exceed `mqtt.max_sessions`.
     pub fn start_session(
         &self,
         client: &Arc<str>,
         conn: u64,
         persist: Option<u32>,
         resume: bool,
-    ) -> SessionStart {
+    ) -> Result<SessionStart, usize> {
         let mut start = SessionStart {
             sid: conn,
             outbox: None,
@@ -403,10 +406,16 @@ impl Broker {
                     rows::meta(p.expiry),
                 ));
                 sessions.insert(client.clone(), p);
-                return start;
+                return Ok(start);
             }
             self.forget_subs(p.sid);
             start.writes.push(StateWrite::DeletePrefix(prefix.clone()));
+        }
+        if persist.is_some() && sessions.len() >= self.max_sessions {
+            // What the discard above wrote still has to be committed.
+            drop(sessions);
+            self.write(start.writes);
+            return Err(self.max_sessions);
         }
         if let Some(expiry) = persist {
             let sid = PERSISTENT | self.next_sid.fetch_add(1, Relaxed);
@@ -430,7 +439,7 @@ impl Broker {
                 .writes
                 .push(StateWrite::Put(format!("{prefix}meta"), rows::meta(expiry)));
         }
-        start
+        Ok(start)
     }
 
     /// Ends connection `conn`'s part in its session: a clean session ends; a persistent one
@@ -1196,7 +1205,7 @@ mod tests {
     fn a_persistent_session_queues_durably_while_away_and_resumes() {
         let b = broker(10);
         let c: Arc<str> = Arc::from("sensor-hub");
-        let start = b.start_session(&c, 11, Some(NEVER), false);
+        let start = b.start_session(&c, 11, Some(NEVER), false).unwrap();
         assert!(start.persistent && !start.present);
         assert!(matches!(&start.writes[..], [StateWrite::Put(k, _)] if k.ends_with("/meta")));
         let ob = start.outbox.unwrap();
@@ -1222,7 +1231,7 @@ mod tests {
         assert!(!b.subscribers()[0].online);
         // Back with clean session 0: the same queue, the unacknowledged message first, with
         // its packet id.
-        let again = b.start_session(&c, 12, Some(NEVER), true);
+        let again = b.start_session(&c, 12, Some(NEVER), true).unwrap();
         assert!(again.present);
         assert_eq!(again.sid, start.sid);
         let ob = again.outbox.unwrap();
@@ -1232,7 +1241,7 @@ mod tests {
         assert_eq!(&*d.msg.topic, "cmd/b");
         assert!(d.seq.is_some());
         // A clean connect discards it, rows and all.
-        let clean = b.start_session(&c, 13, None, false);
+        let clean = b.start_session(&c, 13, None, false).unwrap();
         assert!(!clean.present && !clean.persistent);
         assert!(
             matches!(&clean.writes[..], [StateWrite::DeletePrefix(p)] if p.starts_with("session/"))
@@ -1242,15 +1251,41 @@ mod tests {
     }
 
     #[test]
+    fn persistent_sessions_are_capped_and_clean_ones_are_not() {
+        let settings = ferry_config::MqttSettings {
+            max_sessions: 2,
+            ..Default::default()
+        };
+        let b = Broker::new(&settings, None);
+        for (i, id) in ["a", "b"].iter().enumerate() {
+            assert!(
+                b.start_session(&Arc::from(*id), i as u64 + 1, Some(NEVER), false)
+                    .is_ok()
+            );
+        }
+        assert_eq!(
+            b.start_session(&Arc::from("c"), 3, Some(NEVER), false)
+                .unwrap_err(),
+            2
+        );
+        assert!(b.start_session(&Arc::from("c"), 4, None, false).is_ok());
+        // Resuming an existing one is not a new one.
+        assert!(
+            b.start_session(&Arc::from("a"), 5, Some(NEVER), true)
+                .is_ok()
+        );
+    }
+
+    #[test]
     fn an_expiring_session_ends_only_if_it_stayed_away() {
         let b = broker(10);
         let c: Arc<str> = Arc::from("v5");
-        let s = b.start_session(&c, 1, Some(60), false);
+        let s = b.start_session(&c, 1, Some(60), false).unwrap();
         b.subscribe(&c, s.sid, 1, s.outbox.as_ref().unwrap(), "x", opts(1));
         let (after, g) = b.end_session(&c, 1, s.sid, Leftover::default()).unwrap();
         assert_eq!(after, Duration::from_secs(60));
         // It came back in time: the old timer does nothing.
-        b.start_session(&c, 2, Some(60), true);
+        b.start_session(&c, 2, Some(60), true).unwrap();
         b.expire(&c, g);
         assert_eq!(b.sessions(), 1);
         let (_, g) = b.end_session(&c, 2, s.sid, Leftover::default()).unwrap();

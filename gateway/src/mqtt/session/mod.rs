@@ -344,9 +344,25 @@ pub async fn serve<IO>(
     } else {
         (!connect.clean_session).then_some(broker::NEVER)
     };
-    let start = ctx
+    let start = match ctx
         .broker
-        .start_session(&client, conn, persist, !connect.clean_session);
+        .start_session(&client, conn, persist, !connect.clean_session)
+    {
+        Ok(start) => start,
+        Err(max) => {
+            ctx.stats.rejected(reason::SESSIONS, 1);
+            if let Say::New | Say::Again(_) = ctx.stats.fold_refusal("CONNECT sessions") {
+                tracing::warn!(client_id = %client_id, max, "A CONNECT asking for a persistent session was refused: mqtt.max_sessions persistent sessions exist.");
+            }
+            let code = if v5 {
+                ConnectReturnCode::QuotaExceeded
+            } else {
+                ConnectReturnCode::ServiceUnavailable
+            };
+            refuse_connect(&mut io, &codec, code).await;
+            return;
+        }
+    };
     if !start.writes.is_empty() {
         drop(
             ctx.buffer
