@@ -295,6 +295,10 @@ pub struct MqttSettings {
     /// socket. A client that leaves them unread this long, with the socket's buffers full, is
     /// disconnected, so it cannot hold a connection slot forever. Default: 30000.
     pub write_timeout_ms: u64,
+    /// Longest keep alive an MQTT 5 client gets, in seconds: one that asks for none (0) or more
+    /// is given this one in CONNACK (Server Keep Alive). 3.1.1 clients keep theirs. 0: no
+    /// limit. Default: 0.
+    pub max_keep_alive_secs: u16,
     /// Messages queued for one local subscriber (waiting for its in-flight window or its
     /// socket) at most. Over it, a QoS 0 message is dropped first, else the new message, and
     /// counted. Default: 1000.
@@ -334,6 +338,7 @@ impl Default for MqttSettings {
             device_from_topic_level: None,
             full_ack_wait_ms: defaults::FULL_ACK_WAIT_MS,
             write_timeout_ms: defaults::WRITE_TIMEOUT_MS,
+            max_keep_alive_secs: 0,
             subscriber_queue_messages: defaults::SUBSCRIBER_QUEUE_MESSAGES,
             subscriber_queue_bytes: defaults::SUBSCRIBER_QUEUE_BYTES,
             subscriber_queues_total_bytes: defaults::SUBSCRIBER_QUEUES_TOTAL_BYTES,

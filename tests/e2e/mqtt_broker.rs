@@ -3,8 +3,9 @@
 //! wildcards, `$` topics, QoS 2 to a subscriber, retained messages across SIGKILL, MQTT 5
 //! properties and subscription options, and a stuck subscriber beside 50 publishers.
 
-use crate::support::{rt, status};
+use crate::support::{encode4, rt, status};
 use ferry_tests::{Ferry, buffered_readings, require_tool};
+use rumqttc::mqttbytes::v4 as c4;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
@@ -443,17 +444,15 @@ fn a_shared_subscription_spreads_messages_over_its_members() {
 /// CONNECT (v3.1.1, clean session) as `id` and SUBSCRIBE `#` at `qos` from a raw socket
 /// that then never reads.
 fn stuck_subscriber(addr: SocketAddr, id: &str, qos: u8) -> TcpStream {
-    let mut s = TcpStream::connect(addr).unwrap();
-    let id = id.as_bytes();
-    let mut connect = vec![0x10, (10 + 2 + id.len()) as u8, 0, 4];
-    connect.extend_from_slice(b"MQTT");
-    connect.extend_from_slice(&[4, 0x02, 0, 60, 0, id.len() as u8]);
-    connect.extend_from_slice(id);
-    s.write_all(&connect).unwrap();
-    let mut connack = [0u8; 4];
-    s.read_exact(&mut connack).unwrap();
-    assert_eq!(connack, [0x20, 2, 0, 0]);
-    s.write_all(&[0x82, 6, 0, 1, 0, 1, b'#', qos]).unwrap();
+    let (mut s, present) = raw_connect(addr, id, true);
+    assert!(!present);
+    let q = match qos {
+        0 => QoS::AtMostOnce,
+        _ => QoS::AtLeastOnce,
+    };
+    let mut sub = c4::Subscribe::new("#", q);
+    sub.pkid = 1;
+    s.write_all(&encode4(c4::Packet::Subscribe(sub))).unwrap();
     let mut suback = [0u8; 5];
     s.read_exact(&mut suback).unwrap();
     assert_eq!(suback, [0x90, 3, 0, 1, qos]);
@@ -559,12 +558,9 @@ fn a_stuck_subscriber_slows_no_publisher_and_no_other_subscriber() {
 fn raw_connect(addr: SocketAddr, id: &str, clean: bool) -> (TcpStream, bool) {
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let id = id.as_bytes();
-    let mut connect = vec![0x10, (10 + 2 + id.len()) as u8, 0, 4];
-    connect.extend_from_slice(b"MQTT");
-    connect.extend_from_slice(&[4, if clean { 0x02 } else { 0x00 }, 0, 60, 0, id.len() as u8]);
-    connect.extend_from_slice(id);
-    s.write_all(&connect).unwrap();
+    let mut c = c4::Connect::new(id);
+    c.clean_session = clean;
+    s.write_all(&encode4(c4::Packet::Connect(c))).unwrap();
     let mut connack = [0u8; 4];
     s.read_exact(&mut connack).unwrap();
     assert_eq!(
@@ -583,15 +579,10 @@ fn raw_publish_qos2(
     payload: &str,
     dup: bool,
 ) -> [u8; 4] {
-    let mut p = vec![
-        if dup { 0x3C } else { 0x34 },
-        (2 + topic.len() + 2 + payload.len()) as u8,
-    ];
-    p.extend_from_slice(&(topic.len() as u16).to_be_bytes());
-    p.extend_from_slice(topic.as_bytes());
-    p.extend_from_slice(&pkid.to_be_bytes());
-    p.extend_from_slice(payload.as_bytes());
-    s.write_all(&p).unwrap();
+    let mut p = c4::Publish::new(topic, QoS::ExactlyOnce, payload.as_bytes().to_vec());
+    p.pkid = pkid;
+    p.dup = dup;
+    s.write_all(&encode4(c4::Packet::Publish(p))).unwrap();
     let mut r = [0u8; 4];
     s.read_exact(&mut r).unwrap();
     r

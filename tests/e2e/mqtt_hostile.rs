@@ -14,7 +14,6 @@
 //! silent socket (`mqtt_ingest::silent_sockets_are_closed_after_connect_timeout`).
 
 use crate::support;
-use bytes::BytesMut;
 use ferry_tests::{Ferry, buffered_readings};
 use rumqttc::mqttbytes::v4 as c4;
 use std::io::{ErrorKind, Read, Write};
@@ -121,14 +120,8 @@ fn read_until_closed(s: &mut TcpStream, within: Duration) -> (Vec<u8>, bool) {
     (got, false)
 }
 
-fn encode(p: c4::Packet) -> Vec<u8> {
-    let mut out = BytesMut::new();
-    p.write(&mut out, 1 << 28).unwrap();
-    out.to_vec()
-}
-
 fn connect_bytes(id: &str) -> Vec<u8> {
-    encode(c4::Packet::Connect(c4::Connect::new(id)))
+    support::encode4(c4::Packet::Connect(c4::Connect::new(id)))
 }
 
 /// A v5 CONNECT (protocol level 5, no properties, clean start, keep-alive 60 s).
@@ -575,7 +568,8 @@ fn a_reconnect_loop_with_a_wrong_password_is_logged_once_then_summarised() {
         let mut s = TcpStream::connect(addr).unwrap();
         s.set_read_timeout(Some(Duration::from_millis(200)))
             .unwrap();
-        s.write_all(&encode(c4::Packet::Connect(c))).unwrap();
+        s.write_all(&support::encode4(c4::Packet::Connect(c)))
+            .unwrap();
         let (got, _) = read_until_closed(&mut s, Duration::from_secs(2));
         // CONNACK, return code 4 (bad user name or password).
         assert_eq!(

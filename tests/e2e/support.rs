@@ -422,3 +422,10 @@ pub async fn wait_status(
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// A 3.1.1 packet as bytes, for tests that write to a raw socket.
+pub fn encode4(p: rumqttc::mqttbytes::v4::Packet) -> Vec<u8> {
+    let mut out = bytes::BytesMut::new();
+    p.write(&mut out, 1 << 28).unwrap();
+    out.to_vec()
+}

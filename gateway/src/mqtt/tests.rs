@@ -756,3 +756,71 @@ async fn a_delayed_will_waits_and_is_dropped_if_the_client_comes_back() {
     }
     panic!("no will after its delay");
 }
+
+#[tokio::test]
+async fn mqtt5_subscribers_get_topic_aliases_and_the_server_keep_alive() {
+    let e = env_with(
+        MqttSettings {
+            max_keep_alive_secs: 30,
+            ..Default::default()
+        },
+        opts(),
+    );
+    let mut sub = e.connect();
+    let mut props = c5::ConnectProperties::new();
+    props.topic_alias_max = Some(2);
+    sub.send5(c5::Packet::Connect(
+        c5::Connect {
+            keep_alive: 0,
+            client_id: "sub5".into(),
+            clean_start: true,
+            properties: Some(props),
+        },
+        None,
+        None,
+    ))
+    .await;
+    match sub.recv5().await {
+        Some(c5::Packet::ConnAck(a)) => {
+            // It asked for no keep alive: it gets ferry's longest.
+            assert_eq!(a.properties.unwrap().server_keep_alive, Some(30));
+        }
+        other => panic!("expected CONNACK, got {other:?}"),
+    }
+    sub.send5(c5::Packet::Subscribe(c5::Subscribe::new(
+        c5::Filter::new("a/#", Q5::AtMostOnce),
+        None,
+    )))
+    .await;
+    assert!(matches!(sub.recv5().await, Some(c5::Packet::SubAck(..))));
+    let mut publisher = e.connect();
+    publisher.connect4(c4::Connect::new("pub4")).await;
+    for (i, t) in ["a/1", "a/1", "a/2", "a/3", "a/2"].iter().enumerate() {
+        publisher
+            .send4(publish4(t, QoS::AtLeastOnce, i as u16 + 1, b"x"))
+            .await;
+    }
+    // (topic sent, alias): a new alias while the client takes more (2), then the alias alone.
+    let mut got = Vec::new();
+    while got.len() < 5 {
+        match sub.recv5().await {
+            Some(c5::Packet::Publish(p)) => got.push((
+                String::from_utf8_lossy(&p.topic).into_owned(),
+                p.properties.and_then(|p| p.topic_alias),
+            )),
+            other => panic!("expected PUBLISH, got {other:?}"),
+        }
+    }
+    let want = [
+        ("a/1", Some(1)),
+        ("", Some(1)),
+        ("a/2", Some(2)),
+        ("a/3", None),
+        ("", Some(2)),
+    ];
+    assert_eq!(
+        got,
+        want.map(|(t, a)| (t.to_string(), a)).to_vec(),
+        "(topic, alias) as sent"
+    );
+}

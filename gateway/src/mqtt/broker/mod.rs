@@ -122,6 +122,40 @@ pub struct Message {
     pub n: u64,
 }
 
+/// MQTT 5 properties with nothing set.
+pub fn no_props() -> PublishProperties {
+    PublishProperties {
+        payload_format_indicator: None,
+        message_expiry_interval: None,
+        topic_alias: None,
+        response_topic: None,
+        correlation_data: None,
+        user_properties: Vec::new(),
+        subscription_identifiers: Vec::new(),
+        content_type: None,
+    }
+}
+
+/// The MQTT 5 properties a subscriber gets with a message (its expiry is kept apart, in
+/// [`Message::expires`]); `None` when none is set.
+pub fn passed_on(
+    payload_format_indicator: Option<u8>,
+    content_type: Option<String>,
+    response_topic: Option<String>,
+    correlation_data: Option<Bytes>,
+    user_properties: Vec<(String, String)>,
+) -> Option<PublishProperties> {
+    let props = PublishProperties {
+        payload_format_indicator,
+        response_topic,
+        correlation_data,
+        user_properties,
+        content_type,
+        ..no_props()
+    };
+    (props != no_props()).then_some(props)
+}
+
 impl Message {
     fn cost(&self) -> usize {
         self.topic.len() + self.payload.len()

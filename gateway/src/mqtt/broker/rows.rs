@@ -18,7 +18,6 @@
 use super::{Delivery, Message, SubOpts};
 use bytes::Bytes;
 use ferry_buffer::now_ms;
-use rumqttd::protocol::PublishProperties;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -201,21 +200,13 @@ fn decode_message(mut b: &[u8], now: Instant, wall: u64) -> Option<Message> {
     for _ in 0..n {
         user_properties.push((string(&mut b)??, string(&mut b)??));
     }
-    let props = PublishProperties {
-        payload_format_indicator: (pfi != 0xff).then_some(pfi),
-        message_expiry_interval: None,
-        topic_alias: None,
+    let props = super::passed_on(
+        (pfi != 0xff).then_some(pfi),
+        content_type,
         response_topic,
         correlation_data,
         user_properties,
-        subscription_identifiers: Vec::new(),
-        content_type,
-    };
-    let empty = props.payload_format_indicator.is_none()
-        && props.content_type.is_none()
-        && props.response_topic.is_none()
-        && props.correlation_data.is_none()
-        && props.user_properties.is_empty();
+    );
     Some(Message {
         topic_bytes: Bytes::copy_from_slice(topic.as_bytes()),
         topic: Arc::from(topic.as_str()),
@@ -223,7 +214,7 @@ fn decode_message(mut b: &[u8], now: Instant, wall: u64) -> Option<Message> {
         qos,
         retain: true,
         keep: true,
-        props: (!empty).then_some(props),
+        props,
         expires: (expires_wall != 0)
             .then(|| now + Duration::from_millis(expires_wall.saturating_sub(wall))),
         from: 0,
@@ -234,6 +225,7 @@ fn decode_message(mut b: &[u8], now: Instant, wall: u64) -> Option<Message> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rumqttd::protocol::PublishProperties;
 
     #[test]
     fn rows_round_trip() {

@@ -46,10 +46,19 @@ pub(super) struct Subscriber {
     pub(super) window: usize,
     /// The client's Maximum Packet Size (MQTT 5).
     pub(super) max_packet: Option<u32>,
+    /// Topic aliases given to the client (MQTT 5), at most its Topic Alias Maximum; for this
+    /// connection only (MQTT 5 3.3.2-7).
+    aliases: HashMap<Arc<str>, u16>,
+    alias_max: u16,
 }
 
 impl Subscriber {
-    pub(super) fn new(start: &SessionStart, window: usize, max_packet: Option<u32>) -> Subscriber {
+    /// `limits`: the client's Receive Maximum (or ferry's window), Maximum Packet Size and
+    /// Topic Alias Maximum.
+    pub(super) fn new(
+        start: &SessionStart,
+        (window, max_packet, alias_max): (usize, Option<u32>, u16),
+    ) -> Subscriber {
         Subscriber {
             sid: start.sid,
             persistent: start.persistent,
@@ -59,6 +68,8 @@ impl Subscriber {
             next_pkid: 0,
             window: window.max(1),
             max_packet,
+            aliases: HashMap::new(),
+            alias_max,
         }
     }
 
@@ -118,22 +129,13 @@ pub(super) fn passed_through(
     user_properties: Vec<(String, String)>,
     p: Option<&PublishProperties>,
 ) -> Option<PublishProperties> {
-    let props = PublishProperties {
-        payload_format_indicator: p.and_then(|p| p.payload_format_indicator),
-        message_expiry_interval: None,
-        topic_alias: None,
-        response_topic: p.and_then(|p| p.response_topic.clone()),
-        correlation_data: p.and_then(|p| p.correlation_data.clone()),
-        user_properties,
-        subscription_identifiers: Vec::new(),
+    broker::passed_on(
+        p.and_then(|p| p.payload_format_indicator),
         content_type,
-    };
-    let empty = props.payload_format_indicator.is_none()
-        && props.response_topic.is_none()
-        && props.correlation_data.is_none()
-        && props.user_properties.is_empty()
-        && props.content_type.is_none();
-    (!empty).then_some(props)
+        p.and_then(|p| p.response_topic.clone()),
+        p.and_then(|p| p.correlation_data.clone()),
+        user_properties,
+    )
 }
 
 /// Whether `filter` can be subscribed to: a valid topic filter, or `$share/<group>/<filter>`
@@ -351,16 +353,7 @@ impl Session {
                 _ => (self.sub.pkid(), false),
             };
             let props = if self.v5() {
-                let mut p = d.msg.props.clone().unwrap_or_else(|| PublishProperties {
-                    payload_format_indicator: None,
-                    message_expiry_interval: None,
-                    topic_alias: None,
-                    response_topic: None,
-                    correlation_data: None,
-                    user_properties: Vec::new(),
-                    subscription_identifiers: Vec::new(),
-                    content_type: None,
-                });
+                let mut p = d.msg.props.clone().unwrap_or_else(broker::no_props);
                 p.message_expiry_interval = left;
                 p.subscription_identifiers = d.ids.clone();
                 Some(p)
@@ -368,6 +361,8 @@ impl Session {
                 None
             };
             let start = self.out.len();
+            let mut new_alias = None;
+            let mut props = props;
             if !self.v5() {
                 // 3.1.1 has no properties: written here, with its QoS and packet id at once.
                 publish_v4(
@@ -377,8 +372,24 @@ impl Session {
                     (d.qos, pkid, dup, d.retain),
                 );
             } else {
-                let publish =
-                    Publish::new(d.msg.topic_bytes.clone(), d.msg.payload.clone(), d.retain);
+                // A topic alias for a topic sent before (the topic then goes empty), or a new
+                // one while the client takes more; kept once the packet is.
+                let mut topic = d.msg.topic_bytes.clone();
+                if let Some(p) = props.as_mut() {
+                    match self.sub.aliases.get(&d.msg.topic) {
+                        Some(a) => {
+                            p.topic_alias = Some(*a);
+                            topic = Bytes::new();
+                        }
+                        None if self.sub.aliases.len() < self.sub.alias_max as usize => {
+                            let a = self.sub.aliases.len() as u16 + 1;
+                            p.topic_alias = Some(a);
+                            new_alias = Some(a);
+                        }
+                        None => {}
+                    }
+                }
+                let publish = Publish::new(topic, d.msg.payload.clone(), d.retain);
                 if self
                     .codec
                     .write(Packet::Publish(publish, props), &mut self.out)
@@ -398,6 +409,9 @@ impl Session {
                 self.ctx.broker.count_drop(drop_reason::TOO_LARGE, 1);
                 self.delivered_durably(Some(d));
                 continue;
+            }
+            if let Some(a) = new_alias {
+                self.sub.aliases.insert(d.msg.topic.clone(), a);
             }
             if d.qos > 0 {
                 let state = if d.qos == 1 { Sent::Ack } else { Sent::Rec };

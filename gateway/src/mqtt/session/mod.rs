@@ -306,7 +306,7 @@ pub async fn serve<IO>(
         }
         Ok(Ok(x)) => x,
     };
-    let Packet::Connect(connect, connect_props, will, will_props, login) = packet else {
+    let Packet::Connect(mut connect, connect_props, will, will_props, login) = packet else {
         return;
     };
     let conn = ctx.next_conn_id();
@@ -344,7 +344,7 @@ pub async fn serve<IO>(
     } else {
         (!connect.clean_session).then_some(broker::NEVER)
     };
-    let start = match ctx
+    let mut start = match ctx
         .broker
         .start_session(&client, conn, persist, !connect.clean_session)
     {
@@ -363,13 +363,20 @@ pub async fn serve<IO>(
             return;
         }
     };
-    if !start.writes.is_empty() {
-        drop(
-            ctx.buffer
-                .submit_with_state(Vec::new(), start.writes.clone()),
-        );
+    let writes = std::mem::take(&mut start.writes);
+    if !writes.is_empty() {
+        drop(ctx.buffer.submit_with_state(Vec::new(), writes));
+    }
+    // MQTT 5 Server Keep Alive: a keep alive of 0 (none) or above `mqtt.max_keep_alive_secs`
+    // is replaced by it, and the client told so. 3.1.1 cannot be told: its value stands.
+    let max_ka = ctx.settings.max_keep_alive_secs;
+    let server_ka = (v5 && max_ka > 0 && (connect.keep_alive == 0 || connect.keep_alive > max_ka))
+        .then_some(max_ka);
+    if let Some(k) = server_ka {
+        connect.keep_alive = k;
     }
     let props = v5.then(|| ConnAckProperties {
+        server_keep_alive: server_ka,
         receive_max: Some(ctx.settings.max_inflight.max(1)),
         max_packet_size: Some((ctx.frame_limit + 5).min(u32::MAX as usize) as u32),
         assigned_client_identifier: assigned.then(|| client_id.clone()),
@@ -415,6 +422,10 @@ pub async fn serve<IO>(
         (false, _) => ctx.settings.max_inflight,
     };
     let max_packet = connect_props.as_ref().and_then(|p| p.max_packet_size);
+    let alias_max = connect_props
+        .as_ref()
+        .and_then(|p| p.topic_alias_max)
+        .unwrap_or(0);
     let (rd, mut wr) = tokio::io::split(io);
     let mut s = Session {
         ctx: ctx.clone(),
@@ -424,11 +435,11 @@ pub async fn serve<IO>(
         out: BytesMut::new(),
         pending: FuturesOrdered::new(),
         inflight: 0,
-        qos2: start.in_qos2.clone(),
+        qos2: std::mem::take(&mut start.in_qos2),
         batch: Batch::default(),
         conn,
         acl: acl.clone(),
-        sub: Subscriber::new(&start, window as usize, max_packet),
+        sub: Subscriber::new(&start, (window as usize, max_packet, alias_max)),
     };
     s.resend_rel(start.rel);
     let close = s.run(rd, &mut wr, buf, &connect, stop, takeover).await;
