@@ -827,3 +827,65 @@ fn persistent_sessions_beyond_max_sessions_are_refused() {
     let s = rt().block_on(status(&f.http_url()));
     assert_eq!(s["losses"]["rejected"]["mqtt.max_sessions"], 1, "{s}");
 }
+
+/// Reads one packet from a raw socket with rumqttc's 3.1.1 codec.
+fn read_packet(s: &mut TcpStream) -> c4::Packet {
+    let mut buf = bytes::BytesMut::new();
+    loop {
+        match c4::Packet::read(&mut buf, 1 << 20) {
+            Ok(p) => return p,
+            Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => {
+                let mut chunk = [0u8; 1];
+                s.read_exact(&mut chunk).expect("a packet from ferry");
+                buf.extend_from_slice(&chunk);
+            }
+            Err(e) => panic!("bad packet from ferry: {e:?}"),
+        }
+    }
+}
+
+#[test]
+fn an_outgoing_qos2_exchange_resumes_with_pubrel_after_a_sigkill() {
+    let mut f = Ferry::start("");
+    let addr = f.addr("mqtt");
+    let (mut sub, _) = raw_connect(addr, "q2-sub", false);
+    let mut s = c4::Subscribe::new("out/#", QoS::ExactlyOnce);
+    s.pkid = 1;
+    sub.write_all(&encode4(c4::Packet::Subscribe(s))).unwrap();
+    assert!(matches!(read_packet(&mut sub), c4::Packet::SubAck(_)));
+    let (mut publ, _) = raw_connect(addr, "q2-pub", true);
+    assert_eq!(
+        raw_publish_qos2(&mut publ, 9, "out/x", "exactly-once", false),
+        [0x50, 2, 0, 9]
+    );
+    // The subscriber gets it at QoS 2, PUBRECs it and gets PUBREL, but never PUBCOMPs.
+    let pkid = match read_packet(&mut sub) {
+        c4::Packet::Publish(p) => {
+            assert_eq!(
+                (p.qos, &p.payload[..]),
+                (QoS::ExactlyOnce, &b"exactly-once"[..])
+            );
+            p.pkid
+        }
+        other => panic!("expected PUBLISH, got {other:?}"),
+    };
+    let [hi, lo] = pkid.to_be_bytes();
+    sub.write_all(&[0x50, 2, hi, lo]).unwrap();
+    assert!(matches!(read_packet(&mut sub), c4::Packet::PubRel(r) if r.pkid == pkid));
+    std::thread::sleep(Duration::from_millis(500));
+    f.kill();
+    drop((sub, publ));
+    f.restart();
+    // Back: the PUBREL again, with its packet id, and not the PUBLISH.
+    let (mut sub, present) = raw_connect(f.addr("mqtt"), "q2-sub", false);
+    assert!(present);
+    assert!(matches!(read_packet(&mut sub), c4::Packet::PubRel(r) if r.pkid == pkid));
+    sub.write_all(&[0x70, 2, hi, lo]).unwrap();
+    sub.set_read_timeout(Some(Duration::from_millis(700)))
+        .unwrap();
+    let mut more = [0u8; 1];
+    assert!(
+        sub.read(&mut more).is_err(),
+        "something came after the PUBCOMP"
+    );
+}

@@ -26,8 +26,9 @@
 //!   The session drains its outbox as its in-flight window (the client's Receive Maximum, or
 //!   `mqtt.max_inflight` for 3.1.1) and its socket allow.
 //! - **Persistent sessions** (3.1.1 clean session 0; MQTT 5 session expiry interval > 0) keep
-//!   their subscriptions, queued QoS 1/2 messages and the packet ids of incoming QoS 2
-//!   publishes awaiting PUBREL in the buffer file, across disconnects, restarts and SIGKILL.
+//!   their subscriptions, queued QoS 1/2 messages, the packet ids of incoming QoS 2
+//!   publishes awaiting PUBREL and of outgoing ones awaiting PUBCOMP in the buffer file, across
+//!   disconnects, restarts and SIGKILL.
 //!   The same queue limits apply while the client is away. QoS 0 messages for an offline
 //!   session are queued in memory only. A queued message's row is deleted when the client
 //!   acknowledges it (PUBACK, or PUBREC for QoS 2); messages sent and not acknowledged are sent
@@ -764,6 +765,28 @@ impl Broker {
         ))]);
     }
 
+    /// A persistent session's client PUBREC'd the queued message `seq` (packet id `pkid`): its
+    /// row is replaced by the PUBREL owed, which is sent again after a reconnect or restart.
+    pub fn released(&self, client: &str, seq: Option<u64>, pkid: u16) {
+        let prefix = rows::session_prefix(client);
+        let mut writes = vec![StateWrite::Put(
+            format!("{prefix}rel/{pkid:04x}"),
+            Vec::new(),
+        )];
+        if let Some(seq) = seq {
+            writes.push(StateWrite::Delete(format!("{prefix}q/{seq:016x}")));
+        }
+        self.write(writes);
+    }
+
+    /// The PUBCOMP for `pkid` came: nothing is owed any more.
+    pub fn completed(&self, client: &str, pkid: u16) {
+        self.write(vec![StateWrite::Delete(format!(
+            "{}rel/{pkid:04x}",
+            rows::session_prefix(client)
+        ))]);
+    }
+
     /// The row that records an incoming QoS 2 publish awaiting PUBREL.
     pub fn in_qos2_row(client: &str, pkid: u16, on: bool) -> StateWrite {
         let key = format!("{}in2/{pkid:04x}", rows::session_prefix(client));
@@ -891,6 +914,12 @@ impl Broker {
                 u16::from_str_radix(pkid, 16).ok().map(|pkid| {
                     if let Some(p) = self.persist_lock().get_mut(&client) {
                         p.in_qos2.insert(pkid);
+                    }
+                })
+            } else if let Some(pkid) = what.strip_prefix("rel/") {
+                u16::from_str_radix(pkid, 16).ok().map(|pkid| {
+                    if let Some(p) = self.persist_lock().get_mut(&client) {
+                        p.rel.push(pkid);
                     }
                 })
             } else {

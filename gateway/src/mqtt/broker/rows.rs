@@ -8,6 +8,7 @@
 //! | `session/<client id, hex>/sub/<filter>` | version 1, QoS, No Local, Retain As Published, subscription identifier u32 (0: none) |
 //! | `session/<client id, hex>/q/<seq, 16 hex digits>` | version 1, QoS to deliver with, RETAIN flag, identifier count u32 and the identifiers u32, a message |
 //! | `session/<client id, hex>/in2/<packet id, 4 hex digits>` | empty: a QoS 2 publish from the client was stored and PUBREC'd, its PUBREL not yet received |
+//! | `session/<client id, hex>/rel/<packet id, 4 hex digits>` | empty: a QoS 2 message to the client was PUBREC'd, its PUBCOMP not yet received (the PUBREL is sent again) |
 //!
 //! A message: QoS, expiry (wall ms, 0: none), payload format indicator (0xff: none), topic,
 //! content type, response topic, correlation data, user properties, then the payload to the

@@ -450,7 +450,11 @@ impl Session {
                         let d = o.d.take();
                         o.state = Sent::Comp;
                         self.sub.sent.insert(r.pkid, o);
-                        self.delivered_durably(d);
+                        if self.sub.persistent {
+                            // The message's row becomes the PUBREL owed, in one write.
+                            let seq = d.and_then(|d| d.seq);
+                            self.ctx.broker.released(&self.client_id, seq, r.pkid);
+                        }
                     } else if let Some(o) = o {
                         self.delivered_durably(o.d);
                     }
@@ -473,6 +477,9 @@ impl Session {
             }
             Packet::PubComp(c, _) if state(&self.sub, c.pkid) == Some(Sent::Comp) => {
                 self.sub.sent.remove(&c.pkid);
+                if self.sub.persistent {
+                    self.ctx.broker.completed(&self.client_id, c.pkid);
+                }
             }
             _ => {}
         }
