@@ -185,32 +185,21 @@ fn retained_messages_survive_sigkill_and_clear_with_an_empty_payload() {
     }
     let mut f = Ferry::start("");
     let port = f.addr("mqtt").port();
-    mosquitto(
-        "mosquitto_pub",
-        port,
-        &["-V", "mqttv311", "-q", "1", "-r", "-t", "cfg/a", "-m", "a1"],
-    );
-    mosquitto(
-        "mosquitto_pub",
-        port,
-        &["-V", "mqttv5", "-q", "1", "-r", "-t", "cfg/b", "-m", "b1"],
-    );
-    // Replace one, add and then clear another.
-    mosquitto(
-        "mosquitto_pub",
-        port,
-        &["-V", "mqttv5", "-q", "1", "-r", "-t", "cfg/a", "-m", "a2"],
-    );
-    mosquitto(
-        "mosquitto_pub",
-        port,
-        &["-V", "mqttv311", "-q", "1", "-r", "-t", "cfg/c", "-m", "c1"],
-    );
-    mosquitto(
-        "mosquitto_pub",
-        port,
-        &["-V", "mqttv311", "-q", "1", "-r", "-t", "cfg/c", "-n"],
-    );
+    // Set two, replace one, add and then clear a third.
+    for (v, t, m) in [
+        ("mqttv311", "cfg/a", Some("a1")),
+        ("mqttv5", "cfg/b", Some("b1")),
+        ("mqttv5", "cfg/a", Some("a2")),
+        ("mqttv311", "cfg/c", Some("c1")),
+        ("mqttv311", "cfg/c", None),
+    ] {
+        let mut args = vec!["-V", v, "-q", "1", "-r", "-t", t];
+        match m {
+            Some(m) => args.extend(["-m", m]),
+            None => args.push("-n"),
+        }
+        mosquitto("mosquitto_pub", port, &args);
+    }
     let before = sub_lines(port, "mqttv311", "cfg/#", 3, 3, "%t %p %r");
     assert_eq!(before, ["cfg/a a2 1", "cfg/b b1 1"]);
 

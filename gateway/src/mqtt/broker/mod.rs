@@ -57,6 +57,7 @@ pub use outbox::{Delivery, Outbox};
 use bytes::Bytes;
 use ferry_buffer::{Buffer, StateWrite, now_ms};
 use ferry_config::topic;
+use ferry_uplink::fold::{Fold, Say};
 use rumqttd::protocol::PublishProperties;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
@@ -337,6 +338,8 @@ pub struct Broker {
     limits: outbox::Limits,
     delivered: AtomicU64,
     dropped: Mutex<BTreeMap<&'static str, u64>>,
+    /// Drops repeat under overload: their log lines are folded.
+    drops_said: Fold,
     /// Where rows go outside a publish's commit (acks, expiry); `None` in unit tests.
     buffer: Option<Buffer>,
 }
@@ -363,6 +366,7 @@ impl Broker {
             },
             delivered: AtomicU64::new(0),
             dropped: Mutex::default(),
+            drops_said: Fold::default(),
             buffer,
         }
     }
@@ -951,7 +955,8 @@ impl Broker {
         Ok(timers)
     }
 
-    /// Counts messages that did not reach a subscriber.
+    /// Counts messages that did not reach a subscriber, and logs it: the first time, then a
+    /// summary per period while it goes on ([`ferry_uplink::fold`]).
     pub fn count_drop(&self, why: &'static str, n: u64) {
         *self
             .dropped
@@ -960,6 +965,34 @@ impl Broker {
             .entry(why)
             .or_default() += n;
         metrics::counter!("ferry_mqtt_subscriber_dropped_total", "reason" => why).increment(n);
+        let cause = match why {
+            drop_reason::QOS0_QUEUE_FULL | drop_reason::QUEUE_FULL => {
+                "a subscriber's queue is full (mqtt.subscriber_queue_messages, subscriber_queue_bytes): it takes messages slower than they are published"
+            }
+            drop_reason::ALL_QUEUES_FULL => {
+                "all subscriber queues together reached mqtt.subscriber_queues_total_bytes"
+            }
+            drop_reason::EXPIRED => "their message expiry interval passed while they were queued",
+            drop_reason::TOO_LARGE => "they are larger than a subscriber's Maximum Packet Size",
+            drop_reason::RETAINED_FULL => {
+                "mqtt.max_retained topics already have a retained message: retained publishes on new topics are delivered but not retained"
+            }
+            drop_reason::SESSION_EXPIRED => "a persistent session ended with messages queued",
+            _ => "see ferry_mqtt_subscriber_dropped_total",
+        };
+        match self.drops_said.note(why, Instant::now()) {
+            Say::New => tracing::warn!(
+                reason = why,
+                messages = n,
+                "Messages for local MQTT subscribers are dropped: {cause}."
+            ),
+            Say::Again(k) => tracing::warn!(
+                reason = why,
+                repeats = k,
+                "Messages for local MQTT subscribers are still dropped: {cause}."
+            ),
+            Say::Quiet => {}
+        }
     }
 
     /// Counts PUBLISHes written to a subscriber.
