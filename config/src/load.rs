@@ -244,6 +244,11 @@ pub(crate) fn sample_uplinks() -> Vec<UplinkSettings> {
             key: Some(KeyRule::Device),
         }],
         librdkafka: [("x".into(), "y".into())].into(),
+        downlink: Some(KafkaDownlink {
+            topic: "t".into(),
+            group_id: Some("g".into()),
+            qos: Some(1),
+        }),
         ..KafkaUplink::default()
     };
     let m = MqttUplink {
@@ -258,6 +263,11 @@ pub(crate) fn sample_uplinks() -> Vec<UplinkSettings> {
         ca_path: Some("ca.pem".into()),
         client_cert_path: Some("c.pem".into()),
         client_key_path: Some("k.pem".into()),
+        downlink: vec![MqttDownlink {
+            remote: "#".into(),
+            local: Some("t".into()),
+            qos: Some(1),
+        }],
         ..MqttUplink::default()
     };
     let kinesis = KinesisUplink {
@@ -382,11 +392,13 @@ pub fn key_paths() -> Vec<String> {
             Node::Named { common, types } => {
                 let base = join(ANY_NAME);
                 out.push(format!("{base}.{TYPE_KEY}"));
+                // A key of several types is listed once; one of the same name but another
+                // shape (a Kafka `downlink` table, an MQTT `downlink` array) adds its paths.
                 let mut seen = BTreeSet::new();
                 for (k, child) in common.iter().chain(types.values().flatten()) {
-                    if seen.insert(k) {
-                        walk(child, &format!("{base}.{k}"), out);
-                    }
+                    let mut paths = Vec::new();
+                    walk(child, &format!("{base}.{k}"), &mut paths);
+                    out.extend(paths.into_iter().filter(|p| seen.insert(p.clone())));
                 }
             }
         }

@@ -541,6 +541,15 @@ impl UplinkKind {
     /// is checked as, with its defaults: they must be valid on their own.
     pub const TYPES: &'static [&'static str] = &["kafka", "kinesis", "mqtt", "pubsub"];
 
+    /// Whether commands come down through this uplink (a `downlink` is configured).
+    pub fn has_downlink(&self) -> bool {
+        match self {
+            UplinkKind::Kafka(k) => k.downlink.is_some(),
+            UplinkKind::Mqtt(m) => !m.downlink.is_empty(),
+            UplinkKind::Kinesis(_) | UplinkKind::Pubsub(_) => false,
+        }
+    }
+
     /// The type as written in `type`, one of [`UplinkKind::TYPES`].
     pub fn type_name(&self) -> &'static str {
         match self {
@@ -640,6 +649,9 @@ pub struct KafkaUplink {
     /// its safety settings (`acks=all`, idempotence, in-flight ≤ 5, retries): a passthrough that
     /// would weaken those is ignored with a warning.
     pub librdkafka: BTreeMap<String, String>,
+    /// Commands for local devices read from a Kafka topic (`[uplinks.NAME.downlink]`). Not
+    /// set: nothing comes down.
+    pub downlink: Option<KafkaDownlink>,
 }
 
 impl Default for KafkaUplink {
@@ -672,8 +684,26 @@ impl Default for KafkaUplink {
             ssl_ca_path: None,
             routes: Vec::new(),
             librdkafka: BTreeMap::new(),
+            downlink: None,
         }
     }
+}
+
+/// `[uplinks.NAME.downlink]` of a Kafka uplink: commands for local devices, read from a Kafka
+/// topic and published to the local MQTT broker. A record is for this gateway when its
+/// `ferry-gateway` header is `gateway.id` (no such header: for every gateway); its local MQTT
+/// topic is its `ferry-topic` header. How they are handed over is written in
+/// `ferry_uplink::downlink`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaDownlink {
+    /// The Kafka topic to read commands from. Required.
+    pub topic: String,
+    /// The consumer group, whose committed offsets say which commands were handed over. Not
+    /// set: `"ferry-<gateway.id>"`, one group per gateway (every gateway reads every record).
+    pub group_id: Option<String>,
+    /// QoS of the local publish: 0, 1 or 2. Default: 1.
+    pub qos: Option<u8>,
 }
 
 /// `[[uplinks.NAME.routes]]` of a Kafka uplink: send readings whose source topic matches
@@ -895,6 +925,24 @@ pub struct MqttUplink {
     pub initial_backoff_ms: u64,
     /// Longest reconnect delay. Default: 60000.
     pub max_backoff_ms: u64,
+    /// Commands for local devices (`[[uplinks.NAME.downlink]]`): filters ferry subscribes to
+    /// upstream, and the local topic each message is published to. None: nothing comes down.
+    pub downlink: Vec<MqttDownlink>,
+}
+
+/// `[[uplinks.NAME.downlink]]` of an MQTT uplink: ferry subscribes to `remote` upstream with
+/// its persistent session and publishes what arrives to the local broker on `local`. How
+/// they are handed over is written in `ferry_uplink::downlink`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MqttDownlink {
+    /// Topic filter subscribed to upstream (`+` and `#`). Required.
+    pub remote: String,
+    /// The local topic: a template with the syntax of `rewrites` (`{N}` for the N-th `+` of
+    /// `remote`, `{#}` for its trailing `#`). Not set: the upstream topic unchanged.
+    pub local: Option<String>,
+    /// QoS of the subscription: 0 or 1. Default: 1.
+    pub qos: Option<u8>,
 }
 
 impl Default for MqttUplink {
@@ -916,6 +964,7 @@ impl Default for MqttUplink {
             client_key_path: None,
             initial_backoff_ms: defaults::INITIAL_BACKOFF_MS,
             max_backoff_ms: defaults::MAX_BACKOFF_MS,
+            downlink: Vec::new(),
         }
     }
 }

@@ -358,9 +358,11 @@ fn schema_matches_the_structs() {
         ("http.tls", serde_fields::<HttpTls>()),
         ("uplinks.kafka", serde_fields::<KafkaUplink>()),
         ("uplinks.kafka.routes", serde_fields::<KafkaRoute>()),
+        ("uplinks.kafka.downlink", serde_fields::<KafkaDownlink>()),
         ("uplinks.kinesis", serde_fields::<KinesisUplink>()),
         ("uplinks.mqtt", serde_fields::<MqttUplink>()),
         ("uplinks.mqtt.rewrites", serde_fields::<TopicRewrite>()),
+        ("uplinks.mqtt.downlink", serde_fields::<MqttDownlink>()),
         ("uplinks.pubsub", serde_fields::<PubsubUplink>()),
         ("status", serde_fields::<StatusSettings>()),
     ];
@@ -481,6 +483,10 @@ fn key_paths_of_uplinks() {
             .map(|k| match k.as_str() {
                 "routes" => serde_fields::<KafkaRoute>().len(),
                 "rewrites" => serde_fields::<TopicRewrite>().len(),
+                // A Kafka table and an MQTT array of tables.
+                "downlink" => {
+                    serde_fields::<KafkaDownlink>().len() + serde_fields::<MqttDownlink>().len()
+                }
                 _ => 1,
             })
             .sum::<usize>();
@@ -2466,4 +2472,70 @@ subscribe = ["%u/+"]
     )
     .expect("good");
     assert_eq!(ok.mqtt.acl[0].subscribe, ["cmd/%u/#"]);
+}
+
+#[test]
+fn downlinks_are_checked() {
+    let errors = load_str(
+        r#"
+[mqtt]
+enabled = false
+
+[uplinks.cloud]
+type = "mqtt"
+[[uplinks.cloud.downlink]]
+remote = "cmd/+/#"
+local = "dev/{2}/{#}"
+qos = 2
+[[uplinks.cloud.downlink]]
+remote = "cmd/+/#"
+[[uplinks.cloud.downlink]]
+remote = "a/#/b"
+
+[uplinks.kafka]
+type = "kafka"
+[uplinks.kafka.downlink]
+topic = ""
+group_id = ""
+qos = 3
+"#,
+        no_env(),
+    )
+    .expect_err("bad");
+    assert_eq!(
+        paths(&errors),
+        [
+            "uplinks.cloud.downlink[0].local",
+            "uplinks.cloud.downlink[0].qos",
+            "uplinks.cloud.downlink[1].remote",
+            "uplinks.cloud.downlink[2].remote",
+            "uplinks.cloud.downlink",
+            "uplinks.kafka.downlink.topic",
+            "uplinks.kafka.downlink.group_id",
+            "uplinks.kafka.downlink.qos",
+            "uplinks.kafka.downlink",
+        ]
+    );
+    let text = errors.to_string();
+    assert!(text.contains("needs the MQTT listener"), "{text}");
+    let ok = load_str(
+        r#"
+[uplinks.cloud]
+type = "mqtt"
+[[uplinks.cloud.downlink]]
+remote = "cmd/site-7/#"
+local = "cmd/{#}"
+
+[uplinks.kafka]
+type = "kafka"
+downlink = { topic = "ferry.commands" }
+"#,
+        no_env(),
+    )
+    .expect("good");
+    assert!(ok.uplinks["cloud"].kind.has_downlink() && ok.uplinks["kafka"].kind.has_downlink());
+    let UplinkKind::Mqtt(m) = &ok.uplinks["cloud"].kind else {
+        panic!("mqtt");
+    };
+    assert_eq!(m.downlink[0].local.as_deref(), Some("cmd/{#}"));
 }

@@ -425,6 +425,12 @@ impl Config {
                 UplinkKind::Kinesis(k) => validate_kinesis(&base, k, p),
                 UplinkKind::Pubsub(g) => validate_pubsub(&base, g, p),
             }
+            if u.enabled && u.kind.has_downlink() && !self.mqtt.enabled {
+                p.invalid(
+                    format!("{base}.downlink"),
+                    "needs the MQTT listener (mqtt.enabled = true): commands are published to local MQTT subscribers",
+                );
+            }
         }
         self.validate_mqtt_client_ids(p);
     }
@@ -509,6 +515,16 @@ fn uplink_path(name: &str) -> String {
 }
 
 fn validate_kafka(base: &str, k: &KafkaUplink, p: &mut Problems) {
+    if let Some(d) = &k.downlink {
+        let path = format!("{base}.downlink");
+        if d.topic.trim().is_empty() {
+            p.invalid(format!("{path}.topic"), "is required");
+        }
+        p.non_empty_opt(format!("{path}.group_id"), d.group_id.as_deref());
+        if d.qos.is_some_and(|q| q > 2) {
+            p.invalid(format!("{path}.qos"), "must be 0, 1 or 2");
+        }
+    }
     if k.brokers.trim().is_empty() {
         p.invalid(format!("{base}.brokers"), "must not be empty");
     } else {
@@ -638,6 +654,29 @@ fn validate_mqtt_uplink(base: &str, m: &MqttUplink, p: &mut Problems) {
                 m.max_backoff_ms, m.initial_backoff_ms
             ),
         );
+    }
+    for (i, d) in m.downlink.iter().enumerate() {
+        let path = format!("{base}.downlink[{i}]");
+        if let Err(e) = topic::check_filter(&d.remote) {
+            p.invalid(format!("{path}.remote"), e);
+        } else if let Some(local) = &d.local {
+            p.check(
+                format!("{path}.local"),
+                topic::check_rewrite(&d.remote, local),
+            );
+        }
+        if d.qos.is_some_and(|q| q > 1) {
+            p.invalid(format!("{path}.qos"), "must be 0 or 1");
+        }
+        if m.downlink[..i].iter().any(|o| o.remote == d.remote) {
+            p.invalid(
+                format!("{path}.remote"),
+                format!(
+                    "{:?} is subscribed by an earlier downlink already",
+                    d.remote
+                ),
+            );
+        }
     }
     for (i, rw) in m.rewrites.iter().enumerate() {
         let base = format!("{base}.rewrites[{i}]");
