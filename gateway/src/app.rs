@@ -9,7 +9,8 @@
 //!   mqtt        = mqtt::MqttListeners::bind(&config.mqtt, deps)        (when enabled)
 //!   http        = http::HttpListener::bind(deps)                       (when enabled)
 //!   status      = status::StatusListener::bind(&config.status)         (with status.listen)
-//!   uplinks     = ferry_uplink::from_config(&config, &buffer)          Vec<Box<dyn Uplink>>
+//!   uplinks     = ferry_uplink::from_config(&config, &buffer, local)   Vec<Box<dyn Uplink>>
+//!                 local = the MQTT broker (mqtt.local), where downlinks hand commands
 //!   hub         = status::Hub::new(HubParts { listener stats, uplink statuses, addresses })
 //! Gateway::run(shutdown)
 //!   spawns every listener's run (HTTP with the status routes merged, unless status.listen),
@@ -199,7 +200,10 @@ impl Gateway {
         if let Some(s) = &status_listener {
             addrs.insert("status", s.local_addr());
         }
-        let uplinks = ferry_uplink::from_config(&config, &buffer)?;
+        let local = mqtt
+            .as_ref()
+            .map(|m| Arc::new(m.local.clone()) as Arc<dyn ferry_uplink::downlink::Local>);
+        let uplinks = ferry_uplink::from_config(&config, &buffer, local)?;
         if uplinks.is_empty() {
             tracing::warn!(
                 "No uplink is enabled: ferry buffers readings and forwards nothing. Add an [uplinks.NAME] table to forward them."

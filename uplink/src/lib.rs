@@ -20,7 +20,9 @@
 //!   for it, `skipped`);
 //! - [`status`]: the [`status::UplinkStatus`] handle the status page reads;
 //! - [`tls`] and [`http`]: rustls on ring for every uplink, and the HTTPS client of the
-//!   uplinks that speak HTTP.
+//!   uplinks that speak HTTP;
+//! - [`downlink`]: commands from the cloud (MQTT and Kafka uplinks), handed to the local
+//!   broker and acknowledged upstream only after that.
 //!
 //! ## Types
 //! - [`kafka`]: Kafka ([`kafka::KafkaSink`]).
@@ -60,6 +62,7 @@ macro_rules! impl_uplink {
 pub mod aws;
 pub mod backoff;
 pub mod batch;
+pub mod downlink;
 pub(crate) mod feed;
 pub mod fold;
 pub mod http;
@@ -76,7 +79,7 @@ pub mod tls;
 pub mod topics;
 
 pub use backoff::Backoff;
-pub use status::{LinkState, UplinkSnapshot, UplinkStatus};
+pub use status::{DownlinkSnapshot, LinkState, UplinkSnapshot, UplinkStatus};
 
 use ferry_buffer::{Buffer, ReadError, Reader};
 use ferry_config::{Config, UplinkKind};
@@ -128,6 +131,8 @@ pub struct Common {
     pub buffer: Buffer,
     /// How long `run` waits for in-flight deliveries at shutdown.
     pub grace: Duration,
+    /// Where commands from the cloud go, for an uplink with a `downlink` ([`downlink`]).
+    pub local: Option<Arc<dyn downlink::Local>>,
 }
 
 impl Common {
@@ -139,6 +144,27 @@ impl Common {
             topics: TopicFilter::all(),
             buffer,
             grace: DEFAULT_SHUTDOWN_GRACE,
+            local: None,
+        }
+    }
+
+    /// The same, handing commands to `local`.
+    pub fn local(mut self, local: Option<Arc<dyn downlink::Local>>) -> Self {
+        self.local = local;
+        self
+    }
+
+    /// The downlink of an uplink that has one configured, with `status` showing its counters.
+    /// Fails when commands would have nowhere to go (no MQTT listener).
+    pub fn downlink(
+        &self,
+        configured: bool,
+        status: &status::UplinkStatus,
+    ) -> Result<Option<downlink::Downlink>, NoLocal> {
+        match (configured, &self.local) {
+            (false, _) => Ok(None),
+            (true, Some(l)) => Ok(Some(downlink::Downlink::new(l.clone(), status.clone()))),
+            (true, None) => Err(NoLocal),
         }
     }
 
@@ -165,6 +191,11 @@ impl Common {
     }
 }
 
+/// An uplink with a `downlink` built without a local broker to hand commands to.
+#[derive(Debug, thiserror::Error)]
+#[error("a downlink needs the local MQTT broker (mqtt.enabled = true)")]
+pub struct NoLocal;
+
 /// An uplink that could not be built.
 #[derive(Debug, thiserror::Error)]
 #[error("uplinks.{name} (type {kind}): {source}")]
@@ -187,16 +218,21 @@ pub fn consumers(config: &Config) -> Vec<String> {
 }
 
 /// Builds every enabled uplink of `config` on `buffer` (opened with [`consumers`]), in name
-/// order. Nothing is contacted yet: that happens in [`Uplink::run`]. Uplinks get 60 % of
-/// `gateway.shutdown_grace_ms` to flush at shutdown: listeners drain before them and the
-/// buffer closes after them.
-pub fn from_config(config: &Config, buffer: &Buffer) -> Result<Vec<Box<dyn Uplink>>, BuildError> {
+/// order; those with a `downlink` hand commands to `local`. Nothing is contacted yet: that
+/// happens in [`Uplink::run`]. Uplinks get 60 % of `gateway.shutdown_grace_ms` to flush at
+/// shutdown: listeners drain before them and the buffer closes after them.
+pub fn from_config(
+    config: &Config,
+    buffer: &Buffer,
+    local: Option<Arc<dyn downlink::Local>>,
+) -> Result<Vec<Box<dyn Uplink>>, BuildError> {
     let grace = Duration::from_millis(config.gateway.shutdown_grace_ms * 6 / 10);
     let mut out = Vec::new();
     for (name, settings) in config.enabled_uplinks() {
         let common = Common::new(name, &config.gateway.id, buffer.clone())
             .topics(TopicFilter::new(&settings.topics))
-            .grace(grace);
+            .grace(grace)
+            .local(local.clone());
         let kind = settings.kind.type_name();
         let built = match &settings.kind {
             #[cfg(feature = "kafka")]

@@ -81,6 +81,38 @@ pub struct UplinkSnapshot {
     /// Milliseconds since the last ack (or since the uplink started, if none yet): the input
     /// of the status page's stalled decision.
     pub ms_since_progress: u64,
+    /// Commands from the cloud, for an uplink with a `downlink`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub downlink: Option<DownlinkSnapshot>,
+}
+
+/// What came down an uplink ([`crate::downlink`]).
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct DownlinkSnapshot {
+    /// Whether commands can come down now: MQTT, the broker accepted the subscriptions;
+    /// Kafka, the consumer group assigned partitions to this gateway.
+    pub ready: bool,
+    /// Commands received and settled: handed over or refused.
+    pub received_total: u64,
+    /// Commands handed over to the local broker.
+    pub handed_over_total: u64,
+    /// Of those, commands that reached no subscriber and were not retained.
+    pub unrouted_total: u64,
+    /// Commands refused for good (acknowledged upstream and skipped).
+    pub refused_total: u64,
+    /// Refused commands by reason ([`crate::downlink::Refusal::label`]).
+    pub refused: std::collections::BTreeMap<&'static str, u64>,
+    /// When the last command was received, in ms since the epoch.
+    pub last_command_ms: Option<u64>,
+    /// Kafka: records for other gateways, skipped.
+    pub other_gateways_total: u64,
+}
+
+#[derive(Debug, Default)]
+struct DownlinkCounts {
+    snap: DownlinkSnapshot,
+    /// Boot-clock instant of the last command.
+    last_bt: Option<u64>,
 }
 
 #[derive(Debug)]
@@ -100,6 +132,7 @@ struct State {
     started: Instant,
     last_progress: Instant,
     window: VecDeque<(Instant, u64)>,
+    downlink: Option<DownlinkCounts>,
 }
 
 #[derive(Debug)]
@@ -143,6 +176,7 @@ impl UplinkStatus {
                     started: now,
                     last_progress: now,
                     window: VecDeque::new(),
+                    downlink: None,
                 }),
                 buffer: std::sync::OnceLock::new(),
             }),
@@ -336,6 +370,80 @@ impl UplinkStatus {
             .set(readings as f64);
     }
 
+    /// Shows downlink counters from now on (the uplink has a `downlink`).
+    pub fn enable_downlink(&self) {
+        self.lock().downlink.get_or_insert_with(Default::default);
+    }
+
+    /// Whether commands can come down now ([`DownlinkSnapshot::ready`]); logged when it
+    /// changes.
+    pub fn set_downlink_ready(&self, ready: bool, why: &str) {
+        let changed = {
+            let mut g = self.lock();
+            let d = g.downlink.get_or_insert_with(Default::default);
+            let changed = d.snap.ready != ready;
+            d.snap.ready = ready;
+            changed
+        };
+        if changed {
+            tracing::info!(uplink = %self.inner.name, ready, detail = why,
+                "The uplink's downlink changed state.");
+        }
+    }
+
+    /// Records `n` Kafka records for other gateways, skipped.
+    pub fn record_other_gateways(&self, n: u64) {
+        let mut g = self.lock();
+        g.downlink
+            .get_or_insert_with(Default::default)
+            .snap
+            .other_gateways_total += n;
+    }
+
+    /// Records one command: handed over (`Ok`), or refused for good with its reason.
+    pub fn record_command(
+        &self,
+        outcome: Result<&crate::downlink::HandedOver, crate::downlink::Refusal>,
+    ) {
+        let name = self.inner.name.clone();
+        let now_bt = clock::boottime_ms();
+        {
+            let mut g = self.lock();
+            let d = g.downlink.get_or_insert_with(Default::default);
+            d.snap.received_total += 1;
+            d.last_bt = Some(now_bt);
+            match outcome {
+                Ok(h) => {
+                    d.snap.handed_over_total += 1;
+                    if h.queued == 0 && !h.retained {
+                        d.snap.unrouted_total += 1;
+                    }
+                }
+                Err(why) => {
+                    d.snap.refused_total += 1;
+                    *d.snap.refused.entry(why.label()).or_default() += 1;
+                }
+            }
+        }
+        match outcome {
+            Ok(h) => {
+                metrics::counter!("ferry_downlink_commands_total", "uplink" => name.clone())
+                    .increment(1);
+                if h.queued == 0 && !h.retained {
+                    metrics::counter!("ferry_downlink_unrouted_total", "uplink" => name.clone())
+                        .increment(1);
+                }
+            }
+            Err(why) => {
+                metrics::counter!("ferry_downlink_refused_total", "uplink" => name.clone(),
+                    "reason" => why.label())
+                .increment(1);
+            }
+        }
+        metrics::gauge!("ferry_downlink_last_command_timestamp_seconds", "uplink" => name)
+            .set(clock::wall_of_boottime(now_bt) as f64 / 1000.0);
+    }
+
     /// A copy of the current status.
     pub fn snapshot(&self) -> UplinkSnapshot {
         let now = Instant::now();
@@ -361,6 +469,10 @@ impl UplinkStatus {
             in_flight_readings: g.in_flight,
             drain_rate: sum as f64 / span.as_secs_f64(),
             ms_since_progress: now.duration_since(g.last_progress).as_millis() as u64,
+            downlink: g.downlink.as_ref().map(|d| DownlinkSnapshot {
+                last_command_ms: d.last_bt.map(clock::wall_of_boottime),
+                ..d.snap.clone()
+            }),
         }
     }
 }
@@ -412,6 +524,26 @@ pub fn describe_metrics() {
         "ferry_uplink_in_flight_readings",
         Unit::Count,
         "Readings sent and not yet confirmed by the upstream."
+    );
+    describe_counter!(
+        "ferry_downlink_commands_total",
+        Unit::Count,
+        "Commands from the cloud handed over to the local MQTT broker (then acknowledged upstream)."
+    );
+    describe_counter!(
+        "ferry_downlink_unrouted_total",
+        Unit::Count,
+        "Commands handed over that reached no local subscriber and were not retained."
+    );
+    describe_counter!(
+        "ferry_downlink_refused_total",
+        Unit::Count,
+        "Commands refused for good (no route, no or invalid topic, too large, forbidden by the ACL), acknowledged upstream and skipped."
+    );
+    describe_gauge!(
+        "ferry_downlink_last_command_timestamp_seconds",
+        Unit::Seconds,
+        "When the uplink last received a command, in seconds since the epoch."
     );
     describe_gauge!(
         "ferry_uplink_state",

@@ -25,6 +25,7 @@
 //!   subscriber sees a publish.
 //! - [`auth`]: `[[mqtt.users]]` (constant-time password compare, argon2 PHC hashes).
 //! - [`acl`]: `[[mqtt.acl]]`, the topics each client may publish and subscribe to.
+//! - [`commands`]: commands from the cloud (an uplink's downlink), handed to the broker.
 //! - [`tls`]: the rustls server config and the client certificate's Common Name.
 //! - [`stats`]: the figures shown on the status page.
 //!
@@ -44,6 +45,7 @@
 pub mod acl;
 pub mod auth;
 pub mod broker;
+pub mod commands;
 pub mod listener;
 pub(crate) mod session;
 pub mod stats;
@@ -100,6 +102,8 @@ pub struct MqttListeners {
     pub tls: Option<MqttListener>,
     /// Their counters.
     pub stats: MqttStats,
+    /// The broker, as uplinks with a downlink hand commands to it.
+    pub local: commands::LocalBroker,
 }
 
 impl MqttListeners {
@@ -130,6 +134,7 @@ impl MqttListeners {
             tcp,
             tls,
             stats: ctx.stats.clone(),
+            local: commands::LocalBroker::new(ctx.clone()),
         })
     }
 }

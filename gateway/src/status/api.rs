@@ -189,6 +189,34 @@ pub struct Uplink {
     pub drain_rate_per_sec: f64,
     /// Seconds to send the lag at that rate, while connected and the rate is positive.
     pub eta_secs: Option<f64>,
+    /// Commands from the cloud, for an uplink with a `downlink`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub downlink: Option<Downlink>,
+}
+
+/// Commands that came down an uplink (`[[uplinks.NAME.downlink]]`).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Downlink {
+    /// Commands can come down now: MQTT, the upstream broker accepted the subscriptions;
+    /// Kafka, the consumer group assigned partitions to this gateway.
+    pub ready: bool,
+    /// Commands received and settled since start: handed over or refused.
+    pub received_total: u64,
+    /// Commands handed over to the local broker (and then acknowledged upstream).
+    pub handed_over_total: u64,
+    /// Of those, commands that reached no local subscriber and were not retained.
+    pub unrouted_total: u64,
+    /// Commands refused for good, acknowledged upstream and skipped.
+    pub refused_total: u64,
+    /// Refused commands by reason: `no_route`, `no_topic`, `invalid_topic`, `too_large`,
+    /// `forbidden`.
+    pub refused: BTreeMap<String, u64>,
+    /// When the last command came.
+    pub last_command_ms: Option<u64>,
+    /// How long ago.
+    pub last_command_age_ms: Option<u64>,
+    /// Kafka: records for other gateways, skipped.
+    pub other_gateways_total: u64,
 }
 
 /// The on-disk buffer.
@@ -419,6 +447,21 @@ async fn uplink(st: &StatusState, u: &UplinkStatus, now: u64) -> Uplink {
         // No ETA while not connected: the recent drain rate says nothing about when it resumes.
         eta_secs: (state == UplinkState::Connected && snap.drain_rate > 0.0 && lag.readings > 0)
             .then(|| lag.readings as f64 / snap.drain_rate),
+        downlink: snap.downlink.map(|d| Downlink {
+            ready: d.ready,
+            received_total: d.received_total,
+            handed_over_total: d.handed_over_total,
+            unrouted_total: d.unrouted_total,
+            refused_total: d.refused_total,
+            refused: d
+                .refused
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v))
+                .collect(),
+            last_command_ms: d.last_command_ms,
+            last_command_age_ms: d.last_command_ms.map(|t| now.saturating_sub(t)),
+            other_gateways_total: d.other_gateways_total,
+        }),
     }
 }
 
@@ -870,6 +913,7 @@ mod tests {
             oldest_unsent_age_ms: (lag > 0).then_some(65_000),
             drain_rate_per_sec: 0.0,
             eta_secs: None,
+            downlink: None,
         }
     }
 

@@ -200,6 +200,18 @@ pub fn render(r: &StatusReport) -> String {
             opt_age(u.last_ack_age_ms),
             u.last_error.as_deref().unwrap_or("-")
         );
+        if let Some(d) = &u.downlink {
+            let _ = writeln!(
+                o,
+                "{:<8} commands: {} handed over ({} to no subscriber), {} refused, last {}{}",
+                "",
+                d.handed_over_total,
+                d.unrouted_total,
+                d.refused_total,
+                opt_age(d.last_command_age_ms),
+                if d.ready { "" } else { ", NOT SUBSCRIBED" }
+            );
+        }
     }
     if r.uplinks.is_empty() {
         let _ = writeln!(o, "(no uplink enabled)");

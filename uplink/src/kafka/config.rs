@@ -70,13 +70,16 @@ pub fn is_secret_property(key: &str) -> bool {
     key.contains("password") || key.contains("secret") || key.ends_with(".key.pem")
 }
 
-/// The producer configuration for `cfg`, whose effective connection is `conn`.
-pub fn client_config(cfg: &KafkaUplink, conn: &KafkaConnection, client_id: &str) -> ClientConfig {
+/// What the producer and the downlink's consumer share: brokers, client id, security and
+/// the `cloud` preset's properties (not the `librdkafka` passthrough, which is the producer's).
+pub fn connection_config(
+    cfg: &KafkaUplink,
+    conn: &KafkaConnection,
+    client_id: &str,
+) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &conn.brokers)
         .set("client.id", client_id)
-        .set("compression.type", conn.compression.as_str())
-        .set("message.timeout.ms", cfg.message_timeout_ms.to_string())
         .set("security.protocol", conn.security_protocol.as_str());
     match &conn.auth {
         KafkaAuth::None => {}
@@ -99,6 +102,14 @@ pub fn client_config(cfg: &KafkaUplink, conn: &KafkaConnection, client_id: &str)
     for (key, value) in &conn.properties {
         c.set(*key, *value);
     }
+    c
+}
+
+/// The producer configuration for `cfg`, whose effective connection is `conn`.
+pub fn client_config(cfg: &KafkaUplink, conn: &KafkaConnection, client_id: &str) -> ClientConfig {
+    let mut c = connection_config(cfg, conn, client_id);
+    c.set("compression.type", conn.compression.as_str())
+        .set("message.timeout.ms", cfg.message_timeout_ms.to_string());
     for (key, value) in &cfg.librdkafka {
         if let Some(why) = weakens(key, value, conn.idempotent) {
             tracing::warn!(

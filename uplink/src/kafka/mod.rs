@@ -69,6 +69,7 @@
 //! Readings larger than the topic's `max.message.bytes` are dead-lettered; in segment mode
 //! that is the whole segment, so keep `buffer.max_batch_bytes` below the topic limit.
 
+mod commands;
 pub mod config;
 mod diagnose;
 mod pump;

@@ -54,6 +54,12 @@ pub enum KafkaSinkError {
     /// The buffer has no consumer of the uplink's name, or could not be read.
     #[error("cannot read the buffer for the Kafka uplink: {0}")]
     Read(#[from] ReadError),
+    /// librdkafka refused the downlink consumer's configuration.
+    #[error("cannot create the Kafka consumer of the downlink: {0}")]
+    Consumer(#[source] KafkaError),
+    /// It has a `downlink` and there is no local broker.
+    #[error(transparent)]
+    NoLocal(#[from] crate::NoLocal),
     /// The producer thread could not be started.
     #[error("cannot start the Kafka producer thread: {0}")]
     Thread(#[source] std::io::Error),
@@ -150,6 +156,22 @@ impl SinkContext {
     }
 }
 
+/// A SASL OAUTHBEARER token from `source` (`cloud = "msk-iam"`), for the producer and the
+/// downlink's consumer.
+pub(crate) fn oauth_token(
+    source: Option<&TokenSource>,
+) -> Result<OAuthToken, Box<dyn std::error::Error>> {
+    let Some(source) = source else {
+        return Err("OAUTHBEARER is supported with cloud = \"msk-iam\" only".into());
+    };
+    let (token, principal_name) = source.generate()?;
+    Ok(OAuthToken {
+        token: token.value,
+        principal_name,
+        lifetime_ms: token.expires_at_ms,
+    })
+}
+
 impl ClientContext for SinkContext {
     /// librdkafka asks for a token only with `sasl.mechanism = OAUTHBEARER`, which only the
     /// MSK IAM preset sets.
@@ -159,15 +181,7 @@ impl ClientContext for SinkContext {
         &self,
         _oauthbearer_config: Option<&str>,
     ) -> Result<OAuthToken, Box<dyn std::error::Error>> {
-        let Some(source) = &self.oauth else {
-            return Err("OAUTHBEARER is supported with cloud = \"msk-iam\" only".into());
-        };
-        let (token, principal_name) = source.generate()?;
-        Ok(OAuthToken {
-            token: token.value,
-            principal_name,
-            lifetime_ms: token.expires_at_ms,
-        })
+        oauth_token(self.oauth.as_deref())
     }
 
     fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
@@ -332,6 +346,8 @@ pub struct KafkaSink {
     router: Arc<Router>,
     common: Common,
     status: UplinkStatus,
+    /// The downlink's consumer, with `[uplinks.NAME.downlink]`.
+    commands: Option<super::commands::Commands>,
 }
 
 impl std::fmt::Debug for KafkaSink {
@@ -390,6 +406,24 @@ impl KafkaSink {
             }
         };
         let status = common.status(KIND, secrets);
+        let commands = match (
+            &cfg.downlink,
+            common.downlink(cfg.downlink.is_some(), &status)?,
+        ) {
+            (Some(d), Some(downlink)) => Some(
+                super::commands::Commands::new(
+                    cfg,
+                    d,
+                    &conn,
+                    oauth.clone(),
+                    downlink,
+                    &common,
+                    &status,
+                )
+                .map_err(KafkaSinkError::Consumer)?,
+            ),
+            _ => None,
+        };
         let client_config = client_config(cfg, &conn, &format!("ferry-{}", common.gateway_id));
         let tracker = Arc::new(Tracker::default());
         let producer = create_producer(&client_config, &status, &tracker, &oauth)
@@ -410,6 +444,7 @@ impl KafkaSink {
             tracker,
             common,
             status,
+            commands,
         })
     }
 
@@ -421,7 +456,22 @@ impl KafkaSink {
     /// Forwards until `shutdown` resolves, then stops reading, waits up to the grace period for
     /// what is in flight, acks what was confirmed, and returns. Unconfirmed readings stay in
     /// the buffer. Returns early, with an error, only if the buffer cannot be read at all.
-    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), KafkaSinkError> {
+    /// With a downlink, its consumer runs beside, until the same shutdown.
+    pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<(), KafkaSinkError> {
+        use futures_util::FutureExt;
+        match self.commands.take() {
+            None => self.forward(shutdown).await,
+            Some(commands) => {
+                let shutdown = shutdown.shared();
+                let (forwarded, ()) =
+                    tokio::join!(self.forward(shutdown.clone()), commands.run(shutdown));
+                forwarded
+            }
+        }
+    }
+
+    /// The upward direction of [`KafkaSink::run`].
+    async fn forward(self, shutdown: impl Future<Output = ()>) -> Result<(), KafkaSinkError> {
         let KafkaSink {
             cfg,
             client_config,
@@ -431,6 +481,7 @@ impl KafkaSink {
             router,
             common,
             status,
+            commands: _,
         } = self;
         let reader = common.reader()?;
         let (gateway_id, buffer, grace) = (common.gateway_id.clone(), &common.buffer, common.grace);

@@ -26,6 +26,12 @@ pub const SESSION_EXPIRY_SECS: u32 = 86_400;
 /// the client library never refuses a reading on its own (its default is 10 KiB).
 pub const MAX_PACKET_BYTES: usize = 268_435_455;
 
+/// The largest packet ferry takes from the upstream broker (a command, with its topic and
+/// properties). A v5 broker is told so in CONNECT and does not send larger ones; a 3.1.1
+/// broker that does closes the connection (rumqttc refuses the packet). Commands are further
+/// limited by `mqtt.max_payload_bytes` locally ([`crate::downlink`]).
+pub const MAX_INCOMING_BYTES: usize = 16 * 1024 * 1024;
+
 /// The rustls client configuration for `cfg` (used when the URL is `mqtts://`).
 pub fn tls_config(cfg: &MqttUplink) -> Result<rustls::ClientConfig, TlsSetupError> {
     let client_auth = match (&cfg.client_cert_path, &cfg.client_key_path) {
@@ -47,6 +53,9 @@ pub struct ConnectSettings {
     pub cfg: MqttUplink,
     /// The rustls config, for `mqtts://`.
     pub tls: Option<Arc<rustls::ClientConfig>>,
+    /// The `downlink` routes: subscribed at every connect, and their messages acknowledged
+    /// by ferry (manual acks) once handed over.
+    pub routes: Vec<crate::downlink::Route>,
 }
 
 impl std::fmt::Debug for ConnectSettings {
@@ -80,7 +89,8 @@ impl ConnectSettings {
         o.set_keep_alive(Duration::from_secs(self.cfg.keep_alive_secs))
             .set_clean_session(false)
             .set_inflight(self.inflight())
-            .set_max_packet_size(64 * 1024, MAX_PACKET_BYTES)
+            .set_max_packet_size(MAX_INCOMING_BYTES, MAX_PACKET_BYTES)
+            .set_manual_acks(!self.routes.is_empty())
             .set_transport(self.transport());
         if let Some(user) = &self.cfg.username {
             let pass = self.cfg.password.as_ref().map_or("", |p| p.expose());
@@ -97,6 +107,8 @@ impl ConnectSettings {
             .set_clean_start(false)
             .set_session_expiry_interval(Some(SESSION_EXPIRY_SECS))
             .set_outgoing_inflight_upper_limit(self.inflight())
+            .set_manual_acks(!self.routes.is_empty())
+            .set_max_packet_size(Some(MAX_INCOMING_BYTES as u32))
             .set_transport(self.transport());
         if let Some(user) = &self.cfg.username {
             let pass = self.cfg.password.as_ref().map_or("", |p| p.expose());
@@ -116,6 +128,7 @@ mod tests {
             client_id: "ferry-gw1".into(),
             cfg,
             tls: None,
+            routes: Vec::new(),
         }
     }
 

@@ -33,6 +33,63 @@ pub enum LinkEvent {
     },
     /// The connection failed; the message is for humans (and the status page).
     Failed(String),
+    /// A message on a `downlink` filter (only with downlink routes: ferry acks it itself).
+    Command(Incoming),
+    /// The broker answered the subscription to the `downlink` filters: `Some(why)` when it
+    /// refused some, for humans.
+    Subscribed(Option<String>),
+}
+
+/// A message that came down, kept whole until ferry acks it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Incoming {
+    /// From a 3.1.1 broker.
+    V4(rumqttc::Publish),
+    /// From a v5 broker.
+    V5(rumqttc::v5::mqttbytes::v5::Publish),
+}
+
+impl Incoming {
+    /// Its upstream topic (`None`: not UTF-8).
+    pub fn topic(&self) -> Option<&str> {
+        match self {
+            Incoming::V4(p) => Some(&p.topic),
+            Incoming::V5(p) => std::str::from_utf8(&p.topic).ok(),
+        }
+    }
+
+    /// The command it carries to local subscribers, published on `topic`: payload, QoS,
+    /// retain flag and (v5) properties kept.
+    pub fn command(&self, topic: String) -> crate::downlink::Command {
+        use crate::downlink::{Command, Properties};
+        match self {
+            Incoming::V4(p) => Command {
+                topic,
+                payload: p.payload.clone(),
+                qos: p.qos as u8,
+                retain: p.retain,
+                props: Properties::default(),
+            },
+            Incoming::V5(p) => Command {
+                topic,
+                payload: p.payload.clone(),
+                qos: p.qos as u8,
+                retain: p.retain,
+                props: p
+                    .properties
+                    .as_ref()
+                    .map(|pp| Properties {
+                        payload_format_indicator: pp.payload_format_indicator,
+                        content_type: pp.content_type.clone(),
+                        response_topic: pp.response_topic.clone(),
+                        correlation_data: pp.correlation_data.clone(),
+                        user_properties: pp.user_properties.clone(),
+                        message_expiry_interval: pp.message_expiry_interval,
+                    })
+                    .unwrap_or_default(),
+            },
+        }
+    }
 }
 
 /// A v5 PUBACK with a failure reason code.
@@ -80,6 +137,18 @@ impl std::fmt::Debug for Link {
 impl Drop for Link {
     fn drop(&mut self) {
         self.task.abort();
+    }
+}
+
+/// Commands handed over and not yet acked, at most, per connection: the sink stops reading
+/// the link's events beyond it (a QoS 0 flood cannot grow the queue of hand-overs).
+pub const COMMAND_WINDOW: usize = 1024;
+
+fn v5_qos(qos: QoS) -> rumqttc::v5::mqttbytes::QoS {
+    match qos {
+        QoS::AtMostOnce => rumqttc::v5::mqttbytes::QoS::AtMostOnce,
+        QoS::AtLeastOnce => rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+        QoS::ExactlyOnce => rumqttc::v5::mqttbytes::QoS::ExactlyOnce,
     }
 }
 
@@ -172,10 +241,30 @@ fn describe_v5(e: &rumqttc::v5::ConnectionError, addr: &str) -> String {
     }
 }
 
-async fn drive_v4(mut el: rumqttc::EventLoop, tx: mpsc::UnboundedSender<LinkEvent>, addr: String) {
-    use rumqttc::{Event, Packet};
+async fn drive_v4(
+    mut el: rumqttc::EventLoop,
+    tx: mpsc::UnboundedSender<LinkEvent>,
+    addr: String,
+    commands: bool,
+) {
+    use rumqttc::{Event, Packet, SubscribeReasonCode};
     loop {
         let ev = match el.poll().await {
+            Ok(Event::Incoming(Packet::Publish(p))) if commands => {
+                LinkEvent::Command(Incoming::V4(p))
+            }
+            Ok(Event::Incoming(Packet::SubAck(a))) => {
+                let refused = a
+                    .return_codes
+                    .iter()
+                    .filter(|c| matches!(c, SubscribeReasonCode::Failure))
+                    .count();
+                LinkEvent::Subscribed((refused > 0).then(|| {
+                    format!(
+                        "the broker refused {refused} of the downlink subscriptions (SUBACK 0x80)"
+                    )
+                }))
+            }
             Ok(Event::Incoming(Packet::ConnAck(_))) => LinkEvent::Connected {
                 max_packet_size: None,
             },
@@ -201,11 +290,33 @@ async fn drive_v5(
     mut el: rumqttc::v5::EventLoop,
     tx: mpsc::UnboundedSender<LinkEvent>,
     addr: String,
+    commands: bool,
 ) {
     use rumqttc::v5::Event;
-    use rumqttc::v5::mqttbytes::v5::Packet;
+    use rumqttc::v5::mqttbytes::v5::{Packet, SubscribeReasonCode};
     loop {
         let ev = match el.poll().await {
+            Ok(Event::Incoming(Packet::Publish(p))) if commands => {
+                LinkEvent::Command(Incoming::V5(p))
+            }
+            Ok(Event::Incoming(Packet::SubAck(a))) => {
+                let refused: Vec<_> = a
+                    .return_codes
+                    .iter()
+                    .filter(|c| !matches!(c, SubscribeReasonCode::Success(_)))
+                    .map(|c| format!("{c:?}"))
+                    .collect();
+                LinkEvent::Subscribed((!refused.is_empty()).then(|| {
+                    format!(
+                        "the broker refused downlink subscriptions: {}{}",
+                        refused.join(", "),
+                        a.properties
+                            .and_then(|p| p.reason_string)
+                            .map(|r| format!(" ({r})"))
+                            .unwrap_or_default()
+                    )
+                }))
+            }
             Ok(Event::Incoming(Packet::ConnAck(c))) => LinkEvent::Connected {
                 max_packet_size: c.properties.and_then(|p| p.max_packet_size),
             },
@@ -232,17 +343,27 @@ impl Link {
     pub fn open(s: &ConnectSettings) -> Link {
         let (tx, events) = mpsc::unbounded_channel();
         let addr = format!("{}:{}", s.endpoint.host, s.endpoint.port);
-        // ferry never has more than `max_inflight` publishes outside PUBACK, so the request
-        // channel cannot fill up.
-        let cap = usize::from(s.cfg.max_inflight.max(1)) + 4;
+        // ferry never has more than `max_inflight` publishes outside PUBACK, nor more than
+        // `COMMAND_WINDOW` commands handed over and not acked, so the request channel cannot
+        // fill up.
+        let commands = !s.routes.is_empty();
+        let cap = usize::from(s.cfg.max_inflight.max(1))
+            + 4
+            + if commands { COMMAND_WINDOW + 1 } else { 0 };
         let (client, task) = match s.cfg.protocol {
             MqttProtocol::V311 => {
                 let (c, el) = rumqttc::AsyncClient::new(s.v4_options(), cap);
-                (Client::V4(c), tokio::spawn(drive_v4(el, tx, addr)))
+                (
+                    Client::V4(c),
+                    tokio::spawn(drive_v4(el, tx, addr, commands)),
+                )
             }
             MqttProtocol::V5 => {
                 let (c, el) = rumqttc::v5::AsyncClient::new(s.v5_options(), cap);
-                (Client::V5(c), tokio::spawn(drive_v5(el, tx, addr)))
+                (
+                    Client::V5(c),
+                    tokio::spawn(drive_v5(el, tx, addr, commands)),
+                )
             }
         };
         Link {
@@ -260,11 +381,7 @@ impl Link {
                 .try_publish(m.topic, qos, false, m.payload.to_vec())
                 .map_err(|e| e.to_string()),
             Client::V5(c) => {
-                let v5qos = match qos {
-                    QoS::AtMostOnce => rumqttc::v5::mqttbytes::QoS::AtMostOnce,
-                    QoS::AtLeastOnce => rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
-                    QoS::ExactlyOnce => rumqttc::v5::mqttbytes::QoS::ExactlyOnce,
-                };
+                let v5qos = v5_qos(qos);
                 let props = PublishProperties {
                     user_properties: m.user_properties,
                     content_type: m.content_type,
@@ -275,6 +392,54 @@ impl Link {
             }
         };
         r.map_err(|e| format!("cannot hand a publish to the MQTT client: {e}"))
+    }
+
+    /// Subscribes to the `downlink` filters (at every connect: a broker that kept the session
+    /// replaces the subscriptions). v5: No Local, so ferry's own publishes do not come back,
+    /// Retain As Published, so a retained command stays retained, and retained messages only
+    /// for a subscription that is new.
+    pub fn subscribe(&self, routes: &[crate::downlink::Route]) -> Result<(), String> {
+        if routes.is_empty() {
+            return Ok(());
+        }
+        let qos = |q: u8| {
+            if q == 0 {
+                QoS::AtMostOnce
+            } else {
+                QoS::AtLeastOnce
+            }
+        };
+        let r = match &self.client {
+            Client::V4(c) => c
+                .try_subscribe_many(
+                    routes
+                        .iter()
+                        .map(|r| rumqttc::SubscribeFilter::new(r.remote.clone(), qos(r.qos))),
+                )
+                .map_err(|e| e.to_string()),
+            Client::V5(c) => {
+                use rumqttc::v5::mqttbytes::v5::{Filter, RetainForwardRule};
+                c.try_subscribe_many(routes.iter().map(|r| Filter {
+                    path: r.remote.clone(),
+                    qos: v5_qos(qos(r.qos)),
+                    nolocal: true,
+                    preserve_retain: true,
+                    retain_forward_rule: RetainForwardRule::OnNewSubscribe,
+                }))
+                .map_err(|e| e.to_string())
+            }
+        };
+        r.map_err(|e| format!("cannot subscribe to the downlink filters: {e}"))
+    }
+
+    /// Acknowledges a command (PUBACK for QoS 1; nothing for QoS 0).
+    pub fn ack(&self, m: &Incoming) -> Result<(), String> {
+        let r = match (&self.client, m) {
+            (Client::V4(c), Incoming::V4(p)) => c.try_ack(p).map_err(|e| e.to_string()),
+            (Client::V5(c), Incoming::V5(p)) => c.try_ack(p).map_err(|e| e.to_string()),
+            _ => Err("a command of another protocol version".into()),
+        };
+        r.map_err(|e| format!("cannot acknowledge a command: {e}"))
     }
 
     /// Asks the client to send DISCONNECT (best effort).

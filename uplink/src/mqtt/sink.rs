@@ -2,9 +2,10 @@
 //! buffer acks out (committed by the buffer task, never on this loop).
 
 use super::config::{ConnectSettings, TlsSetupError, tls_config};
-use super::link::{Link, LinkEvent, Message, Refusal};
+use super::link::{COMMAND_WINDOW, Incoming, Link, LinkEvent, Message, Refusal};
 use super::routing::Rewriter;
 use crate::Common;
+use crate::downlink::{self, Downlink, HandOverError, HandedOver, Refusal as Refused, Route};
 use crate::feed::{self, Acked, Feed};
 use crate::meta::{envelope, user_properties};
 use crate::retry::Retry;
@@ -13,9 +14,12 @@ use crate::status::{LinkState, UplinkStatus};
 use crate::topics::{Selection, TopicFilter};
 use ferry_buffer::{ReadError, Reading, Segment};
 use ferry_config::{MqttProtocol, MqttUplink};
+use futures_util::StreamExt;
+use futures_util::stream::FuturesOrdered;
 use rumqttc::QoS;
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -39,7 +43,13 @@ pub enum MqttSinkError {
     /// The buffer has no consumer of the uplink's name, or could not be read.
     #[error("cannot read the buffer for the MQTT uplink: {0}")]
     Read(#[from] ReadError),
+    /// It has a `downlink` and there is no local broker.
+    #[error(transparent)]
+    NoLocal(#[from] crate::NoLocal),
 }
+
+/// A command being handed over, resolving to it and the outcome.
+type Handing = Pin<Box<dyn Future<Output = (Incoming, Result<HandedOver, HandOverError>)> + Send>>;
 
 /// Builds the upstream message for a reading.
 struct Composer {
@@ -257,6 +267,7 @@ pub struct MqttSink {
     qos: QoS,
     common: Common,
     status: UplinkStatus,
+    downlink: Option<Downlink>,
 }
 
 impl std::fmt::Debug for MqttSink {
@@ -291,12 +302,15 @@ impl MqttSink {
             .iter()
             .map(|p| p.expose().to_string())
             .collect();
+        let status = common.status(KIND, secrets);
+        let downlink = common.downlink(!cfg.downlink.is_empty(), &status)?;
         Ok(MqttSink {
             settings: ConnectSettings {
                 endpoint,
                 client_id: client_id.to_string(),
                 cfg: cfg.clone(),
                 tls,
+                routes: Route::of(&cfg.downlink),
             },
             composer: Composer {
                 rewriter: Rewriter::new(cfg),
@@ -309,8 +323,9 @@ impl MqttSink {
             } else {
                 QoS::AtLeastOnce
             },
-            status: common.status(KIND, secrets),
+            status,
             common,
+            downlink,
         })
     }
 
@@ -330,6 +345,7 @@ impl MqttSink {
             qos,
             common,
             status,
+            downlink,
         } = self;
         let cfg = &settings.cfg;
         let reader = common.reader()?;
@@ -354,6 +370,8 @@ impl MqttSink {
             retry: &mut retry,
             acks: feed::Acks::new(cmds),
             sent_upto,
+            downlink: downlink.as_ref(),
+            routes: &settings.routes,
         };
         tokio::pin!(shutdown);
         tracing::info!(uplink = %common.name, url = %cfg.url, client_id = %settings.client_id,
@@ -386,6 +404,9 @@ impl MqttSink {
                 }
                 Exit::Failed(message) => {
                     drop(link);
+                    if run.downlink.is_some() {
+                        status.set_downlink_ready(false, "the connection to the broker failed");
+                    }
                     status.set_in_flight(0);
                     run.retry.connection_lasted(started.elapsed());
                     let delay = run.retry.fail(&status, &message, false);
@@ -428,6 +449,10 @@ struct Run<'a> {
     acks: feed::Acks,
     /// Highest segment id published; publishing one at or below it again is a re-send.
     sent_upto: u64,
+    /// Where commands go, with a `downlink`.
+    downlink: Option<&'a Downlink>,
+    /// The `downlink` routes.
+    routes: &'a [Route],
 }
 
 impl Run<'_> {
@@ -441,12 +466,19 @@ impl Run<'_> {
         shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
     ) -> Exit {
         let mut connected = false;
+        // Commands being handed over, acked upstream in the order they came.
+        let mut handing: FuturesOrdered<Handing> = FuturesOrdered::new();
         loop {
             let want = connected && win.wants_segment();
             tokio::select! {
                 biased;
                 () = shutdown.as_mut() => return Exit::Shutdown,
-                ev = link.events.recv() => {
+                Some((m, outcome)) = handing.next(), if !handing.is_empty() => {
+                    if let Some(exit) = self.handed_over(link, &m, &outcome) {
+                        return exit;
+                    }
+                }
+                ev = link.events.recv(), if handing.len() < COMMAND_WINDOW => {
                     let Some(ev) = ev else {
                         return Exit::Failed("the MQTT event loop stopped".into());
                     };
@@ -456,6 +488,19 @@ impl Run<'_> {
                             win.max_packet = max_packet_size;
                             self.status.set_state(LinkState::Connected);
                             tracing::info!(uplink = %self.status.name(), "The MQTT uplink is connected to its broker.");
+                            if let Err(e) = link.subscribe(self.routes) {
+                                return Exit::Failed(e);
+                            }
+                        }
+                        LinkEvent::Command(m) => handing.push_back(self.hand_over(m)),
+                        LinkEvent::Subscribed(None) => {
+                            self.status.set_downlink_ready(true, "the broker accepted the downlink subscriptions");
+                        }
+                        LinkEvent::Subscribed(Some(why)) => {
+                            self.status.set_error(&why);
+                            self.status.set_downlink_ready(false, &why);
+                            tracing::warn!(uplink = %self.status.name(), reason = %why,
+                                "Commands on some downlink filters will not come down: the broker refused them.");
                         }
                         LinkEvent::Sent(pkid) => {
                             if let Err(e) = win.on_sent(pkid) {
@@ -502,6 +547,46 @@ impl Run<'_> {
         }
     }
 
+    /// Starts handing a command over: to the local topic its route gives, or refused when no
+    /// route takes it.
+    fn hand_over(&self, m: Incoming) -> Handing {
+        let local = m
+            .topic()
+            .and_then(|t| downlink::local_topic(self.routes, t));
+        let handing = match (self.downlink, local) {
+            (Some(d), Some(topic)) => Some(d.hand_over(m.command(topic))),
+            _ => None,
+        };
+        Box::pin(async move {
+            let outcome = match handing {
+                Some(f) => f.await,
+                None => Err(HandOverError::refused(
+                    Refused::NoRoute,
+                    format!(
+                        "no downlink route takes the upstream topic {:?} (a subscription the broker kept from an earlier configuration?)",
+                        m.topic().unwrap_or("(not UTF-8)")
+                    ),
+                )),
+            };
+            (m, outcome)
+        })
+    }
+
+    /// A command's hand-over ended: acked upstream when it was handed over or refused for
+    /// good; a failure ends the connection, so that the broker sends it again.
+    fn handed_over(
+        &self,
+        link: &Link,
+        m: &Incoming,
+        outcome: &Result<HandedOver, HandOverError>,
+    ) -> Option<Exit> {
+        let ack = self.downlink.is_none_or(|d| d.record(outcome));
+        match outcome {
+            Err(e @ HandOverError::Failed(_)) if !ack => Some(Exit::Failed(e.to_string())),
+            _ => link.ack(m).err().map(Exit::Failed),
+        }
+    }
+
     /// Sends the ack of the confirmed prefix of the window (with its dead letters) to the
     /// buffer task.
     fn settle(&mut self, win: &mut Window) -> Option<Exit> {
@@ -544,7 +629,10 @@ impl Run<'_> {
             let ok = match ev {
                 LinkEvent::Sent(pkid) => win.on_sent(pkid).is_ok(),
                 LinkEvent::Acked { pkid, refused } => win.on_ack(pkid, refused).is_ok(),
-                LinkEvent::Connected { .. } => true,
+                // Not acked: the broker sends it again after the restart.
+                LinkEvent::Connected { .. } | LinkEvent::Command(_) | LinkEvent::Subscribed(_) => {
+                    true
+                }
                 LinkEvent::Failed(_) => false,
             };
             if !ok || self.settle(win).is_some() {

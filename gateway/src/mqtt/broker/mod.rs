@@ -95,6 +95,10 @@ pub fn shared(filter: &str) -> Option<(&str, &str)> {
     filter.strip_prefix("$share/")?.split_once('/')
 }
 
+/// [`Message::from`] of a command from the cloud: no connection has this id (they count
+/// from 1, and 0 marks an offline session).
+pub const FROM_CLOUD: u64 = u64::MAX;
+
 /// A session expiry interval meaning "never" (3.1.1 clean session 0).
 pub const NEVER: u32 = u32::MAX;
 
@@ -118,7 +122,8 @@ pub struct Message {
     pub props: Option<PublishProperties>,
     /// When its message expiry interval ends.
     pub expires: Option<Instant>,
-    /// The connection that published it (0: none), for No Local.
+    /// The connection that published it, for No Local ([`FROM_CLOUD`]: a command from the
+    /// cloud, which no connection published).
     pub from: u64,
     /// Its number in routing order, which picks the member of a shared subscription group.
     pub n: u64,
@@ -725,17 +730,22 @@ impl Broker {
     /// Delivers committed publishes to the matching subscribers' queues, and applies the
     /// retained ones (see the module doc: call only after their commit). `durable` are the
     /// deliveries [`Broker::prepare`] made for persistent sessions.
-    pub fn route(&self, msgs: &[Arc<Message>], durable: Vec<(u64, Arc<str>, Delivery)>) {
+    /// Returns how many deliveries were queued (or dropped by a full queue, and counted).
+    pub fn route(&self, msgs: &[Arc<Message>], durable: Vec<(u64, Arc<str>, Delivery)>) -> usize {
         for m in msgs.iter().filter(|m| m.keep) {
             self.apply_retained(m);
         }
         if !self.has_subscriptions() {
-            return;
+            return 0;
         }
+        let mut routed = 0;
         let s = self.subs_read();
         for (sid, client, d) in durable {
             match (s.clients.get(&sid), d.seq) {
-                (Some(c), _) => self.push(&c.outbox, d),
+                (Some(c), _) => {
+                    self.push(&c.outbox, d);
+                    routed += 1;
+                }
                 // The session ended between prepare and commit: the row must not outlive it.
                 (None, Some(seq)) => self.acked(&client, seq),
                 (None, None) => {}
@@ -746,9 +756,11 @@ impl Broker {
             for (sid, d) in self.targets(&s, m, |sid, qos| sid & PERSISTENT == 0 || qos == 0) {
                 if let Some(c) = s.clients.get(&sid) {
                     self.push(&c.outbox, d);
+                    routed += 1;
                 }
             }
         }
+        routed
     }
 
     /// Queues `d`, counting what is dropped (and deleting its row).
