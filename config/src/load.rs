@@ -244,11 +244,11 @@ pub(crate) fn sample_uplinks() -> Vec<UplinkSettings> {
             key: Some(KeyRule::Device),
         }],
         librdkafka: [("x".into(), "y".into())].into(),
-        downlink: Some(KafkaDownlink {
+        downlink: Some(Box::new(KafkaDownlink {
             topic: "t".into(),
             group_id: Some("g".into()),
             qos: Some(1),
-        }),
+        })),
         ..KafkaUplink::default()
     };
     let m = MqttUplink {

@@ -651,7 +651,7 @@ pub struct KafkaUplink {
     pub librdkafka: BTreeMap<String, String>,
     /// Commands for local devices read from a Kafka topic (`[uplinks.NAME.downlink]`). Not
     /// set: nothing comes down.
-    pub downlink: Option<KafkaDownlink>,
+    pub downlink: Option<Box<KafkaDownlink>>,
 }
 
 impl Default for KafkaUplink {

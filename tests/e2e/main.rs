@@ -24,6 +24,7 @@ mod status_api;
 mod status_browser;
 mod status_demo;
 mod support;
+mod uplink_downlink;
 mod uplink_kafka;
 mod uplink_kafka_tls;
 mod uplink_kinesis;

@@ -3,7 +3,7 @@
 //! wildcards, `$` topics, QoS 2 to a subscriber, retained messages across SIGKILL, MQTT 5
 //! properties and subscription options, and a stuck subscriber beside 50 publishers.
 
-use crate::support::{encode4, rt, status};
+use crate::support::{encode4, mosquitto, rt, status, sub_lines};
 use ferry_tests::{Ferry, buffered_readings, require_tool};
 use rumqttc::mqttbytes::v4 as c4;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
@@ -129,52 +129,6 @@ fn fan_out_wildcards_dollar_topics_and_qos2_to_subscribers() {
         stored,
         BTreeSet::from(["m0", "m1", "m2", "m3"].map(String::from))
     );
-}
-
-fn mosquitto(tool: &str, port: u16, args: &[&str]) -> std::process::Output {
-    let out = Command::new(tool)
-        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success() || tool == "mosquitto_sub",
-        "{tool} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-/// What `mosquitto_sub` prints for `filter` within `secs` (at most `count` messages).
-fn sub_lines(
-    port: u16,
-    v: &str,
-    filter: &str,
-    count: usize,
-    secs: u32,
-    format: &str,
-) -> Vec<String> {
-    let out = mosquitto(
-        "mosquitto_sub",
-        port,
-        &[
-            "-V",
-            v,
-            "-t",
-            filter,
-            "-C",
-            &count.to_string(),
-            "-W",
-            &secs.to_string(),
-            "-F",
-            format,
-        ],
-    );
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(str::to_owned)
-        .collect()
 }
 
 #[test]

@@ -13,6 +13,7 @@ use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -428,4 +429,52 @@ pub fn encode4(p: rumqttc::mqttbytes::v4::Packet) -> Vec<u8> {
     let mut out = bytes::BytesMut::new();
     p.write(&mut out, 1 << 28).unwrap();
     out.to_vec()
+}
+
+/// Runs the mosquitto client `tool` (`mosquitto_pub`, `mosquitto_sub`) against the broker
+/// on 127.0.0.1:`port`; a `mosquitto_pub` that fails fails the test.
+pub fn mosquitto(tool: &str, port: u16, args: &[&str]) -> std::process::Output {
+    let out = Command::new(tool)
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success() || tool == "mosquitto_sub",
+        "{tool} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// What `mosquitto_sub` prints for `filter` within `secs` (at most `count` messages).
+pub fn sub_lines(
+    port: u16,
+    v: &str,
+    filter: &str,
+    count: usize,
+    secs: u32,
+    format: &str,
+) -> Vec<String> {
+    let out = mosquitto(
+        "mosquitto_sub",
+        port,
+        &[
+            "-V",
+            v,
+            "-t",
+            filter,
+            "-C",
+            &count.to_string(),
+            "-W",
+            &secs.to_string(),
+            "-F",
+            format,
+        ],
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect()
 }

@@ -3,7 +3,10 @@
 //! are in [`crate::downlink`]; this module says how a record becomes a command.
 //!
 //! - **Consumer group** `group_id`, by default `ferry-<gateway.id>`: one group per gateway, so
-//!   every gateway reads every record. A gateway's first start (no committed offset) begins
+//!   every gateway reads every record. The member is static (`group.instance.id`
+//!   `ferry-<gateway.id>-<NAME>-downlink`), so a gateway that restarts, even after a crash,
+//!   gets its partitions back at once (a broker without static membership assigns them
+//!   after the old member's 10 s session timeout). A gateway's first start (no committed offset) begins
 //!   at the end of the topic: commands sent before it ever ran are not replayed.
 //! - **Offsets**: a record's offset is stored only after its command was handed over (or
 //!   refused for good, or is for another gateway); the consumer commits the stored offsets
@@ -153,12 +156,15 @@ impl Commands {
             .group_id
             .clone()
             .unwrap_or_else(|| format!("ferry-{}", common.gateway_id));
-        let mut c = connection_config(
-            cfg,
-            conn,
-            &format!("ferry-{}-{}-downlink", common.gateway_id, common.name),
-        );
+        let member = format!("ferry-{}-{}-downlink", common.gateway_id, common.name);
+        let mut c = connection_config(cfg, conn, &member);
+        // Static membership: a restarted (or crashed) gateway takes its partitions back at
+        // once instead of waiting for its old member's session to time out.
         c.set("group.id", &group)
+            .set("group.instance.id", &member)
+            // A broker without static membership (or a changed member id) waits this long for
+            // the old member before it assigns the partitions again.
+            .set("session.timeout.ms", "10000")
             .set("enable.auto.commit", "true")
             .set("auto.commit.interval.ms", "1000")
             .set("enable.auto.offset.store", "false")

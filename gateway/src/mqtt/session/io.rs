@@ -18,6 +18,9 @@ impl Codec {
     pub(super) fn read(&mut self, buf: &mut BytesMut, max: usize) -> Result<Packet, CodecError> {
         // rumqttd's decoders have had `unreachable!()` arms for unexpected packet types; the
         // caller filters those, and this keeps any other panic to one closed connection.
+        if self.is_v5() {
+            short_disconnect(buf);
+        }
         std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match self {
             Codec::V4(c) => c.read_mut(buf, max),
             Codec::V5(c) => c.read_mut(buf, max),
@@ -30,6 +33,19 @@ impl Codec {
             Codec::V4(c) => c.write(p, out),
             Codec::V5(c) => c.write(p, out),
         }
+    }
+}
+
+/// An MQTT 5 DISCONNECT of remaining length 1 has a reason code and no property length
+/// (MQTT 5 3.14.2.2.1: then it is 0), as mosquitto's clients send it; rumqttd's decoder
+/// wants the property length, so a zero one is added to such a frame at the front of `buf`.
+fn short_disconnect(buf: &mut BytesMut) {
+    if buf.len() >= 3 && buf[0] == 0xE0 && buf[1] == 0x01 {
+        let rest = buf.split_off(3);
+        let reason = buf[2];
+        buf.clear();
+        buf.extend_from_slice(&[0xE0, 0x02, reason, 0x00]);
+        buf.extend_from_slice(&rest);
     }
 }
 
@@ -157,6 +173,29 @@ pub(super) fn set_qos(out: &mut BytesMut, start: usize, qos: u8, pkid: u16, dup:
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_disconnect_with_a_reason_code_and_no_property_length_is_read() {
+        for (frame, reason) in [
+            (
+                &[0xE0, 0x01, 0x04][..],
+                DisconnectReasonCode::DisconnectWithWillMessage,
+            ),
+            (
+                &[0xE0, 0x01, 0x00][..],
+                DisconnectReasonCode::NormalDisconnection,
+            ),
+            (&[0xE0, 0x00][..], DisconnectReasonCode::NormalDisconnection),
+        ] {
+            let mut buf = BytesMut::from(frame);
+            buf.extend_from_slice(&[0xC0, 0x00]); // a PINGREQ after it stays
+            match Codec::V5(v5::V5).read(&mut buf, 1 << 20) {
+                Ok(Packet::Disconnect(d, _)) => assert_eq!(d.reason_code, reason, "{frame:?}"),
+                other => panic!("{frame:?}: {other:?}"),
+            }
+            assert_eq!(&buf[..], &[0xC0, 0x00]);
+        }
+    }
 
     #[test]
     fn set_qos_gives_a_publish_that_both_codecs_read_back() {
