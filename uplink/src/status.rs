@@ -370,9 +370,10 @@ impl UplinkStatus {
             .set(readings as f64);
     }
 
-    /// Shows downlink counters from now on (the uplink has a `downlink`).
+    /// Shows downlink counters from now on (the uplink has a `downlink`), not ready yet.
     pub fn enable_downlink(&self) {
         self.lock().downlink.get_or_insert_with(Default::default);
+        metrics::gauge!("ferry_downlink_ready", "uplink" => self.inner.name.clone()).set(0.0);
     }
 
     /// Whether commands can come down now ([`DownlinkSnapshot::ready`]); logged when it
@@ -385,6 +386,8 @@ impl UplinkStatus {
             d.snap.ready = ready;
             changed
         };
+        metrics::gauge!("ferry_downlink_ready", "uplink" => self.inner.name.clone())
+            .set(if ready { 1.0 } else { 0.0 });
         if changed {
             tracing::info!(uplink = %self.inner.name, ready, detail = why,
                 "The uplink's downlink changed state.");
@@ -539,6 +542,10 @@ pub fn describe_metrics() {
         "ferry_downlink_refused_total",
         Unit::Count,
         "Commands refused for good (no route, no or invalid topic, too large, forbidden by the ACL), acknowledged upstream and skipped."
+    );
+    describe_gauge!(
+        "ferry_downlink_ready",
+        "1 while commands can come down the uplink (MQTT: the broker accepted the downlink subscriptions; Kafka: the consumer group assigned partitions), else 0."
     );
     describe_gauge!(
         "ferry_downlink_last_command_timestamp_seconds",

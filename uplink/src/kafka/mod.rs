@@ -68,6 +68,11 @@
 //!
 //! Readings larger than the topic's `max.message.bytes` are dead-lettered; in segment mode
 //! that is the whole segment, so keep `buffer.max_batch_bytes` below the topic limit.
+//!
+//! ## Commands from the cloud
+//! With `[uplinks.NAME.downlink]`, a consumer of the command topic runs beside the producer
+//! until the same shutdown: which records are for this gateway, their headers and the
+//! offsets are in `commands.rs`; the hand-over rules in [`crate::downlink`].
 
 mod commands;
 pub mod config;

@@ -28,6 +28,14 @@
 //!   is not a valid topic name; a message larger than a v5 broker's maximum packet size): the
 //!   reading goes to the dead-letter table with the reason, and the stream moves on.
 //!
+//! ## Commands from the cloud
+//! With `[[uplinks.NAME.downlink]]`, the same connection subscribes to each `remote` filter
+//! at every connect (v5: No Local, Retain As Published, retained messages only for a new
+//! subscription) and acknowledges incoming publishes itself: each is handed to the local
+//! broker ([`crate::downlink`], which holds the rules), and its PUBACK goes out, in order,
+//! only after that returned. A hand-over that fails for a reason that may pass ends the
+//! connection, so the broker sends the command again on the next one.
+//!
 //! ## Message layout
 //! Topic: see [`routing`] (rewrites, then `topic_prefix`). Retain is off. Payload: the
 //! reading's payload exactly as received, unless `envelope = true`.

@@ -5,7 +5,9 @@
 //! - **A subscriber sees a publish only after it is durable.** Sessions hand a publish to
 //!   [`Broker::route`] after the commit holding its reading returned, and after its PUBACK or
 //!   PUBREC was queued: a local subscriber never sees a reading ferry could still lose. Every
-//!   publish is a reading: there is no local-only publish whose ack would mean less.
+//!   publish is a reading: there is no local-only publish whose ack would mean less. A command
+//!   from the cloud ([`crate::mqtt::commands`]) is the one message that is not a reading (so no
+//!   uplink sends it back up); its rows are committed before it is routed all the same.
 //! - **Every durable copy of a publish is in the publish's own commit.** [`Broker::prepare`]
 //!   runs before the commit and returns the rows to write with the reading
 //!   ([`ferry_buffer::StateWrite`], layout in [`rows`]): the retained message, and the queue
