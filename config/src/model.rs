@@ -113,7 +113,8 @@ pub struct GatewaySettings {
     /// and `log_format`. Where this is decided: the gateway's `telemetry` module.
     /// Default: `true`.
     pub journald: bool,
-    /// Log filter in `tracing` env-filter syntax, e.g. `"info"` or `"info,ferry_uplink=debug"`.
+    /// Log filter: a default level and per-target levels, comma-separated, e.g. `"info"` or
+    /// `"info,ferry_uplink=debug"` (levels: `off`, `error`, `warn`, `info`, `debug`, `trace`).
     /// The `FERRY_LOG` environment variable takes precedence. Default: `"info"`.
     pub log_level: String,
     /// Whether the wall clock can be trusted: `"kernel"` asks the kernel whether it is

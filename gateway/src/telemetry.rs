@@ -13,18 +13,27 @@
 
 use ferry_config::{GatewaySettings, LogFormat};
 use std::io::IsTerminal as _;
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::Targets;
 use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
 
-/// Installs the global subscriber. `FERRY_LOG` (an `EnvFilter` directive) overrides
-/// `gateway.log_level`. Safe to call more than once; later calls do nothing.
+/// The log filter of `directives`: a default level and per-target levels, comma-separated
+/// (`"info"`, `"warn,ferry_uplink=debug"`). `tracing_subscriber`'s `Targets`, which needs no
+/// regular expressions: `EnvFilter`'s span and field filters cost the Pi binary 220 KiB of
+/// regex code.
+fn filter(directives: &str) -> Option<Targets> {
+    directives.parse().ok()
+}
+
+/// Installs the global subscriber. `FERRY_LOG` (the same syntax) overrides
+/// `gateway.log_level`; one that does not parse is ignored. Safe to call more than once;
+/// later calls do nothing.
 pub fn init(gw: &GatewaySettings) {
     let filter = std::env::var("FERRY_LOG")
         .ok()
-        .and_then(|f| EnvFilter::try_new(f).ok())
-        .or_else(|| EnvFilter::try_new(&gw.log_level).ok())
-        .unwrap_or_else(|| EnvFilter::new("info"));
+        .and_then(|f| filter(&f))
+        .or_else(|| filter(&gw.log_level))
+        .unwrap_or_else(|| Targets::new().with_default(tracing::Level::INFO));
     let mut journal_error = None;
     if gw.journald && stderr_is_the_journal() {
         match journald_layer() {
@@ -39,13 +48,13 @@ pub fn init(gw: &GatewaySettings) {
         }
     }
     // Colour only for a person at a terminal: a file, a pipe or journald gets plain text.
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let fmt = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
+    let registry = tracing_subscriber::registry().with(filter);
     let _ = match gw.log_format {
-        LogFormat::Json => builder.json().try_init(),
-        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => registry.with(fmt.json()).try_init(),
+        LogFormat::Text => registry.with(fmt).try_init(),
     };
     if let Some(error) = journal_error {
         tracing::warn!(%error, "stderr is the journal but journald's socket cannot be reached; logging to stderr.");
@@ -78,4 +87,23 @@ fn stderr_is_the_journal() -> bool {
         return false;
     };
     dev.parse().ok() == Some(st.st_dev) && ino.parse().ok() == Some(st.st_ino)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tracing::Level;
+    use tracing_subscriber::filter::LevelFilter;
+
+    #[test]
+    fn directives_set_a_default_and_per_target_levels() {
+        let f = filter("warn,ferry_uplink=debug").unwrap();
+        assert!(f.would_enable("ferry_uplink::kafka", &Level::DEBUG));
+        assert!(!f.would_enable("ferry_uplink::kafka", &Level::TRACE));
+        assert!(f.would_enable("ferry_gateway", &Level::WARN));
+        assert!(!f.would_enable("ferry_gateway", &Level::INFO));
+        assert_eq!(filter("info").unwrap().default_level(), Some(LevelFilter::INFO));
+        assert!(filter("off").is_some());
+        assert!(filter("ferry=loud").is_none(), "an unknown level does not parse");
+    }
 }
