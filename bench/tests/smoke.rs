@@ -38,6 +38,11 @@ const SCENARIO_ROWS: &[(&str, &str)] = &[
     ("9 local subscribers", "4 publishers → 1 subscriber"),
     ("9 local subscribers", "publish → delivery p50 / p99 ms"),
     ("9 local subscribers", "RSS per idle subscriber connection"),
+    ("10 commands down", "cloud → device"),
+    (
+        "10 commands down",
+        "cloud publish → device delivery p50 / p99 ms",
+    ),
 ];
 
 #[test]
@@ -117,6 +122,10 @@ fn bench_run_smoke_produces_every_scenario_row() {
         assert!(peer("7 ingest matrix").starts_with("mosquitto "), "{table}");
         assert!(
             peer("9 local subscribers").starts_with("mosquitto "),
+            "{table}"
+        );
+        assert!(
+            peer("10 commands down").starts_with("mosquitto bridge "),
             "{table}"
         );
     }

@@ -102,8 +102,14 @@ mod tests {
         assert!(!f.would_enable("ferry_uplink::kafka", &Level::TRACE));
         assert!(f.would_enable("ferry_gateway", &Level::WARN));
         assert!(!f.would_enable("ferry_gateway", &Level::INFO));
-        assert_eq!(filter("info").unwrap().default_level(), Some(LevelFilter::INFO));
+        assert_eq!(
+            filter("info").unwrap().default_level(),
+            Some(LevelFilter::INFO)
+        );
         assert!(filter("off").is_some());
-        assert!(filter("ferry=loud").is_none(), "an unknown level does not parse");
+        assert!(
+            filter("ferry=loud").is_none(),
+            "an unknown level does not parse"
+        );
     }
 }

@@ -405,6 +405,54 @@ local = "cmd/{{#}}"
     );
 }
 
+#[test]
+fn a_burst_of_commands_reaches_a_device_whole_and_in_order() {
+    let test = "a_burst_of_commands_reaches_a_device_whole_and_in_order";
+    if !require_tool("mosquitto", test) || !require_tool("mosquitto_sub", test) {
+        return;
+    }
+    const N: usize = 800;
+    let cloud = mosquitto();
+    let up = cloud.port;
+    // A queue of 10 messages per subscriber: far less than the burst, and than what the cloud
+    // broker sends before it waits for PUBACKs. Commands wait for room instead of being
+    // dropped after their ack; and whatever each needs, they arrive in order.
+    let f = Ferry::start(&format!(
+        r#"
+[mqtt]
+subscriber_queue_messages = 10
+
+[uplinks.cloud]
+type = "mqtt"
+url = "mqtt://127.0.0.1:{up}"
+
+[[uplinks.cloud.downlink]]
+remote = "cmd/#"
+"#
+    ));
+    ready(&f, "cloud");
+    let dev = device(&f, &["-i", "dev-1", "-t", "cmd/#"], N, 60);
+    subscribed(&f, "dev-1");
+    let mut cloud_pub = Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &up.to_string(), "-q", "1"])
+        .args(["-t", "cmd/pump/set", "-l"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let body: String = (0..N).map(|i| format!("{i}\n")).collect();
+    let mut stdin = cloud_pub.stdin.take().unwrap();
+    stdin.write_all(body.as_bytes()).unwrap();
+    drop(stdin);
+    assert!(cloud_pub.wait().unwrap().success());
+    let got: Vec<usize> = lines(dev)
+        .iter()
+        .map(|m| m["payload"].as_str().unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(got, (0..N).collect::<Vec<_>>(), "log:\n{}", f.log());
+    let v = rt().block_on(crate::support::status(&f.http_url()));
+    assert_eq!(v["mqtt"]["subscriber_drops"], serde_json::json!({}), "{v}");
+}
+
 /// Connects as the persistent device `dev-1` and takes what is queued for it.
 fn sub_lines_session(port: u16, max: usize) -> Vec<String> {
     let out = mosq(

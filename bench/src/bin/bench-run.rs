@@ -41,6 +41,13 @@
 //!    1 subscriber (goal ≥ 1.0× mosquitto), with ferry's subscriber drops; publish-to-delivery
 //!    latency p50 / p99 for 50 → 1 at half the lower of the two delivered rates; RSS per idle
 //!    subscriber connection with 1,000 connected, and in total.
+//! 10. Commands down: a cloud broker (mosquitto) to a device subscribed on the box, through
+//!     ferry's MQTT uplink with a `downlink` (each command handed over before its PUBACK goes
+//!     upstream) against a second mosquitto on the box bridging `sensors/# in 1` from the
+//!     cloud (mosquitto's bridge `in` direction), both with a [`WINDOW`] of unacknowledged
+//!     messages. `ferry-load --sub-addr`: 1 cloud publisher → 1 device, QoS 1, alternating
+//!     rounds; delivered commands per second (goal ≥ 1.0× the bridge), and publish-to-delivery
+//!     latency p50 / p99 at half the lower rate.
 //!
 //! `--smoke` runs everything with tiny sizes in seconds (the CI smoke test); its figures mean
 //! nothing. A scenario whose peer tool is missing reports `skipped`, or fails the run when
@@ -235,7 +242,7 @@ fn main() -> std::process::ExitCode {
     };
     let want = |n: u32| opts.only.is_empty() || opts.only.contains(&n);
     let mut rows = Vec::new();
-    let scenarios: [(u32, &str, Scenario); 9] = [
+    let scenarios: [(u32, &str, Scenario); 10] = [
         (1, "1 QoS1 ingest", |c| qos_vs_mosquitto(c, 1)),
         (2, "2 QoS0 ingest", |c| qos_vs_mosquitto(c, 0)),
         (3, "3 HTTP ingest", http_ingest),
@@ -245,6 +252,7 @@ fn main() -> std::process::ExitCode {
         (7, "7 ingest matrix", matrix),
         (8, "8 instructions", instructions),
         (9, "9 local subscribers", subscribers),
+        (10, "10 commands down", commands),
     ];
     for (n, name, f) in scenarios {
         if want(n) {
@@ -406,8 +414,20 @@ fn start_ferry_under(
     env: &[(&str, &str)],
     wrapper: &[String],
 ) -> Res<Gw> {
+    start_ferry_conf(ctx, data_dir, env, wrapper, "")
+}
+
+/// [`start_ferry_under`] with `toml` as its config file (what the environment cannot say,
+/// such as arrays of tables).
+fn start_ferry_conf(
+    ctx: &Ctx,
+    data_dir: &Path,
+    env: &[(&str, &str)],
+    wrapper: &[String],
+    toml: &str,
+) -> Res<Gw> {
     let cfg = ctx.work.join("ferry.toml");
-    std::fs::write(&cfg, "").map_err(|e| e.to_string())?;
+    std::fs::write(&cfg, toml).map_err(|e| e.to_string())?;
     let log = ctx.work.join(format!(
         "ferry-{}.log",
         data_dir.file_name().and_then(|n| n.to_str()).unwrap_or("x")
@@ -499,13 +519,18 @@ impl Mosquitto {
     }
     /// With `max_inflight` unacknowledged QoS 1/2 messages per subscriber at most (0: no limit).
     fn start_conf(ctx: &Ctx, wrapper: &[String], max_inflight: u16) -> Res<Mosquitto> {
+        Mosquitto::start_with(ctx, wrapper, max_inflight, "")
+    }
+    /// [`Mosquitto::start_conf`] with `extra` lines at the end of its config (a bridge).
+    fn start_with(ctx: &Ctx, wrapper: &[String], max_inflight: u16, extra: &str) -> Res<Mosquitto> {
         let port = free_port()?;
-        let conf = ctx.work.join("mosquitto.conf");
+        let conf = ctx.work.join(format!("mosquitto-{port}.conf"));
         std::fs::write(
             &conf,
             format!(
                 "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n\
-                 max_inflight_messages {max_inflight}\nmax_queued_messages 0\nmax_connections -1\n"
+                 max_inflight_messages {max_inflight}\nmax_queued_messages 0\nmax_connections -1\n\
+                 {extra}"
             ),
         )
         .map_err(|e| e.to_string())?;
@@ -1912,4 +1937,157 @@ fn render(ctx: &Ctx, opts: &Opts, rows: &[Row]) -> String {
         ));
     }
     s
+}
+
+fn commands(ctx: &Ctx) -> Vec<Row> {
+    const SC: &str = "10 commands down";
+    // The cloud broker is a mosquitto either way.
+    match ctx.tool("mosquitto") {
+        Ok(true) => {}
+        Ok(false) => {
+            return vec![row(SC, "cloud → device").verdict(Verdict::Skipped(
+                "mosquitto (the cloud broker) is not installed".into(),
+            ))];
+        }
+        Err(e) => return error_rows(SC, e),
+    }
+    match command_runs(ctx) {
+        Ok(rows) => rows,
+        Err(e) => error_rows(SC, e),
+    }
+}
+
+/// The box: ferry with a downlink from `cloud`, or a mosquitto bridging from it; the address
+/// devices subscribe on, and what to stop afterwards.
+enum OnBox {
+    Ferry(Gw),
+    Bridge(Mosquitto),
+}
+
+impl OnBox {
+    fn start(ctx: &Ctx, cloud: &str, ferry: bool, tag: &str) -> Res<(OnBox, String)> {
+        if ferry {
+            let dir = ctx.fresh_dir(tag);
+            let gw = start_ferry_conf(
+                ctx,
+                &dir,
+                &[],
+                &[],
+                &format!(
+                    "[uplinks.cloud]\ntype = \"mqtt\"\nurl = \"mqtt://{cloud}\"\n\
+                     [[uplinks.cloud.downlink]]\nremote = \"sensors/#\"\n"
+                ),
+            )?;
+            let t = Instant::now();
+            while gw.metric("ferry_downlink_ready") != Some(1.0) {
+                if t.elapsed() > Duration::from_secs(30) {
+                    return Err(format!(
+                        "ferry's downlink did not subscribe: {}",
+                        gw.log_tail()
+                    ));
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let addr = gw.mqtt()?;
+            Ok((OnBox::Ferry(gw), addr))
+        } else {
+            let m = Mosquitto::start_with(
+                ctx,
+                &[],
+                WINDOW,
+                &format!(
+                    "connection cloud\naddress {cloud}\ntopic sensors/# in 1\n\
+                     cleansession false\nclientid bench-bridge-{tag}\n"
+                ),
+            )?;
+            // The bridge connects on its own; its subscription must be in place first.
+            std::thread::sleep(Duration::from_secs(2));
+            let addr = m.addr.clone();
+            Ok((OnBox::Bridge(m), addr))
+        }
+    }
+
+    fn kill(self) {
+        match self {
+            OnBox::Ferry(gw) => gw.kill(),
+            OnBox::Bridge(m) => m.kill(),
+        }
+    }
+}
+
+fn command_runs(ctx: &Ctx) -> Res<Vec<Row>> {
+    const SC: &str = "10 commands down";
+    let s = &ctx.sizes;
+    let args = |cloud: &str, device: &str, secs: f64| {
+        let mut a = fan_args(cloud, 1, 1, secs);
+        a.extend(["--sub-addr".to_string(), device.to_string()]);
+        a
+    };
+    let run = |ferry: bool, tag: &str, rate: Option<f64>| -> Res<Fan> {
+        let cloud = Mosquitto::start_conf(ctx, &[], WINDOW)?;
+        let started = OnBox::start(ctx, &cloud.addr, ferry, tag);
+        let (on_box, device) = match started {
+            Ok(v) => v,
+            Err(e) => {
+                cloud.kill();
+                return Err(e);
+            }
+        };
+        let mut a = args(&cloud.addr, &device, s.secs);
+        if let Some(r) = rate {
+            a.extend(["--rate".to_string(), r.to_string()]);
+        }
+        let f = fan_run(ctx, &a);
+        on_box.kill();
+        cloud.kill();
+        f
+    };
+    let (mut ferry, mut bridge) = (Vec::new(), Vec::new());
+    for r in 0..s.rounds {
+        eprintln!("bench-run: commands down, round {r}");
+        ferry.push(run(true, &format!("cmd-ferry-r{r}"), None)?);
+        bridge.push(run(false, &format!("cmd-bridge-r{r}"), None)?);
+    }
+    let mean = |v: &[Fan]| {
+        v.iter()
+            .map(|f| f.delivered_rate.unwrap_or(0.0))
+            .sum::<f64>()
+            / v.len().max(1) as f64
+    };
+    let share = |v: &[Fan]| {
+        let (d, a): (u64, u64) = v
+            .iter()
+            .fold((0, 0), |(d, a), f| (d + f.delivered, a + f.acked));
+        d as f64 / a.max(1) as f64 * 100.0
+    };
+    let (fr, br) = (mean(&ferry), mean(&bridge));
+    let mut rows = vec![
+        row(
+            SC,
+            "cloud → device, 1 publisher → 1 subscriber, QoS 1: delivered msg/s (share of published delivered)",
+        )
+        .ferry(format!("{fr:.0} ({:.1} %)", share(&ferry)))
+        .peer(format!("mosquitto bridge {br:.0} ({:.1} %)", share(&bridge)))
+        .ratio(fr / br.max(1.0))
+        .goal("≥ 1.0×", fr >= br),
+    ];
+    let rate = (fr.min(br) / 2.0).max(10.0).round();
+    let ms = |f: &Fan| {
+        format!(
+            "{} / {}",
+            f.deliver_p50_ms.map_or("n/a".into(), |v| format!("{v:.1}")),
+            f.deliver_p99_ms.map_or("n/a".into(), |v| format!("{v:.1}"))
+        )
+    };
+    let f = run(true, "cmd-ferry-lat", Some(rate))?;
+    let b = run(false, "cmd-bridge-lat", Some(rate))?;
+    rows.push(
+        row(
+            SC,
+            format!("cloud publish → device delivery p50 / p99 ms at {rate:.0} msg/s"),
+        )
+        .ferry(ms(&f))
+        .peer(format!("mosquitto bridge {}", ms(&b))),
+    );
+    Ok(rows)
 }

@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! ferry-load mqtt HOST:PORT [--protocol v4|v5] [--qos 0|1|2] [--clients N] [--inflight N]
-//!            [--topics-per-device N] [--subscribers N [--sub-filter F] [--sub-qos Q] [--hold S]]
+//!            [--topics-per-device N]
+//!            [--subscribers N [--sub-filter F] [--sub-qos Q] [--hold S] [--sub-addr HOST:PORT]]
 //!            [common flags]
 //! ferry-load http http://HOST:PORT [--batch N] [--clients N] [--token T] [common flags]
 //! common: [--secs S] [--messages N] [--rate R] [--size BYTES] [--json] [--acked-ids FILE]
@@ -22,7 +23,8 @@
 //! are awaited for up to 10 s; the rate is acked readings over the time until the last ack.
 //! `--acked-ids FILE` writes the id of every acknowledged reading, one per line.
 //!
-//! `--subscribers N` first connects N MQTT 3.1.1 subscribers to `--sub-filter` (each waits
+//! `--subscribers N` first connects N MQTT 3.1.1 subscribers to `--sub-filter` (on
+//! `--sub-addr` when set: commands published to a cloud broker and received on the box; each waits
 //! for its SUBACK before any publisher starts), then counts what they receive: `delivered`,
 //! the delivered rate (messages over the time from the first publish to the last delivery),
 //! and publish-to-delivery latency (the payload's `ts` field is then µs since the epoch, set
@@ -126,6 +128,10 @@ struct MqttArgs {
     /// The subscribers' QoS.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=2))]
     sub_qos: u8,
+    /// The subscribers' broker, HOST:PORT, when it is not the publishers' (commands published
+    /// to a cloud broker, received on the box). Not set: the broker address.
+    #[arg(long)]
+    sub_addr: Option<String>,
     /// Seconds the subscribers stay after the publishers finish, at least.
     #[arg(long, default_value_t = 0.0)]
     hold: f64,
@@ -389,12 +395,19 @@ async fn run_mqtt(a: MqttArgs, shared: Arc<Shared>) -> Tally {
     let port: u16 = port.parse().expect("port");
     let mut subscribers = Vec::new();
     if a.subscribers > 0 {
+        let (sub_host, sub_port) = match &a.sub_addr {
+            Some(s) => {
+                let (h, p) = s.rsplit_once(':').expect("--sub-addr HOST:PORT");
+                (h.to_string(), p.parse().expect("--sub-addr port"))
+            }
+            None => (host.to_string(), port),
+        };
         let ready = Arc::new(tokio::sync::Semaphore::new(0));
         for k in 0..a.subscribers {
             let (a, shared, ready, host) =
-                (a.clone(), shared.clone(), ready.clone(), host.to_string());
+                (a.clone(), shared.clone(), ready.clone(), sub_host.clone());
             subscribers.push(tokio::spawn(async move {
-                subscriber(k, &host, port, &a, &shared, &ready).await
+                subscriber(k, &host, sub_port, &a, &shared, &ready).await
             }));
         }
         let all = ready.acquire_many(a.subscribers as u32);

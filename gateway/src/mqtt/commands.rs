@@ -7,34 +7,64 @@
 //!   not beginning with `$`; the payload at most `mqtt.max_payload_bytes`; with
 //!   `[[mqtt.acl]]` rules, the user (and client id) `uplink:NAME` must be allowed to publish
 //!   to the topic (a rule with `user = "uplink:NAME"`, or one without `user` and `cert_cn`).
+//! - **In order, by one task** ([`LocalBroker`]'s): commands reach subscribers in the order
+//!   they were handed over, whatever each one needs.
+//! - **Room first.** A subscriber's queue is bounded (`mqtt.subscriber_queue_*`); a command
+//!   that would overflow one waits while the full queues keep moving, so that a burst of
+//!   commands holds the upstream back (its acks wait) instead of being dropped after its ack.
+//!   Once none of the full queues took a message for [`STALLED`] (a subscriber that does not
+//!   read), the command goes on, and the full queue drops as its rule says, counted.
 //! - **Then published like a device's publish, without the reading**: the broker's `prepare`
-//!   ([`super::broker::Broker::prepare`]) gives the rows of a retained command and of its queue entries for persistent sessions;
-//!   they are written in one buffer commit (state only: a command is not a reading), and
-//!   after that commit returned its `route` queues it for every subscriber and applies
-//!   the retained message. A command that needs no row (QoS 0, or no persistent session and
-//!   not retained) is queued at once.
-//! - The work runs in a task of its own, so that an uplink dropping the future (its link
+//!   ([`super::broker::Broker::prepare`]) gives the rows of a retained command and of its
+//!   queue entries for persistent sessions; they are written in one buffer commit (state
+//!   only: a command is not a reading), and after that commit returned its `route` queues it
+//!   for every subscriber and applies the retained message. A command that needs no row (QoS
+//!   0, or no persistent session and not retained) needs no commit. Commits are pipelined:
+//!   the next command is prepared and submitted while the one before waits for its commit,
+//!   and they are routed in order as their commits return.
+//! - The work is the task's, not the caller's: an uplink dropping the future (its link
 //!   failed) never leaves rows written and not routed.
 
-use super::broker::{self, FROM_CLOUD, Message};
+use super::broker::{self, FROM_CLOUD, Message, Prepared};
 use super::session::Ctx;
 use bytes::Bytes;
 use ferry_config::topic;
 use ferry_uplink::downlink::{
     Command, HandOverError, HandOverFuture, HandedOver, Local, Refusal, acl_user,
 };
+use futures_util::StreamExt;
+use futures_util::stream::FuturesOrdered;
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot};
+
+/// How long a full subscriber queue may take no message before a command stops waiting for
+/// room in it.
+pub const STALLED: Duration = Duration::from_secs(1);
 
 /// The local broker, as uplinks with a downlink see it.
 #[derive(Debug, Clone)]
 pub struct LocalBroker {
     ctx: Arc<Ctx>,
+    jobs: mpsc::UnboundedSender<Job>,
+}
+
+/// A checked command and where its outcome goes.
+#[derive(Debug)]
+struct Job {
+    cmd: Command,
+    reply: Reply,
 }
 
 impl LocalBroker {
+    /// Starts the task that hands commands over (on the current runtime).
     pub(crate) fn new(ctx: Arc<Ctx>) -> Self {
-        LocalBroker { ctx }
+        let (jobs, rx) = mpsc::unbounded_channel();
+        tokio::spawn(run(ctx.clone(), rx));
+        LocalBroker { ctx, jobs }
     }
 
     /// Whether `cmd` may be handed over for `uplink` (see the module doc).
@@ -86,18 +116,105 @@ impl LocalBroker {
 
 impl Local for LocalBroker {
     fn hand_over(&self, uplink: &str, cmd: Command) -> HandOverFuture {
-        let checked = self.check(uplink, &cmd);
-        let ctx = self.ctx.clone();
-        let task = checked.map(|()| tokio::spawn(async move { publish(&ctx, cmd).await }));
+        let sent = self.check(uplink, &cmd).and_then(|()| {
+            let (reply, answer) = oneshot::channel();
+            self.jobs
+                .send(Job { cmd, reply })
+                .map(|()| answer)
+                .map_err(|_| HandOverError::Failed("the local broker has stopped".into()))
+        });
         Box::pin(async move {
-            match task?.await {
-                Ok(outcome) => outcome,
-                Err(e) => Err(HandOverError::Failed(format!(
-                    "the hand-over task ended: {e}"
-                ))),
-            }
+            sent?.await.unwrap_or_else(|_| {
+                Err(HandOverError::Failed(
+                    "the local broker stopped before the command was handed over".into(),
+                ))
+            })
         })
     }
+}
+
+/// Where a job's outcome goes.
+type Reply = oneshot::Sender<Result<HandedOver, HandOverError>>;
+
+/// A prepared command waiting for its commit, then routed.
+type Committing = Pin<Box<dyn Future<Output = (Result<(), String>, Prepared, Reply)> + Send>>;
+
+/// The task behind [`LocalBroker`]: takes jobs in order, waits for room, prepares and submits
+/// each, and routes them in order as their commits return.
+async fn run(ctx: Arc<Ctx>, mut jobs: mpsc::UnboundedReceiver<Job>) {
+    let mut committing: FuturesOrdered<Committing> = FuturesOrdered::new();
+    loop {
+        tokio::select! {
+            biased;
+            Some((committed, p, reply)) = committing.next(), if !committing.is_empty() => {
+                route(&ctx, committed, p, reply);
+            }
+            job = jobs.recv() => {
+                let Some(Job { cmd, reply }) = job else { break };
+                let cost = cmd.topic.len() + cmd.payload.len();
+                if cmd.qos > 0 && !ctx.broker.full_queues(&cmd.topic, cost).is_empty() {
+                    // What was submitted before is routed first, so that the queues can move.
+                    while let Some((committed, p, reply)) = committing.next().await {
+                        route(&ctx, committed, p, reply);
+                    }
+                    wait_for_room(&ctx, &cmd.topic, cost).await;
+                }
+                let mut p = ctx.broker.prepare(message(cmd));
+                let writes = std::mem::take(&mut p.writes);
+                let commit = (!writes.is_empty())
+                    .then(|| ctx.buffer.submit_with_state(Vec::new(), writes));
+                committing.push_back(Box::pin(async move {
+                    let committed = match commit {
+                        Some(c) => c.await.map(drop).map_err(|e| e.to_string()),
+                        None => Ok(()),
+                    };
+                    (committed, p, reply)
+                }));
+            }
+        }
+    }
+    while let Some((committed, p, reply)) = committing.next().await {
+        route(&ctx, committed, p, reply);
+    }
+}
+
+/// Waits while some queue `topic` goes to is full and those queues keep moving (see the
+/// module doc).
+async fn wait_for_room(ctx: &Ctx, topic: &str, cost: usize) {
+    let mut seen: HashMap<usize, u64> = HashMap::new();
+    let mut moved_at = Instant::now();
+    loop {
+        let full = ctx.broker.full_queues(topic, cost);
+        if full.is_empty() {
+            return;
+        }
+        for (outbox, popped) in &full {
+            let before = seen.insert(Arc::as_ptr(outbox) as usize, *popped);
+            if before.is_some_and(|b| b != *popped) {
+                moved_at = Instant::now();
+            }
+        }
+        if moved_at.elapsed() >= STALLED {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Routes a committed command and answers for it.
+fn route(ctx: &Ctx, committed: Result<(), String>, p: Prepared, reply: Reply) {
+    let outcome = match committed {
+        Ok(()) => {
+            let retained = p.msg.keep;
+            let queued = ctx.broker.route(&[p.msg], p.durable);
+            Ok(HandedOver { queued, retained })
+        }
+        Err(e) => Err(HandOverError::Failed(format!(
+            "the buffer did not commit it: {e}"
+        ))),
+    };
+    // The uplink may have gone (its link failed): the command was handed over all the same.
+    let _ = reply.send(outcome);
 }
 
 /// The message local subscribers get for `cmd`.
@@ -123,18 +240,4 @@ fn message(cmd: Command) -> Message {
         from: FROM_CLOUD,
         n: 0,
     }
-}
-
-/// Commits what must be durable, then routes (see the module doc).
-async fn publish(ctx: &Ctx, cmd: Command) -> Result<HandedOver, HandOverError> {
-    let p = ctx.broker.prepare(message(cmd));
-    if !p.writes.is_empty() {
-        ctx.buffer
-            .submit_with_state(Vec::new(), p.writes)
-            .await
-            .map_err(|e| HandOverError::Failed(format!("the buffer did not commit it: {e}")))?;
-    }
-    let retained = p.msg.keep;
-    let queued = ctx.broker.route(&[p.msg], p.durable);
-    Ok(HandedOver { queued, retained })
 }

@@ -246,9 +246,15 @@ impl Commands {
             let m = match m {
                 Ok(m) => m.detach(),
                 Err(e) => {
-                    // librdkafka retries on its own; the context has logged it.
+                    // librdkafka retries on its own; the context has logged it. A pause, so
+                    // that errors coming back to back cannot spin this task.
                     self.status
                         .set_error(&format!("the downlink's consumer: {e}"));
+                    tokio::select! {
+                        biased;
+                        () = &mut shutdown => break,
+                        () = tokio::time::sleep(Duration::from_millis(200)) => {}
+                    }
                     continue;
                 }
             };

@@ -381,12 +381,23 @@ impl MqttSink {
             let mut link = Link::open(&settings);
             let mut win = Window::new(usize::from(cfg.max_inflight), qos, common.topics.clone());
             let started = Instant::now();
+            // Commands being handed over, acked upstream in the order they came; dropped with
+            // a failed link (the broker sends them again).
+            let mut handing: FuturesOrdered<Handing> = FuturesOrdered::new();
             let exit = run
-                .connection(&mut link, &mut win, &mut segs, &mut acks, &mut shutdown)
+                .connection(
+                    &mut link,
+                    &mut win,
+                    &mut handing,
+                    &mut segs,
+                    &mut acks,
+                    &mut shutdown,
+                )
                 .await;
             match exit {
                 Exit::Shutdown => {
                     let deadline = Instant::now() + common.grace;
+                    run.finish_commands(&link, &mut handing, deadline).await;
                     run.drain(&mut link, &mut win, &mut acks, deadline).await;
                     status.set_in_flight(0);
                     drop(run);
@@ -461,13 +472,12 @@ impl Run<'_> {
         &mut self,
         link: &mut Link,
         win: &mut Window,
+        handing: &mut FuturesOrdered<Handing>,
         segs: &mut tokio::sync::mpsc::Receiver<feed::Batch>,
         acks: &mut tokio::sync::mpsc::UnboundedReceiver<Acked>,
         shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
     ) -> Exit {
         let mut connected = false;
-        // Commands being handed over, acked upstream in the order they came.
-        let mut handing: FuturesOrdered<Handing> = FuturesOrdered::new();
         loop {
             let want = connected && win.wants_segment();
             tokio::select! {
@@ -584,6 +594,21 @@ impl Run<'_> {
         match outcome {
             Err(e @ HandOverError::Failed(_)) if !ack => Some(Exit::Failed(e.to_string())),
             _ => link.ack(m).err().map(Exit::Failed),
+        }
+    }
+
+    /// Shutdown: the commands being handed over finish (until `deadline`) and are acked;
+    /// those that came and were not started are not, and come again after the restart.
+    async fn finish_commands(
+        &self,
+        link: &Link,
+        handing: &mut FuturesOrdered<Handing>,
+        deadline: Instant,
+    ) {
+        while let Ok(Some((m, outcome))) = tokio::time::timeout_at(deadline, handing.next()).await {
+            if self.handed_over(link, &m, &outcome).is_some() {
+                break;
+            }
         }
     }
 

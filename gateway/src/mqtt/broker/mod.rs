@@ -765,6 +765,28 @@ impl Broker {
         routed
     }
 
+    /// The queues of the subscribers a QoS 1/2 message on `topic` of `cost` bytes (topic and
+    /// payload) would overflow now, each with how many messages it has handed out so far. (A
+    /// shared subscription's members are not checked: any one of them may take it.)
+    pub fn full_queues(&self, topic: &str, cost: usize) -> Vec<(Arc<Outbox>, u64)> {
+        if !self.has_subscriptions() {
+            return Vec::new();
+        }
+        let s = self.subs_read();
+        let mut full = Vec::new();
+        s.root.matches(topic, &mut |sid, o| {
+            if sid & SHARED != 0 || o.qos == 0 {
+                return;
+            }
+            if let Some(c) = s.clients.get(&sid)
+                && let Some(popped) = c.outbox.full_for(cost)
+            {
+                full.push((c.outbox.clone(), popped));
+            }
+        });
+        full
+    }
+
     /// Queues `d`, counting what is dropped (and deleting its row).
     pub fn push(&self, outbox: &Outbox, d: Delivery) {
         if let Err((why, back)) = outbox.push(d) {

@@ -54,6 +54,8 @@ struct Queue {
     items: VecDeque<Delivery>,
     bytes: usize,
     dropped: u64,
+    /// Messages taken out so far (whether the queue moves).
+    popped: u64,
 }
 
 impl Outbox {
@@ -147,7 +149,18 @@ impl Outbox {
         }
         let d = q.items.pop_front()?;
         self.sub(&mut q, d.msg.cost());
+        q.popped += 1;
         Some(d)
+    }
+
+    /// `Some(messages taken out so far)` when a QoS 1/2 message of `cost` bytes would not fit
+    /// now without dropping one; `None` when it would.
+    pub fn full_for(&self, cost: usize) -> Option<u64> {
+        let q = self.lock();
+        let full = q.items.len() >= self.max_messages
+            || q.bytes + cost > self.max_bytes
+            || self.total.load(Relaxed) + cost > self.max_total;
+        full.then_some(q.popped)
     }
 
     /// Messages queued now.
