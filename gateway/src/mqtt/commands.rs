@@ -13,7 +13,9 @@
 //!   that would overflow one waits while the full queues keep moving, so that a burst of
 //!   commands holds the upstream back (its acks wait) instead of being dropped after its ack.
 //!   Once none of the full queues took a message for [`STALLED`] (a subscriber that does not
-//!   read), the command goes on, and the full queue drops as its rule says, counted.
+//!   read, or a persistent session whose client is away), the command goes on, and the full
+//!   queue drops as its rule says, counted; later commands do not wait for that queue again
+//!   until it moves.
 //! - **Then published like a device's publish, without the reading**: the broker's `prepare`
 //!   ([`super::broker::Broker::prepare`]) gives the rows of a retained command and of its
 //!   queue entries for persistent sessions; they are written in one buffer commit (state
@@ -25,7 +27,7 @@
 //! - The work is the task's, not the caller's: an uplink dropping the future (its link
 //!   failed) never leaves rows written and not routed.
 
-use super::broker::{self, FROM_CLOUD, Message, Prepared};
+use super::broker::{self, FROM_CLOUD, Message, Outbox, Prepared};
 use super::session::Ctx;
 use bytes::Bytes;
 use ferry_config::topic;
@@ -37,7 +39,7 @@ use futures_util::stream::FuturesOrdered;
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 
@@ -143,6 +145,7 @@ type Committing = Pin<Box<dyn Future<Output = (Result<(), String>, Prepared, Rep
 /// each, and routes them in order as their commits return.
 async fn run(ctx: Arc<Ctx>, mut jobs: mpsc::UnboundedReceiver<Job>) {
     let mut committing: FuturesOrdered<Committing> = FuturesOrdered::new();
+    let mut stalled = Stalled::default();
     loop {
         tokio::select! {
             biased;
@@ -157,7 +160,7 @@ async fn run(ctx: Arc<Ctx>, mut jobs: mpsc::UnboundedReceiver<Job>) {
                     while let Some((committed, p, reply)) = committing.next().await {
                         route(&ctx, committed, p, reply);
                     }
-                    wait_for_room(&ctx, &cmd.topic, cost).await;
+                    wait_for_room(&ctx, &cmd.topic, cost, &mut stalled).await;
                 }
                 let mut p = ctx.broker.prepare(message(cmd));
                 let writes = std::mem::take(&mut p.writes);
@@ -178,23 +181,68 @@ async fn run(ctx: Arc<Ctx>, mut jobs: mpsc::UnboundedReceiver<Job>) {
     }
 }
 
+/// Full queues that took nothing for [`STALLED`]: later commands do not wait for them again
+/// until they move. By the queue's address, with the queue (to tell a new one at the same
+/// address) and how many messages it had handed out then.
+#[derive(Debug, Default)]
+struct Stalled(HashMap<usize, (Weak<Outbox>, u64)>);
+
+/// Forgotten beyond this many, all at once (they are only waits saved).
+const STALLED_KEPT: usize = 10_000;
+
+impl Stalled {
+    /// Whether `outbox` stalled at `popped` and has not moved since.
+    fn still(&mut self, outbox: &Arc<Outbox>, popped: u64) -> bool {
+        let key = Arc::as_ptr(outbox) as usize;
+        match self.0.get(&key) {
+            Some((q, at)) if q.upgrade().is_some_and(|q| Arc::ptr_eq(&q, outbox)) => {
+                if *at == popped {
+                    return true;
+                }
+                self.0.remove(&key);
+                false
+            }
+            Some(_) => {
+                self.0.remove(&key);
+                false
+            }
+            None => false,
+        }
+    }
+
+    fn insert(&mut self, outbox: &Arc<Outbox>, popped: u64) {
+        if self.0.len() >= STALLED_KEPT {
+            self.0.clear();
+        }
+        self.0.insert(
+            Arc::as_ptr(outbox) as usize,
+            (Arc::downgrade(outbox), popped),
+        );
+    }
+}
+
 /// Waits while some queue `topic` goes to is full and those queues keep moving (see the
-/// module doc).
-async fn wait_for_room(ctx: &Ctx, topic: &str, cost: usize) {
+/// module doc); a queue that does not move for [`STALLED`] is remembered in `stalled` and not
+/// waited for again until it moves.
+async fn wait_for_room(ctx: &Ctx, topic: &str, cost: usize, stalled: &mut Stalled) {
     let mut seen: HashMap<usize, u64> = HashMap::new();
-    let mut moved_at = Instant::now();
+    let mut moved_at = tokio::time::Instant::now();
     loop {
-        let full = ctx.broker.full_queues(topic, cost);
+        let mut full = ctx.broker.full_queues(topic, cost);
+        full.retain(|(outbox, popped)| !stalled.still(outbox, *popped));
         if full.is_empty() {
             return;
         }
         for (outbox, popped) in &full {
             let before = seen.insert(Arc::as_ptr(outbox) as usize, *popped);
             if before.is_some_and(|b| b != *popped) {
-                moved_at = Instant::now();
+                moved_at = tokio::time::Instant::now();
             }
         }
         if moved_at.elapsed() >= STALLED {
+            for (outbox, popped) in &full {
+                stalled.insert(outbox, *popped);
+            }
             return;
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -239,5 +287,113 @@ fn message(cmd: Command) -> Message {
             .map(|s| Instant::now() + Duration::from_secs(u64::from(s))),
         from: FROM_CLOUD,
         n: 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mqtt::broker::SubOpts;
+    use ferry_buffer::{Buffer, BufferOptions};
+    use ferry_config::MqttSettings;
+
+    fn cmd(topic: &str, payload: &'static str) -> Command {
+        Command {
+            topic: topic.into(),
+            payload: Bytes::from_static(payload.as_bytes()),
+            qos: 1,
+            retain: false,
+            props: Default::default(),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_queue_is_waited_for_while_it_moves_and_once_when_it_does_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let buffer = Buffer::open(dir.path(), BufferOptions::default()).unwrap();
+        let settings = MqttSettings {
+            subscriber_queue_messages: 1,
+            ..MqttSettings::default()
+        };
+        let ctx = Arc::new(Ctx::new(settings, buffer, false).unwrap());
+        let outbox = ctx.broker.outbox("dev".into());
+        let o = SubOpts {
+            qos: 1,
+            no_local: false,
+            retain_as_published: false,
+            id: None,
+        };
+        ctx.broker.subscribe("dev", 7, 7, &outbox, "cmd/#", o);
+        let local = LocalBroker::new(ctx.clone());
+        let go = |c| local.hand_over("cloud", c);
+
+        // Room: queued at once.
+        let h = go(cmd("cmd/a", "1")).await.unwrap();
+        assert_eq!(h.queued, 1);
+        // Full, and the device takes nothing: the command waits STALLED, then goes on and
+        // the full queue drops it.
+        let t = tokio::time::Instant::now();
+        go(cmd("cmd/a", "2")).await.unwrap();
+        assert!(t.elapsed() >= STALLED, "{:?}", t.elapsed());
+        assert_eq!(outbox.dropped(), 1);
+        // The next one does not wait for that queue again.
+        let t = tokio::time::Instant::now();
+        go(cmd("cmd/a", "3")).await.unwrap();
+        assert!(t.elapsed() < STALLED, "{:?}", t.elapsed());
+        // Once it moves, it is waited for: a device that takes one message a second gets
+        // every command.
+        assert!(outbox.pop(true).is_some());
+        let (pop, popped) = (outbox.clone(), Arc::new(std::sync::Mutex::new(Vec::new())));
+        let got = popped.clone();
+        let reader = tokio::spawn(async move {
+            for _ in 0..4 {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                if let Some(d) = pop.pop(true) {
+                    got.lock().unwrap().push(d.msg.payload.clone());
+                }
+            }
+        });
+        for p in ["4", "5", "6"] {
+            go(cmd("cmd/a", p)).await.unwrap();
+        }
+        reader.await.unwrap();
+        let got: Vec<Bytes> = popped.lock().unwrap().clone();
+        assert_eq!(
+            got,
+            ["4", "5", "6"].map(|p| Bytes::from_static(p.as_bytes()))
+        );
+        assert_eq!(outbox.dropped(), 2, "2 and 3 were dropped, not 4 to 6");
+    }
+
+    #[tokio::test]
+    async fn refusals_say_why() {
+        let dir = tempfile::tempdir().unwrap();
+        let buffer = Buffer::open(dir.path(), BufferOptions::default()).unwrap();
+        let settings = MqttSettings {
+            max_payload_bytes: 4,
+            acl: vec![ferry_config::MqttAcl {
+                user: Some("uplink:cloud".into()),
+                publish: vec!["cmd/#".into()],
+                ..Default::default()
+            }],
+            ..MqttSettings::default()
+        };
+        let local = LocalBroker::new(Arc::new(Ctx::new(settings, buffer, false).unwrap()));
+        for (uplink, c, why) in [
+            ("cloud", cmd("cmd/+", "1"), Refusal::InvalidTopic),
+            ("cloud", cmd("$SYS/x", "1"), Refusal::InvalidTopic),
+            ("cloud", cmd("cmd/a", "12345"), Refusal::TooLarge),
+            ("cloud", cmd("cfg/a", "1"), Refusal::Forbidden),
+            ("other", cmd("cmd/a", "1"), Refusal::Forbidden),
+        ] {
+            match local.hand_over(uplink, c.clone()).await {
+                Err(HandOverError::Refused { why: w, detail }) => {
+                    assert_eq!(w, why, "{c:?}: {detail}")
+                }
+                other => panic!("{c:?}: {other:?}"),
+            }
+        }
+        let h = local.hand_over("cloud", cmd("cmd/a", "1")).await.unwrap();
+        assert_eq!(h, HandedOver::default(), "no subscriber, not retained");
     }
 }
